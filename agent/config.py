@@ -1,0 +1,399 @@
+"""The site configuration: one YAML file, validated whole before anything starts.
+
+Every problem is reported at once, each naming the file, the line, the field path and what
+is wrong, so a technician fixes them all in one pass (``edge-agent validate``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from agent.driver_api import DeviceConfig, Duration, PriorityName, Size, StrictModel
+from agent.errors import ConfigError
+from agent.events import GATEWAY_STREAM
+from agent.registry import load_plugins
+from agent.units import parse_size
+
+GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+CONFIG_VERSION = 1
+
+
+def _resolve(value: Any, info: ValidationInfo) -> Any:
+    """Resolve a relative path against the config file's folder (or systemd's credentials)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / path).is_file():
+        return Path(creds) / path
+    base = (info.context or {}).get("base_dir")
+    return (Path(base) / path) if base else path.absolute()
+
+
+def _readable_file(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable by this user: {path}")
+    return path
+
+
+class GatewayConfig(StrictModel):
+    """Who this gateway is."""
+
+    id: str = Field(pattern=GATEWAY_ID_PATTERN, description="Gateway id, unique in the fleet: [a-z0-9][a-z0-9-]*.")
+    site: str | None = Field(default=None, description="Free-form site name (substation, car park...).")
+    health_interval: Duration = Field(
+        default=60.0, ge=1, description="How often a city.gateway.health event is published."
+    )
+
+
+class TlsConfig(StrictModel):
+    """TLS to the broker. On as soon as any file is given or ``enabled: true``; always verified."""
+
+    enabled: bool | None = Field(default=None, description="Force TLS on or off; default: on if a file is set.")
+    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate; default: system CAs.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(_resolve)
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        return _readable_file(value)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether TLS is used."""
+        if self.enabled is not None:
+            return self.enabled
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+
+class MqttConfig(StrictModel):
+    """The MQTT uplink to the operations centre's broker."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (1883 plain, 8883 TLS).")
+    topic_prefix: str = Field(
+        default="ioc/v1",
+        pattern=r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$",
+        description="Topic root; events go to {prefix}/{gateway}/{device}/{kind}.",
+    )
+    qos: Literal[0, 1, 2] = Field(
+        default=1, description="1: at-least-once (events leave the buffer only after PUBACK)."
+    )
+    client_id: str | None = Field(default=None, description="MQTT client id; default edge-agent-{gateway id}.")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password_file: Path | None = Field(
+        default=None,
+        description=f"File holding the broker password (or set ${PASSWORD_ENV}). Never inline.",
+    )
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version.")
+    keepalive: Duration = Field(default=30.0, ge=5, le=3600, description="MQTT keepalive.")
+    max_inflight: int = Field(
+        default=100, ge=1, le=65535, description="QoS 1 messages in flight before waiting for PUBACKs."
+    )
+    reconnect_min: Duration = Field(default=1.0, gt=0, description="First reconnect delay.")
+    reconnect_max: Duration = Field(default=30.0, gt=0, description="Reconnect delay cap (full jitter below it).")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+
+    _paths = field_validator("password_file", mode="before")(_resolve)
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: Path | None) -> Path | None:
+        value = _readable_file(value)
+        if value is not None and not value.read_text().strip():
+            raise ValueError(f"password file is empty: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _secure(self) -> MqttConfig:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
+        if sends_password and not self.tls.active and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to send a password in clear text to {self.host}: enable tls"
+            )
+        if sends_password and self.username is None:
+            raise ValueError("a password is set but no username")
+        return self
+
+    def password(self) -> str | None:
+        """Read the secret at connect time (never kept in the config, never logged)."""
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return os.environ.get(PASSWORD_ENV) or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class UplinkConfig(StrictModel):
+    """Where events go."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker of the operations centre.")
+
+
+class BufferConfig(StrictModel):
+    """The durable store-and-forward buffer (SQLite, WAL)."""
+
+    path: Path = Field(default=Path("var/buffer.db"), description="Buffer file; relative to the config file.")
+    max_bytes: Size = Field(
+        default=parse_size("256MiB"),
+        ge=parse_size("64KiB"),
+        description="Bound on buffered events; past it the oldest of the lowest class are dropped.",
+    )
+
+    _paths = field_validator("path", mode="before")(_resolve)
+
+
+class AgentConfigBase(StrictModel):
+    """Keys of the site file other than ``devices`` (whose model depends on installed drivers)."""
+
+    version: Literal[1] = Field(default=CONFIG_VERSION, description="Config schema version.")
+    gateway: GatewayConfig = Field(description="This gateway.")
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="Upstream connections.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="Store-and-forward buffer.")
+    priorities: dict[str, PriorityName] = Field(
+        default_factory=dict,
+        description="Delivery class per event type, overriding the defaults (see docs/delivery.md).",
+    )
+    devices: list[DeviceConfig] = Field(default_factory=list, description="Field devices.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AgentConfigBase:
+        problems = device_id_problems([d.id for d in self.devices])
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
+
+def device_id_problems(ids: list[object]) -> list[str]:
+    """Duplicate or reserved device ids, as ``devices[i].id: message``."""
+    problems = []
+    seen: dict[object, int] = {}
+    for index, device_id in enumerate(ids):
+        if device_id == GATEWAY_STREAM:
+            problems.append(f"devices[{index}].id: '{GATEWAY_STREAM}' is reserved for gateway events")
+        elif device_id in seen:
+            problems.append(f"devices[{index}].id: duplicate device id '{device_id}' (also devices[{seen[device_id]}])")
+        elif device_id is not None:
+            seen[device_id] = index
+    return problems
+
+
+@cache
+def config_model() -> type[AgentConfigBase]:
+    """The full config model: ``devices`` is a union of the installed drivers' models."""
+    models = tuple(p.config_model for p in load_plugins().values())
+    if not models:
+        return AgentConfigBase
+    union: Any = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="driver")]  # noqa: UP007
+    model: type[AgentConfigBase] = create_model(
+        "AgentConfig",
+        __base__=AgentConfigBase,
+        devices=(list[union], Field(default_factory=list, description="Field devices.")),
+    )
+    return model
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the site file, for editors."""
+    schema = config_model().model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "edge-agent site configuration"
+    return schema
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: Path) -> AgentConfigBase:
+    """Read and validate a site file.
+
+    Raises:
+        ConfigError: listing every problem as ``file:line: field.path: message``.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> AgentConfigBase:
+    """Validate YAML text as a site file; ``path`` names it in errors and anchors relative paths."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: not valid YAML: {problem}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping with gateway, uplink, buffer, devices"])
+    # Cross-device checks run on the raw data too, so they are reported alongside field errors.
+    raw_devices = data.get("devices") if isinstance(data.get("devices"), list) else []
+    raw_ids = [d.get("id") if isinstance(d, dict) else None for d in raw_devices]
+    early = [_located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1])
+             for p in device_id_problems(raw_ids)]
+    try:
+        config = config_model().model_validate(data, context={"base_dir": path.parent.absolute()})
+    except ValidationError as exc:
+        found = dict.fromkeys([*_each_problem(exc, data, root, path), *early])  # dedupe, keep order
+        raise ConfigError([text for _, text in sorted(found, key=lambda p: p[0])]) from exc
+    if early:
+        raise ConfigError([text for _, text in early])
+    return config
+
+
+def _each_problem(
+    exc: ValidationError, data: Any, root: yaml.Node | None, path: Path
+) -> Iterator[tuple[int, str]]:
+    plugins = load_plugins()
+    drivers = ", ".join(sorted(plugins)) or "none installed"
+    # A device whose driver is unknown gets one error, not one per key the union tried.
+    unknown = {
+        i for i, d in enumerate(data.get("devices") or [])
+        if isinstance(d, dict) and d.get("driver") not in plugins
+    } if isinstance(data.get("devices"), list) else set()
+    for error in exc.errors(include_url=False):
+        keys = _data_path(error["loc"], data)
+        if len(keys) >= 2 and keys[0] == "devices" and keys[1] in unknown and keys[2:] != ["driver"]:
+            continue
+        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if message.startswith("devices[") and ": " in message:
+            # Cross-field checks name their own path; use it so the line number is right.
+            own, message = message.split(": ", 1)
+            keys = _parse_path(own)
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key (check the spelling; see `edge-agent schema`)"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":
+            message = f"unknown driver {error['input']!r} (installed: {drivers})"
+        elif kind == "union_tag_not_found":
+            message = f"missing 'driver' key (installed: {drivers})"
+        elif kind in ("literal_error", "enum") or kind.startswith(("greater_than", "less_than")):
+            message = f"{message}, got {error['input']!r}"
+        elif kind == "string_pattern_mismatch":
+            message = _PATTERN_HELP.get(str(keys[-1]) if keys else "", message) + f", got {error['input']!r}"
+        yield _located(root, path, keys, message)
+
+
+_PATTERN_HELP = {
+    "id": "use lower-case letters, digits and dashes, starting with a letter or digit",
+    "topic_prefix": "a topic prefix has no wildcards (+ #), spaces, or leading/trailing '/'",
+}
+
+
+def _located(root: yaml.Node | None, path: Path, keys: list[int | str], message: str) -> tuple[int, str]:
+    """``(line, "file:line: field.path: message")`` for sorting and printing."""
+    line = _line_of(root, keys)
+    where = f"{path}:{line}" if line else str(path)
+    return line or 0, f"{where}: {_format_path(keys) or '(top level)'}: {message}"
+
+
+def _data_path(loc: tuple[int | str, ...], data: Any) -> list[int | str]:
+    """Keep the parts of pydantic's location that exist in the data (drops union tags)."""
+    keys: list[int | str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            keys.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            keys.append(part)
+        elif isinstance(node, dict | list):
+            if isinstance(part, str) and part not in load_plugins():
+                keys.append(part)  # a missing key: name it
+                node = None
+        else:
+            break
+    return keys
+
+
+def _parse_path(text: str) -> list[int | str]:
+    keys: list[int | str] = []
+    for part in text.replace("]", "").replace("[", ".").split("."):
+        if part:
+            keys.append(int(part) if part.isdigit() else part)
+    return keys
+
+
+def _format_path(keys: list[int | str]) -> str:
+    out = ""
+    for key in keys:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+    return out
+
+
+def _line_of(node: yaml.Node | None, keys: list[int | str]) -> int | None:
+    """1-based line of the deepest node along ``keys`` that exists in the YAML."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == key), None)
+            if match is None:
+                return line
+            key_line = next(k.start_mark.line + 1 for k, v in node.value if k.value == key)
+            node, line = match, key_line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,44 @@
+"""The agent's small error taxonomy.
+
+Each error says what the user can do about it; callers either log or raise, never both.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The configuration is invalid; fatal at load, refused on reload.
+
+    Carries every problem found, so a technician fixes them in one pass.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class DriverStartupError(AgentError):
+    """A device could not be started (for example it is offline at boot).
+
+    ``retry`` says whether the runtime should try again with backoff.
+    """
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class DriverReadError(AgentError):
+    """One poll of a device failed; the runtime counts it and keeps polling."""
+
+
+class DriverFatalError(AgentError):
+    """The driver cannot work with this device at all; the runtime stops it and reports it."""
+
+
+class BufferError_(AgentError):  # noqa: N801 - BufferError is a builtin
+    """The store-and-forward buffer could not take or give events."""

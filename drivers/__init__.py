@@ -1,0 +1,1 @@
+"""Field device drivers, one folder each, registered as ``edge_agent.drivers`` entry points."""
