@@ -1,0 +1,645 @@
+"""Durable store-and-forward outbox on SQLite.
+
+Every event is committed here before it is published and deleted only after the
+broker's PUBACK, so a crash or power cut never loses an event the agent accepted.
+The counters live in the same transactions as the rows they count, so
+``accepted == delivered + rows + dropped_capacity + dropped_disk_full`` holds
+exactly, even across ``kill -9``.
+
+All methods must be called from one thread (the agent's buffer thread); the
+connection is opened with ``check_same_thread=False`` only so that thread need
+not be the one that constructed the object.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, ParamSpec, Self, TypeVar
+
+from agent.errors import BufferError_
+
+log = logging.getLogger("agent.buffer")
+
+SCHEMA_VERSION: Final = 1
+ROW_OVERHEAD: Final = 64
+"""Bytes added to each row's logical size for keys, indexes and page slack."""
+DISK_FULL_MIN_EVICT: Final = 1024 * 1024
+"""Least logical bytes evicted when the disk is full, so we do not hit it again at once."""
+
+_CHUNK: Final = 500  # stays far below SQLite's limit on bound parameters
+_SYNC_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+_CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_ROW_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (
+    int,
+    int,
+    str,
+    str,
+    int,
+    str,
+    bytes,
+    (int, float),
+)
+_COLUMNS: Final = "id, priority, device, type, seq, topic, payload, created"
+_MAGIC: Final = b"SQLite format 3\x00"
+
+_SCHEMA: Final = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    priority INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    type TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_priority_id ON outbox (priority, id);
+CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters (name, value) VALUES
+    ('accepted', 0), ('delivered', 0), ('dropped_capacity', 0), ('dropped_disk_full', 0);
+COMMIT;
+"""
+_INSERT: Final = (
+    "INSERT INTO outbox (priority, device, type, seq, topic, payload, size, created)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A stored seq is never lowered: a late or replayed batch must not rewind a device.
+_UPSERT_SEQ: Final = (
+    "INSERT INTO sequences (device, seq) VALUES (?, ?)"
+    " ON CONFLICT (device) DO UPDATE SET seq = max(seq, excluded.seq)"
+)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class BufferFullError(BufferError_):
+    """The disk holding the buffer is full even after evicting old events."""
+
+
+class BufferSchemaError(BufferError_):
+    """The buffer file was written by a newer agent; it is left untouched."""
+
+
+class _CheckFailed(sqlite3.DatabaseError):
+    """``PRAGMA quick_check`` reported problems without raising."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An event to append."""
+
+    device: str
+    type: str
+    priority: int
+    seq: int
+    topic: str
+    payload: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A buffered event as returned by :meth:`Outbox.peek`; ``id`` is what to ack."""
+
+    id: int
+    priority: int
+    device: str
+    type: str
+    seq: int
+    topic: str
+    payload: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Events of one (device, type, priority) evicted for ``reason`` ("capacity" or "disk_full")."""
+
+    device: str
+    type: str
+    priority: int
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """How many records an append committed and what it had to evict to do so."""
+
+    accepted: int
+    dropped: list[Dropped]
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """A snapshot of the buffer.
+
+    ``bytes`` and ``max_bytes`` are logical sizes (see :func:`row_size`);
+    ``oldest_created`` is the ``created`` of the earliest accepted row still buffered.
+    """
+
+    rows: int
+    bytes: int
+    max_bytes: int
+    rows_by_priority: dict[int, int]
+    oldest_created: float | None
+    accepted: int
+    delivered: int
+    dropped_capacity: int
+    dropped_disk_full: int
+
+
+def row_size(device: str, type_: str, topic: str, payload: bytes) -> int:
+    """Return the logical size a row counts against ``max_bytes``."""
+    return len(payload) + len(topic) + len(device) + len(type_) + ROW_OVERHEAD
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, _CheckFailed):
+        return True
+    # Extended codes carry the primary code in the low byte.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _CORRUPTION_CODES
+
+
+def _is_disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _foreign_header(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_MAGIC))
+    except FileNotFoundError:
+        return False
+    # An empty file is a valid empty database to SQLite.
+    return bool(head) and head != _MAGIC
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Outbox:
+    """The durable outbox: append, peek by priority, ack after PUBACK.
+
+    Args:
+        path: The SQLite file; parent directories are created.
+        max_bytes: Bound on the logical size of buffered rows; beyond it the
+            oldest rows of the lowest priority are evicted.
+        synchronous: SQLite ``synchronous`` mode; "FULL" makes every append
+            survive power loss.
+        max_page_count: For tests only: caps the file's pages so SQLite raises a
+            genuine SQLITE_FULL, standing in for a full disk.
+
+    Raises:
+        BufferSchemaError: The file was written by a newer schema version.
+        ValueError: ``max_bytes`` or ``synchronous`` is invalid.
+
+    A corrupt or foreign file never raises: it is quarantined beside the
+    original as ``<name>.corrupt-<UTC stamp>``, whatever is readable is salvaged
+    into a fresh file, and :attr:`quarantined` names the quarantined copy.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        *,
+        synchronous: str = "FULL",
+        max_page_count: int | None = None,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if synchronous.upper() not in _SYNC_MODES:
+            raise ValueError(
+                f"synchronous must be one of {sorted(_SYNC_MODES)}, got {synchronous!r}"
+            )
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.quarantined: Path | None = None
+        self._synchronous = synchronous.upper()
+        self._max_page_count = max_page_count
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = self._open_checked()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            self._replace_corrupt(exc)
+        self._total = self._sum_sizes()
+
+    # --- public API -------------------------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> AppendResult:
+        """Commit ``records`` in one transaction, evicting to stay within ``max_bytes``.
+
+        Evicted rows (possibly from this very batch) are the oldest of the lowest
+        priority present; higher priorities go only when no lower one is left.
+
+        Raises:
+            BufferFullError: The disk is full even after evicting old rows.
+        """
+        if not records:
+            return AppendResult(0, [])
+        return self._guarded(self._append, records)
+
+    def peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
+        """Return up to ``limit`` rows of exactly ``priority`` with id > ``after_id``, by id."""
+        return self._guarded(self._peek, priority, after_id, limit)
+
+    def priorities(self) -> list[int]:
+        """Return the priorities present, highest first."""
+        return self._guarded(self._priorities)
+
+    def ack(self, ids: Sequence[int]) -> int:
+        """Delete delivered rows; return how many existed (evicted ids are not counted)."""
+        if not ids:
+            return 0
+        return self._guarded(self._ack, ids)
+
+    def last_seqs(self) -> dict[str, int]:
+        """Return the last committed seq per device; it survives delivery of the rows."""
+        return self._guarded(self._last_seqs)
+
+    def stats(self) -> BufferStats:
+        """Return a snapshot of sizes and counters."""
+        return self._guarded(self._stats)
+
+    def close(self) -> None:
+        """Close the connection; further calls raise ``sqlite3.ProgrammingError``."""
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- operations -------------------------------------------------------------------------
+
+    def _append(self, records: Sequence[Record]) -> AppendResult:
+        try:
+            return self._append_once(records)
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc):
+                raise
+        # Free room in a transaction of its own: a DELETE needs no new pages, the retry reuses them.
+        need = max(
+            2 * sum(row_size(r.device, r.type, r.topic, r.payload) for r in records),
+            DISK_FULL_MIN_EVICT,
+        )
+        with self._disk_full_is_fatal():
+            with self._transaction():
+                freed, dropped = self._evict(need, "disk_full")
+            self._total -= freed
+            if not dropped:
+                raise self._full_error()
+            result = self._append_once(records)
+        return AppendResult(result.accepted, dropped + result.dropped)
+
+    def _append_once(self, records: Sequence[Record]) -> AppendResult:
+        rows = [
+            (
+                r.priority,
+                r.device,
+                r.type,
+                r.seq,
+                r.topic,
+                r.payload,
+                row_size(r.device, r.type, r.topic, r.payload),
+                r.created,
+            )
+            for r in records
+        ]
+        last: dict[str, int] = {}
+        for r in records:
+            last[r.device] = max(r.seq, last.get(r.device, r.seq))
+        total = self._total + sum(row[6] for row in rows)
+        freed = 0
+        dropped: list[Dropped] = []
+        with self._transaction() as conn:
+            conn.executemany(_INSERT, rows)
+            conn.executemany(_UPSERT_SEQ, last.items())
+            self._bump("accepted", len(rows))
+            if total > self.max_bytes:
+                freed, dropped = self._evict(total - self.max_bytes, "capacity")
+        # Only after COMMIT: a rolled-back append must not move the in-memory total.
+        self._total = total - freed
+        return AppendResult(len(rows), dropped)
+
+    def _evict(self, need: int, reason: str) -> tuple[int, list[Dropped]]:
+        """Delete the oldest lowest-priority rows worth ``need`` bytes, inside a transaction.
+
+        The victims are a prefix of (priority, id) order, so one range DELETE
+        removes exactly the rows that were selected and summed.
+        """
+        freed = count = 0
+        last: tuple[int, int] | None = None
+        groups: dict[tuple[str, str, int], int] = {}
+        cur = self._conn.execute(
+            "SELECT id, priority, size, device, type FROM outbox ORDER BY priority, id"
+        )
+        while freed < need and (chunk := cur.fetchmany(_CHUNK)):
+            for row_id, priority, size, device, type_ in chunk:
+                freed += size
+                count += 1
+                last = (priority, row_id)
+                groups[device, type_, priority] = groups.get((device, type_, priority), 0) + 1
+                if freed >= need:
+                    break
+        cur.close()
+        if last is None:
+            return 0, []
+        self._conn.execute(
+            "DELETE FROM outbox WHERE priority < ? OR (priority = ? AND id <= ?)",
+            (last[0], last[0], last[1]),
+        )
+        self._bump(f"dropped_{reason}", count)
+        return freed, [Dropped(d, t, p, n, reason) for (d, t, p), n in groups.items()]
+
+    def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
+        cur = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE priority = ? AND id > ? ORDER BY id LIMIT ?",  # noqa: S608 - constant column list
+            (priority, after_id, limit),
+        )
+        return [Stored(*row) for row in cur]
+
+    def _priorities(self) -> list[int]:
+        # Skip-scan down the (priority, id) index: one seek per class, not a full scan.
+        found: list[int] = []
+        row = self._conn.execute("SELECT max(priority) FROM outbox").fetchone()
+        while row[0] is not None:
+            found.append(row[0])
+            row = self._conn.execute(
+                "SELECT max(priority) FROM outbox WHERE priority < ?", (row[0],)
+            ).fetchone()
+        return found
+
+    def _ack(self, ids: Sequence[int]) -> int:
+        unique = list(dict.fromkeys(ids))
+        deleted = freed = 0
+        with self._transaction() as conn:
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                marks = _placeholders(len(chunk))
+                # Only "?" placeholders are interpolated, never values.
+                n, size = conn.execute(
+                    f"SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE id IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchone()
+                conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+                deleted += n
+                freed += size
+            self._bump("delivered", deleted)
+        self._total -= freed
+        return deleted
+
+    def _last_seqs(self) -> dict[str, int]:
+        return dict(self._conn.execute("SELECT device, seq FROM sequences"))
+
+    def _stats(self) -> BufferStats:
+        conn = self._conn
+        # GROUP BY priority is answered from the small covering index, not the payload pages.
+        by_priority = dict(
+            conn.execute(
+                "SELECT priority, count(*) FROM outbox GROUP BY priority ORDER BY priority DESC"
+            )
+        )
+        # Rows arrive in id order, so the lowest id is the oldest without scanning `created`.
+        oldest = conn.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+        counters = dict(conn.execute("SELECT name, value FROM counters"))
+        return BufferStats(
+            rows=sum(by_priority.values()),
+            bytes=self._total,
+            max_bytes=self.max_bytes,
+            rows_by_priority=by_priority,
+            oldest_created=None if oldest is None else oldest[0],
+            accepted=counters["accepted"],
+            delivered=counters["delivered"],
+            dropped_capacity=counters["dropped_capacity"],
+            dropped_disk_full=counters["dropped_disk_full"],
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        # IMMEDIATE takes the write lock up front, so a reader elsewhere cannot make us fail midway.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (it does on some SQLITE_FULL paths).
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+    def _bump(self, counter: str, by: int) -> None:
+        self._conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, counter))
+
+    def _sum_sizes(self) -> int:
+        return int(self._conn.execute("SELECT coalesce(sum(size), 0) FROM outbox").fetchone()[0])
+
+    @contextmanager
+    def _disk_full_is_fatal(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if _is_disk_full(exc):
+                raise self._full_error() from exc
+            raise
+
+    def _full_error(self) -> BufferFullError:
+        return BufferFullError(
+            f"buffer {self.path} is full: the disk has no room even after evicting old events;"
+            " free disk space or lower the buffer's max_bytes"
+        )
+
+    def _guarded(self, op: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``op``; on corruption, quarantine and salvage, then run it once more."""
+        try:
+            return op(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            with suppress(sqlite3.Error):
+                self._conn.close()
+            self._replace_corrupt(exc)
+        return op(*args, **kwargs)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+
+    def _open_checked(self) -> sqlite3.Connection:
+        # Checked before SQLite sees the file: closing a connection to a foreign file
+        # deletes the -wal beside it, which may hold the last committed events.
+        if _foreign_header(self.path):
+            raise _CheckFailed("file is not a database")
+        conn = self._connect()
+        try:
+            # Read the version before any write, so a newer file is left exactly as it was.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BufferSchemaError(
+                    f"buffer {self.path} has schema version {version}, newer than this agent's"
+                    f" {SCHEMA_VERSION}; run a newer agent or move the file away"
+                )
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise _CheckFailed("quick_check: " + "; ".join(problems[:3]))
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("buffer %s could not use WAL (journal_mode=%s)", self.path, mode)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if self._max_page_count is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
+            conn.executescript(_SCHEMA)
+            # After the tables: they are created idempotently, so a crash in between is harmless.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _replace_corrupt(self, exc: sqlite3.DatabaseError) -> None:
+        """Quarantine the unreadable file, start a fresh one and salvage into it."""
+        target = self._quarantine()
+        log.error(
+            "buffer file %s is corrupt (%s); moved it (with any -wal/-shm) to %s and started"
+            " a fresh buffer. The moved files are kept only for forensics and are safe to delete.",
+            self.path,
+            exc,
+            target,
+        )
+        self.quarantined = target
+        self._conn = self._open_checked()
+        self._salvage(target)
+        self._total = self._sum_sizes()
+
+    def _quarantine(self) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        # Move -wal/-shm first: a stale WAL left beside a fresh file would be replayed into it.
+        for suffix in ("-wal", "-shm", ""):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.rename(f"{target}{suffix}")
+        return target
+
+    def _salvage(self, source: Path) -> None:
+        """Copy what is still readable from ``source``: sequences first, then rows."""
+        problems: list[str] = []
+        seqs: dict[str, int] = {}
+        rows: list[tuple[Any, ...]] = []
+        if _foreign_header(source):
+            log.warning("nothing to salvage from %s: it is not a SQLite database", source)
+            return
+        try:
+            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            log.warning("could not salvage anything from %s: %s", source, exc)
+            return
+        try:
+            try:
+                for device, seq in src.execute("SELECT device, seq FROM sequences"):
+                    if isinstance(device, str) and isinstance(seq, int):
+                        seqs[device] = max(seq, seqs.get(device, seq))
+            except sqlite3.Error as exc:
+                problems.append(f"sequences: {exc}")
+            rows = _read_rows(src, problems)
+        finally:
+            src.close()
+        for row in rows:
+            seqs[row[2]] = max(row[4], seqs.get(row[2], row[4]))
+
+        saved_seqs = saved_rows = 0
+        try:
+            with self._transaction() as conn:
+                conn.executemany(_UPSERT_SEQ, seqs.items())
+            saved_seqs = len(seqs)
+        except sqlite3.Error as exc:
+            problems.append(f"writing sequences: {exc}")
+        try:
+            saved_rows = self._restore_rows(rows)
+        except sqlite3.Error as exc:
+            problems.append(f"writing rows: {exc}")
+
+        if problems:
+            log.warning(
+                "salvage from %s was partial (%s); recovered %d events and %d device sequences",
+                source,
+                "; ".join(problems),
+                saved_rows,
+                saved_seqs,
+            )
+        else:
+            log.info(
+                "salvaged %d events and %d device sequences from %s", saved_rows, saved_seqs, source
+            )
+
+    def _restore_rows(self, rows: list[tuple[Any, ...]]) -> int:
+        """Insert salvaged rows, keeping their ids so in-flight acks still match.
+
+        Counters restart from the salvaged rows: the old ones cannot be trusted
+        to match what survived, and the accounting identity must hold.
+        """
+        sized = [(*row[:7], row_size(row[2], row[3], row[5], row[6]), row[7]) for row in rows]
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO outbox (id, priority, device, type, seq, topic, payload,"
+                " size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                sized,
+            )
+            saved = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            self._bump("accepted", saved)
+            excess = self._sum_sizes() - self.max_bytes
+            if excess > 0:
+                self._evict(excess, "capacity")
+        return saved
+
+
+def _read_rows(src: sqlite3.Connection, problems: list[str]) -> list[tuple[Any, ...]]:
+    """Read outbox rows up to the first damaged page, then backwards from the end to it."""
+    rows: list[tuple[Any, ...]] = []
+    last_id = -1
+    for order, query in (
+        ("forward", f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id"),  # noqa: S608
+        ("backward", f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id DESC"),  # noqa: S608
+    ):
+        try:
+            for row in src.execute(query, (last_id,)):
+                if all(isinstance(v, t) for v, t in zip(row, _ROW_TYPES, strict=True)):
+                    rows.append(row)
+                if order == "forward" and isinstance(row[0], int):
+                    last_id = row[0]
+        except sqlite3.Error as exc:
+            problems.append(f"outbox ({order}): {exc}")
+            continue
+        break  # the forward pass read everything
+    return rows
