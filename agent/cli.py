@@ -1,0 +1,120 @@
+"""``edge-agent``: the command line a technician and a fleet's tooling use."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.errors import ConfigError
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from agent.config import load_config  # noqa: PLC0415 - keep `--help` fast
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"ok: {args.config} (gateway {config.gateway.id}, {len(config.devices)} devices)")
+    return 0
+
+
+def _cmd_schema(_args: argparse.Namespace) -> int:
+    from agent.config import json_schema  # noqa: PLC0415
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _cmd_drivers(_args: argparse.Namespace) -> int:
+    from agent.registry import load_plugins  # noqa: PLC0415
+
+    for name, plugin in sorted(load_plugins().items()):
+        print(f"{name:<12} {plugin.summary}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config  # noqa: PLC0415
+    from agent.devices import DeviceFailedError  # noqa: PLC0415
+    from agent.runtime import run_agent  # noqa: PLC0415
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: refusing to start, {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(run_agent(config, config_path=args.config))
+    except DeviceFailedError:
+        return EXIT_RUNTIME  # already logged by the runtime
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo  # noqa: PLC0415
+
+    return asyncio.run(run_demo(duration=args.duration, outage=not args.no_outage))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a site config; prints ok or every problem (exit 2)")
+    p.add_argument("-c", "--config", type=Path, required=True, help="site YAML file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("run", help="run the agent (SIGTERM/SIGINT stop, SIGHUP reloads)")
+    p.add_argument("-c", "--config", type=Path, required=True, help="site YAML file")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the site config")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("drivers", help="list installed drivers")
+    p.set_defaults(func=_cmd_drivers)
+
+    p = sub.add_parser("demo", help="simulated devices -> agent -> embedded broker, with a live view")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
+    p.add_argument("--no-outage", action="store_true", help="do not simulate a broker outage")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``edge-agent`` command."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

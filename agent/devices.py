@@ -1,0 +1,138 @@
+"""Runs one device: starts its driver, feeds its readings on, tracks and reports its status.
+
+A misbehaving device is isolated here: its exceptions end in a status event and a restart
+with backoff, never in the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from agent.driver_api import DeviceConfig, Driver, DriverContext, DriverPlugin
+from agent.errors import AgentError, DriverFatalError, DriverStartupError
+from agent.events import DEVICE_STATUS, Reading
+
+log = logging.getLogger(__name__)
+
+RESTART_MIN = 1.0
+RESTART_MAX = 60.0
+STOP_TIMEOUT = 2.0
+
+
+class DeviceFailedError(AgentError):
+    """A device with ``startup_error_behavior: error`` could not start: the agent stops."""
+
+
+class DeviceRunner(DriverContext):
+    """Owns one device's driver for as long as the device is configured."""
+
+    def __init__(
+        self,
+        config: DeviceConfig,
+        plugin: DriverPlugin,
+        emit: Callable[[str, Reading], None],
+    ) -> None:
+        """Prepare; :meth:`run` does the work."""
+        self.config = config
+        self.device_id = config.id
+        self.plugin = plugin
+        self._emit = emit
+        self.status = "starting"
+        self.reason: str | None = None
+        self.failures = 0
+        self.polls_ok = 0
+        self.polls_failed = 0
+        self._started_once = False
+
+    # ---- DriverContext ----------------------------------------------------------
+    def poll_ok(self) -> None:
+        """The device answered."""
+        self.polls_ok += 1
+        self.failures = 0
+        if self.status != "online":
+            self._set_status("online", None)
+
+    def poll_failed(self, reason: str) -> None:
+        """The device did not answer; offline after ``offline_after`` in a row."""
+        self.polls_failed += 1
+        self.failures += 1
+        self.reason = reason
+        if self.failures >= self.config.offline_after and self.status != "offline":
+            self._set_status("offline", reason)
+
+    def _set_status(self, status: str, reason: str | None) -> None:
+        self.status, self.reason = status, reason
+        if status == "offline":
+            log.warning("device %s offline: %s", self.device_id, reason)
+        else:
+            log.info("device %s %s", self.device_id, status)
+        data = {
+            "status": status,
+            "reason": reason,
+            "driver": self.config.driver,
+            "consecutive_failures": self.failures,
+            "since": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        self._emit(self.device_id, Reading(DEVICE_STATUS, data))
+
+    # ---- lifecycle ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Start, stream, and restart the driver after faults, until cancelled."""
+        attempt = 0
+        while True:
+            driver = self.plugin.factory()(self.config, self)
+            try:
+                await self._start(driver)
+                attempt = 0
+                async for batch in driver.stream():
+                    for reading in batch:
+                        self._emit(self.device_id, reading)
+                return  # a finite stream (rare) ends the device
+            except DriverFatalError as exc:
+                self.poll_failed(str(exc))
+                self._force_offline(f"driver gave up: {exc}")
+                return
+            except DeviceFailedError:
+                raise
+            except _Ignored:
+                return
+            except Exception as exc:  # noqa: BLE001 - isolate any driver fault
+                reason = f"{type(exc).__name__}: {exc}"
+                self.poll_failed(reason)
+            finally:
+                await self._stop(driver)
+            attempt += 1
+            await asyncio.sleep(random.uniform(RESTART_MIN, min(RESTART_MAX, RESTART_MIN * 2**attempt)))
+
+    async def _start(self, driver: Driver) -> None:
+        try:
+            await driver.start()
+        except DriverStartupError as exc:
+            # The policy is about boot; a device that ran once is always retried.
+            behavior = self.config.startup_error_behavior if not self._started_once else "retry"
+            if behavior == "error" or not exc.retry:
+                raise DeviceFailedError(f"device {self.device_id} could not start: {exc}") from exc
+            if behavior == "ignore":
+                self._force_offline(f"not started (startup_error_behavior: ignore): {exc}")
+                raise _Ignored from exc
+            raise
+        self._started_once = True
+
+    def _force_offline(self, reason: str) -> None:
+        if self.status != "offline":
+            self.failures = max(self.failures, self.config.offline_after)
+            self._set_status("offline", reason)
+
+    async def _stop(self, driver: Driver) -> None:
+        try:
+            await asyncio.wait_for(driver.stop(), STOP_TIMEOUT)
+        except Exception:  # noqa: BLE001 - stopping must never take the agent down
+            log.warning("device %s: driver did not stop cleanly", self.device_id, exc_info=True)
+
+
+class _Ignored(Exception):  # noqa: N818 - control flow, never escapes this module
+    """A device that failed to start under ``startup_error_behavior: ignore``."""

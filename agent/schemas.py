@@ -1,0 +1,166 @@
+"""JSON Schemas of the event contract, as pydantic models.
+
+These are the documentation and the test oracle (docs/events.md is generated from them by
+``python -m agent.schemas``); the hot path builds plain dicts and does not use them.
+Consumers must ignore fields they do not know: new optional fields are not a breaking change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent import events
+
+Quality = Literal["good", "stale", "bad"]
+
+
+class _Open(BaseModel):
+    """Consumers tolerate unknown fields; producers only add optional ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CloudEvent(_Open):
+    """The envelope: CloudEvents 1.0, JSON structured mode, with three extension attributes."""
+
+    specversion: Literal["1.0"]
+    id: str = Field(description="Unique per event; the same on every re-send of that event.")
+    source: str = Field(pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$",
+                        description="/gateways/{gateway}/devices/{device}")
+    type: str = Field(description="city.meter.reading, city.parking.occupancy, ...")
+    time: str = Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
+                      description="When the reading was taken: RFC 3339, UTC, milliseconds.")
+    datacontenttype: Literal["application/json"]
+    gateway: str = Field(description="Extension: gateway id.")
+    device: str = Field(description="Extension: device id ('gateway' for gateway-level events).")
+    seq: int = Field(ge=1, description="Extension: per-device sequence number, +1 per event, "
+                                       "persistent across restarts. (device, seq) is the idempotency key.")
+    data: dict[str, Any]
+
+
+class Measurement(_Open):
+    """One measured quantity of a meter."""
+
+    quantity: str = Field(description="active_energy, active_power, voltage, current, frequency, "
+                                      "power_factor, volume, flow, ...")
+    value: float | None = Field(description="Value in `unit`; null when quality is bad.")
+    unit: str = Field(description="kWh, kW, V, A, Hz, m3, m3/h, ... ('' for dimensionless).")
+    quality: Quality = Field(description="good, stale (last known value) or bad.")
+    reason: str | None = Field(default=None, description="Why quality is not good.")
+    phase: str | None = Field(default=None, description="L1, L2, L3, N when per phase.")
+
+
+class MeterReading(_Open):
+    """``city.meter.reading`` (class telemetry): electricity, water or I/O module values."""
+
+    measurements: list[Measurement]
+
+
+class ParkingOccupancy(_Open):
+    """``city.parking.occupancy`` (class event): one bay's state."""
+
+    bay: str
+    occupied: bool
+    confidence: float = Field(ge=0, le=1)
+    since: str = Field(description="When the bay entered this state (RFC 3339 UTC).")
+
+
+class CrosswalkPresence(_Open):
+    """``city.crosswalk.presence`` (class event): people waiting in an area."""
+
+    area: str
+    count: int = Field(ge=0, description="People waiting now.")
+    max_count: int = Field(ge=0, description="Most people waiting in the current window.")
+
+
+class DeviceStatus(_Open):
+    """``city.device.status`` (class alarm): a device went offline or came (back) online."""
+
+    status: Literal["online", "offline"]
+    reason: str | None = Field(description="Why offline (the last error); null when online.")
+    driver: str
+    consecutive_failures: int = Field(ge=0)
+    since: str
+
+
+class BufferHealth(_Open):
+    """Depth of the store-and-forward buffer."""
+
+    events: int
+    bytes: int
+    max_bytes: int
+    oldest_age_s: float | None
+    by_class: dict[str, int]
+
+
+class Accounting(_Open):
+    """Always balances: accepted = delivered + buffered + sum(dropped)."""
+
+    accepted: int
+    delivered: int
+    buffered: int
+    dropped: dict[str, int] = Field(description="By reason: capacity, disk_full.")
+    not_accepted: int = Field(description="Readings refused before reaching the buffer (disk stalled or failing).")
+
+
+class DropReport(_Open):
+    """Events dropped since the previous health event, per device, type and reason."""
+
+    device: str
+    type: str
+    reason: Literal["capacity", "disk_full"]
+    count: int
+
+
+class UplinkHealth(_Open):
+    """State of the MQTT uplink."""
+
+    connected: bool
+    connects: int
+    disconnects: int
+    last_error: str | None
+
+
+class DevicesHealth(_Open):
+    """How many devices run and which are offline."""
+
+    total: int
+    online: int
+    offline: list[str]
+
+
+class GatewayHealth(_Open):
+    """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
+
+    uptime_s: float
+    site: str | None
+    buffer: BufferHealth
+    accounting: Accounting
+    dropped_since_last_report: list[DropReport]
+    uplink: UplinkHealth
+    devices: DevicesHealth
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    events.METER_READING: MeterReading,
+    events.PARKING_OCCUPANCY: ParkingOccupancy,
+    events.CROSSWALK_PRESENCE: CrosswalkPresence,
+    events.DEVICE_STATUS: DeviceStatus,
+    events.GATEWAY_HEALTH: GatewayHealth,
+}
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of the envelope and of each type's ``data``."""
+    out = {"envelope": CloudEvent.model_json_schema()}
+    out.update({name: model.model_json_schema() for name, model in EVENT_MODELS.items()})
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(schemas(), sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -1,0 +1,160 @@
+"""The event store: turns readings into sequenced CloudEvents and commits them durably.
+
+All SQLite work happens on one dedicated thread, so the event loop never waits on an fsync.
+Readings queue in memory for at most one commit; the writer takes everything queued at once
+(group commit), so throughput is not bound by fsyncs while latency stays one commit long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, Record, Stored
+from agent.events import Priority, Reading, build_event, encode, topic_for
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
+MAX_PENDING = 200_000  # events waiting for a commit before new ones are refused (disk stalled)
+
+
+class EventStore:
+    """Sequencing, envelope and durable commit of events; feeds the uplink in priority order."""
+
+    def __init__(
+        self,
+        outbox: Callable[[], Outbox],
+        *,
+        gateway: str,
+        topic_prefix: str,
+        on_dropped: Callable[[list[Dropped]], None] | None = None,
+    ) -> None:
+        """Prepare; the file is opened by :meth:`open` on the store's own thread."""
+        self._make_outbox = outbox
+        self.gateway = gateway
+        self.topic_prefix = topic_prefix
+        self._on_dropped = on_dropped
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-db")
+        self._outbox: Outbox | None = None
+        self._seqs: dict[str, int] = {}
+        self._pending: list[Record] = []
+        self._has_pending = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
+        self.not_accepted = 0  # readings refused before a commit (overload, disk full)
+        self.priorities: set[int] = {int(p) for p in Priority}
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    @property
+    def outbox(self) -> Outbox:
+        """The open outbox (only to be used on the store's thread)."""
+        if self._outbox is None:
+            raise RuntimeError("event store is not open")
+        return self._outbox
+
+    async def open(self) -> None:
+        """Open (or quarantine and recreate) the buffer file and load the sequence numbers."""
+        self._outbox = await self._call(self._make_outbox)
+        self._seqs = await self._call(self.outbox.last_seqs)
+        self.priorities |= set(await self._call(self.outbox.priorities))
+
+    def submit(self, device: str, reading: Reading, priority: int) -> None:
+        """Sequence and serialise one reading and queue it for the next commit.
+
+        Never blocks. If commits have stalled so long that ``MAX_PENDING`` readings wait,
+        the reading is refused and counted (``not_accepted``): it was never accepted.
+        """
+        if len(self._pending) >= MAX_PENDING:
+            self.not_accepted += 1
+            return
+        seq = self._seqs.get(device, 0) + 1
+        self._seqs[device] = seq
+        now = datetime.now(UTC)
+        event = build_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=now)
+        self._pending.append(
+            Record(
+                device=device,
+                type=reading.type,
+                priority=priority,
+                seq=seq,
+                topic=topic_for(self.topic_prefix, self.gateway, device, reading.type),
+                payload=encode(event),
+                created=now.timestamp(),
+            )
+        )
+        self.priorities.add(priority)
+        self._has_pending.set()
+        self._idle.clear()
+
+    async def run_writer(self) -> None:
+        """Commit queued readings in groups until cancelled."""
+        while True:
+            await self._has_pending.wait()
+            await self._commit_some()
+
+    async def _commit_some(self) -> None:
+        batch = self._pending[:MAX_COMMIT]
+        del self._pending[:MAX_COMMIT]
+        if not self._pending:
+            self._has_pending.clear()
+        try:
+            result = await self._call(self.outbox.append, batch)
+        except BufferFullError as exc:
+            self.not_accepted += len(batch)
+            log.error("%s; %d events were not stored", exc, len(batch))  # noqa: TRY400
+        else:
+            if result.dropped and self._on_dropped is not None:
+                self._on_dropped(result.dropped)
+        finally:
+            if not self._pending:
+                self._idle.set()
+        self.committed.set()
+
+    async def flush(self) -> None:
+        """Commit everything queued so far (used at shutdown)."""
+        while self._pending:
+            await self._commit_some()
+
+    async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
+        """Up to ``limit`` stored events after the cursors, highest priority first."""
+        return await self._call(self._next_batch, sorted(self.priorities, reverse=True), dict(cursors), limit)
+
+    def _next_batch(self, priorities: Sequence[int], cursors: dict[int, int], limit: int) -> list[Stored]:
+        rows: list[Stored] = []
+        for priority in priorities:
+            if len(rows) >= limit:
+                break
+            rows += self.outbox.peek(priority, cursors.get(priority, 0), limit - len(rows))
+        return rows
+
+    async def ack(self, ids: Sequence[int]) -> int:
+        """Delete delivered events; returns how many were still there."""
+        return await self._call(self.outbox.ack, ids)
+
+    async def stats(self) -> BufferStats:
+        """Counters and depth of the buffer."""
+        return await self._call(self.outbox.stats)
+
+    def last_seq(self, device: str) -> int:
+        """Last sequence number given to a device's event."""
+        return self._seqs.get(device, 0)
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the file."""
+        started = time.monotonic()
+        await self.flush()
+        if self._outbox is not None:
+            await self._call(self._outbox.close)
+            self._outbox = None
+        self._db.shutdown(wait=True)
+        log.debug("event store closed in %.3fs", time.monotonic() - started)

@@ -1,0 +1,253 @@
+"""Real parts for the tests: a Mosquitto broker on a free port, a counting subscriber, the agent."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        pytest.fail("mosquitto is not installed: run ./dev test (it installs it) or apt-get install mosquitto")
+    return found
+
+
+class Mosquitto:
+    """A real broker process on a fixed port that tests can stop and start again.
+
+    Persistence is on so a subscriber's queued QoS 1 messages survive a (graceful) restart;
+    that keeps broker-side loss out of measurements of the agent's delivery.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            "log_dest none\n"
+            # As root, mosquitto drops to user `mosquitto`, which cannot write the test's
+            # folder: its persistence (the subscriber's queued messages) would be lost.
+            + ("user root\n" if os.geteuid() == 0 else "")
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        def accepting() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return True
+            assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
+            return False
+        wait_for(accepting, 10, "mosquitto to accept connections")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+def _is_availability(topic: str) -> bool:
+    """``{prefix}/{gateway}/status`` (device status events are one level deeper)."""
+    return topic.endswith("/status") and topic.count("/") == 3  # prefix ioc/v1 in the tests
+
+
+class Subscriber:
+    """An independent counting subscriber: every (device, seq) received, with duplicates."""
+
+    def __init__(self, port: int, topic: str = "#", *, client_id: str | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.topics: list[str] = []
+        self.raw: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.connected = threading.Event()
+        cid = client_id or f"test-sub-{os.getpid()}-{time.monotonic_ns()}"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.topic = topic
+        self.client.connect_async("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        wait_for(self.connected.is_set, 10, "subscriber to connect")
+
+    def _on_connect(self, client: paho.Client, *_: Any) -> None:
+        client.subscribe(self.topic, qos=1)
+        self.connected.set()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.raw.append((msg.topic, msg.payload, msg.retain))
+            if _is_availability(msg.topic):
+                return
+            self.events.append(json.loads(msg.payload))
+            self.topics.append(msg.topic)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.events)
+
+    def seqs(self, device: str, event_type: str | None = None) -> list[int]:
+        return [e["seq"] for e in self.snapshot()
+                if e["device"] == device and (event_type is None or e["type"] == event_type)]
+
+    def report(self, device: str) -> dict[str, Any]:
+        """Loss and duplicates over the device's whole sequence; order within each type.
+
+        Order is promised per device within a delivery class: a status event (class alarm)
+        may overtake a backlog of readings (class telemetry) after an outage.
+        """
+        report = analyse(self.seqs(device))
+        types = {e["type"] for e in self.snapshot() if e["device"] == device}
+        report["inversions"] = sum(analyse(self.seqs(device, t))["inversions"] for t in types)
+        return report
+
+    def status_payloads(self) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.raw if _is_availability(t)]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscriber_factory() -> Iterator[Callable[..., Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(port: int, topic: str = "#", **kw: Any) -> Subscriber:
+        s = Subscriber(port, topic, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def analyse(seqs: list[int]) -> dict[str, Any]:
+    """Lost, duplicated and out-of-order counts of one device's received sequence numbers."""
+    seen: set[int] = set()
+    firsts: list[int] = []
+    for s in seqs:
+        if s not in seen:
+            firsts.append(s)
+            seen.add(s)
+    top = max(seen) if seen else 0
+    return {
+        "max": top,
+        "lost": sorted(set(range(1, top + 1)) - seen),
+        "duplicates": len(seqs) - len(seen),
+        "inversions": sum(1 for a, b in zip(firsts, firsts[1:], strict=False) if b < a),
+        "inverted_at": [(a, b) for a, b in zip(firsts, firsts[1:], strict=False) if b < a][:5],
+    }
+
+
+def write_config(path: Path, *, port: int, devices: str, buffer: Path | None = None,
+                 extra: str = "", max_bytes: str = "64MiB", health: str = "60s") -> Path:
+    path.write_text(
+        f"gateway: {{id: gw-test, site: lab, health_interval: {health}}}\n"
+        "uplink:\n"
+        f"  mqtt: {{host: 127.0.0.1, port: {port}, topic_prefix: ioc/v1, keepalive: 5s,"
+        " reconnect_min: 200ms, reconnect_max: 1s}\n"
+        f"buffer: {{path: {buffer or path.parent / 'buffer.db'}, max_bytes: {max_bytes}}}\n"
+        f"{extra}"
+        "devices:\n"
+        f"{devices}"
+    )
+    return path
+
+
+class AgentProcess:
+    """``edge-agent run`` as a real process, as systemd would run it."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
+    made: list[AgentProcess] = []
+
+    def make(config: Path) -> AgentProcess:
+        a = AgentProcess(config, tmp_path / f"agent-{len(made)}.log")
+        made.append(a)
+        return a.start()
+
+    yield make
+    for a in made:
+        a.kill()
