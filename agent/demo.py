@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class Viewer:
         self.client.loop_start()
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        if msg.topic.endswith("/status"):
+        if msg.topic == "ioc/v1/gw-demo-01/status":
             print(f"{'':12} gateway status: {msg.payload.decode()}", flush=True)
             return
         event = json.loads(msg.payload)
@@ -95,7 +96,8 @@ class Viewer:
         if event["seq"] in seen:
             self.duplicates += 1
         seen.add(event["seq"])
-        print(describe(event), flush=True)
+        lag = time.time() - datetime.fromisoformat(event["time"]).timestamp()
+        print(describe(event) + (f"   [from the buffer, {lag:.1f} s late]" if lag > 1.5 else ""), flush=True)
 
     def summary(self) -> str:
         """Per device: events received and any gap in seq."""

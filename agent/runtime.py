@@ -29,7 +29,8 @@ from agent.uplink.mqtt import MqttUplink
 log = logging.getLogger(__name__)
 
 SHUTDOWN_BUDGET = 4.0  # seconds; systemd and the issue allow 5
-DROP_REPORT_DELAY = 1.0  # coalesce a burst of evictions into one health event
+DROP_REPORT_DELAY = 1.0
+FIRST_HEALTH_DELAY = 2.0  # coalesce a burst of evictions into one health event
 
 
 class Agent:
@@ -142,9 +143,11 @@ class Agent:
         self.emit(GATEWAY_STREAM, Reading(GATEWAY_HEALTH, data))
 
     async def _health_loop(self) -> None:
+        # The first report waits a moment so it can say whether the uplink came up.
+        await asyncio.sleep(min(FIRST_HEALTH_DELAY, self.config.gateway.health_interval))
         while True:
-            await asyncio.sleep(self.config.gateway.health_interval)
             await self.emit_health()
+            await asyncio.sleep(self.config.gateway.health_interval)
 
     # ---- devices ------------------------------------------------------------------
     def _start_device(self, cfg: DeviceConfig) -> None:
@@ -240,7 +243,6 @@ class Agent:
         log.info("agent %s running: %d devices, buffer %s, pid %d", self.config.gateway.id,
                  len(self.devices), self.config.buffer.path, os.getpid())
         self.ready.set()
-        await self.emit_health()
         try:
             await self._stop.wait()
         finally:

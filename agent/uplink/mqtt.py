@@ -108,8 +108,10 @@ class MqttUplink:
                 settle(connected)
 
         def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-            settle(connected, error=ConnectionLost(f"disconnected: {reason}"))
-            settle(lost, f"disconnected: {reason}")
+            # paho reports a closed socket as "Unspecified error"; say what happened.
+            text = f"connection to {cfg.host}:{cfg.port} closed ({reason})"
+            settle(connected, error=ConnectionLost(text))
+            settle(lost, text)
             self._wake.set()
 
         def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
