@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -161,6 +162,34 @@ def schemas() -> dict[str, dict[str, Any]]:
     return out
 
 
+BEGIN, END = "<!-- schemas:begin -->", "<!-- schemas:end -->"
+
+
+def render_markdown() -> str:
+    """The generated block of docs/events.md: one JSON Schema per event type."""
+    parts = [BEGIN]
+    for name, schema in schemas().items():
+        title = "Envelope (every event)" if name == "envelope" else f"`{name}`: `data`"
+        parts += ["", f"### {title}", "", "```json", json.dumps(schema, indent=2), "```"]
+    parts += ["", END]
+    return "\n".join(parts)
+
+
+def update_doc(path: Path) -> bool:
+    """Rewrite the generated block in ``path``; returns whether it changed."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    new = head + render_markdown() + tail
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    json.dump(schemas(), sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    if sys.argv[1:2] == ["--update-doc"]:
+        doc = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/events.md")
+        print(f"{doc}: {'updated' if update_doc(doc) else 'up to date'}")
+    else:
+        json.dump(schemas(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
