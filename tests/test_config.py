@@ -159,3 +159,12 @@ def test_cli_schema_is_json_schema_with_driver_keys() -> None:
     assert "gateway" in schema["required"]
     assert "VirtualConfig" in schema["$defs"]
     assert schema["$defs"]["VirtualConfig"]["properties"]["kind"]["enum"] == ["meter", "parking", "crosswalk"]
+
+
+def test_docs_configuration_md_lists_every_key() -> None:
+    from agent import config_reference
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert config_reference.render_markdown() in doc, (
+        "docs/configuration.md is stale: run python -m agent.config_reference"
+    )
