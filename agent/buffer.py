@@ -70,13 +70,11 @@ INSERT OR IGNORE INTO counters (name, value) VALUES
 COMMIT;
 """
 _INSERT: Final = (
-    "INSERT INTO outbox (priority, device, type, seq, topic, payload, size, created)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO outbox (priority, device, type, seq, topic, payload, size, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # A stored seq is never lowered: a late or replayed batch must not rewind a device.
 _UPSERT_SEQ: Final = (
-    "INSERT INTO sequences (device, seq) VALUES (?, ?)"
-    " ON CONFLICT (device) DO UPDATE SET seq = max(seq, excluded.seq)"
+    "INSERT INTO sequences (device, seq) VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
 
 _P = ParamSpec("_P")
@@ -224,9 +222,7 @@ class Outbox:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if synchronous.upper() not in _SYNC_MODES:
-            raise ValueError(
-                f"synchronous must be one of {sorted(_SYNC_MODES)}, got {synchronous!r}"
-            )
+            raise ValueError(f"synchronous must be one of {sorted(_SYNC_MODES)}, got {synchronous!r}")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.quarantined: Path | None = None
@@ -354,9 +350,7 @@ class Outbox:
         freed = count = 0
         last: tuple[int, int] | None = None
         groups: dict[tuple[str, str, int], int] = {}
-        cur = self._conn.execute(
-            "SELECT id, priority, size, device, type FROM outbox ORDER BY priority, id"
-        )
+        cur = self._conn.execute("SELECT id, priority, size, device, type FROM outbox ORDER BY priority, id")
         while freed < need and (chunk := cur.fetchmany(_CHUNK)):
             for row_id, priority, size, device, type_ in chunk:
                 freed += size
@@ -388,9 +382,7 @@ class Outbox:
         row = self._conn.execute("SELECT max(priority) FROM outbox").fetchone()
         while row[0] is not None:
             found.append(row[0])
-            row = self._conn.execute(
-                "SELECT max(priority) FROM outbox WHERE priority < ?", (row[0],)
-            ).fetchone()
+            row = self._conn.execute("SELECT max(priority) FROM outbox WHERE priority < ?", (row[0],)).fetchone()
         return found
 
     def _ack(self, ids: Sequence[int]) -> int:
@@ -419,9 +411,7 @@ class Outbox:
         conn = self._conn
         # GROUP BY priority is answered from the small covering index, not the payload pages.
         by_priority = dict(
-            conn.execute(
-                "SELECT priority, count(*) FROM outbox GROUP BY priority ORDER BY priority DESC"
-            )
+            conn.execute("SELECT priority, count(*) FROM outbox GROUP BY priority ORDER BY priority DESC")
         )
         # Rows arrive in id order, so the lowest id is the oldest without scanning `created`.
         oldest = conn.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
@@ -599,9 +589,7 @@ class Outbox:
                 saved_seqs,
             )
         else:
-            log.info(
-                "salvaged %d events and %d device sequences from %s", saved_rows, saved_seqs, source
-            )
+            log.info("salvaged %d events and %d device sequences from %s", saved_rows, saved_seqs, source)
 
     def _restore_rows(self, rows: list[tuple[Any, ...]]) -> int:
         """Insert salvaged rows, keeping their ids so in-flight acks still match.

@@ -25,7 +25,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from agent.config import load_config  # noqa: PLC0415 - keep `--help` fast
+    from agent.config import load_config
 
     try:
         config = load_config(args.config)
@@ -39,14 +39,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(_args: argparse.Namespace) -> int:
-    from agent.config import json_schema  # noqa: PLC0415
+    from agent.config import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def _cmd_drivers(_args: argparse.Namespace) -> int:
-    from agent.registry import load_plugins  # noqa: PLC0415
+    from agent.registry import load_plugins
 
     for name, plugin in sorted(load_plugins().items()):
         print(f"{name:<12} {plugin.summary}")
@@ -54,9 +54,9 @@ def _cmd_drivers(_args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config  # noqa: PLC0415
-    from agent.devices import DeviceFailedError  # noqa: PLC0415
-    from agent.runtime import run_agent  # noqa: PLC0415
+    from agent.config import load_config
+    from agent.devices import DeviceFailedError
+    from agent.runtime import run_agent
 
     try:
         config = load_config(args.config)
@@ -73,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo  # noqa: PLC0415
+    from agent.demo import run_demo
 
     return asyncio.run(run_demo(duration=args.duration, outage=not args.no_outage))
 

@@ -31,7 +31,6 @@ from agent.units import parse_size
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
-CONFIG_VERSION = 1
 
 
 def _resolve(value: Any, info: ValidationInfo) -> Any:
@@ -72,7 +71,9 @@ class TlsConfig(StrictModel):
     """TLS to the broker. On as soon as any file is given or ``enabled: true``; always verified."""
 
     enabled: bool | None = Field(default=None, description="Force TLS on or off; default: on if a file is set.")
-    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate; default: system CAs.")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle that signed the broker's certificate; default: system CAs."
+    )
     cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
 
@@ -141,9 +142,7 @@ class MqttConfig(StrictModel):
             raise ValueError("reconnect_min must not exceed reconnect_max")
         sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
         if sends_password and not self.tls.active and not _is_loopback(self.host):
-            raise ValueError(
-                f"refusing to send a password in clear text to {self.host}: enable tls"
-            )
+            raise ValueError(f"refusing to send a password in clear text to {self.host}: enable tls")
         if sends_password and self.username is None:
             raise ValueError("a password is set but no username")
         return self
@@ -186,7 +185,7 @@ class BufferConfig(StrictModel):
 class AgentConfigBase(StrictModel):
     """Keys of the site file other than ``devices`` (whose model depends on installed drivers)."""
 
-    version: Literal[1] = Field(default=CONFIG_VERSION, description="Config schema version.")
+    version: Literal[1] = Field(default=1, description="Config schema version.")
     gateway: GatewayConfig = Field(description="This gateway.")
     uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="Upstream connections.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Store-and-forward buffer.")
@@ -247,11 +246,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -282,10 +279,12 @@ def parse_config(text: str, path: Path) -> AgentConfigBase:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping with gateway, uplink, buffer, devices"])
     # Cross-device checks run on the raw data too, so they are reported alongside field errors.
-    raw_devices = data.get("devices") if isinstance(data.get("devices"), list) else []
+    devices = data.get("devices")
+    raw_devices: list[Any] = devices if isinstance(devices, list) else []
     raw_ids = [d.get("id") if isinstance(d, dict) else None for d in raw_devices]
-    early = [_located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1])
-             for p in device_id_problems(raw_ids)]
+    early = [
+        _located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1]) for p in device_id_problems(raw_ids)
+    ]
     try:
         config = config_model().model_validate(data, context={"base_dir": path.parent.absolute()})
     except ValidationError as exc:
@@ -296,16 +295,15 @@ def parse_config(text: str, path: Path) -> AgentConfigBase:
     return config
 
 
-def _each_problem(
-    exc: ValidationError, data: Any, root: yaml.Node | None, path: Path
-) -> Iterator[tuple[int, str]]:
+def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path: Path) -> Iterator[tuple[int, str]]:
     plugins = load_plugins()
     drivers = ", ".join(sorted(plugins)) or "none installed"
     # A device whose driver is unknown gets one error, not one per key the union tried.
-    unknown = {
-        i for i, d in enumerate(data.get("devices") or [])
-        if isinstance(d, dict) and d.get("driver") not in plugins
-    } if isinstance(data.get("devices"), list) else set()
+    unknown = (
+        {i for i, d in enumerate(data.get("devices") or []) if isinstance(d, dict) and d.get("driver") not in plugins}
+        if isinstance(data.get("devices"), list)
+        else set()
+    )
     for error in exc.errors(include_url=False):
         keys = _data_path(error["loc"], data)
         if len(keys) >= 2 and keys[0] == "devices" and keys[1] in unknown and keys[2:] != ["driver"]:
@@ -349,10 +347,7 @@ def _data_path(loc: tuple[int | str, ...], data: Any) -> list[int | str]:
     keys: list[int | str] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            keys.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if _has(node, part):
             node = node[part]
             keys.append(part)
         elif isinstance(node, dict | list):
@@ -362,6 +357,12 @@ def _data_path(loc: tuple[int | str, ...], data: Any) -> list[int | str]:
         else:
             break
     return keys
+
+
+def _has(node: Any, part: int | str) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and part < len(node)
 
 
 def _parse_path(text: str) -> list[int | str]:

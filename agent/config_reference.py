@@ -24,7 +24,8 @@ def _default(field: FieldInfo) -> str:
     if field.default is PydanticUndefined and field.default_factory is None:
         return "**required**"
     if field.default_factory is not None:
-        return {dict: "`{}`", list: "`[]`"}.get(field.default_factory, "see below")  # type: ignore[call-overload]
+        factory: object = field.default_factory
+        return "`{}`" if factory is dict else "`[]`" if factory is list else "see below"
     value: Any = field.default
     validators = {getattr(m, "func", None) for m in field.metadata}
     if value is None:
@@ -77,8 +78,7 @@ def render_markdown() -> str:
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]
     for name, plugin in sorted(load_plugins().items()):
-        out += [f"### devices[] with `driver: {name}`", "", plugin.summary, "",
-                *_table("", plugin.config_model), ""]
+        out += [f"### devices[] with `driver: {name}`", "", plugin.summary, "", *_table("", plugin.config_model), ""]
     out.append(END)
     return "\n".join(out)
 

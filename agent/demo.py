@@ -66,8 +66,10 @@ def describe(event: dict[str, Any]) -> str:
         text = f"device is {data['status']}" + (f": {data['reason']}" if data.get("reason") else "")
     elif kind == "city.gateway.health":
         buf, acc = data["buffer"], data["accounting"]
-        text = (f"health: uplink {'up' if data['uplink']['connected'] else 'DOWN'}, "
-                f"buffered {buf['events']}, accepted {acc['accepted']}, delivered {acc['delivered']}")
+        text = (
+            f"health: uplink {'up' if data['uplink']['connected'] else 'DOWN'}, "
+            f"buffered {buf['events']}, accepted {acc['accepted']}, delivered {acc['delivered']}"
+        )
     else:
         text = json.dumps(data)[:80]
     return f"{event['time'][11:23]}  {event['device']:<11} {kind.rsplit('.', 1)[-1]:<10} seq={event['seq']:<5} {text}"
@@ -83,7 +85,7 @@ class Viewer:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="demo-viewer")
         self.client.on_connect = lambda c, *_: c.subscribe("ioc/v1/#", qos=1)
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 1)
+        self.client.reconnect_delay_set(1, 2)
         self.client.connect_async("127.0.0.1", port)
         self.client.loop_start()
 
@@ -117,7 +119,7 @@ class Viewer:
 
 async def run_demo(*, duration: float = 30.0, outage: bool = True) -> int:
     """Run the demo for ``duration`` seconds (0: until Ctrl-C); returns an exit code."""
-    from amqtt.broker import Broker  # noqa: PLC0415 - demo-only dependency
+    from amqtt.broker import Broker
 
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     logging.getLogger("transitions").setLevel(logging.CRITICAL)
@@ -127,8 +129,11 @@ async def run_demo(*, duration: float = 30.0, outage: bool = True) -> int:
         config = parse_config(text, Path(tmp) / "demo.yaml")
         broker = Broker(_broker_config(port))
         await broker.start()
-        print(f"demo: embedded broker on 127.0.0.1:{port}; agent {config.gateway.id} with "
-              f"{len(config.devices)} simulated devices; running {duration or 'until Ctrl-C'} s\n", flush=True)
+        print(
+            f"demo: embedded broker on 127.0.0.1:{port}; agent {config.gateway.id} with "
+            f"{len(config.devices)} simulated devices; running {duration or 'until Ctrl-C'} s\n",
+            flush=True,
+        )
         agent = Agent(config)
         viewer = Viewer(port)
         agent_task = asyncio.create_task(agent.run(), name="agent")
@@ -154,8 +159,9 @@ async def _script(broker: Any, duration: float, outage: bool) -> None:
     if outage and duration >= 15:
         down_at, up_at = duration * 0.4, duration * 0.4 + 5
         await asyncio.sleep(down_at)
-        print(f"\n--- demo: stopping the broker for {up_at - down_at:.0f} s; the agent keeps buffering ---\n",
-              flush=True)
+        print(
+            f"\n--- demo: stopping the broker for {up_at - down_at:.0f} s; the agent keeps buffering ---\n", flush=True
+        )
         await broker.shutdown()
         await asyncio.sleep(up_at - down_at)
         await broker.start()

@@ -100,7 +100,7 @@ class DeviceRunner(DriverContext):
                 raise
             except _Ignored:
                 return
-            except Exception as exc:  # noqa: BLE001 - isolate any driver fault
+            except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 self.poll_failed(reason)
             finally:
@@ -130,9 +130,9 @@ class DeviceRunner(DriverContext):
     async def _stop(self, driver: Driver) -> None:
         try:
             await asyncio.wait_for(driver.stop(), STOP_TIMEOUT)
-        except Exception:  # noqa: BLE001 - stopping must never take the agent down
+        except Exception:
             log.warning("device %s: driver did not stop cleanly", self.device_id, exc_info=True)
 
 
-class _Ignored(Exception):  # noqa: N818 - control flow, never escapes this module
+class _Ignored(Exception):
     """A device that failed to start under ``startup_error_behavior: ignore``."""

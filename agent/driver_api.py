@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -108,7 +108,7 @@ class DriverContext(ABC):
         """Report a failed poll; after ``offline_after`` in a row the device goes offline."""
 
 
-class Driver(ABC):
+class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick which to override
     """One running device. Subclasses implement ``start``/``read``/``stop`` or ``stream``."""
 
     def __init__(self, config: DeviceConfig, context: DriverContext) -> None:
@@ -138,7 +138,7 @@ class Driver(ABC):
         while True:
             try:
                 readings = await self.read()
-            except Exception as exc:  # noqa: BLE001 - any driver fault is isolated and reported
+            except Exception as exc:
                 self.context.poll_failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
                 self.context.poll_ok()

@@ -40,5 +40,5 @@ class DriverFatalError(AgentError):
     """The driver cannot work with this device at all; the runtime stops it and reports it."""
 
 
-class BufferError_(AgentError):  # noqa: N801 - BufferError is a builtin
+class BufferError_(AgentError):
     """The store-and-forward buffer could not take or give events."""

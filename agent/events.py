@@ -79,8 +79,10 @@ def format_time(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds, e.g. ``2026-11-23T08:00:00.123Z``."""
     m = moment.astimezone(UTC)
     # Not strftime: %Y does not zero-pad years before 1000 on glibc.
-    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-            f"{m.microsecond // 1000:03d}Z")
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
+        f"{m.microsecond // 1000:03d}Z"
+    )
 
 
 def topic_for(prefix: str, gateway: str, device: str, event_type: str) -> str:

@@ -85,8 +85,7 @@ class Agent:
         for d in dropped:
             self._drops[(d.device, d.type, d.reason)] += d.count
         total = sum(d.count for d in dropped)
-        log.warning("buffer full: dropped %d oldest events (%s)", total,
-                    ", ".join(sorted({d.device for d in dropped})))
+        log.warning("buffer full: dropped %d oldest events (%s)", total, ", ".join(sorted({d.device for d in dropped})))
         if self._drop_report is None:
             loop = asyncio.get_running_loop()
             self._drop_report = loop.call_later(DROP_REPORT_DELAY, self._report_drops)
@@ -112,8 +111,10 @@ class Agent:
                 "bytes": stats.bytes,
                 "max_bytes": stats.max_bytes,
                 "oldest_age_s": round(time.time() - stats.oldest_created, 1) if stats.oldest_created else None,
-                "by_class": {Priority(p).name.lower() if p in Priority._value2member_map_ else str(p): n
-                             for p, n in sorted(stats.rows_by_priority.items())},
+                "by_class": {
+                    Priority(p).name.lower() if p in Priority._value2member_map_ else str(p): n
+                    for p, n in sorted(stats.rows_by_priority.items())
+                },
             },
             "accounting": {
                 "accepted": stats.accepted,
@@ -160,7 +161,7 @@ class Agent:
         try:
             await runner.run()
         except DeviceFailedError as exc:
-            log.error("%s (startup_error_behavior: error); stopping the agent", exc)  # noqa: TRY400
+            log.error("%s (startup_error_behavior: error); stopping the agent", exc)
             self._fatal = exc
             self._stop.set()
 
@@ -204,7 +205,7 @@ class Agent:
             new = load_config(self.config_path)
             changes = await self.reload(new)
         except ConfigError as exc:
-            log.error("reload refused, still running the previous config:\n  %s", "\n  ".join(exc.problems))  # noqa: TRY400
+            log.error("reload refused, still running the previous config:\n  %s", "\n  ".join(exc.problems))
             return
         log.info("config reloaded from %s: %s", self.config_path, ", ".join(changes) or "no changes")
 
@@ -240,8 +241,13 @@ class Agent:
                 self._start_device(cfg)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_from_file(), name="reload"))
-        log.info("agent %s running: %d devices, buffer %s, pid %d", self.config.gateway.id,
-                 len(self.devices), self.config.buffer.path, os.getpid())
+        log.info(
+            "agent %s running: %d devices, buffer %s, pid %d",
+            self.config.gateway.id,
+            len(self.devices),
+            self.config.buffer.path,
+            os.getpid(),
+        )
         self.ready.set()
         try:
             await self._stop.wait()
@@ -252,8 +258,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         started = time.monotonic()
-        for device_id in list(self.devices):
-            runner, task = self.devices[device_id]
+        for _runner, task in self.devices.values():
             task.cancel()
         await asyncio.gather(*(t for _, t in self.devices.values()), return_exceptions=True)
         self.devices.clear()

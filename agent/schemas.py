@@ -30,24 +30,31 @@ class CloudEvent(_Open):
 
     specversion: Literal["1.0"]
     id: str = Field(description="Unique per event; the same on every re-send of that event.")
-    source: str = Field(pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$",
-                        description="/gateways/{gateway}/devices/{device}")
+    source: str = Field(
+        pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$", description="/gateways/{gateway}/devices/{device}"
+    )
     type: str = Field(description="city.meter.reading, city.parking.occupancy, ...")
-    time: str = Field(pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
-                      description="When the reading was taken: RFC 3339, UTC, milliseconds.")
+    time: str = Field(
+        pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
+        description="When the reading was taken: RFC 3339, UTC, milliseconds.",
+    )
     datacontenttype: Literal["application/json"]
     gateway: str = Field(description="Extension: gateway id.")
     device: str = Field(description="Extension: device id ('gateway' for gateway-level events).")
-    seq: int = Field(ge=1, description="Extension: per-device sequence number, +1 per event, "
-                                       "persistent across restarts. (device, seq) is the idempotency key.")
+    seq: int = Field(
+        ge=1,
+        description="Extension: per-device sequence number, +1 per event, "
+        "persistent across restarts. (device, seq) is the idempotency key.",
+    )
     data: dict[str, Any]
 
 
 class Measurement(_Open):
     """One measured quantity of a meter."""
 
-    quantity: str = Field(description="active_energy, active_power, voltage, current, frequency, "
-                                      "power_factor, volume, flow, ...")
+    quantity: str = Field(
+        description="active_energy, active_power, voltage, current, frequency, power_factor, volume, flow, ..."
+    )
     value: float | None = Field(description="Value in `unit`; null when quality is bad.")
     unit: str = Field(description="kWh, kW, V, A, Hz, m3, m3/h, ... ('' for dimensionless).")
     quality: Quality = Field(description="good, stale (last known value) or bad.")

@@ -111,7 +111,7 @@ class EventStore:
             result = await self._call(self.outbox.append, batch)
         except BufferFullError as exc:
             self.not_accepted += len(batch)
-            log.error("%s; %d events were not stored", exc, len(batch))  # noqa: TRY400
+            log.error("%s; %d events were not stored", exc, len(batch))
         else:
             if result.dropped and self._on_dropped is not None:
                 self._on_dropped(result.dropped)

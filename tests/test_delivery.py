@@ -48,6 +48,7 @@ def test_events_follow_the_contract_and_shutdown_is_clean(
     config = write_config(tmp_path / "site.yaml", port=broker.port, devices=FAST_DEVICES)
     agent: AgentProcess = agent_factory(config)
     wait_for(lambda: all(len(sub.seqs(d)) >= 5 for d in DEVICES), 20, "events from every device")
+    wait_for(lambda: sub.seqs("gateway"), 10, "the first health event")
     started = time.monotonic()
     agent.signal(signal.SIGTERM)
     assert agent.wait(5) == 0

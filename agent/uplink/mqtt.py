@@ -45,7 +45,7 @@ class UplinkState:
     acked: int = 0
 
 
-class ConnectionLost(Exception):  # noqa: N818 - a state, not a bug
+class ConnectionLost(Exception):
     """The broker connection ended; the publish loop restarts after backoff."""
 
 
@@ -168,9 +168,7 @@ class MqttUplink:
         connected: asyncio.Future[None] = client.user_data_get()
         cfg = self.config
         try:
-            await loop.run_in_executor(
-                None, lambda: client.connect(cfg.host, cfg.port, keepalive=int(cfg.keepalive))
-            )
+            await loop.run_in_executor(None, lambda: client.connect(cfg.host, cfg.port, keepalive=int(cfg.keepalive)))
         except (OSError, ssl.SSLError, socket.gaierror) as exc:
             raise ConnectionLost(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from exc
         await asyncio.sleep(0)  # let the reader registration scheduled above run
@@ -192,7 +190,7 @@ class MqttUplink:
                 loop.remove_reader(sock)
                 loop.remove_writer(sock)
             client.disconnect()
-            client._sock_close()  # noqa: SLF001 - paho has no public close without a loop
+            client._sock_close()
         self._inflight.clear()
 
     # ---- main loop ----------------------------------------------------------------
@@ -229,8 +227,9 @@ class MqttUplink:
             await asyncio.sleep(delay)
 
     async def _publish_until_lost(self) -> None:
-        assert self._client is not None and self._lost is not None
         client, lost = self._client, self._lost
+        if client is None or lost is None:
+            raise ConnectionLost("not connected")
         cursors: dict[int, int] = {}  # per priority: last row id handed to paho this session
         window = self.config.max_inflight
         qos = self.config.qos
@@ -268,7 +267,7 @@ class MqttUplink:
 
     async def _wait_for_work(self, lost: asyncio.Future[str]) -> None:
         """Sleep until a PUBACK frees room, new events are committed, or the link drops."""
-        waits = [
+        waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._wake.wait()),
             asyncio.ensure_future(self.store.committed.wait()),
         ]

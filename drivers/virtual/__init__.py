@@ -7,7 +7,7 @@ from drivers.virtual.config import VirtualConfig
 
 
 def _driver() -> type[Driver]:
-    from drivers.virtual.driver import VirtualDriver  # noqa: PLC0415 - imported only when used
+    from drivers.virtual.driver import VirtualDriver
 
     return VirtualDriver
 

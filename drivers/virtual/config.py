@@ -14,8 +14,7 @@ class VirtualConfig(DeviceConfig):
 
     driver: Literal["virtual"] = Field(description="Simulated device.")
     kind: Literal["meter", "parking", "crosswalk"] = Field(
-        description="meter: city.meter.reading; parking: city.parking.occupancy; "
-        "crosswalk: city.crosswalk.presence."
+        description="meter: city.meter.reading; parking: city.parking.occupancy; crosswalk: city.crosswalk.presence."
     )
     seed: int | None = Field(default=None, description="Random seed, for repeatable signals.")
     burst: int = Field(

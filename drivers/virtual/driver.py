@@ -32,9 +32,7 @@ class VirtualDriver(Driver):
         self._polls += 1
         if self.config.fail_every and self._polls % self.config.fail_every == 0:
             raise DriverReadError("simulated timeout (fail_every)")
-        make = {"meter": self._meter, "parking": self._parking, "crosswalk": self._crosswalk}[
-            self.config.kind
-        ]
+        make = {"meter": self._meter, "parking": self._parking, "crosswalk": self._crosswalk}[self.config.kind]
         return [make() for _ in range(self.config.burst)]
 
     def _meter(self) -> Reading:
@@ -47,7 +45,12 @@ class VirtualDriver(Driver):
                 {"quantity": "active_energy", "value": round(self._energy_kwh, 4), "unit": "kWh", "quality": "good"},
                 {"quantity": "active_power", "value": round(power_kw, 3), "unit": "kW", "quality": "good"},
                 {"quantity": "voltage", "value": round(voltage, 1), "unit": "V", "quality": "good"},
-                {"quantity": "frequency", "value": round(self._rng.gauss(50.0, 0.02), 3), "unit": "Hz", "quality": "good"},
+                {
+                    "quantity": "frequency",
+                    "value": round(self._rng.gauss(50.0, 0.02), 3),
+                    "unit": "Hz",
+                    "quality": "good",
+                },
             ]
         }
         return Reading(METER_READING, data)
