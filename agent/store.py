@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, Record, Stored
-from agent.events import Priority, Reading, build_event, encode, topic_for
+from agent.events import Priority, Reading, make_event, topic_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class EventStore:
         self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
         self.not_accepted = 0  # readings refused before a commit (overload, disk full)
         self.priorities: set[int] = {int(p) for p in Priority}
+        self._unencodable: set[tuple[str, str]] = set()
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -78,9 +79,17 @@ class EventStore:
             self.not_accepted += 1
             return
         seq = self._seqs.get(device, 0) + 1
-        self._seqs[device] = seq
         now = datetime.now(UTC)
-        event = build_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=now)
+        try:
+            payload = make_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=now)
+        except (TypeError, ValueError) as exc:
+            # A driver bug must not take the device down, nor leave a gap in seq.
+            self.not_accepted += 1
+            if (device, reading.type) not in self._unencodable:
+                self._unencodable.add((device, reading.type))
+                log.error("device %s: %s reading dropped, its data is not JSON: %s", device, reading.type, exc)
+            return
+        self._seqs[device] = seq
         self._pending.append(
             Record(
                 device=device,
@@ -88,7 +97,7 @@ class EventStore:
                 priority=priority,
                 seq=seq,
                 topic=topic_for(self.topic_prefix, self.gateway, device, reading.type),
-                payload=encode(event),
+                payload=payload,
                 created=now.timestamp(),
             )
         )

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import schemas
-from agent.events import Reading, build_event, encode, format_time, topic_for
+from agent.events import Reading, format_time, make_event, source_for, topic_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,21 +24,32 @@ def test_envelope_validates_and_is_compact_json() -> None:
     reading = Reading("city.parking.occupancy", {"bay": "A1", "occupied": True, "confidence": 0.9,
                                                  "since": "2026-01-01T00:00:00.000Z"})
     now = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
-    event = build_event(gateway="gw-1", device="bay-a1", seq=7, reading=reading, now=now)
+    payload = make_event(gateway="gw-1", device="bay-a1", seq=7, reading=reading, now=now)
+    event = json.loads(payload)
     schemas.CloudEvent.model_validate(event)
     schemas.ParkingOccupancy.model_validate(event["data"])
     assert event["time"] == "2026-11-23T08:00:00.123Z"
     assert event["seq"] == 7
-    payload = encode(event)
-    assert b" " not in payload.replace(b"city.parking", b"")  # compact separators
-    assert json.loads(payload) == event
+    assert event["source"] == source_for("gw-1", "bay-a1")
+    assert event["data"] == reading.data
+    assert b" " not in payload  # compact separators
+    other = json.loads(make_event(gateway="gw-1", device="bay-a1", seq=7, reading=reading, now=now))
+    assert other["id"] != event["id"]
+
+
+def test_reading_time_wins_and_is_converted_to_utc() -> None:
+    from datetime import timedelta, timezone
+
+    taken = datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=timezone(timedelta(hours=2)))
+    reading = Reading("city.meter.reading", {"measurements": []}, time=taken)
+    event = json.loads(make_event(gateway="g", device="d", seq=1, reading=reading, now=datetime.now(UTC)))
+    assert event["time"] == "2026-01-02T01:04:05.006Z"
 
 
 def test_nan_is_refused_not_published_as_invalid_json() -> None:
-    event = build_event(gateway="g", device="d", seq=1, now=datetime.now(UTC),
-                        reading=Reading("city.meter.reading", {"x": float("nan")}))
     try:
-        encode(event)
+        make_event(gateway="g", device="d", seq=1, now=datetime.now(UTC),
+                   reading=Reading("city.meter.reading", {"x": float("nan")}))
     except ValueError:
         return
     raise AssertionError("NaN was encoded")

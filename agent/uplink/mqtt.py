@@ -61,7 +61,8 @@ class MqttUplink:
         self._status_topic = status_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
         self._lost: asyncio.Future[str] | None = None
-        self._inflight: dict[int, int] = {}  # mid -> row id
+        self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (row id, sent at); publish order
+        self._last_inbound = 0.0
         self._acked: list[int] = []
         self._wake = asyncio.Event()
 
@@ -115,9 +116,9 @@ class MqttUplink:
             self._wake.set()
 
         def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
-            row = self._inflight.pop(mid, None)
-            if row is not None:
-                self._acked.append(row)
+            sent = self._inflight.pop(mid, None)
+            if sent is not None:
+                self._acked.append(sent[0])
                 self.state.acked += 1
             self._wake.set()
 
@@ -138,6 +139,7 @@ class MqttUplink:
         return client
 
     def _read(self) -> None:
+        self._last_inbound = time.monotonic()
         if self._client is not None:
             self._client.loop_read()
             self._flush_writes()
@@ -171,6 +173,7 @@ class MqttUplink:
             await loop.run_in_executor(None, lambda: client.connect(cfg.host, cfg.port, keepalive=int(cfg.keepalive)))
         except (OSError, ssl.SSLError, socket.gaierror) as exc:
             raise ConnectionLost(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from exc
+        self._last_inbound = time.monotonic()
         await asyncio.sleep(0)  # let the reader registration scheduled above run
         self._flush_writes()
         try:
@@ -252,11 +255,12 @@ class MqttUplink:
                     if qos == 0:
                         self._acked.append(row.id)
                     else:
-                        self._inflight[info.mid] = row.id
+                        self._inflight[info.mid] = (row.id, time.monotonic())
                 self.state.published += len(rows)
                 self._flush_writes()
                 if time.monotonic() >= misc_at:
                     client.loop_misc()  # keepalive pings and their timeout
+                    self._check_link()
                     misc_at = time.monotonic() + 1.0
                 if not rows or room - len(rows) <= 0:
                     await self._wait_for_work(lost)
@@ -264,6 +268,24 @@ class MqttUplink:
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
+
+    def _check_link(self) -> None:
+        """Detect a dead link sooner than paho would, and a PUBACK that never comes.
+
+        paho pings only after a keepalive of silence in both directions and then waits a
+        second keepalive, so a half-open link (no RST, no FIN) under steady publishing takes
+        about twice the keepalive to notice. The broker answers every QoS 1 publish and
+        every ping, so silence from it for 1.5 keepalives means the link is gone. (With QoS 0
+        nothing is acknowledged, so there only paho's keepalive applies.)
+        """
+        now = time.monotonic()
+        keepalive = self.config.keepalive
+        if self.config.qos > 0 and now - self._last_inbound > 1.5 * keepalive:
+            raise ConnectionLost(f"nothing from the broker for {now - self._last_inbound:.0f} s (link dead?)")
+        if self._inflight:
+            _row, sent_at = next(iter(self._inflight.values()))
+            if now - sent_at > 2 * keepalive:
+                raise ConnectionLost(f"no PUBACK for {now - sent_at:.0f} s; reconnecting to resend")
 
     async def _wait_for_work(self, lost: asyncio.Future[str]) -> None:
         """Sleep until a PUBACK frees room, new events are committed, or the link drops."""
