@@ -46,8 +46,6 @@ class EventStore:
         self._seqs: dict[str, int] = {}
         self._pending: list[Record] = []
         self._has_pending = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
         self.not_accepted = 0  # readings refused before a commit (overload, disk full)
         self.priorities: set[int] = {int(p) for p in Priority}
@@ -103,7 +101,6 @@ class EventStore:
         )
         self.priorities.add(priority)
         self._has_pending.set()
-        self._idle.clear()
 
     async def run_writer(self) -> None:
         """Commit queued readings in groups until cancelled."""
@@ -124,9 +121,6 @@ class EventStore:
         else:
             if result.dropped and self._on_dropped is not None:
                 self._on_dropped(result.dropped)
-        finally:
-            if not self._pending:
-                self._idle.set()
         self.committed.set()
 
     async def flush(self) -> None:
