@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
+WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
 MAX_PENDING = 200_000  # events waiting for a commit before new ones are refused (disk stalled)
 
 
@@ -118,6 +119,12 @@ class EventStore:
         except BufferFullError as exc:
             self.not_accepted += len(batch)
             log.error("%s; %d events were not stored", exc, len(batch))
+        except Exception:
+            # The disk or file failed in a way the buffer could not absorb: count the loss,
+            # keep the writer alive, and do not spin on a failing disk.
+            self.not_accepted += len(batch)
+            log.exception("buffer write failed; %d events were not stored", len(batch))
+            await asyncio.sleep(WRITE_FAILURE_PAUSE)
         else:
             if result.dropped and self._on_dropped is not None:
                 self._on_dropped(result.dropped)

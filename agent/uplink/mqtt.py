@@ -213,10 +213,17 @@ class MqttUplink:
                 await self._publish_until_lost()
             except ConnectionLost as exc:
                 reason = str(exc)
+            except Exception as exc:
+                # e.g. the buffer failed to read: log it, drop the connection, start over.
+                log.exception("uplink error")
+                reason = f"{type(exc).__name__}: {exc}"
             finally:
                 was_connected = self.state.connected
                 self.state.connected = False
-                await self._flush_acks()
+                try:
+                    await self._flush_acks()
+                except Exception:  # the rows stay buffered and are sent again: a duplicate, not a loss
+                    log.exception("could not record delivered events")
                 self._drop_client()
             if was_connected:
                 self.state.disconnects += 1
