@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
+TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see _tail)
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
 MAX_PENDING = 200_000  # events waiting for a commit before new ones are refused (disk stalled)
 
@@ -50,6 +52,12 @@ class EventStore:
         self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
         self.not_accepted = 0  # readings refused before a commit (overload, disk full)
         self.priorities: set[int] = {int(p) for p in Priority}
+        # The live path: events just committed, handed to the uplink without reading them
+        # back from SQLite. Invariant, per class: every stored event with id >= _tail_from
+        # that the uplink has not taken yet is in _tail. Older ones are read from the file.
+        self._tail: dict[int, deque[Stored]] = {}
+        self._tail_from: dict[int, int] = {}
+        self._next_id = 1
         self._unencodable: set[tuple[str, str]] = set()
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
@@ -67,6 +75,7 @@ class EventStore:
         self._outbox = await self._call(self._make_outbox)
         self._seqs = await self._call(self.outbox.last_seqs)
         self.priorities |= set(await self._call(self.outbox.priorities))
+        self._next_id = await self._call(self.outbox.next_id)
 
     def submit(self, device: str, reading: Reading, priority: int) -> None:
         """Sequence and serialise one reading and queue it for the next commit.
@@ -126,9 +135,27 @@ class EventStore:
             log.exception("buffer write failed; %d events were not stored", len(batch))
             await asyncio.sleep(WRITE_FAILURE_PAUSE)
         else:
+            self._extend_tail(batch, result.first_id, evicted=bool(result.dropped))
             if result.dropped and self._on_dropped is not None:
                 self._on_dropped(result.dropped)
         self.committed.set()
+
+    def _extend_tail(self, batch: list[Record], first_id: int, *, evicted: bool) -> None:
+        next_id = first_id + len(batch)
+        if evicted:
+            # Evicted events may sit in the tail: start afresh after this batch.
+            self._tail.clear()
+            self._tail_from = dict.fromkeys(self.priorities, next_id)
+            self._next_id = next_id
+            return
+        for offset, r in enumerate(batch):
+            tail = self._tail.setdefault(r.priority, deque())
+            tail.append(Stored(first_id + offset, r.priority, r.device, r.type, r.seq, r.topic, r.payload, r.created))
+        for priority, tail in self._tail.items():
+            if len(tail) > TAIL_MAX:  # the uplink is not taking them (link down): read them back later
+                tail.clear()
+                self._tail_from[priority] = next_id
+        self._next_id = next_id
 
     async def flush(self) -> None:
         """Commit everything queued so far (used at shutdown)."""
@@ -136,15 +163,30 @@ class EventStore:
             await self._commit_some()
 
     async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
-        """Up to ``limit`` stored events after the cursors, highest priority first."""
-        return await self._call(self._next_batch, sorted(self.priorities, reverse=True), dict(cursors), limit)
+        """Up to ``limit`` stored events after the cursors, highest class first.
 
-    def _next_batch(self, priorities: Sequence[int], cursors: dict[int, int], limit: int) -> list[Stored]:
+        ``cursors`` maps a class to the last id the caller took of it (absent: none yet).
+        Caught-up classes are served from memory; a backlog is read from the file.
+        """
         rows: list[Stored] = []
-        for priority in priorities:
-            if len(rows) >= limit:
+        for priority in sorted(self.priorities, reverse=True):
+            need = limit - len(rows)
+            if need <= 0:
                 break
-            rows += self.outbox.peek(priority, cursors.get(priority, 0), limit - len(rows))
+            cursor = cursors.get(priority, 0)
+            start = self._tail_from.get(priority, self._next_id)
+            if cursor >= start - 1:
+                tail = self._tail.get(priority)
+                while tail and tail[0].id <= cursor:  # already taken from the file
+                    tail.popleft()
+                while tail and need > 0:
+                    taken = tail.popleft()
+                    rows.append(taken)
+                    # Taken events leave memory; after a reconnect they are read from the file.
+                    self._tail_from[priority] = taken.id + 1
+                    need -= 1
+            else:
+                rows += await self._call(self.outbox.peek, priority, cursor, need)
         return rows
 
     async def ack(self, ids: Sequence[int]) -> int:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from agent import store as store_module
 from agent.buffer import Outbox
 from agent.events import Priority, Reading
 from agent.store import EventStore
@@ -91,3 +98,76 @@ def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     with Outbox(tmp_path / "b.db", 1 << 30) as outbox:
         assert outbox.stats().rows == 1000
         assert outbox.last_seqs() == {"a": 1000}
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The uplink's view through reconnects: every unacknowledged event, in order, once per session.
+
+    Exercises the in-memory tail and the file path together (a tiny TAIL_MAX forces overflow).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp())
+        self.loop = asyncio.new_event_loop()
+        self.store = _store(self.tmp / "b.db")
+        self.loop.run_until_complete(self.store.open())
+        self.seq = dict.fromkeys(range(3), 0)
+        self.unacked: dict[int, list[int]] = {p: [] for p in range(3)}  # seqs, per class, in order
+        self.cursors: dict[int, int] = {}
+        self.expected: dict[int, list[int]] = {p: [] for p in range(3)}  # this session, in order
+        self.taken: dict[int, list[tuple[int, int]]] = {p: [] for p in range(3)}  # (id, seq)
+        self.acked_ids: set[int] = set()
+
+    @rule(priority=st.integers(0, 2), count=st.integers(1, 6))
+    def commit(self, priority: int, count: int) -> None:
+        for _ in range(count):
+            self.seq[priority] += 1
+            self.store.submit(f"d{priority}", _reading(self.seq[priority]), priority)
+            self.unacked[priority].append(self.seq[priority])
+            self.expected[priority].append(self.seq[priority])
+        self.loop.run_until_complete(self.store.flush())
+
+    @rule(limit=st.integers(1, 8))
+    def take(self, limit: int) -> None:
+        rows = self.loop.run_until_complete(self.store.next_batch(self.cursors, limit))
+        assert len(rows) <= limit
+        assert [r.priority for r in rows] == sorted((r.priority for r in rows), reverse=True)
+        for row in rows:
+            self.cursors[row.priority] = row.id
+            self.taken[row.priority].append((row.id, row.seq))
+
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        pending = [(p, i, q) for p in range(3) for i, q in self.taken[p] if i not in self.acked_ids]
+        chosen = data.draw(st.lists(st.sampled_from(pending), unique=True)) if pending else []
+        self.loop.run_until_complete(self.store.ack([i for _, i, _ in chosen]))
+        for p, i, q in chosen:
+            self.acked_ids.add(i)
+            self.unacked[p].remove(q)
+
+    @rule()
+    def reconnect(self) -> None:
+        self.cursors = {}
+        self.expected = {p: list(self.unacked[p]) for p in range(3)}
+        self.taken = {p: [] for p in range(3)}
+
+    @invariant()
+    def each_session_sees_a_prefix_of_what_is_unacked_in_order(self) -> None:
+        for p in range(3):
+            seqs = [q for _, q in self.taken[p]]
+            assert seqs == self.expected[p][: len(seqs)], (p, seqs, self.expected[p])
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.store.close())
+        self.loop.close()
+
+
+@pytest.fixture(autouse=False)
+def _tiny_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "TAIL_MAX", 3)
+
+
+@pytest.mark.usefixtures("_tiny_tail")
+def test_uplink_view_through_reconnects() -> None:
+    run_state_machine_as_test(StoreMachine, settings=settings(max_examples=60, stateful_step_count=30, deadline=None))

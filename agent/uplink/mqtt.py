@@ -93,6 +93,7 @@ class MqttUplink:
             )
         lost: asyncio.Future[str] = loop.create_future()
         connected: asyncio.Future[None] = loop.create_future()
+        refill_at = cfg.max_inflight // 2
         self._lost = lost
 
         def settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
@@ -120,7 +121,9 @@ class MqttUplink:
             if sent is not None:
                 self._acked.append(sent[0])
                 self.state.acked += 1
-            self._wake.set()
+            # Refill in bulk: waking per PUBACK would cost a loop turn per message.
+            if len(self._inflight) <= refill_at:
+                self._wake.set()
 
         def on_socket_open(_c: paho.Client, _u: Any, sock: Any) -> None:
             # Called on the connecting thread: hand the socket to the loop thread.
