@@ -98,6 +98,19 @@ class TlsConfig(StrictModel):
         return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
 
 
+class BatchConfig(StrictModel):
+    """Several events per MQTT message, for links that pay per message."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Publish JSON arrays of events (CloudEvents batch format) on {prefix}/{gateway}/batch.",
+    )
+    max_events: int = Field(default=100, ge=1, le=10000, description="Events per message at most.")
+    max_bytes: Size = Field(
+        default=parse_size("128KiB"), ge=1024, description="Message size at most (one event may exceed it alone)."
+    )
+
+
 class MqttConfig(StrictModel):
     """The MQTT uplink to the operations centre's broker."""
 
@@ -125,6 +138,7 @@ class MqttConfig(StrictModel):
     reconnect_min: Duration = Field(default=1.0, gt=0, description="First reconnect delay.")
     reconnect_max: Duration = Field(default=30.0, gt=0, description="Reconnect delay cap (full jitter below it).")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching (off by default).")
 
     _paths = field_validator("password_file", mode="before")(_resolve)
 

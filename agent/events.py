@@ -93,6 +93,11 @@ def status_topic(prefix: str, gateway: str) -> str:
     return f"{prefix}/{gateway}/status"
 
 
+def batch_topic(prefix: str, gateway: str) -> str:
+    """Where batches go when batching is on: ``{prefix}/{gateway}/batch``."""
+    return f"{prefix}/{gateway}/batch"
+
+
 def source_for(gateway: str, device: str) -> str:
     """CloudEvents ``source``: a URI reference naming gateway and device."""
     return f"/gateways/{gateway}/devices/{device}"

@@ -130,8 +130,10 @@ class Subscriber:
             self.raw.append((msg.topic, msg.payload, msg.retain))
             if _is_availability(msg.topic):
                 return
-            self.events.append(json.loads(msg.payload))
-            self.topics.append(msg.topic)
+            decoded = json.loads(msg.payload)
+            batch = decoded if isinstance(decoded, list) else [decoded]  # CloudEvents batch format
+            self.events += batch
+            self.topics += [msg.topic] * len(batch)
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self.lock:

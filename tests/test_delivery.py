@@ -6,6 +6,7 @@ counts every (device, seq) it receives.
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import time
@@ -178,3 +179,29 @@ def test_lwt_offline_when_agent_dies(tmp_path: Path, broker: Mosquitto, subscrib
     wait_for(lambda: b"online" in sub.status_payloads(), 10, "online status")
     agent.kill()
     wait_for(lambda: sub.status_payloads()[-1:] == [b"offline"], 10, "last will")
+
+
+def test_batch_mode_carries_every_event_in_json_arrays(
+    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
+) -> None:
+    sub = subscriber_factory(broker.port)
+    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=FAST_DEVICES)
+    config.write_text(config.read_text().replace("reconnect_max: 1s}", "reconnect_max: 1s, batch: {enabled: true, max_events: 50}}"))
+    agent = agent_factory(config)
+    wait_for(lambda: len(sub.seqs("meter-1")) >= 100, 20, "events in batches")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(5) == 0
+    time.sleep(0.3)
+    with sub.lock:
+        raw = [(t, json.loads(p)) for t, p, _ in sub.raw if t.endswith("/batch")]
+    assert raw, "nothing arrived on the batch topic"
+    assert all(t == "ioc/v1/gw-test/batch" and isinstance(b, list) and 1 <= len(b) <= 50 for t, b in raw)
+    assert max(len(b) for _, b in raw) > 1  # batching happened
+    assert not [t for t in sub.topics if not t.endswith("/batch")]  # no event outside a batch
+    for event in sub.snapshot():
+        TypeAdapter(CloudEvent).validate_python(event)
+    last = _last_seqs(config.parent / "buffer.db")
+    for device in DEVICES:
+        report = sub.report(device)
+        assert report["max"] == last[device]
+        assert report["lost"] == [] and report["inversions"] == 0, (device, report)

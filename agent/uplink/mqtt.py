@@ -21,8 +21,9 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from agent.buffer import Stored
 from agent.config import MqttConfig
-from agent.events import status_topic
+from agent.events import batch_topic, status_topic
 from agent.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,10 @@ class MqttUplink:
         self.gateway = gateway
         self.state = UplinkState()
         self._status_topic = status_topic(config.topic_prefix, gateway)
+        self._batch_topic = batch_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
         self._lost: asyncio.Future[str] | None = None
-        self._inflight: dict[int, tuple[int, float]] = {}  # mid -> (row id, sent at); publish order
+        self._inflight: dict[int, tuple[list[int], float]] = {}  # mid -> (row ids, sent at); publish order
         self._last_inbound = 0.0
         self._acked: list[int] = []
         self._wake = asyncio.Event()
@@ -119,8 +121,8 @@ class MqttUplink:
         def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
             sent = self._inflight.pop(mid, None)
             if sent is not None:
-                self._acked.append(sent[0])
-                self.state.acked += 1
+                self._acked += sent[0]
+                self.state.acked += len(sent[0])
             # Refill in bulk: waking per PUBACK would cost a loop turn per message.
             if len(self._inflight) <= refill_at:
                 self._wake.set()
@@ -245,7 +247,8 @@ class MqttUplink:
             raise ConnectionLost("not connected")
         cursors: dict[int, int] = {}  # per priority: last row id handed to paho this session
         window = self.config.max_inflight
-        qos = self.config.qos
+        batch = self.config.batch
+        per_message = batch.max_events if batch.enabled else 1
         misc_at = time.monotonic() + 1.0
         flusher = asyncio.create_task(self._ack_flusher(), name="uplink-ack-flusher")
         try:
@@ -254,30 +257,62 @@ class MqttUplink:
                 self._wake.clear()
                 self.store.committed.clear()
                 room = window - len(self._inflight)
-                rows = await self.store.next_batch(cursors, room) if room > 0 else []
+                rows = await self.store.next_batch(cursors, room * per_message) if room > 0 else []
                 if lost.done():
                     break
+                if batch.enabled:
+                    sent = self._publish_batches(client, rows, batch.max_events, batch.max_bytes)
+                else:
+                    sent = self._publish_each(client, rows)
                 for row in rows:
-                    info = client.publish(row.topic, row.payload, qos=qos)
-                    if info.rc != paho.MQTT_ERR_SUCCESS:
-                        raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")
                     cursors[row.priority] = row.id
-                    if qos == 0:
-                        self._acked.append(row.id)
-                    else:
-                        self._inflight[info.mid] = (row.id, time.monotonic())
                 self.state.published += len(rows)
                 self._flush_writes()
                 if time.monotonic() >= misc_at:
                     client.loop_misc()  # keepalive pings and their timeout
                     self._check_link()
                     misc_at = time.monotonic() + 1.0
-                if not rows or room - len(rows) <= 0:
+                if not rows or room - sent <= 0:
                     await self._wait_for_work(lost)
             raise ConnectionLost(lost.result())
         finally:
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
+
+    def _publish_each(self, client: paho.Client, rows: list[Stored]) -> int:
+        """One MQTT message per event, on the event's own topic."""
+        for row in rows:
+            self._send(client, row.topic, row.payload, [row.id])
+        return len(rows)
+
+    def _publish_batches(self, client: paho.Client, rows: list[Stored], max_events: int, max_bytes: int) -> int:
+        """CloudEvents JSON batch format: a JSON array of events per message, on the batch topic."""
+        messages = 0
+        start = 0
+        while start < len(rows):
+            end, size = start, 2
+            while (
+                end < len(rows)
+                and end - start < max_events
+                and (end == start or size + len(rows[end].payload) < max_bytes)
+            ):
+                size += len(rows[end].payload) + 1
+                end += 1
+            chunk = rows[start:end]
+            payload = b"[" + b",".join(r.payload for r in chunk) + b"]"
+            self._send(client, self._batch_topic, payload, [r.id for r in chunk])
+            messages += 1
+            start = end
+        return messages
+
+    def _send(self, client: paho.Client, topic: str, payload: bytes, ids: list[int]) -> None:
+        info = client.publish(topic, payload, qos=self.config.qos)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")
+        if self.config.qos == 0:
+            self._acked += ids  # at-most-once: written is as good as it gets
+        else:
+            self._inflight[info.mid] = (ids, time.monotonic())
 
     def _check_link(self) -> None:
         """Detect a dead link sooner than paho would, and a PUBACK that never comes.
