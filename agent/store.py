@@ -26,7 +26,8 @@ MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a
 COMMIT_INTERVAL = 0.01  # seconds between group commits under load
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see _tail)
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
-MAX_PENDING = 200_000  # events waiting for a commit before new ones are refused (disk stalled)
+MAX_PENDING_BYTES = 16 * 1024 * 1024  # readings waiting for a commit before new ones are refused
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused readings
 
 
 class EventStore:
@@ -59,7 +60,8 @@ class EventStore:
         self._tail: dict[int, deque[Stored]] = {}
         self._tail_from: dict[int, int] = {}
         self._next_id = 1
-        self._unencodable: set[tuple[str, str]] = set()
+        self._pending_bytes = 0
+        self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -81,11 +83,12 @@ class EventStore:
     def submit(self, device: str, reading: Reading, priority: int) -> None:
         """Sequence and serialise one reading and queue it for the next commit.
 
-        Never blocks. If commits have stalled so long that ``MAX_PENDING`` readings wait,
-        the reading is refused and counted (``not_accepted``): it was never accepted.
+        Never blocks. If commits have stalled so long that ``MAX_PENDING_BYTES`` of readings
+        wait, the reading is refused, counted (``not_accepted``) and logged: it was never
+        accepted. This bounds memory when the disk cannot keep up.
         """
-        if len(self._pending) >= MAX_PENDING:
-            self.not_accepted += 1
+        if self._pending_bytes >= MAX_PENDING_BYTES:
+            self._refuse(device, "the buffer cannot commit fast enough")
             return
         seq = self._seqs.get(device, 0) + 1
         now = datetime.now(UTC)
@@ -93,10 +96,7 @@ class EventStore:
             payload = make_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=now)
         except (TypeError, ValueError) as exc:
             # A driver bug must not take the device down, nor leave a gap in seq.
-            self.not_accepted += 1
-            if (device, reading.type) not in self._unencodable:
-                self._unencodable.add((device, reading.type))
-                log.error("device %s: %s reading dropped, its data is not JSON: %s", device, reading.type, exc)
+            self._refuse(device, f"{reading.type} data is not JSON: {exc}")
             return
         self._seqs[device] = seq
         self._pending.append(
@@ -110,8 +110,16 @@ class EventStore:
                 created=now.timestamp(),
             )
         )
+        self._pending_bytes += len(payload)
         self.priorities.add(priority)
         self._has_pending.set()
+
+    def _refuse(self, device: str, why: str) -> None:
+        self.not_accepted += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
+            log.error("reading from %s refused: %s (%d refused in all)", device, why, self.not_accepted)
+            self._refusal_logged_at = now
 
     async def run_writer(self) -> None:
         """Commit queued readings in groups until cancelled.
@@ -132,6 +140,7 @@ class EventStore:
     async def _commit_some(self) -> None:
         batch = self._pending[:MAX_COMMIT]
         del self._pending[:MAX_COMMIT]
+        self._pending_bytes -= sum(len(r.payload) for r in batch)
         if not self._pending:
             self._has_pending.clear()
         try:
