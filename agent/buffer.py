@@ -14,6 +14,7 @@ not be the one that constructed the object.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -31,6 +32,8 @@ SCHEMA_VERSION: Final = 1
 ROW_OVERHEAD: Final = 64
 """Bytes added to each row's logical size for keys, indexes and page slack."""
 DISK_FULL_MIN_EVICT: Final = 1024 * 1024
+DISK_RESERVE: Final = 8 * 1024 * 1024  # free space the buffer leaves on its volume (for WAL, sqlite temp)
+WAL_LIMIT: Final = 4 * 1024 * 1024  # the WAL file is truncated back to this after checkpoints
 """Least logical bytes evicted when the disk is full, so we do not hit it again at once."""
 
 _CHUNK: Final = 500  # stays far below SQLite's limit on bound parameters
@@ -319,24 +322,48 @@ class Outbox:
     # --- operations -------------------------------------------------------------------------
 
     def _append(self, records: Sequence[Record]) -> AppendResult:
+        batch_bytes = sum(row_size(r.device, r.type, r.topic, r.payload) for r in records)
+        # Make room before the disk is full: in WAL mode even a DELETE needs free space (for
+        # its WAL frames), so waiting for SQLITE_FULL can leave nothing able to free room.
+        early: list[Dropped] = []
+        free, volume = self._disk_space()
+        short = min(DISK_RESERVE, volume // 8) + 2 * batch_bytes - free
+        if short > 0 and self._total > 0:
+            early = self._evict_for_disk(short + batch_bytes)
         try:
-            return self._append_once(records)
+            result = self._append_once(records)
         except sqlite3.OperationalError as exc:
             if not _is_disk_full(exc):
                 raise
-        # Free room in a transaction of its own: a DELETE needs no new pages, the retry reuses them.
-        need = max(
-            2 * sum(row_size(r.device, r.type, r.topic, r.payload) for r in records),
-            DISK_FULL_MIN_EVICT,
-        )
-        with self._disk_full_is_fatal():
-            with self._transaction():
-                freed, dropped = self._evict(need, "disk_full")
-            self._total -= freed
-            if not dropped:
-                raise self._full_error()
-            result = self._append_once(records)
-        return AppendResult(result.accepted, dropped + result.dropped)
+            # Something else filled the disk: checkpoint and truncate the WAL, free room, retry once.
+            with self._disk_full_is_fatal():
+                more = self._evict_for_disk(max(2 * batch_bytes, DISK_FULL_MIN_EVICT))
+                if not more:
+                    raise self._full_error() from exc
+                result = self._append_once(records)
+            early += more
+        return AppendResult(result.accepted, early + result.dropped, result.first_id)
+
+    def _evict_for_disk(self, need: int) -> list[Dropped]:
+        """Evict ``need`` bytes of the oldest lowest-class rows as ``disk_full`` drops."""
+        self._checkpoint()
+        with self._transaction():
+            freed, dropped = self._evict(need, "disk_full")
+        self._total -= freed
+        self._checkpoint()  # freed pages go back to the file's free list for the next inserts
+        return dropped
+
+    def _checkpoint(self) -> None:
+        with suppress(sqlite3.OperationalError):  # may itself lack room; eviction still tries
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _disk_space(self) -> tuple[int, int]:
+        """Free bytes and size of the buffer's volume (the reserve shrinks on tiny volumes)."""
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError:
+            return 1 << 62, 1 << 62  # unknown: rely on the SQLITE_FULL handling
+        return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
 
     def _append_once(self, records: Sequence[Record]) -> AppendResult:
         values: list[object] = []
@@ -577,6 +604,7 @@ class Outbox:
             if mode.lower() != "wal":
                 log.warning("buffer %s could not use WAL (journal_mode=%s)", self.path, mode)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             conn.executescript(_SCHEMA)

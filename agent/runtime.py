@@ -84,14 +84,22 @@ class Agent:
     def _dropped(self, dropped: list[Dropped]) -> None:
         for d in dropped:
             self._drops[(d.device, d.type, d.reason)] += d.count
-        total = sum(d.count for d in dropped)
-        log.warning("buffer full: dropped %d oldest events (%s)", total, ", ".join(sorted({d.device for d in dropped})))
+        # One log line and one health event per burst of evictions, not one per commit.
         if self._drop_report is None:
             loop = asyncio.get_running_loop()
             self._drop_report = loop.call_later(DROP_REPORT_DELAY, self._report_drops)
 
     def _report_drops(self) -> None:
         self._drop_report = None
+        by_reason: Counter[str] = Counter()
+        for (_device, _type, reason), count in self._drops.items():
+            by_reason[reason] += count
+        devices = sorted({device for device, _, _ in self._drops})
+        log.warning(
+            "buffer full: dropped the oldest events (%s) of %s",
+            ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())),
+            ", ".join(devices),
+        )
         asyncio.get_running_loop().create_task(self.emit_health(), name="health-after-drop")
 
     async def health(self) -> dict[str, Any]:

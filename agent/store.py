@@ -114,11 +114,12 @@ class EventStore:
         self.priorities.add(priority)
         self._has_pending.set()
 
-    def _refuse(self, device: str, why: str) -> None:
-        self.not_accepted += 1
+    def _refuse(self, device: str, why: str, count: int = 1) -> None:
+        """Count readings that never reached the buffer; log the first and then every 10 s."""
+        self.not_accepted += count
         now = time.monotonic()
         if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            log.error("reading from %s refused: %s (%d refused in all)", device, why, self.not_accepted)
+            log.error("%d reading(s) (%s...) not stored: %s (%d in all)", count, device, why, self.not_accepted)
             self._refusal_logged_at = now
 
     async def run_writer(self) -> None:
@@ -146,13 +147,11 @@ class EventStore:
         try:
             result = await self._call(self.outbox.append, batch)
         except BufferFullError as exc:
-            self.not_accepted += len(batch)
-            log.error("%s; %d events were not stored", exc, len(batch))
-        except Exception:
+            self._refuse(batch[0].device, str(exc), len(batch))
+        except Exception as exc:
             # The disk or file failed in a way the buffer could not absorb: count the loss,
             # keep the writer alive, and do not spin on a failing disk.
-            self.not_accepted += len(batch)
-            log.exception("buffer write failed; %d events were not stored", len(batch))
+            self._refuse(batch[0].device, f"buffer write failed: {type(exc).__name__}: {exc}", len(batch))
             await asyncio.sleep(WRITE_FAILURE_PAUSE)
         else:
             self._extend_tail(batch, result.first_id, evicted=bool(result.dropped))

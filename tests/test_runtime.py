@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Mosquitto, wait_for, write_config
 
@@ -41,7 +46,7 @@ def test_sighup_applies_a_valid_config_and_keeps_unchanged_devices_running(
     assert statuses.count(("meter-1", "online")) == 1, "the unchanged device was restarted"
     assert statuses.count(("bay-a1", "online")) == 2, "the changed device was not restarted"
     meter = _times(events, "meter-1", "city.meter.reading")
-    around = [b - a for a, b in zip(meter, meter[1:], strict=False) if reloaded_at - 1 < b < reloaded_at + 2]
+    around = [b - a for a, b in itertools.pairwise(meter) if reloaded_at - 1 < b < reloaded_at + 2]
     assert around, "no meter readings around the reload"
     assert max(around) < 0.5, f"unchanged device paused during reload: gaps {sorted(around)[-3:]}"
     assert sub.report("meter-1")["lost"] == []
@@ -99,3 +104,49 @@ def test_a_corrupt_buffer_is_quarantined_and_the_agent_runs(
     assert len(quarantined) == 1
     assert quarantined[0].read_bytes().startswith(b"this is not a database")
     assert str(quarantined[0]) in agent.output()
+
+
+def _disk_used(path: Path) -> int:
+    stat = os.statvfs(path)
+    return (stat.f_blocks - stat.f_bavail) * stat.f_frsize
+
+
+def test_a_full_disk_is_survived_and_reported(
+    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
+) -> None:
+    """R8: the buffer's file system fills up while the uplink is down (a real 16 MiB tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        sub = subscriber_factory(broker.port)
+        devices = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 100}\n" + BAY
+        config = write_config(tmp_path / "site.yaml", port=broker.port, devices=devices, buffer=disk / "buffer.db",
+                              max_bytes="1GiB")  # the disk, not max_bytes, is the limit here
+        broker.stop()
+        agent = agent_factory(config)
+        wait_for(lambda: "disk_full" in agent.output() or _disk_used(disk) > 12 << 20, 60, "the disk to fill")
+        time.sleep(3)  # keep producing on a full disk
+        assert agent.proc is not None
+        assert agent.proc.poll() is None, agent.output()
+        assert "Traceback" not in agent.output()
+        broker.start()
+
+        def health_with_disk_full() -> dict | None:
+            for e in sub.snapshot():
+                if e["type"] == "city.gateway.health" and e["data"]["accounting"]["dropped"]["disk_full"]:
+                    return e["data"]
+            return None
+
+        health = wait_for(health_with_disk_full, 30, "a health event counting disk_full drops")
+        acc = health["accounting"]
+        assert acc["accepted"] == acc["delivered"] + acc["buffered"] + sum(acc["dropped"].values())
+        before = len(sub.seqs("meter-1"))
+        wait_for(lambda: len(sub.seqs("meter-1")) > before + 100, 20, "events to flow again")
+        assert sub.report("bay-a1")["lost"] == []  # class event survives while telemetry is dropped
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(5) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
