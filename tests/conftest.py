@@ -46,6 +46,11 @@ def mosquitto_binary() -> str:
     return found
 
 
+# As root, mosquitto drops to user `mosquitto`, which can neither read the test's files nor
+# write its persistence (the subscriber's queued messages) into the test's folder.
+KEEP_USER = "user root\n" if os.geteuid() == 0 else ""
+
+
 class Mosquitto:
     """A real broker process on a fixed port that tests can stop and start again.
 
@@ -66,9 +71,7 @@ class Mosquitto:
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
             "log_dest none\n"
-            # As root, mosquitto drops to user `mosquitto`, which cannot write the test's
-            # folder: its persistence (the subscriber's queued messages) would be lost.
-            + ("user root\n" if os.geteuid() == 0 else "")
+            + KEEP_USER
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

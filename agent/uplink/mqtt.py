@@ -107,7 +107,12 @@ class MqttUplink:
 
         def on_connect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if reason.is_failure:
-                settle(connected, error=ConnectionLost(f"broker refused the connection: {reason}"))
+                hint = (
+                    " (check username and password_file)"
+                    if "auth" in str(reason).lower() or "password" in str(reason).lower()
+                    else ""
+                )
+                settle(connected, error=ConnectionLost(f"broker refused the connection: {reason}{hint}"))
             else:
                 settle(connected)
 
