@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -70,19 +71,23 @@ class Mosquitto:
             "autosave_interval 1\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
-            "log_dest none\n"
-            + KEEP_USER
+            "log_dest none\n" + KEEP_USER
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
         def accepting() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
                 return True
-            assert self.proc is not None and self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
+            assert self.proc is not None and self.proc.poll() is None, (
+                self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
+            )
             return False
+
         wait_for(accepting, 10, "mosquitto to accept connections")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -143,8 +148,11 @@ class Subscriber:
             return list(self.events)
 
     def seqs(self, device: str, event_type: str | None = None) -> list[int]:
-        return [e["seq"] for e in self.snapshot()
-                if e["device"] == device and (event_type is None or e["type"] == event_type)]
+        return [
+            e["seq"]
+            for e in self.snapshot()
+            if e["device"] == device and (event_type is None or e["type"] == event_type)
+        ]
 
     def report(self, device: str) -> dict[str, Any]:
         """Loss and duplicates over the device's whole sequence; order within each type.
@@ -193,13 +201,21 @@ def analyse(seqs: list[int]) -> dict[str, Any]:
         "max": top,
         "lost": sorted(set(range(1, top + 1)) - seen),
         "duplicates": len(seqs) - len(seen),
-        "inversions": sum(1 for a, b in zip(firsts, firsts[1:], strict=False) if b < a),
-        "inverted_at": [(a, b) for a, b in zip(firsts, firsts[1:], strict=False) if b < a][:5],
+        "inversions": sum(1 for a, b in itertools.pairwise(firsts) if b < a),
+        "inverted_at": [(a, b) for a, b in itertools.pairwise(firsts) if b < a][:5],
     }
 
 
-def write_config(path: Path, *, port: int, devices: str, buffer: Path | None = None,
-                 extra: str = "", max_bytes: str = "64MiB", health: str = "60s") -> Path:
+def write_config(
+    path: Path,
+    *,
+    port: int,
+    devices: str,
+    buffer: Path | None = None,
+    extra: str = "",
+    max_bytes: str = "64MiB",
+    health: str = "60s",
+) -> Path:
     path.write_text(
         f"gateway: {{id: gw-test, site: lab, health_interval: {health}}}\n"
         "uplink:\n"
@@ -223,8 +239,12 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(self.config)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
         return self
 
     def signal(self, sig: int) -> None:

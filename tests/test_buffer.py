@@ -63,9 +63,7 @@ def all_rows(box: Outbox) -> list[Stored]:
 
 
 def assert_balanced(stats: BufferStats) -> None:
-    assert stats.accepted == (
-        stats.delivered + stats.rows + stats.dropped_capacity + stats.dropped_disk_full
-    )
+    assert stats.accepted == (stats.delivered + stats.rows + stats.dropped_capacity + stats.dropped_disk_full)
 
 
 def corrupt(path: Path, pages: list[int], seed: int = 7) -> None:
@@ -281,9 +279,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
 
 TestOutboxModel = OutboxMachine.TestCase
-TestOutboxModel.settings = settings(
-    max_examples=30, stateful_step_count=15, deadline=None, database=None
-)
+TestOutboxModel.settings = settings(max_examples=30, stateful_step_count=15, deadline=None, database=None)
 
 
 # --- crash safety -------------------------------------------------------------------------------
@@ -295,9 +291,7 @@ def test_no_committed_event_is_lost_to_sigkill(tmp_path: Path) -> None:
     rng = random.Random()
     printed: list[int] = []
     for _ in range(4):
-        child = subprocess.Popen(
-            [sys.executable, str(CHILD), str(path)], stdout=subprocess.PIPE, env=env
-        )
+        child = subprocess.Popen([sys.executable, str(CHILD), str(path)], stdout=subprocess.PIPE, env=env)
         try:
             child.communicate(timeout=rng.uniform(0.4, 0.9))
             pytest.fail("the crash child exited on its own")
@@ -305,9 +299,7 @@ def test_no_committed_event_is_lost_to_sigkill(tmp_path: Path) -> None:
             child.send_signal(signal.SIGKILL)
         out, _ = child.communicate()
         # A line without its newline was cut by the kill mid-write.
-        printed += [
-            int(line) for line in out.decode().splitlines(keepends=True) if line.endswith("\n")
-        ]
+        printed += [int(line) for line in out.decode().splitlines(keepends=True) if line.endswith("\n")]
 
         with sqlite3.connect(path) as raw:
             assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -397,9 +389,7 @@ def test_wal_left_by_a_crash_moves_with_the_quarantined_file(tmp_path: Path) -> 
         assert box.last_seqs() == {}
 
 
-def test_salvage_keeps_sequences_and_readable_rows(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_salvage_keeps_sequences_and_readable_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "buf.db"
     seqs = fill(path, batches=20)
     pages = path.stat().st_size // PAGE
@@ -422,9 +412,7 @@ def test_salvage_keeps_sequences_and_readable_rows(
     assert "partial" in warnings[0]
 
 
-def test_corruption_found_at_runtime_is_recovered_and_retried(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_corruption_found_at_runtime_is_recovered_and_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "buf.db"
     # Bigger than SQLite's default 2 MB page cache, so the damaged pages are read from disk.
     with Outbox(path, 1 << 30, synchronous="OFF") as box:

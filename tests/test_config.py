@@ -37,27 +37,58 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("buffer too small", GOOD.replace("1MiB", "1KiB"), ["buffer.max_bytes", "greater than or equal"]),
     ("missing gateway", GOOD.replace("gateway: {id: gw-1, site: lab}\n", ""), ["gateway", "required key is missing"]),
     ("bad gateway id", GOOD.replace("gw-1", "GW_1"), ["gateway.id", "lower-case", "'GW_1'"]),
-    ("duplicate device id", GOOD + "  - {id: meter-1, driver: virtual, kind: meter}\n",
-     ["devices[1].id", "duplicate device id 'meter-1'"]),
+    (
+        "duplicate device id",
+        GOOD + "  - {id: meter-1, driver: virtual, kind: meter}\n",
+        ["devices[1].id", "duplicate device id 'meter-1'"],
+    ),
     ("reserved device id", GOOD.replace("id: meter-1", "id: gateway"), ["devices[0].id", "reserved"]),
-    ("unknown driver", GOOD + "  - {id: m2, driver: modbuz}\n", ["devices[1].driver", "unknown driver 'modbuz'", "virtual"]),
+    (
+        "unknown driver",
+        GOOD + "  - {id: m2, driver: modbuz}\n",
+        ["devices[1].driver", "unknown driver 'modbuz'", "virtual"],
+    ),
     ("missing driver", GOOD + "  - {id: m2, kind: meter}\n", ["devices[1].driver", "required key is missing"]),
     ("bad enum value", GOOD.replace("kind: meter", "kind: toaster"), ["devices[0].kind", "'toaster'"]),
-    ("unknown device key", GOOD.replace("kind: meter", "kind: meter, colour: red"), ["devices[0].colour", "unknown key"]),
-    ("missing TLS CA file", GOOD.replace("port: 1883}", "port: 8883, tls: {ca_file: /nonexistent/ca.pem}}"),
-     ["uplink.mqtt.tls.ca_file", "file not found", "/nonexistent/ca.pem"]),
-    ("cert without key", GOOD.replace("port: 1883}", "port: 8883, tls: {cert_file: __FILE__}}"),
-     ["uplink.mqtt.tls", "cert_file and key_file go together"]),
-    ("missing password file", GOOD.replace("port: 1883}", "port: 1883, username: u, password_file: nope.txt}"),
-     ["uplink.mqtt.password_file", "file not found"]),
-    ("password in clear to a remote host", GOOD.replace("host: 127.0.0.1, port: 1883}",
-     "host: broker.example.org, port: 1883, username: u, password_file: __FILE__}"),
-     ["uplink.mqtt", "clear text", "enable tls"]),
-    ("wildcard in topic prefix", GOOD.replace("port: 1883}", "port: 1883, topic_prefix: 'ioc/#'}"),
-     ["uplink.mqtt.topic_prefix", "wildcards"]),
+    (
+        "unknown device key",
+        GOOD.replace("kind: meter", "kind: meter, colour: red"),
+        ["devices[0].colour", "unknown key"],
+    ),
+    (
+        "missing TLS CA file",
+        GOOD.replace("port: 1883}", "port: 8883, tls: {ca_file: /nonexistent/ca.pem}}"),
+        ["uplink.mqtt.tls.ca_file", "file not found", "/nonexistent/ca.pem"],
+    ),
+    (
+        "cert without key",
+        GOOD.replace("port: 1883}", "port: 8883, tls: {cert_file: __FILE__}}"),
+        ["uplink.mqtt.tls", "cert_file and key_file go together"],
+    ),
+    (
+        "missing password file",
+        GOOD.replace("port: 1883}", "port: 1883, username: u, password_file: nope.txt}"),
+        ["uplink.mqtt.password_file", "file not found"],
+    ),
+    (
+        "password in clear to a remote host",
+        GOOD.replace(
+            "host: 127.0.0.1, port: 1883}",
+            "host: broker.example.org, port: 1883, username: u, password_file: __FILE__}",
+        ),
+        ["uplink.mqtt", "clear text", "enable tls"],
+    ),
+    (
+        "wildcard in topic prefix",
+        GOOD.replace("port: 1883}", "port: 1883, topic_prefix: 'ioc/#'}"),
+        ["uplink.mqtt.topic_prefix", "wildcards"],
+    ),
     ("qos out of range", GOOD.replace("port: 1883}", "port: 1883, qos: 3}"), ["uplink.mqtt.qos", "got 3"]),
-    ("bad priority class", GOOD + "priorities: {city.meter.reading: urgent}\n",
-     ["priorities.city.meter.reading", "'urgent'"]),
+    (
+        "bad priority class",
+        GOOD + "priorities: {city.meter.reading: urgent}\n",
+        ["priorities.city.meter.reading", "'urgent'"],
+    ),
     ("devices not a list", GOOD.split("devices:")[0] + "devices: {id: m}\n", ["devices", "list"]),
     ("duplicate YAML key", GOOD.replace("site: lab", "site: lab, site: other"), ["duplicate key 'site'"]),
     ("not YAML", "gateway: [unclosed\n", ["not valid YAML"]),
@@ -120,12 +151,16 @@ def test_password_comes_from_file_and_is_not_in_repr(tmp_path: Path) -> None:
     assert "hunter2" not in repr(config)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("1s", 1.0), ("5m", 300.0), ("2h", 7200.0), (3, 3.0), ("1.5s", 1.5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("1s", 1.0), ("5m", 300.0), ("2h", 7200.0), (3, 3.0), ("1.5s", 1.5)]
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize(("text", "size"), [("256MiB", 256 * 1024**2), ("1GB", 10**9), ("512KiB", 524288), (1000, 1000), ("10 kb", 10_000)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("256MiB", 256 * 1024**2), ("1GB", 10**9), ("512KiB", 524288), (1000, 1000), ("10 kb", 10_000)]
+)
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
@@ -140,14 +175,21 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     good.write_text(GOOD)
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("500ms", "fast") + "extra: 1\n")
-    ok = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(good)], capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "agent", "validate", "-c", str(good)], capture_output=True, text=True, check=False
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok:")
-    ko = subprocess.run([sys.executable, "-m", "agent", "validate", "-c", str(bad)], capture_output=True, text=True, check=False)
+    ko = subprocess.run(
+        [sys.executable, "-m", "agent", "validate", "-c", str(bad)], capture_output=True, text=True, check=False
+    )
     assert ko.returncode == 2
     assert "2 problem(s)" in ko.stderr
-    assert "devices[0].interval" in ko.stderr and "extra: unknown key" in ko.stderr
-    run = subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(bad)], capture_output=True, text=True, check=False)
+    assert "devices[0].interval" in ko.stderr
+    assert "extra: unknown key" in ko.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "-c", str(bad)], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 2
     assert "refusing to start" in run.stderr
 

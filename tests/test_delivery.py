@@ -12,7 +12,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import pytest
 from pydantic import TypeAdapter
 
 from agent.schemas import EVENT_MODELS, CloudEvent
@@ -65,11 +64,17 @@ def test_events_follow_the_contract_and_shutdown_is_clean(
         assert event["gateway"] == "gw-test"
         assert event["source"] == f"/gateways/gw-test/devices/{event['device']}"
         assert topic == f"ioc/v1/gw-test/{event['device']}/{event['type'].rsplit('.', 1)[1]}"
-        assert event["time"].endswith("Z") and len(event["time"]) == 24
+        assert event["time"].endswith("Z")
+        assert len(event["time"]) == 24
     assert len({e["id"] for e in events}) == len(events)
     types = {e["type"] for e in events}
-    assert {"city.meter.reading", "city.parking.occupancy", "city.crosswalk.presence",
-            "city.device.status", "city.gateway.health"} <= types
+    assert {
+        "city.meter.reading",
+        "city.parking.occupancy",
+        "city.crosswalk.presence",
+        "city.device.status",
+        "city.gateway.health",
+    } <= types
     for device in DEVICES:
         report = sub.report(device)
         assert report["lost"] == [] and report["inversions"] == 0, (device, report)
@@ -77,7 +82,8 @@ def test_events_follow_the_contract_and_shutdown_is_clean(
     assert _last_seqs(config.parent / "buffer.db")["meter-1"] == max(sub.seqs("meter-1"))
     # Availability: online while running, offline (retained) after a clean stop.
     statuses = sub.status_payloads()
-    assert statuses[0] == b"online" and statuses[-1] == b"offline"
+    assert statuses[0] == b"online"
+    assert statuses[-1] == b"offline"
     late = subscriber_factory(broker.port, "ioc/v1/gw-test/status")
     wait_for(lambda: late.status_payloads() == [b"offline"], 5, "retained offline status")
 
@@ -173,8 +179,11 @@ def test_full_buffer_drops_oldest_reports_it_and_keeps_running(
 
 def test_lwt_offline_when_agent_dies(tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory) -> None:
     sub = subscriber_factory(broker.port, "ioc/v1/gw-test/status")
-    config = write_config(tmp_path / "site.yaml", port=broker.port,
-                          devices="  - {id: meter-1, driver: virtual, kind: meter, interval: 1s}\n")
+    config = write_config(
+        tmp_path / "site.yaml",
+        port=broker.port,
+        devices="  - {id: meter-1, driver: virtual, kind: meter, interval: 1s}\n",
+    )
     agent = agent_factory(config)
     wait_for(lambda: b"online" in sub.status_payloads(), 10, "online status")
     agent.kill()
@@ -186,7 +195,9 @@ def test_batch_mode_carries_every_event_in_json_arrays(
 ) -> None:
     sub = subscriber_factory(broker.port)
     config = write_config(tmp_path / "site.yaml", port=broker.port, devices=FAST_DEVICES)
-    config.write_text(config.read_text().replace("reconnect_max: 1s}", "reconnect_max: 1s, batch: {enabled: true, max_events: 50}}"))
+    config.write_text(
+        config.read_text().replace("reconnect_max: 1s}", "reconnect_max: 1s, batch: {enabled: true, max_events: 50}}")
+    )
     agent = agent_factory(config)
     wait_for(lambda: len(sub.seqs("meter-1")) >= 100, 20, "events in batches")
     agent.signal(signal.SIGTERM)

@@ -21,8 +21,10 @@ def test_docs_events_md_matches_the_schemas() -> None:
 
 
 def test_envelope_validates_and_is_compact_json() -> None:
-    reading = Reading("city.parking.occupancy", {"bay": "A1", "occupied": True, "confidence": 0.9,
-                                                 "since": "2026-01-01T00:00:00.000Z"})
+    reading = Reading(
+        "city.parking.occupancy",
+        {"bay": "A1", "occupied": True, "confidence": 0.9, "since": "2026-01-01T00:00:00.000Z"},
+    )
     now = datetime(2026, 11, 23, 8, 0, 0, 123456, tzinfo=UTC)
     payload = make_event(gateway="gw-1", device="bay-a1", seq=7, reading=reading, now=now)
     event = json.loads(payload)
@@ -48,8 +50,13 @@ def test_reading_time_wins_and_is_converted_to_utc() -> None:
 
 def test_nan_is_refused_not_published_as_invalid_json() -> None:
     try:
-        make_event(gateway="g", device="d", seq=1, now=datetime.now(UTC),
-                   reading=Reading("city.meter.reading", {"x": float("nan")}))
+        make_event(
+            gateway="g",
+            device="d",
+            seq=1,
+            now=datetime.now(UTC),
+            reading=Reading("city.meter.reading", {"x": float("nan")}),
+        )
     except ValueError:
         return
     raise AssertionError("NaN was encoded")
@@ -58,14 +65,18 @@ def test_nan_is_refused_not_published_as_invalid_json() -> None:
 @given(st.datetimes(timezones=st.just(UTC)))
 def test_time_format_is_rfc3339_utc_millis(moment: datetime) -> None:
     text = format_time(moment)
-    assert len(text) == 24 and text.endswith("Z")
+    assert len(text) == 24
+    assert text.endswith("Z")
     assert abs(datetime.fromisoformat(text).timestamp() - moment.timestamp()) < 0.001
 
 
-@given(st.from_regex(r"[a-z0-9][a-z0-9-]{0,20}", fullmatch=True),
-       st.from_regex(r"[a-z0-9][a-z0-9_-]{0,20}", fullmatch=True),
-       st.sampled_from(["city.meter.reading", "city.device.status", "x.y.z"]))
+@given(
+    st.from_regex(r"[a-z0-9][a-z0-9-]{0,20}", fullmatch=True),
+    st.from_regex(r"[a-z0-9][a-z0-9_-]{0,20}", fullmatch=True),
+    st.sampled_from(["city.meter.reading", "city.device.status", "x.y.z"]),
+)
 def test_topic_has_four_levels_below_the_prefix(gateway: str, device: str, event_type: str) -> None:
     topic = topic_for("ioc/v1", gateway, device, event_type)
     assert topic.split("/") == ["ioc", "v1", gateway, device, event_type.rsplit(".", 1)[1]]
-    assert "+" not in topic and "#" not in topic
+    assert "+" not in topic
+    assert "#" not in topic

@@ -21,8 +21,11 @@ CROSS = "  - {id: cross-n, driver: virtual, kind: crosswalk, interval: 100ms}\n"
 
 
 def _times(events: list[dict], device: str, event_type: str) -> list[float]:
-    return [datetime.fromisoformat(e["time"]).timestamp() for e in events
-            if e["device"] == device and e["type"] == event_type]
+    return [
+        datetime.fromisoformat(e["time"]).timestamp()
+        for e in events
+        if e["device"] == device and e["type"] == event_type
+    ]
 
 
 def test_sighup_applies_a_valid_config_and_keeps_unchanged_devices_running(
@@ -37,8 +40,11 @@ def test_sighup_applies_a_valid_config_and_keeps_unchanged_devices_running(
     reloaded_at = time.time()
     agent.signal(signal.SIGHUP)
     wait_for(lambda: len(sub.seqs("cross-n")) >= 5, 20, "events from the added device")
-    wait_for(lambda: any(e["data"].get("bay") == "B7" for e in sub.snapshot()
-                         if e["type"] == "city.parking.occupancy"), 10, "the changed device's new settings")
+    wait_for(
+        lambda: any(e["data"].get("bay") == "B7" for e in sub.snapshot() if e["type"] == "city.parking.occupancy"),
+        10,
+        "the changed device's new settings",
+    )
     time.sleep(0.5)
     events = sub.snapshot()
 
@@ -80,8 +86,14 @@ def test_a_failing_device_is_reported_and_isolated(
     agent_factory(config)
 
     def offline() -> dict | None:
-        return next((e for e in sub.snapshot() if e["device"] == "bad-1"
-                     and e["type"] == "city.device.status" and e["data"]["status"] == "offline"), None)
+        return next(
+            (
+                e
+                for e in sub.snapshot()
+                if e["device"] == "bad-1" and e["type"] == "city.device.status" and e["data"]["status"] == "offline"
+            ),
+            None,
+        )
 
     event = wait_for(offline, 10, "an offline status for the failing device")
     assert "simulated timeout" in event["data"]["reason"]
@@ -123,8 +135,9 @@ def test_a_full_disk_is_survived_and_reported(
     try:
         sub = subscriber_factory(broker.port)
         devices = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 100}\n" + BAY
-        config = write_config(tmp_path / "site.yaml", port=broker.port, devices=devices, buffer=disk / "buffer.db",
-                              max_bytes="1GiB")  # the disk, not max_bytes, is the limit here
+        config = write_config(
+            tmp_path / "site.yaml", port=broker.port, devices=devices, buffer=disk / "buffer.db", max_bytes="1GiB"
+        )  # the disk, not max_bytes, is the limit here
         broker.stop()
         agent = agent_factory(config)
         wait_for(lambda: "disk_full" in agent.output() or _disk_used(disk) > 12 << 20, 60, "the disk to fill")
