@@ -327,6 +327,8 @@ class Outbox:
         # its WAL frames), so waiting for SQLITE_FULL can leave nothing able to free room.
         early: list[Dropped] = []
         free, volume = self._disk_space()
+        # Pages freed by deletes stay in the file for reuse: they are room too.
+        free += self._conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
         short = min(DISK_RESERVE, volume // 8) + 2 * batch_bytes - free
         if short > 0 and self._total > 0:
             early = self._evict_for_disk(short + batch_bytes)
@@ -579,6 +581,7 @@ class Outbox:
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         # As many rows per INSERT as this SQLite binds parameters (999 before 3.32).
         self._rows_per_insert = max(1, min(1000, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 8))
         return conn
