@@ -8,9 +8,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfigBase
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -24,15 +28,22 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _load(path: Path, refusal: str = "") -> AgentConfigBase | None:
+    """The validated config, or None after printing every problem to stderr."""
     from agent.config import load_config
 
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        print(f"{path}: {refusal}{len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     print(f"ok: {args.config} (gateway {config.gateway.id}, {len(config.devices)} devices)")
     return 0
@@ -54,16 +65,11 @@ def _cmd_drivers(_args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
     from agent.devices import DeviceFailedError
     from agent.runtime import run_agent
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: refusing to start, {len(exc.problems)} problem(s):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+    config = _load(args.config, "refusing to start, ")
+    if config is None:
         return EXIT_CONFIG
     try:
         asyncio.run(run_agent(config, config_path=args.config))

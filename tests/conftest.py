@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -165,6 +166,18 @@ class Subscriber:
         report["inversions"] = sum(analyse(self.seqs(device, t))["inversions"] for t in types)
         return report
 
+    def wait_for_all(self, upto: dict[str, int], timeout: float) -> None:
+        """Wait until every seq 1..upto[device] arrived; name the missing ones if not."""
+
+        def done() -> bool:
+            return all(set(range(1, upto[d] + 1)) <= set(self.seqs(d)) for d in upto)
+
+        try:
+            wait_for(done, timeout, "every seq")
+        except AssertionError:
+            missing = {d: sorted(set(range(1, upto[d] + 1)) - set(self.seqs(d)))[:20] for d in upto}
+            raise AssertionError(f"not received within {timeout}s (first 20 missing): {missing}") from None
+
     def status_payloads(self) -> list[bytes]:
         with self.lock:
             return [p for t, p, _ in self.raw if _is_availability(t)]
@@ -204,6 +217,15 @@ def analyse(seqs: list[int]) -> dict[str, Any]:
         "inversions": sum(1 for a, b in itertools.pairwise(firsts) if b < a),
         "inverted_at": [(a, b) for a, b in itertools.pairwise(firsts) if b < a][:5],
     }
+
+
+def last_seqs(buffer: Path) -> dict[str, int]:
+    """Last seq given to each device, read from the agent's buffer without locking it."""
+    db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(db.execute("SELECT device, seq FROM sequences").fetchall())
+    finally:
+        db.close()
 
 
 def write_config(

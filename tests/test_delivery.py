@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
 from agent.schemas import EVENT_MODELS, CloudEvent
-from tests.conftest import AgentProcess, Mosquitto, Subscriber, analyse, wait_for, write_config
+from tests.conftest import AgentProcess, Mosquitto, last_seqs, wait_for, write_config
 
 FAST_DEVICES = (
     "  - {id: meter-1, driver: virtual, kind: meter, interval: 20ms}\n"
@@ -23,22 +22,6 @@ FAST_DEVICES = (
     "  - {id: cross-n, driver: virtual, kind: crosswalk, interval: 50ms}\n"
 )
 DEVICES = ("meter-1", "bay-a1", "cross-n")
-
-
-def _wait_received_all(sub: Subscriber, upto: dict[str, int], timeout: float) -> None:
-    def done() -> bool:
-        return all(set(range(1, upto[d] + 1)) <= set(sub.seqs(d)) for d in upto)
-
-    try:
-        wait_for(done, timeout, "every seq")
-    except AssertionError:
-        missing = {d: sorted(set(range(1, upto[d] + 1)) - set(sub.seqs(d)))[:20] for d in upto}
-        raise AssertionError(f"not received within {timeout}s: {missing}") from None
-
-
-def _last_seqs(buffer: Path) -> dict[str, int]:
-    with sqlite3.connect(buffer) as db:
-        return dict(db.execute("SELECT device, seq FROM sequences").fetchall())
 
 
 def test_events_follow_the_contract_and_shutdown_is_clean(
@@ -79,7 +62,7 @@ def test_events_follow_the_contract_and_shutdown_is_clean(
         report = sub.report(device)
         assert report["lost"] == [] and report["inversions"] == 0, (device, report)
     # Everything read before SIGTERM was delivered: the buffer is empty after a clean stop.
-    assert _last_seqs(config.parent / "buffer.db")["meter-1"] == max(sub.seqs("meter-1"))
+    assert last_seqs(config.parent / "buffer.db")["meter-1"] == max(sub.seqs("meter-1"))
     # Availability: online while running, offline (retained) after a clean stop.
     statuses = sub.status_payloads()
     assert statuses[0] == b"online"
@@ -101,9 +84,9 @@ def test_broker_outage_loses_nothing_and_keeps_order(
     time.sleep(2)
     agent.signal(signal.SIGTERM)
     assert agent.wait(5) == 0
-    last = _last_seqs(config.parent / "buffer.db")
+    last = last_seqs(config.parent / "buffer.db")
     assert last["meter-1"] > 400  # 20 ms interval: the meter kept producing during the outage
-    _wait_received_all(sub, {d: last[d] for d in DEVICES}, 30)
+    sub.wait_for_all({d: last[d] for d in DEVICES}, 30)
     for device in DEVICES:
         report = sub.report(device)
         print(device, {k: v for k, v in report.items() if k != "lost"})
@@ -123,16 +106,16 @@ def test_sigkill_during_outage_leaves_no_seq_gap(
     broker.stop()
     time.sleep(1.5)
     first.kill()  # SIGKILL mid-outage, with a backlog in the buffer
-    killed_at = _last_seqs(config.parent / "buffer.db")
+    killed_at = last_seqs(config.parent / "buffer.db")
     second = agent_factory(config)
     time.sleep(1.0)
     broker.start()
     time.sleep(1.5)
     second.signal(signal.SIGTERM)
     assert second.wait(5) == 0
-    last = _last_seqs(config.parent / "buffer.db")
+    last = last_seqs(config.parent / "buffer.db")
     assert last["meter-1"] > killed_at["meter-1"]  # numbering continued after the restart
-    _wait_received_all(sub, {d: last[d] for d in DEVICES}, 30)
+    sub.wait_for_all({d: last[d] for d in DEVICES}, 30)
     for device in DEVICES:
         report = sub.report(device)
         assert report["lost"] == [], (device, report["lost"][:20])
@@ -171,8 +154,8 @@ def test_full_buffer_drops_oldest_reports_it_and_keeps_running(
     time.sleep(1)
     agent.signal(signal.SIGTERM)
     assert agent.wait(5) == 0
-    last = _last_seqs(config.parent / "buffer.db")
-    assert analyse(sub.seqs("bay-a1"))["lost"] == []
+    last = last_seqs(config.parent / "buffer.db")
+    assert sub.report("bay-a1")["lost"] == []
     assert last["meter-1"] in sub.seqs("meter-1")
     assert "buffer full: dropped" in agent.output()
 
@@ -211,7 +194,7 @@ def test_batch_mode_carries_every_event_in_json_arrays(
     assert not [t for t in sub.topics if not t.endswith("/batch")]  # no event outside a batch
     for event in sub.snapshot():
         TypeAdapter(CloudEvent).validate_python(event)
-    last = _last_seqs(config.parent / "buffer.db")
+    last = last_seqs(config.parent / "buffer.db")
     for device in DEVICES:
         report = sub.report(device)
         assert report["max"] == last[device]

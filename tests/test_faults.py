@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AgentProcess, Mosquitto, Subscriber, wait_for, write_config
+from tests.conftest import AgentProcess, Mosquitto, Subscriber, last_seqs, wait_for, write_config
 from tests.mqtt_proxy import PUBACK, PUBLISH, Framer, MqttProxy, packet_type
 
 KEEPALIVE = 5.0  # write_config's keepalive
@@ -69,14 +69,6 @@ def _max_outbox_id(buffer: Path) -> int:
         db.close()
 
 
-def _last_seqs(buffer: Path) -> dict[str, int]:
-    db = _ro(buffer)
-    try:
-        return dict(db.execute("SELECT device, seq FROM sequences").fetchall())
-    finally:
-        db.close()
-
-
 def _alive(agent: AgentProcess) -> bool:
     return agent.proc is not None and agent.proc.poll() is None
 
@@ -90,16 +82,9 @@ def _stop_and_check_delivery(
     assert agent.wait(10) == 0, agent.output()[-3000:]
     left = _outbox_rows(buffer)
     assert left == 0, f"{left} rows still in the outbox after a clean stop on a healed link"
-    last = _last_seqs(buffer)
+    last = last_seqs(buffer)
 
-    def received_all() -> bool:
-        return all(set(range(1, last[d] + 1)) <= set(sub.seqs(d)) for d in devices)
-
-    try:
-        wait_for(received_all, timeout, "every seq at the subscriber")
-    except AssertionError:
-        missing = {d: sorted(set(range(1, last[d] + 1)) - set(sub.seqs(d)))[:20] for d in devices}
-        raise AssertionError(f"lost seqs (first 20 per device): {missing}") from None
+    sub.wait_for_all({d: last[d] for d in devices}, timeout)
     reports = {}
     for device in devices:
         report = sub.report(device)
