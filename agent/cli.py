@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import __version__
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
     from agent.config import AgentConfigBase
@@ -75,6 +76,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(run_agent(config, config_path=args.config))
     except DeviceFailedError:
         return EXIT_RUNTIME  # already logged by the runtime
+    except (AgentError, OSError, sqlite3.Error) as exc:
+        # e.g. the buffer's folder is not writable, or the file is from a newer agent.
+        logging.getLogger("agent").error("cannot run: %s", exc)
+        return EXIT_RUNTIME
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sqlite3
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -171,3 +173,22 @@ def test_a_full_disk_is_survived_and_reported(
         assert agent.wait(5) == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_buffer_from_a_newer_agent_is_refused_cleanly(tmp_path: Path) -> None:
+    buffer = tmp_path / "buffer.db"
+    with sqlite3.connect(buffer) as db:
+        db.execute("PRAGMA user_version = 99")
+    config = write_config(tmp_path / "site.yaml", port=1, devices=METER, buffer=buffer)
+    run = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "schema version 99" in run.stderr
+    assert "Traceback" not in run.stderr
+    with sqlite3.connect(buffer) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 99  # left untouched
