@@ -118,6 +118,7 @@ class Subscriber:
         self.events: list[dict[str, Any]] = []
         self.topics: list[str] = []
         self.raw: list[tuple[str, bytes, bool]] = []
+        self.garbage: list[bytes] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
         cid = client_id or f"test-sub-{os.getpid()}-{time.monotonic_ns()}"
@@ -139,7 +140,11 @@ class Subscriber:
             self.raw.append((msg.topic, msg.payload, msg.retain))
             if _is_availability(msg.topic):
                 return
-            decoded = json.loads(msg.payload)
+            try:
+                decoded = json.loads(msg.payload)
+            except ValueError:
+                self.garbage.append(msg.payload)  # the tests assert there is none
+                return
             batch = decoded if isinstance(decoded, list) else [decoded]  # CloudEvents batch format
             self.events += batch
             self.topics += [msg.topic] * len(batch)
@@ -199,6 +204,8 @@ def subscriber_factory() -> Iterator[Callable[..., Subscriber]]:
     yield make
     for s in made:
         s.close()
+    garbage = [g[:80] for s in made for g in s.garbage]
+    assert not garbage, f"payloads that are not JSON reached the broker: {garbage}"
 
 
 def analyse(seqs: list[int]) -> dict[str, Any]:
