@@ -26,7 +26,7 @@ MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a
 COMMIT_INTERVAL = 0.01  # seconds between group commits under load
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see _tail)
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
-MAX_PENDING_BYTES = 16 * 1024 * 1024  # readings waiting for a commit before new ones are refused
+MAX_PENDING_BYTES = 8 * 1024 * 1024  # readings waiting for a commit before new ones are refused
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused readings
 
 
