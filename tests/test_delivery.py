@@ -199,3 +199,28 @@ def test_batch_mode_carries_every_event_in_json_arrays(
         report = sub.report(device)
         assert report["max"] == last[device]
         assert report["lost"] == [] and report["inversions"] == 0, (device, report)
+
+
+def test_mqtt5_delivers_through_a_broker_restart(
+    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
+) -> None:
+    sub = subscriber_factory(broker.port, client_id="counting-subscriber-v5")
+    config = write_config(
+        tmp_path / "site.yaml",
+        port=broker.port,
+        devices="  - {id: meter-1, driver: virtual, kind: meter, interval: 20ms}\n",
+    )
+    config.write_text(config.read_text().replace("reconnect_max: 1s}", 'reconnect_max: 1s, protocol: "5"}'))
+    agent = agent_factory(config)
+    wait_for(lambda: len(sub.seqs("meter-1")) >= 20, 20, "first events over MQTT 5")
+    broker.stop()
+    time.sleep(2)
+    broker.start()
+    time.sleep(2)
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(5) == 0
+    last = last_seqs(config.parent / "buffer.db")
+    sub.wait_for_all({"meter-1": last["meter-1"]}, 20)
+    report = sub.report("meter-1")
+    assert report["inversions"] == 0, report
+    assert agent.output().count("uplink connected") == 2
