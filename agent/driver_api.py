@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -166,8 +166,3 @@ class DriverPlugin:
     config_model: type[DeviceConfig]
     factory: Callable[[], type[Driver]]
     summary: str = ""
-
-
-def size_field(default: str, description: str) -> Any:
-    """A Field for a Size with a human default (e.g. ``"256MiB"``)."""
-    return Field(default=parse_size(default), description=description)

@@ -13,9 +13,6 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
-SPECVERSION = "1.0"
-DATACONTENTTYPE = "application/json"
-
 # Gateway-level events (health) use this stream name where a device id would go.
 GATEWAY_STREAM = "gateway"
 

@@ -56,7 +56,6 @@ class Agent:
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._uplink_task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
 
     # ---- events ---------------------------------------------------------------------
     def priority_for(self, device: str, event_type: str) -> int:
@@ -256,7 +255,6 @@ class Agent:
             self.config.buffer.path,
             os.getpid(),
         )
-        self.ready.set()
         try:
             await self._stop.wait()
         finally:

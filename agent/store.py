@@ -218,10 +218,6 @@ class EventStore:
         """Counters and depth of the buffer."""
         return await self._call(self.outbox.stats)
 
-    def last_seq(self, device: str) -> int:
-        """Last sequence number given to a device's event."""
-        return self._seqs.get(device, 0)
-
     async def close(self) -> None:
         """Commit what is queued, then close the file."""
         started = time.monotonic()
