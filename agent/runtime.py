@@ -189,6 +189,8 @@ class Agent:
         self._priority_cache.clear()
         if new.uplink != old.uplink:
             changes.append("uplink")
+            # New events take the new topic prefix; buffered ones keep the topic they were stored with.
+            self.store.topic_prefix = new.uplink.mqtt.topic_prefix
             await self._restart_uplink()
         old_devices = {d.id: d for d in old.devices if d.enabled}
         new_devices = {d.id: d for d in new.devices if d.enabled}
