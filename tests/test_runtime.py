@@ -192,3 +192,17 @@ def test_a_buffer_from_a_newer_agent_is_refused_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr
     with sqlite3.connect(buffer) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 99  # left untouched
+
+
+def test_sighup_with_a_new_topic_prefix_moves_new_events(
+    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
+) -> None:
+    sub = subscriber_factory(broker.port)
+    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=METER)
+    agent = agent_factory(config)
+    wait_for(lambda: len(sub.seqs("meter-1")) >= 5, 20, "first events")
+    config.write_text(config.read_text().replace("topic_prefix: ioc/v1", "topic_prefix: city/v2"))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: any(t.startswith("city/v2/gw-test/meter-1/") for t in sub.topics), 10, "events on the new prefix")
+    assert "config reloaded" in agent.output()
+    assert sub.report("meter-1")["lost"] == []
