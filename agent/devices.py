@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 RESTART_MIN = 1.0
 RESTART_MAX = 60.0
 STOP_TIMEOUT = 2.0
+YIELD_EVERY = 32  # readings handed on before a device lets other tasks run
 
 
 class DeviceFailedError(AgentError):
@@ -89,8 +90,12 @@ class DeviceRunner(DriverContext):
                 await self._start(driver)
                 attempt = 0
                 async for batch in driver.stream():
-                    for reading in batch:
+                    for n, reading in enumerate(batch, 1):
                         self._emit(self.device_id, reading)
+                        if n % YIELD_EVERY == 0:
+                            # A big batch must not hold the loop: the uplink and the other
+                            # devices get their turn between slices of it.
+                            await asyncio.sleep(0)
                 return  # a finite stream (rare) ends the device
             except DriverFatalError as exc:
                 self.poll_failed(str(exc))
