@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, Record, Stored
+from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored
 from agent.events import Priority, Reading, make_event, topic_for
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class EventStore:
         self.topic_prefix = topic_prefix
         self._on_dropped = on_dropped
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-db")
+        # Backlog reads go through their own connection and thread: never behind a commit.
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-read")
+        self._reader: OutboxReader | None = None
+        self._reader_generation = -1
         self._outbox: Outbox | None = None
         self._seqs: dict[str, int] = {}
         self._pending: list[Record] = []
@@ -207,8 +211,18 @@ class EventStore:
                     self._tail_from[priority] = taken.id + 1
                     need -= 1
             else:
-                rows += await self._call(self.outbox.peek, priority, cursor, need)
+                loop = asyncio.get_running_loop()
+                rows += await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
         return rows
+
+    def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
+        """On the read thread: peek through the reader, reopened if the file was replaced."""
+        outbox = self.outbox
+        if self._reader is None or self._reader_generation != outbox.generation:
+            if self._reader is not None:
+                self._reader.close()
+            self._reader, self._reader_generation = OutboxReader(outbox.path), outbox.generation
+        return self._reader.peek(priority, after_id, limit)
 
     async def ack(self, ids: Sequence[int]) -> int:
         """Delete delivered events; returns how many were still there."""
@@ -222,6 +236,10 @@ class EventStore:
         """Commit what is queued, then close the file."""
         started = time.monotonic()
         await self.flush()
+        self._reads.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._outbox is not None:
             await self._call(self._outbox.close)
             self._outbox = None
