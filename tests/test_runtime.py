@@ -30,6 +30,15 @@ def _times(events: list[dict], device: str, event_type: str) -> list[float]:
     ]
 
 
+def _meter_running(tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory):
+    """An agent with one meter, already publishing, and a subscriber counting its events."""
+    sub = subscriber_factory(broker.port)
+    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=METER)
+    agent = agent_factory(config)
+    wait_for(lambda: len(sub.seqs("meter-1")) >= 5, 20, "first events")
+    return sub, config, agent
+
+
 def test_sighup_applies_a_valid_config_and_keeps_unchanged_devices_running(
     tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
 ) -> None:
@@ -65,10 +74,7 @@ def test_sighup_applies_a_valid_config_and_keeps_unchanged_devices_running(
 def test_sighup_with_an_invalid_config_changes_nothing(
     tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
 ) -> None:
-    sub = subscriber_factory(broker.port)
-    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=METER)
-    agent = agent_factory(config)
-    wait_for(lambda: len(sub.seqs("meter-1")) >= 5, 20, "first events")
+    sub, config, agent = _meter_running(tmp_path, broker, subscriber_factory, agent_factory)
     config.write_text(config.read_text().replace("interval: 50ms", "interval: soon"))
     agent.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in agent.output(), 10, "the refusal in the log")
@@ -197,10 +203,7 @@ def test_a_buffer_from_a_newer_agent_is_refused_cleanly(tmp_path: Path) -> None:
 def test_sighup_with_a_new_topic_prefix_moves_new_events(
     tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
 ) -> None:
-    sub = subscriber_factory(broker.port)
-    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=METER)
-    agent = agent_factory(config)
-    wait_for(lambda: len(sub.seqs("meter-1")) >= 5, 20, "first events")
+    sub, config, agent = _meter_running(tmp_path, broker, subscriber_factory, agent_factory)
     config.write_text(config.read_text().replace("topic_prefix: ioc/v1", "topic_prefix: city/v2"))
     agent.signal(signal.SIGHUP)
     wait_for(lambda: any(t.startswith("city/v2/gw-test/meter-1/") for t in sub.topics), 10, "events on the new prefix")
