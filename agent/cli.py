@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -89,9 +91,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration=args.duration, outage=not args.no_outage))
 
 
+def _tool_verbs() -> dict[str, list[str]]:
+    """Technician verbs the installed drivers offer: verb -> drivers offering it."""
+    from agent.registry import load_plugins
+
+    verbs: dict[str, list[str]] = {}
+    for name, plugin in sorted(load_plugins().items()):
+        if plugin.tools is not None:
+            for verb in plugin.tools():
+                verbs.setdefault(verb, []).append(name)
+    return verbs
+
+
+def _run_tool(argv: list[str]) -> int | None:
+    """Run ``edge-agent <verb> <driver> ...`` (or a global verb) if a driver offers it."""
+    from agent.registry import load_plugins
+
+    if not argv or argv[0].startswith("-") or argv[0] in _CORE_COMMANDS:
+        return None
+    verb, rest = argv[0], argv[1:]
+    plugins = load_plugins()
+    for plugin in plugins.values():
+        if verb in plugin.global_verbs and plugin.tools is not None:
+            return plugin.tools()[verb](rest)
+    verbs = _tool_verbs()
+    if verb not in verbs:
+        return None
+    if not rest or rest[0] not in verbs[verb]:
+        print(f"usage: edge-agent {verb} {{{','.join(verbs[verb])}}} ...", file=sys.stderr)
+        return EXIT_USAGE
+    return plugins[rest[0]].tools()[verb](rest[1:])  # type: ignore[misc]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs and tests)."""
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description=__doc__,
+        epilog="Driver tools: " + "; ".join(f"{v} {{{','.join(d)}}}" for v, d in sorted(_tool_verbs().items())),
+    )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edge-agent`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    tool_argv = argv[1:] if verbose else argv
+    if tool_argv and tool_argv[0] not in _CORE_COMMANDS and not tool_argv[0].startswith("-"):
+        _setup_logging(verbose)
+        try:
+            code = _run_tool(tool_argv)
+        except KeyboardInterrupt:
+            return 130
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -304,9 +304,23 @@ def parse_config(text: str, path: Path) -> AgentConfigBase:
     except ValidationError as exc:
         found = dict.fromkeys([*_each_problem(exc, data, root, path), *early])  # dedupe, keep order
         raise ConfigError([text for _, text in sorted(found, key=lambda p: p[0])]) from exc
-    if early:
-        raise ConfigError([text for _, text in early])
+    late = [_located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1])
+            for p in cross_device_problems(config.devices)]  # fmt: skip
+    if early or late:
+        raise ConfigError([text for _, text in sorted([*early, *late], key=lambda p: p[0])])
     return config
+
+
+def cross_device_problems(devices: list[DeviceConfig]) -> list[str]:
+    """Problems between devices of one driver (the driver's own ``check_devices``)."""
+    problems: list[str] = []
+    plugins = load_plugins()
+    for name, plugin in plugins.items():
+        if plugin.check_devices is not None:
+            mine = [(i, d) for i, d in enumerate(devices) if d.driver == name]
+            if mine:
+                problems += plugin.check_devices(mine)
+    return problems
 
 
 def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path: Path) -> Iterator[tuple[int, str]]:
@@ -320,6 +334,8 @@ def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path:
     )
     for error in exc.errors(include_url=False):
         keys = _data_path(error["loc"], data)
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            keys = [*keys, "driver"]  # the union names the device; the problem is its driver key
         if len(keys) >= 2 and keys[0] == "devices" and keys[1] in unknown and keys[2:] != ["driver"]:
             continue
         message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
@@ -333,7 +349,8 @@ def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path:
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":
-            message = f"unknown driver {error['input']!r} (installed: {drivers})"
+            given = error["input"].get("driver") if isinstance(error["input"], dict) else error["input"]
+            message = f"unknown driver {given!r} (installed: {drivers})"
         elif kind == "union_tag_not_found":
             message = f"missing 'driver' key (installed: {drivers})"
         elif kind in ("literal_error", "enum") or kind.startswith(("greater_than", "less_than")):

@@ -36,7 +36,13 @@ devices:
   - {{id: meter-1, driver: virtual, kind: meter, interval: 1s}}
   - {{id: bay-a1, driver: virtual, kind: parking, bay: A1, interval: 2s}}
   - {{id: crossing-n, driver: virtual, kind: crosswalk, area: north, interval: 1s}}
-"""
+{extra_devices}"""
+# With the modbus driver installed, a simulated Eastron SDM630 answers Modbus TCP on loopback
+# (``edge-agent simulate modbus``, its own process) and the agent reads it through its profile.
+MODBUS_DEVICE = (
+    "  - {{id: sdm630-1, driver: modbus, host: 127.0.0.1, port: {port}, unit: 1, profile: eastron-sdm630,"
+    " interval: 2s, deadband: 0.5}}\n"
+)
 
 
 def _free_port() -> int:
@@ -57,7 +63,11 @@ def describe(event: dict[str, Any]) -> str:
     data = event.get("data", {})
     kind = event["type"]
     if kind == "city.meter.reading":
-        parts = [f"{m['quantity']}={m['value']} {m['unit']}" for m in data.get("measurements", [])[:3]]
+        parts = [
+            f"{m['quantity']}{'.' + m['phase'] if m.get('phase') else ''}="
+            f"{round(m['value'], 2) if isinstance(m['value'], float) else m['value']} {m['unit']}"
+            for m in data.get("measurements", [])[:3]
+        ]
         text = ", ".join(parts)
     elif kind == "city.parking.occupancy":
         text = f"bay {data['bay']}: {'OCCUPIED' if data['occupied'] else 'free'} (conf {data['confidence']})"
@@ -173,7 +183,8 @@ async def run_demo(*, duration: float = 30.0, outage: bool = True) -> int:
         await broker.start()
         link = Link(port)
         await link.restore()
-        text = DEMO_CONFIG.format(link_port=link.port, buffer=Path(tmp) / "buffer.db")
+        simulator, extra = await _start_modbus_simulator()
+        text = DEMO_CONFIG.format(link_port=link.port, buffer=Path(tmp) / "buffer.db", extra_devices=extra)
         config = parse_config(text, Path(tmp) / "demo.yaml")
         print(
             f"demo: embedded broker on 127.0.0.1:{port}; agent {config.gateway.id} with "
@@ -194,10 +205,36 @@ async def run_demo(*, duration: float = 30.0, outage: bool = True) -> int:
             viewer.stop()
             with contextlib.suppress(Exception):
                 await broker.shutdown()
+            if simulator is not None:
+                simulator.terminate()
+                await simulator.wait()
     print("\ndemo summary (what the operations centre received):")
     print(viewer.summary(), flush=True)
     gaps = any(set(range(min(s), max(s) + 1)) - s for s in viewer.seqs.values())
     return 1 if gaps or not viewer.seqs else 0
+
+
+async def _start_modbus_simulator() -> tuple[asyncio.subprocess.Process | None, str]:
+    """A simulated Modbus meter in its own process, if the modbus driver is installed."""
+    from agent.registry import load_plugins
+
+    if "modbus" not in load_plugins():
+        return None, ""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm630",
+        "--tcp", f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    except TimeoutError:
+        line = b""
+    if b"serving" not in line:
+        proc.kill()
+        print("demo: the Modbus simulator did not start; running without the Modbus meter", flush=True)
+        return None, ""
+    return proc, MODBUS_DEVICE.format(port=port)
 
 
 async def _script(link: Link, duration: float, outage: bool) -> None:

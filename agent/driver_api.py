@@ -151,6 +151,10 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
             await asyncio.sleep(next_at - now)
 
 
+# A technician command: gets the arguments after ``edge-agent <verb> <driver>``, returns an exit code.
+ToolMain = Callable[[list[str]], int]
+
+
 @dataclass(frozen=True)
 class DriverPlugin:
     """The entry point object a driver package exposes (kept light: no heavy imports).
@@ -160,9 +164,19 @@ class DriverPlugin:
         config_model: pydantic model of the device's keys (``driver: Literal[name]``).
         factory: returns the Driver class; imported only when a device of this kind runs.
         summary: one line for ``edge-agent drivers``.
+        tools: returns the driver's technician commands, verb -> ``main(argv) -> exit code``;
+            ``edge-agent <verb> <driver> ...`` runs one (e.g. ``scan``, ``read``, ``simulate``).
+            A verb the driver offers without a driver argument (``profiles``) is reached as
+            ``edge-agent <verb>`` when exactly that verb is named in ``global_verbs``.
+        check_devices: cross-device checks run when the config loads (e.g. two devices on one
+            RS-485 port with different baud rates); gets ``(index, config)`` of this driver's
+            devices, returns problems as ``devices[i].field: message``.
     """
 
     name: str
     config_model: type[DeviceConfig]
     factory: Callable[[], type[Driver]]
     summary: str = ""
+    tools: Callable[[], dict[str, ToolMain]] | None = None
+    global_verbs: tuple[str, ...] = ()
+    check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None

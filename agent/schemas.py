@@ -53,13 +53,17 @@ class Measurement(_Open):
     """One measured quantity of a meter."""
 
     quantity: str = Field(
-        description="active_energy, active_power, voltage, current, frequency, power_factor, volume, flow, ..."
+        description="From a fixed vocabulary, each with one unit: active_energy kWh, active_energy_export kWh, "
+        "reactive_energy kvarh, active_power kW, reactive_power kvar, apparent_power kVA, voltage V, current A, "
+        "frequency Hz, power_factor '', volume m3, flow m3/h, temperature degC, pressure bar, digital_input '' "
+        "(0/1), counter ''."
     )
     value: float | None = Field(description="Value in `unit`; null when quality is bad.")
     unit: str = Field(description="kWh, kW, V, A, Hz, m3, m3/h, ... ('' for dimensionless).")
     quality: Quality = Field(description="good, stale (last known value) or bad.")
     reason: str | None = Field(default=None, description="Why quality is not good.")
     phase: str | None = Field(default=None, description="L1, L2, L3, N when per phase.")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
 
 
 class MeterReading(_Open):
@@ -75,6 +79,7 @@ class ParkingOccupancy(_Open):
     occupied: bool
     confidence: float = Field(ge=0, le=1)
     since: str = Field(description="When the bay entered this state (RFC 3339 UTC).")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
 
 
 class CrosswalkPresence(_Open):
@@ -83,6 +88,7 @@ class CrosswalkPresence(_Open):
     area: str
     count: int = Field(ge=0, description="People waiting now.")
     max_count: int = Field(ge=0, description="Most people waiting in the current window.")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
 
 
 class DeviceStatus(_Open):

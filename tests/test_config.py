@@ -48,7 +48,7 @@ BAD: list[tuple[str, str, list[str]]] = [
         GOOD + "  - {id: m2, driver: modbuz}\n",
         ["devices[1].driver", "unknown driver 'modbuz'", "virtual"],
     ),
-    ("missing driver", GOOD + "  - {id: m2, kind: meter}\n", ["devices[1].driver", "required key is missing"]),
+    ("missing driver", GOOD + "  - {id: m2, kind: meter}\n", ["devices[1].driver", "missing 'driver' key", "virtual"]),
     ("bad enum value", GOOD.replace("kind: meter", "kind: toaster"), ["devices[0].kind", "'toaster'"]),
     (
         "unknown device key",

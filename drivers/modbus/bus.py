@@ -1,0 +1,181 @@
+"""Connections to Modbus devices, shared by every device on the same bus or gateway.
+
+An RS-485 line carries one request at a time: devices on one serial port share one client and
+one lock, and leave the inter-frame silence the standard requires (3.5 character times, at
+least 1.75 ms above 19200 baud) between a response and the next request. TCP devices each get
+their own connection per host:port and poll concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusException
+
+from drivers.modbus.config import ModbusConfig
+
+log = logging.getLogger(__name__)
+# Each failure reaches the runtime with the device's id (status events, poll counts); pymodbus's
+# own log lines, with frame dumps, would repeat every one of them on every poll.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+_READS = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+
+class ModbusReadError(Exception):
+    """A read failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
+
+    def __init__(self, reason: str, *, link: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.link = link  # the connection itself failed, not just this request
+
+
+def inter_frame_gap(baudrate: int, bits_per_char: int = 11) -> float:
+    """Seconds of silence between RTU frames: 3.5 characters, 1.75 ms above 19200 baud."""
+    return 0.00175 if baudrate > 19200 else 3.5 * bits_per_char / baudrate
+
+
+@dataclass
+class Bus:
+    """One connection (TCP socket or serial port) and the lock that serialises its requests."""
+
+    key: str
+    client: Any
+    gap: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+    _quiet_at: float = 0.0
+
+    async def read(self, table: str, address: int, count: int, unit: int) -> list[int] | list[bool]:
+        """Registers (or bits) read from ``unit``.
+
+        Raises:
+            ModbusReadError: timeout, exception response, garbled or missing answer.
+        """
+        async with self.lock:
+            if not self.client.connected and not await self._connect():
+                raise ModbusReadError(f"cannot connect to {self.key.split(':', 1)[1]}", link=True)
+            wait = self._quiet_at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                response = await getattr(self.client, _READS[table])(address, count=count, device_id=unit)
+            except ModbusException as exc:
+                if not self.client.connected:
+                    raise ModbusReadError("connection lost", link=True) from exc
+                raise ModbusReadError(_describe(exc)) from exc
+            finally:
+                self._quiet_at = time.monotonic() + self.gap
+        if response.isError():
+            code = getattr(response, "exception_code", 0)
+            raise ModbusReadError(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+        values: list[int] | list[bool] = (
+            list(response.bits[:count]) if table in ("coil", "discrete") else list(response.registers)
+        )
+        if len(values) < count:
+            raise ModbusReadError(f"short answer: {len(values)} of {count}")
+        return values
+
+    async def _connect(self) -> bool:
+        try:
+            return bool(await self.client.connect())
+        except (OSError, ModbusException) as exc:
+            log.debug("%s: connect failed: %s", self.key, exc)
+            return False
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        self.client.close()
+
+
+def _describe(exc: ModbusException) -> str:
+    text = str(exc)
+    if "No response" in text or "timeout" in text.lower():
+        return "timeout"
+    if "Connection" in type(exc).__name__ or "connect" in text.lower():
+        return "connection lost"
+    return text.removeprefix("Modbus Error: ").strip() or type(exc).__name__
+
+
+class BusPool:
+    """The process's buses, created on first use and closed when their last device stops."""
+
+    def __init__(self) -> None:
+        """Start with no buses."""
+        self._buses: dict[str, Bus] = {}
+        self._settings: dict[str, ModbusConfig] = {}
+
+    def acquire(self, config: ModbusConfig) -> Bus:
+        """The bus for ``config``; devices on one serial port must agree on its settings.
+
+        Raises:
+            ValueError: another device opened the same port with different line settings.
+        """
+        key = config.bus_key()
+        bus = self._buses.get(key)
+        if bus is None:
+            bus = Bus(key, _client(config), gap=_gap(config))
+            self._buses[key] = bus
+            self._settings[key] = config
+        elif config.serial is not None and config.serial != self._settings[key].serial:
+            other = self._settings[key]
+            raise ValueError(
+                f"{config.serial.port} is already open for device {other.id} with {other.serial}; "
+                f"devices on one RS-485 bus need the same baudrate, parity and stop bits"
+            )
+        bus.users += 1
+        return bus
+
+    def release(self, bus: Bus) -> None:
+        """Drop one user; the last one closes the connection."""
+        bus.users -= 1
+        if bus.users <= 0:
+            bus.close()
+            self._buses.pop(bus.key, None)
+            self._settings.pop(bus.key, None)
+
+
+def _gap(config: ModbusConfig) -> float:
+    if config.transport == "rtu" and config.serial is not None:
+        bits = 1 + config.serial.bytesize + (0 if config.serial.parity == "N" else 1) + config.serial.stopbits
+        return inter_frame_gap(config.serial.baudrate, bits)
+    return 0.0
+
+
+def _client(config: ModbusConfig) -> Any:
+    # reconnect_delay=0: the driver decides when to reconnect (next poll), so a dead device does
+    # not keep a background task hammering it; retries=0: a silent device costs one timeout.
+    common: dict[str, Any] = {"timeout": config.timeout, "retries": 0, "reconnect_delay": 0}
+    if config.transport == "rtu" and config.serial is not None:
+        s = config.serial
+        return AsyncModbusSerialClient(
+            s.port, framer=FramerType.RTU, baudrate=s.baudrate, parity=s.parity, stopbits=s.stopbits,
+            bytesize=s.bytesize, **common,
+        )  # fmt: skip
+    framer = FramerType.RTU if config.transport == "rtu_over_tcp" else FramerType.SOCKET
+    return AsyncModbusTcpClient(str(config.host), port=config.port, framer=framer, **common)
+
+
+POOL = BusPool()

@@ -1,0 +1,72 @@
+"""Registers <-> values for every point type, byte order and word order.
+
+Modbus carries each 16-bit register big-endian. Devices differ in how they lay a wider value
+across registers: ``word_order: big`` puts the high word first (the Modbus convention, e.g.
+Eastron), ``little`` the low word first (many PLCs); ``byte_order: little`` swaps the two bytes
+inside each register (rare, "byte-swapped" devices).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+_FORMATS = {
+    "int16": ">h", "uint16": ">H", "bitfield": ">H", "int32": ">i", "uint32": ">I", "float32": ">f",
+    "int64": ">q", "uint64": ">Q", "float64": ">d",
+}  # fmt: skip
+
+
+def _to_bytes(registers: list[int], byte_order: str, word_order: str) -> bytes:
+    words = list(reversed(registers)) if word_order == "little" else registers
+    raw = b"".join(w.to_bytes(2, "big") for w in words)
+    if byte_order == "little":
+        raw = b"".join(raw[i + 1 : i + 2] + raw[i : i + 1] for i in range(0, len(raw), 2))
+    return raw
+
+
+def _from_bytes(raw: bytes, byte_order: str, word_order: str) -> list[int]:
+    if byte_order == "little":
+        raw = b"".join(raw[i + 1 : i + 2] + raw[i : i + 1] for i in range(0, len(raw), 2))
+    words = [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+    return list(reversed(words)) if word_order == "little" else words
+
+
+def decode(
+    registers: list[int], type_: str, *, byte_order: str = "big", word_order: str = "big", bit: int | None = None
+) -> float | int | str:
+    """The raw value of ``registers`` read as ``type_`` (before scale and offset).
+
+    Raises:
+        ValueError: wrong register count for the type, or a float that is NaN/infinite
+            (devices use those to say "not available"; callers report the point as bad).
+    """
+    if type_ == "string":
+        # Strings are byte sequences in register order; only the byte order applies.
+        return _to_bytes(registers, byte_order, "big").rstrip(b"\x00 ").decode("latin-1")
+    fmt = _FORMATS[type_]
+    need = struct.calcsize(fmt) // 2
+    if len(registers) != need:
+        raise ValueError(f"{type_} needs {need} registers, got {len(registers)}")
+    (value,) = struct.unpack(fmt, _to_bytes(registers, byte_order, word_order))
+    if type_ == "bitfield":
+        return (int(value) >> (bit or 0)) & 1
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{type_} is {value} (device says not available)")
+    return value  # type: ignore[no-any-return]
+
+
+def encode(
+    value: float | int | str, type_: str, *, byte_order: str = "big", word_order: str = "big", length: int | None = None
+) -> list[int]:
+    """Registers that :func:`decode` reads back as ``value`` (the simulator's half).
+
+    Raises:
+        struct.error: the value does not fit the type.
+    """
+    if type_ == "string":
+        raw = str(value).encode("latin-1")[: 2 * (length or 1)].ljust(2 * (length or 1), b"\x00")
+        return _from_bytes(raw, byte_order, "big")
+    fmt = _FORMATS[type_]
+    packed = struct.pack(fmt, value if fmt[-1] in "fd" else int(value))
+    return _from_bytes(packed, byte_order, word_order)

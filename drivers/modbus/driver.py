@@ -1,0 +1,192 @@
+"""The Modbus driver: planned reads, decoding, quality, report-on-change, event mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.driver_api import Driver, DriverContext
+from agent.errors import DriverFatalError
+from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from drivers.modbus import codec
+from drivers.modbus.bus import POOL, Bus, ModbusReadError
+from drivers.modbus.config import BIT_TABLES, ModbusConfig, PointConfig
+from drivers.modbus.plan import Request, plan
+
+
+@dataclass
+class _Sample:
+    """A point's outcome in one poll: a value, or why there is none."""
+
+    point: PointConfig
+    value: float | int | str | None
+    reason: str | None = None
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def decode_point(
+    point: PointConfig, values: list[int] | list[bool], start: int, config: ModbusConfig
+) -> float | int | str:
+    """The engineering value of ``point`` out of a request's ``values`` that begin at ``start``."""
+    offset = point.address - start
+    if point.table in BIT_TABLES:
+        raw: float | int | str = int(bool(values[offset]))
+    else:
+        raw = codec.decode(
+            [int(v) for v in values[offset : offset + point.registers]],
+            point.type,
+            byte_order=point.byte_order or config.byte_order,
+            word_order=point.word_order or config.word_order,
+            bit=point.bit,
+        )
+    if isinstance(raw, str) or (point.scale == 1.0 and point.offset == 0.0):
+        return raw
+    return round(raw * point.scale + point.offset, 9)
+
+
+class ModbusDriver(Driver):
+    """Polls one unit through a shared bus; see the module docstring of each part for the rules."""
+
+    config: ModbusConfig
+
+    def __init__(self, config: ModbusConfig, context: DriverContext) -> None:
+        """Plan the reads once; no I/O."""
+        super().__init__(config, context)
+        self.requests: list[Request] = plan(config)
+        self._bus: Bus | None = None
+        self._good: dict[str, float | int | str] = {}  # last good value per point
+        self._reported: dict[str, tuple[Any, str]] = {}  # last reported (value, quality) per point
+        self._since: dict[str, datetime] = {}  # when each bay entered its state
+        self._window_max: dict[str, int] = {}
+        self._full_at = 0.0
+        self.stats = {"polls": 0, "requests": 0, "failed_requests": 0}
+
+    async def start(self) -> None:
+        """Join the device's bus (shared with the other units on the same port)."""
+        try:
+            self._bus = POOL.acquire(self.config)
+        except ValueError as exc:
+            raise DriverFatalError(str(exc)) from exc
+
+    async def stop(self) -> None:
+        """Leave the bus; the last device on it closes the connection."""
+        if self._bus is not None:
+            POOL.release(self._bus)
+            self._bus = None
+
+    async def stream(self) -> AsyncIterator[list[Reading]]:
+        """Run each request on its own interval; yield the events each poll produces."""
+        now = time.monotonic()
+        due = {id(r): now for r in self.requests}
+        while True:
+            now = time.monotonic()
+            batch = [r for r in self.requests if due[id(r)] <= now]
+            readings = await self.poll(batch)
+            if readings is not None:
+                yield readings
+            for r in batch:
+                due[id(r)] += r.interval
+                if due[id(r)] < now:  # overran: skip missed slots, keep the phase
+                    due[id(r)] += ((now - due[id(r)]) // r.interval + 1) * r.interval
+            await asyncio.sleep(max(0.0, min(due.values()) - time.monotonic()))
+
+    async def poll(self, requests: list[Request]) -> list[Reading] | None:
+        """Read ``requests``; report the poll's outcome; return its events (None if none)."""
+        assert self._bus is not None, "start() first"
+        self.stats["polls"] += 1
+        samples: list[_Sample] = []
+        failure: str | None = None
+        for request in requests:
+            if failure is not None:
+                # The device already failed this poll: do not spend another timeout on it
+                # (on a shared RS-485 bus that time belongs to the other units).
+                samples += [_Sample(p, None, failure) for p in request.points]
+                continue
+            self.stats["requests"] += 1
+            try:
+                values = await self._bus.read(request.table, request.address, request.count, self.config.unit)
+            except ModbusReadError as exc:
+                self.stats["failed_requests"] += 1
+                samples += [_Sample(p, None, exc.reason) for p in request.points]
+                if exc.link or exc.reason == "timeout":
+                    failure = exc.reason
+                continue
+            for point in request.points:
+                try:
+                    samples.append(_Sample(point, decode_point(point, values, request.address, self.config)))
+                except ValueError as exc:
+                    samples.append(_Sample(point, None, f"decode: {exc}"))
+        good = [s for s in samples if s.reason is None]
+        if not good:
+            self.context.poll_failed(next((s.reason for s in samples if s.reason), "no points"))
+            return None
+        self.context.poll_ok()
+        return self._events(samples) or None
+
+    def _events(self, samples: list[_Sample]) -> list[Reading]:
+        now_mono = time.monotonic()
+        full = now_mono >= self._full_at
+        if full:
+            self._full_at = now_mono + self.config.full_report
+        stamp = datetime.now(UTC)
+        measurements: list[dict[str, Any]] = []
+        readings: list[Reading] = []
+        for s in samples:
+            p = s.point
+            if s.reason is None and s.value is not None:
+                self._good[p.name] = s.value
+                value, quality = s.value, "good"
+            elif p.name in self._good:
+                value, quality = self._good[p.name], "stale"
+            else:
+                value, quality = None, "bad"
+            previous = self._reported.get(p.name)
+            if not (full or self._changed(p, value, quality, previous)):
+                continue
+            self._reported[p.name] = (value, quality)
+            if p.quantity is not None:
+                m: dict[str, Any] = {"quantity": p.quantity, "value": value, "unit": p.event_unit,
+                                     "quality": quality, "point": p.name}  # fmt: skip
+                if s.reason is not None:
+                    m["reason"] = s.reason
+                if p.phase is not None:
+                    m["phase"] = p.phase
+                measurements.append(m)
+            elif quality != "bad" and p.bay is not None:
+                readings.append(Reading(PARKING_OCCUPANCY, self._bay(p, bool(value), quality, stamp, previous), stamp))
+            elif quality != "bad" and p.area is not None and isinstance(value, int | float):
+                readings.append(Reading(CROSSWALK_PRESENCE, self._area(p, int(value), full), stamp))
+        if measurements:
+            readings.insert(0, Reading(METER_READING, {"measurements": measurements}, stamp))
+        return readings
+
+    def _changed(self, point: PointConfig, value: Any, quality: str, last: tuple[Any, str] | None) -> bool:
+        if last is None or last[1] != quality:
+            return True
+        if point.quantity is not None:
+            deadband = point.deadband if point.deadband is not None else self.config.deadband
+            if deadband is None:
+                return True  # no deadband: a meter reports every poll
+            if isinstance(value, int | float) and isinstance(last[0], int | float):
+                return abs(value - last[0]) > deadband
+        return bool(value != last[0])
+
+    def _bay(
+        self, point: PointConfig, occupied: bool, quality: str, stamp: datetime, last: tuple[Any, str] | None
+    ) -> dict[str, Any]:
+        if point.name not in self._since or (last is not None and bool(last[0]) != occupied):
+            self._since[point.name] = stamp
+        return {"bay": point.bay, "occupied": occupied, "confidence": 1.0 if quality == "good" else 0.5,
+                "since": _iso(self._since[point.name]), "point": point.name}  # fmt: skip
+
+    def _area(self, point: PointConfig, count: int, full: bool) -> dict[str, Any]:
+        window_max = max(self._window_max.get(point.name, 0), count)
+        self._window_max[point.name] = count if full else window_max
+        return {"area": point.area, "count": count, "max_count": window_max, "point": point.name}

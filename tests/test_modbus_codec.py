@@ -1,0 +1,318 @@
+"""Modbus decoding, read planning and config: pure functions checked against hand-computed values."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.config import parse_config
+from agent.errors import ConfigError
+from drivers.modbus import codec, profiles
+from drivers.modbus.config import ModbusConfig, parse_modicon
+from drivers.modbus.plan import plan
+
+# (registers as they arrive on the wire, type, byte_order, word_order, expected value).
+# Worked by hand: float32 123.456 is 0x42F6E979; int32 -2 is 0xFFFFFFFE; 0x12345678 = 305419896.
+HAND_COMPUTED = [
+    ([0x1234], "uint16", "big", "big", 0x1234),
+    ([0x3412], "uint16", "little", "big", 0x1234),
+    ([0xFFFE], "int16", "big", "big", -2),
+    ([0x8000], "int16", "big", "big", -32768),
+    ([0x1234, 0x5678], "uint32", "big", "big", 305419896),
+    ([0x5678, 0x1234], "uint32", "big", "little", 305419896),
+    ([0x3412, 0x7856], "uint32", "little", "big", 305419896),
+    ([0x7856, 0x3412], "uint32", "little", "little", 305419896),
+    ([0xFFFF, 0xFFFE], "int32", "big", "big", -2),
+    ([0xFFFE, 0xFFFF], "int32", "big", "little", -2),
+    ([0x42F6, 0xE979], "float32", "big", "big", 123.456),
+    ([0xE979, 0x42F6], "float32", "big", "little", 123.456),
+    ([0xF642, 0x79E9], "float32", "little", "big", 123.456),
+    ([0x4366, 0x0000], "float32", "big", "big", 230.0),
+    ([0x0001, 0x0002, 0x0003, 0x0004], "uint64", "big", "big", 0x0001000200030004),
+    ([0x0004, 0x0003, 0x0002, 0x0001], "uint64", "big", "little", 0x0001000200030004),
+    ([0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF], "int64", "big", "big", -1),
+    # 230.5 as float64 is 0x406CD00000000000
+    ([0x406C, 0xD000, 0x0000, 0x0000], "float64", "big", "big", 230.5),
+    ([0x0000, 0x0000, 0xD000, 0x406C], "float64", "big", "little", 230.5),
+]
+
+
+@pytest.mark.parametrize(("registers", "type_", "byte_order", "word_order", "expected"), HAND_COMPUTED)
+def test_decode_matches_hand_computed_values(registers, type_, byte_order, word_order, expected) -> None:
+    value = codec.decode(registers, type_, byte_order=byte_order, word_order=word_order)
+    if isinstance(expected, float):
+        assert value == pytest.approx(expected, rel=1e-6)
+    else:
+        assert value == expected
+    # and the simulator's encoder writes exactly those registers back
+    assert codec.encode(expected, type_, byte_order=byte_order, word_order=word_order) == registers
+
+
+def test_strings_bitfields_and_not_available_floats() -> None:
+    # "SDM630" = 0x53 0x44 0x4D 0x36 0x33 0x30, NUL padded
+    assert codec.decode([0x5344, 0x4D36, 0x3330, 0x0000], "string") == "SDM630"
+    assert codec.decode([0x4453, 0x364D, 0x3033], "string", byte_order="little") == "SDM630"
+    assert [codec.decode([0b1010_0000_0000_0101], "bitfield", bit=b) for b in (0, 1, 2, 13, 15)] == [1, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="not available"):
+        codec.decode([0x7FC0, 0x0000], "float32")  # NaN: meters say "no value" this way
+    with pytest.raises(ValueError, match="needs 2 registers"):
+        codec.decode([0x1234], "float32")
+
+
+@given(
+    st.sampled_from(["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(["big", "little"]),
+    st.data(),
+)
+def test_encode_decode_round_trip(type_: str, byte_order: str, word_order: str, data: st.DataObject) -> None:
+    bits = int("".join(c for c in type_ if c.isdigit()))
+    if type_.startswith("float"):
+        value: float | int = data.draw(st.floats(allow_nan=False, allow_infinity=False, width=bits))
+    elif type_.startswith("u"):
+        value = data.draw(st.integers(0, 2**bits - 1))
+    else:
+        value = data.draw(st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1))
+    registers = codec.encode(value, type_, byte_order=byte_order, word_order=word_order)
+    assert len(registers) == bits // 16 and all(0 <= r <= 0xFFFF for r in registers)
+    back = codec.decode(registers, type_, byte_order=byte_order, word_order=word_order)
+    assert back == value or (math.isclose(back, value) if isinstance(value, float) else False)
+
+
+@given(st.lists(st.integers(0, 0xFFFF), min_size=0, max_size=6), st.sampled_from(list(codec._FORMATS)))
+def test_decode_never_fails_other_than_by_value_error(registers: list[int], type_: str) -> None:
+    with contextlib.suppress(ValueError):
+        codec.decode(registers, type_, bit=3)
+
+
+def test_modicon_numbers() -> None:
+    assert parse_modicon("30001") == ("input", 0)
+    assert parse_modicon("40073") == ("holding", 72)
+    assert parse_modicon("00001") == ("coil", 0)
+    assert parse_modicon("10008") == ("discrete", 7)
+    assert parse_modicon("365536") == ("input", 65535)
+    for bad in ("20001", "40000", "abc", "4001"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_modicon(bad)
+
+
+def _device(points: list[dict], **keys) -> ModbusConfig:
+    return ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "10.0.0.5", "points": points, **keys})
+
+
+def _p(name: str, address: int, type_: str = "float32", table: str = "input", **kw) -> dict:
+    return {"name": name, "table": table, "address": address, "type": type_, "quantity": "voltage", **kw}
+
+
+def test_planner_coalesces_adjacent_points_and_respects_limits() -> None:
+    device = _device([_p("a", 0), _p("b", 2), _p("c", 6), _p("d", 40), _p("e", 0, "uint16", "holding")])
+    got = [(r.table, r.address, r.count, [p.name for p in r.points]) for r in plan(device)]
+    # a,b,c within the gap of 8 -> one read of 0..7; d is 32 registers further -> its own read
+    assert got == [("holding", 0, 1, ["e"]), ("input", 0, 8, ["a", "b", "c"]), ("input", 40, 2, ["d"])]
+    strict = _device([_p("a", 0), _p("b", 2), _p("c", 6)], max_gap=0)
+    assert [(r.address, r.count) for r in plan(strict)] == [(0, 4), (6, 2)]
+    small = _device([_p(f"p{i}", 2 * i) for i in range(100)], max_registers=50)
+    assert [(r.address, r.count) for r in plan(small)] == [(0, 50), (50, 50), (100, 50), (150, 50)]
+    full = _device([_p(f"p{i}", 2 * i) for i in range(100)])
+    assert [(r.address, r.count) for r in plan(full)] == [(0, 124), (124, 76)]  # 125 max, floats not split
+
+
+def test_planner_keeps_poll_intervals_apart() -> None:
+    device = _device([_p("fast", 0, interval="1s"), _p("slow", 2, interval="1m"), _p("dflt", 4)], interval="5s")
+    got = sorted((r.interval, r.address) for r in plan(device))
+    assert got == [(1.0, 0), (5.0, 4), (60.0, 2)]
+
+
+def _valid(requests, config: ModbusConfig) -> None:
+    seen = []
+    for r in requests:
+        limit = config.max_bits if r.table in ("coil", "discrete") else config.max_registers
+        assert r.count <= limit
+        ordered = sorted(r.points, key=lambda p: p.address)
+        for point in ordered:
+            assert r.address <= point.address and point.address + point.registers <= r.end
+        for left, right in itertools.pairwise(ordered):
+            assert right.address - (left.address + left.registers) <= config.max_gap
+        seen += [p.name for p in r.points]
+    assert sorted(seen) == sorted(p.name for p in config.points)  # every point read exactly once
+
+
+def _fewest_requests(points: list[tuple[int, int]], limit: int, gap: int) -> int:
+    """Brute force: fewest runs of address-sorted points with span <= limit and holes <= gap."""
+    points = sorted(points)
+    best = [0] + [10**9] * len(points)
+    for i in range(1, len(points) + 1):
+        for j in range(i):
+            run = points[j:i]
+            span = max(a + n for a, n in run) - run[0][0]
+            holes = all(b[0] - (a[0] + a[1]) <= gap for a, b in itertools.pairwise(run))
+            if span <= limit and holes:
+                best[i] = min(best[i], best[j] + 1)
+    return best[-1]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 300), st.sampled_from([1, 2, 4])), min_size=1, max_size=12, unique_by=lambda t: t[0]
+    ),
+    st.integers(4, 40),
+    st.integers(0, 10),
+)
+def test_planner_is_valid_and_uses_the_fewest_requests(points: list[tuple[int, int]], limit: int, gap: int) -> None:
+    # Non-overlapping points, as real register maps are.
+    laid: list[tuple[int, int]] = []
+    for address, width in sorted(points):
+        if not laid or address >= laid[-1][0] + laid[-1][1]:
+            laid.append((address, width))
+    types = {1: "uint16", 2: "float32", 4: "float64"}
+    config = _device([_p(f"p{i}", a, types[w]) for i, (a, w) in enumerate(laid)], max_registers=limit, max_gap=gap)
+    requests = plan(config)
+    _valid(requests, config)
+    assert len(requests) == _fewest_requests(laid, limit, gap)
+
+
+def test_every_shipped_profile_loads_cites_its_manual_and_plans_within_its_limits() -> None:
+    shipped = {name: path for name, path in profiles.available().items() if path.parent == profiles.BUILTIN_DIR}
+    assert len(shipped) >= 5, f"expected at least five shipped profiles, found {sorted(shipped)}"
+    for name in shipped:
+        device = ModbusConfig.model_validate(
+            {"id": "m", "driver": "modbus", "transport": "rtu", "profile": name, "serial": {"port": "/dev/ttyUSB0"}}
+        )
+        _valid(plan(device), device)
+        profile = profiles.load(name)
+        assert profile["manual"]["title"] and profile["manual"]["revision"], name
+    # Coalescing on a profile without read limits of its own: the SDM630's 36 points in 4 reads.
+    sdm630 = ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "h", "profile": "eastron-sdm630"})
+    assert (len(sdm630.points), len(plan(sdm630))) == (36, 4)
+
+
+SITE = """\
+gateway: {id: gw-1}
+uplink: {mqtt: {host: 127.0.0.1}}
+devices:
+"""
+
+
+def _problems(devices: str) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_config(SITE + devices, Path("/site/site.yaml"))
+    return err.value.problems
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("  - {id: m1, driver: modbus, host: h, profile: nope-9000}\n", "unknown profile 'nope-9000'"),
+        (
+            "  - {id: m1, driver: modbus, transport: rtu, points: [{name: v, address: 0, quantity: voltage}]}\n",
+            "transport rtu needs serial",
+        ),
+        (
+            "  - {id: m1, driver: modbus, points: [{name: v, address: 0, quantity: voltage}]}\n",
+            "transport tcp needs host",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, quantity: volts}]}\n",
+            "unknown quantity 'volts'",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, type: bool, quantity: voltage}]}\n",
+            "type bool is for coil/discrete",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, table: coil, quantity: counter}]}\n",
+            "single bit; use type: bool",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, type: string, quantity: counter}]}\n",
+            "length is required",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0}]}\n",
+            "exactly one of quantity, bay, area",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 70000, quantity: voltage}]}\n",
+            "less than or equal to 65535",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 65535, type: float32, "
+            "quantity: voltage}]}\n",
+            "runs past address 65535",
+        ),
+        ("  - {id: m1, driver: modbus, host: h, points: []}\n", "no points"),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, quantity: voltage}, "
+            "{name: v, address: 1, quantity: voltage}]}\n",
+            "duplicate point names: v",
+        ),
+        (
+            "  - {id: m1, driver: modbus, transport: rtu, serial: {port: /dev/ttyUSB0, baudrate: 9601}, "
+            "points: [{name: v, address: 0, quantity: voltage}]}\n",
+            "unusual baudrate 9601",
+        ),
+        (
+            "  - {id: m1, driver: modbus, transport: rtu, unit: 248, serial: {port: /dev/ttyUSB0}, "
+            "points: [{name: v, address: 0, quantity: voltage}]}\n",
+            "serial unit ids are 1..247",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, profile: eastron-sdm630, exclude: [nosuchpoint]}\n",
+            "lacks: ['nosuchpoint']",
+        ),
+        (
+            "  - {id: m1, driver: modbus, host: h, points: [{name: v, address: 0, quantity: voltage, scael: 2}]}\n",
+            "scael",
+        ),
+    ],
+)
+def test_bad_modbus_devices_are_refused_naming_the_field(device: str, expected: str) -> None:
+    problems = _problems(device)
+    assert any(expected in p for p in problems), problems
+    assert all(p.startswith("/site/site.yaml:") and "devices[0]" in p for p in problems), problems
+
+
+def test_a_profile_is_extended_overridden_and_trimmed_per_device(tmp_path: Path) -> None:
+    base = ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "h", "profile": "eastron-sdm630"})
+    names = [p.name for p in base.points]
+    victim, tweaked = names[0], names[1]
+    device = ModbusConfig.model_validate({
+        "id": "m", "driver": "modbus", "host": "h", "profile": "eastron-sdm630", "exclude": [victim],
+        "points": [{"name": tweaked, "deadband": 0.5}, _p("extra_temp", 900, quantity="temperature")],
+    })  # fmt: skip
+    got = {p.name: p for p in device.points}
+    assert victim not in got and "extra_temp" in got
+    assert got[tweaked].deadband == 0.5 and got[tweaked].address == base.points[1].address
+    assert len(device.points) == len(base.points)  # one out, one in
+    # A site's own profiles/ folder wins over the shipped one.
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "eastron-sdm630.yaml").write_text(
+        "profile: eastron-sdm630\nmanual: {title: local, revision: '1'}\n"
+        "points: [{name: only, table: input, address: 4, type: float32, quantity: voltage}]\n"
+    )
+    local = parse_config(SITE + "  - {id: m1, driver: modbus, host: h, profile: eastron-sdm630}\n",
+                         tmp_path / "site.yaml")  # fmt: skip
+    assert [p.name for p in local.devices[0].points] == ["only"]  # type: ignore[attr-defined]
+
+
+def test_devices_sharing_a_bus_must_agree_on_line_settings_and_use_distinct_units() -> None:
+    point = "points: [{name: v, address: 0, quantity: voltage}]"
+    problems = _problems(
+        f"  - {{id: a, driver: modbus, transport: rtu, unit: 1, serial: {{port: /dev/ttyUSB0}}, {point}}}\n"
+        f"  - {{id: b, driver: modbus, transport: rtu, unit: 2, serial: {{port: /dev/ttyUSB0, parity: E}}, {point}}}\n"
+        f"  - {{id: c, driver: modbus, transport: rtu, unit: 1, serial: {{port: /dev/ttyUSB0}}, {point}}}\n"
+        f"  - {{id: d, driver: modbus, transport: rtu, unit: 1, serial: {{port: /dev/ttyUSB1}}, {point}}}\n"
+        f"  - {{id: e, driver: modbus, host: 10.0.0.9, unit: 1, {point}}}\n"
+    )
+    assert problems == [
+        "/site/site.yaml:5: devices[1].serial: /dev/ttyUSB0 is also used by devices[0] (a) with other line "
+        "settings; one RS-485 bus has one baudrate, parity and stop bits",
+        "/site/site.yaml:6: devices[2].unit: unit 1 on /dev/ttyUSB0 is also devices[0]; each unit on one bus "
+        "needs its own id",
+    ]

@@ -1,0 +1,509 @@
+"""The Modbus driver against real pymodbus servers: TCP, RTU on pseudo-terminals, injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from agent.driver_api import DriverContext
+from agent.schemas import EVENT_MODELS, CloudEvent
+from drivers.modbus import profiles
+from drivers.modbus.bus import POOL
+from drivers.modbus.config import ModbusConfig, PointConfig
+from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.pty import PtyPair
+from drivers.modbus.simulator import SimulatedUnit, Simulator
+from tests.conftest import ROOT, free_port, wait_for, write_config
+
+
+class Recorder(DriverContext):
+    """The runtime's side of a driver, recording what the driver reports."""
+
+    def __init__(self, device_id: str = "m") -> None:
+        self.device_id = device_id
+        self.outcomes: list[str] = []
+
+    def poll_ok(self) -> None:
+        self.outcomes.append("ok")
+
+    def poll_failed(self, reason: str) -> None:
+        self.outcomes.append(reason)
+
+
+POINTS = [
+    {"name": "voltage", "table": "input", "address": 0, "type": "float32", "quantity": "voltage", "phase": "L1"},
+    {"name": "energy", "table": "input", "address": 2, "type": "uint32", "scale": 0.01, "quantity": "active_energy"},
+    {"name": "power", "table": "holding", "address": 10, "type": "int16", "scale": 0.001, "quantity": "active_power",
+     "unit": "kW"},
+    {"name": "bay", "table": "discrete", "address": 3, "type": "bool", "bay": "P-07"},
+    {"name": "people", "table": "holding", "address": 20, "type": "uint16", "area": "north"},
+]  # fmt: skip
+
+
+def tcp_device(port: int, **keys: Any) -> ModbusConfig:
+    return ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "127.0.0.1", "port": port,
+                                        "timeout": "300ms", "points": POINTS, **keys})  # fmt: skip
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+def measurements(readings: list[Any] | None) -> dict[str, dict[str, Any]]:
+    assert readings, "the poll produced no events"
+    meter = [r for r in readings if r.type == "city.meter.reading"]
+    return {m["point"]: m for m in meter[0].data["measurements"]} if meter else {}
+
+
+def test_simulator_addressing_matches_hand_computed_registers() -> None:
+    """Zero-based protocol addresses end to end, read by a plain pymodbus client."""
+
+    async def body() -> None:
+        port = free_port()
+        point = PointConfig(name="v", table="input", address=7, type="float32", quantity="voltage")
+        unit = SimulatedUnit(3, [point])
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        unit.set(point, 230.0)  # 230.0 = 0x43660000
+        unit.set_registers("holding", 100, [0xBEEF])
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        try:
+            assert await client.connect()
+            got = await client.read_input_registers(6, count=3, device_id=3)
+            assert got.registers == [0, 0x4366, 0x0000]  # address 7 and 8, nothing at 6
+            got = await client.read_holding_registers(100, count=1, device_id=3)
+            assert got.registers == [0xBEEF]
+        finally:
+            client.close()
+            await sim.stop()
+
+    run(body)
+
+
+def test_driver_reads_decodes_and_maps_every_role() -> None:
+    async def body() -> None:
+        port = free_port()
+        config = tcp_device(port)
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        pts = {p.name: p for p in config.points}
+        unit.set(pts["voltage"], 231.5)
+        unit.set_registers("input", 2, [0x0001, 0xE240])  # 123456 -> 1234.56 kWh
+        unit.set_registers("holding", 10, [0xFC18])  # -1000 W -> -1.0 kW (exporting)
+        unit.set(pts["bay"], 1)
+        unit.set(pts["people"], 4)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            readings = await driver.poll(driver.requests)
+            m = measurements(readings)
+            assert m["voltage"] == {"quantity": "voltage", "value": 231.5, "unit": "V", "quality": "good",
+                                    "point": "voltage", "phase": "L1"}  # fmt: skip
+            assert m["energy"]["value"] == pytest.approx(1234.56) and m["energy"]["unit"] == "kWh"
+            assert m["power"]["value"] == pytest.approx(-1.0) and m["power"]["unit"] == "kW"
+            assert readings is not None
+            bay = next(r.data for r in readings if r.type == "city.parking.occupancy")
+            assert bay["bay"] == "P-07" and bay["occupied"] is True
+            area = next(r.data for r in readings if r.type == "city.crosswalk.presence")
+            assert (area["area"], area["count"], area["max_count"]) == ("north", 4, 4)
+            for r in readings:  # every event is valid against the published contract
+                EVENT_MODELS[r.type].model_validate(r.data)
+            assert ctx.outcomes == ["ok"]
+            # input 0..3 in one read; holding 10 and 20 are 9 apart, past max_gap 8: two reads
+            assert [(r.table, r.address, r.count) for r in driver.requests] == [
+                ("discrete", 3, 1),
+                ("holding", 10, 1),
+                ("holding", 20, 1),
+                ("input", 0, 4),
+            ]
+        finally:
+            await driver.stop()
+            await sim.stop()
+
+    run(body)
+
+
+def test_report_on_change_with_deadband_and_periodic_full_report() -> None:
+    async def body() -> None:
+        port = free_port()
+        config = tcp_device(port, deadband=0.5, full_report="1s")
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        pts = {p.name: p for p in config.points}
+        driver = ModbusDriver(config, Recorder())
+        await driver.start()
+        try:
+            first = await driver.poll(driver.requests)
+            assert len(measurements(first)) == 3  # the first poll reports everything
+            assert await driver.poll(driver.requests) is None  # nothing moved: no event at all
+            unit.set(pts["voltage"], 500.0)
+            moved = measurements(await driver.poll(driver.requests))
+            assert set(moved) == {"voltage"}
+            old = moved["voltage"]["value"]
+            unit.set(pts["voltage"], old + 0.25)  # inside the deadband
+            assert await driver.poll(driver.requests) is None
+            unit.set(pts["bay"], 1 - int(bool(driver._good["bay"])))  # a bay flip is always an event
+            flipped = await driver.poll(driver.requests)
+            assert flipped is not None and [r.type for r in flipped] == ["city.parking.occupancy"]
+            await asyncio.sleep(1.05)
+            full = await driver.poll(driver.requests)
+            assert len(measurements(full)) == 3  # full report after full_report, changed or not
+        finally:
+            await driver.stop()
+            await sim.stop()
+
+    run(body)
+
+
+def test_faults_give_quality_and_reasons_and_the_device_recovers() -> None:
+    async def body() -> None:
+        port = free_port()
+        config = tcp_device(port)
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            assert measurements(await driver.poll(driver.requests))["voltage"]["quality"] == "good"
+            unit.faults.exception = 2
+            assert await driver.poll(driver.requests) is None
+            assert ctx.outcomes[-1] == "exception 2 (illegal data address)"
+            unit.faults.exception = None
+            unit.faults.delay = 1.0  # past the 300 ms timeout
+            t0 = time.monotonic()
+            assert await driver.poll(driver.requests) is None
+            spent = time.monotonic() - t0
+            assert ctx.outcomes[-1] == "timeout"
+            assert spent < 0.6, f"a silent device must cost one timeout per poll, not one per request ({spent:.2f}s)"
+            unit.faults.delay = 0
+            await asyncio.sleep(1.0)  # let the late answer arrive and be discarded
+            back = measurements(await driver.poll(driver.requests))
+            assert back["voltage"]["quality"] == "good" and ctx.outcomes[-1] == "ok"
+            # server gone: connection refused, then it returns on the same port
+            await sim.stop()
+            assert await driver.poll(driver.requests) is None
+            assert "connect" in ctx.outcomes[-1] or ctx.outcomes[-1] == "connection lost", ctx.outcomes
+            assert await driver.poll(driver.requests) is None
+            assert ctx.outcomes[-1].startswith("cannot connect to 127.0.0.1:")
+            sim2 = Simulator([SimulatedUnit(1, config.points)], period=3600)
+            await sim2.serve_tcp("127.0.0.1", port)
+            try:
+                again = measurements(await driver.poll(driver.requests))
+                assert again["voltage"]["quality"] == "good" and ctx.outcomes[-1] == "ok"
+            finally:
+                await sim2.stop()
+        finally:
+            await driver.stop()
+
+    run(body)
+
+
+def test_one_failing_request_marks_its_points_stale_or_bad_and_keeps_the_rest() -> None:
+    async def body() -> None:
+        port = free_port()
+        points = [*POINTS, {"name": "serial_no", "table": "holding", "address": 300, "type": "string", "length": 4,
+                            "quantity": "counter"}]  # fmt: skip
+        config = tcp_device(port, points=points)
+        unit = SimulatedUnit(1, config.points, strict=True)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        driver = ModbusDriver(config, Recorder())
+        await driver.start()
+        try:
+            assert measurements(await driver.poll(driver.requests))["serial_no"]["quality"] == "good"
+            del unit.tables["holding"].values[303]  # the device stops answering that block
+            m = measurements(await driver.poll(driver.requests))
+            assert m["voltage"]["quality"] == "good"
+            assert m["serial_no"]["quality"] == "stale" and m["serial_no"]["value"] == "SIM-0001"
+            assert m["serial_no"]["reason"] == "exception 2 (illegal data address)"
+            fresh = ModbusDriver(config, Recorder())  # never saw a good value: bad, null
+            fresh._bus = driver._bus
+            m = measurements(await fresh.poll(fresh.requests))
+            assert m["serial_no"]["quality"] == "bad" and m["serial_no"]["value"] is None
+        finally:
+            await driver.stop()
+            await sim.stop()
+
+    run(body)
+
+
+def rtu_device(port: str, unit: int, **keys: Any) -> ModbusConfig:
+    return ModbusConfig.model_validate({
+        "id": f"u{unit}", "driver": "modbus", "transport": "rtu", "unit": unit, "timeout": "250ms",
+        "serial": {"port": port, "baudrate": 19200}, "points": POINTS[:3], **keys,
+    })  # fmt: skip
+
+
+def test_rtu_bus_shared_by_units_one_silent_costs_only_its_timeout() -> None:
+    async def body() -> None:
+        line = PtyPair()
+        configs = [rtu_device(line.client, u) for u in (1, 2, 3, 4)]
+        sim = Simulator([SimulatedUnit(u, configs[0].points) for u in (1, 2, 3)], period=3600)  # 4 is not there
+        await sim.serve_serial(line.device, baudrate=19200)
+        ctxs = [Recorder(c.id) for c in configs]
+        drivers = [ModbusDriver(c, x) for c, x in zip(configs, ctxs, strict=True)]
+        for d in drivers:
+            await d.start()
+        try:
+            assert len({id(d._bus) for d in drivers}) == 1, "units on one port must share one bus"
+            for _ in range(3):
+                t0 = time.monotonic()
+                results = await asyncio.gather(*(d.poll(d.requests) for d in drivers))
+                spent = time.monotonic() - t0
+                assert all(measurements(r)["voltage"]["quality"] == "good" for r in results[:3])
+                assert results[3] is None and ctxs[3].outcomes[-1] == "timeout"
+                # three good units (2 requests each) plus one timeout, strictly one at a time
+                assert spent < 0.25 + 0.6, f"{spent:.2f}s"
+            assert [x.outcomes for x in ctxs[:3]] == [["ok"] * 3] * 3
+        finally:
+            for d in drivers:
+                await d.stop()
+            await sim.stop()
+            line.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ({"corrupt_crc": True}, "timeout"),
+        ({"garbage": b"\x07\xff\x13"}, None),
+        ({"truncate": 3}, "timeout"),
+        ({"silent": True}, "timeout"),
+    ],
+)
+def test_rtu_frame_faults_are_survived(fault: dict[str, Any], reason: str | None) -> None:
+    """Corrupt CRC, garbage before the answer, a short frame, no answer: reported, then recovered."""
+
+    async def body() -> None:
+        line = PtyPair()
+        config = rtu_device(line.client, 1)
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_serial(line.device, baudrate=19200)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            assert measurements(await driver.poll(driver.requests))["voltage"]["quality"] == "good"
+            for key, value in fault.items():
+                setattr(unit.faults, key, value)
+            outcome = await driver.poll(driver.requests)
+            if reason is None:  # pymodbus's framer skips leading garbage and finds the frame
+                assert measurements(outcome)["voltage"]["quality"] == "good"
+            else:
+                assert outcome is None and ctx.outcomes[-1] == reason
+            for key in fault:
+                setattr(unit.faults, key, type(getattr(unit.faults, key))())
+            await asyncio.sleep(0.3)
+            recovered = None
+            for _ in range(3):  # the first poll after a fault may still meet leftovers of it
+                recovered = await driver.poll(driver.requests)
+                if recovered:
+                    break
+            assert measurements(recovered)["voltage"]["quality"] == "good"
+            assert ctx.outcomes[-1] == "ok"
+        finally:
+            await driver.stop()
+            await sim.stop()
+            line.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in profiles.available().items() if p.parent == profiles.BUILTIN_DIR))
+def test_each_shipped_profile_is_read_from_a_simulator(name: str) -> None:
+    async def body() -> None:
+        port = free_port()
+        config = ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "127.0.0.1", "port": port,
+                                              "profile": name, "unit": 1, "timeout": "1s"})  # fmt: skip
+        unit = SimulatedUnit(1, config.points, byte_order=config.byte_order, word_order=config.word_order,
+                             strict=config.max_gap == 0)  # fmt: skip
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            readings = await driver.poll(driver.requests)
+            assert ctx.outcomes == ["ok"]
+            assert readings is not None
+            m = measurements(readings)
+            quantity_points = [p for p in config.points if p.quantity is not None]
+            assert {k for k, v in m.items() if v["quality"] == "good"} == {p.name for p in quantity_points}
+            for point in quantity_points:
+                expected = unit.signals[config.points.index(point)]
+                assert expected.point.name == point.name
+            for r in readings:
+                EVENT_MODELS[r.type].model_validate(r.data)
+            voltages = [v["value"] for v in m.values() if v["quantity"] == "voltage"]
+            assert all(200 < v < 260 for v in voltages), voltages  # decoded in volts, not raw counts
+        finally:
+            await driver.stop()
+            await sim.stop()
+
+    run(body)
+
+
+def test_shared_port_with_different_line_settings_is_refused_for_that_device_only() -> None:
+    a = rtu_device("/dev/ttyFAKE0", 1)
+    b = ModbusConfig.model_validate({**a.model_dump(), "id": "b", "unit": 2,
+                                     "serial": {"port": "/dev/ttyFAKE0", "baudrate": 9600}})  # fmt: skip
+
+    async def body() -> None:
+        bus = POOL.acquire(a)
+        try:
+            with pytest.raises(ValueError, match="same baudrate, parity and stop bits"):
+                POOL.acquire(b)
+        finally:
+            POOL.release(bus)
+
+    run(body)
+
+
+# ---- through the whole agent, and the technician's commands ----------------------------------
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+@pytest.fixture
+def simulated_sdm630() -> Any:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm630",
+                             "--tcp", f"127.0.0.1:{port}", "--units", "1-3"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    while not lines or "serving" not in lines[-1]:
+        lines.append(proc.stdout.readline())
+        assert lines[-1], f"the simulator exited: {''.join(lines)}"
+    assert f"127.0.0.1:{port}" in lines[-1], lines
+    yield port
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_agent_publishes_profile_readings_and_status_from_a_simulated_meter(
+    tmp_path: Path, broker, subscriber_factory, agent_factory, simulated_sdm630: int
+) -> None:
+    sub = subscriber_factory(broker.port)
+    devices = (
+        f"  - {{id: sdm-1, driver: modbus, host: 127.0.0.1, port: {simulated_sdm630}, unit: 1, profile: "
+        "eastron-sdm630, interval: 200ms, timeout: 300ms}\n"
+        f"  - {{id: sdm-9, driver: modbus, host: 127.0.0.1, port: {simulated_sdm630}, unit: 9, profile: "
+        "eastron-sdm630, interval: 200ms, timeout: 300ms, offline_after: 2}\n"
+    )
+    agent = agent_factory(write_config(tmp_path / "site.yaml", port=broker.port, devices=devices))
+    wait_for(lambda: len(sub.seqs("sdm-1", "city.meter.reading")) >= 5, 30, "meter readings")
+    wait_for(lambda: sub.seqs("sdm-9", "city.device.status"), 30, "the absent unit's offline status")
+    events = sub.snapshot()
+    for e in events:
+        if e["type"].startswith("city."):
+            CloudEvent.model_validate(e)
+            EVENT_MODELS[e["type"]].model_validate(e["data"])
+    readings = [e for e in events if e["device"] == "sdm-1" and e["type"] == "city.meter.reading"]
+    quantities = {m["quantity"] for m in readings[-1]["data"]["measurements"]}
+    assert {"voltage", "current", "active_power", "frequency", "active_energy"} <= quantities
+    energy = [next(m["value"] for m in r["data"]["measurements"] if m["point"] == "active_energy_import")
+              for r in readings]  # fmt: skip
+    assert energy == sorted(energy) and energy[-1] > energy[0], "energy counters only increase"
+    status = next(e for e in events if e["device"] == "sdm-9" and e["type"] == "city.device.status")
+    assert status["data"]["status"] == "offline"
+    assert "exception 11" in status["data"]["reason"] or "timeout" in status["data"]["reason"], status["data"]
+    assert agent.proc is not None and agent.proc.poll() is None
+
+
+def test_cli_profiles_scan_and_read(simulated_sdm630: int) -> None:
+    listed = _cli("profiles")
+    assert listed.returncode == 0, listed.stderr
+    assert "eastron-sdm630" in listed.stdout and "Eastron" in listed.stdout
+    scan = _cli("scan", "modbus", "--host", f"127.0.0.1:{simulated_sdm630}", "--units", "1-5", "--table", "input")
+    assert scan.returncode == 0, scan.stderr
+    rows = [line.split() for line in scan.stdout.splitlines()[1:]]
+    answering = {int(r[0]) for r in rows if r[-1] == "ok"}
+    assert answering == {1, 2, 3}, scan.stdout  # units 4, 5: the gateway answers "exception 11"
+    voltage = next(p for p in profiles.load("eastron-sdm630")["points"] if p.get("quantity") == "voltage")
+    read = _cli("read", "modbus", "--host", f"127.0.0.1:{simulated_sdm630}", "--unit", "2",
+                "--address", str(30001 + voltage["address"]), "--count", "1", "--type", "float32")  # fmt: skip
+    assert read.returncode == 0, read.stderr
+    value = float(read.stdout.splitlines()[1].split()[-1])
+    assert 200 < value < 260, read.stdout
+
+
+def test_cli_errors_are_specific(tmp_path: Path) -> None:
+    missing = _cli("read", "modbus", "--port", str(tmp_path / "ttyUSB7"), "--address", "30001")
+    assert missing.returncode == 1 and f"serial port {tmp_path / 'ttyUSB7'} not found" in missing.stderr
+    nobody = _cli("scan", "modbus", "--host", f"127.0.0.1:{free_port()}", "--units", "1")
+    assert nobody.returncode == 1 and "cannot connect to 127.0.0.1:" in nobody.stderr
+    bad = _cli("read", "modbus", "--host", "127.0.0.1", "--address", "20001")
+    assert bad.returncode == 2 and "not a Modicon address" not in bad.stderr and "start with 0, 1, 3 or 4" in bad.stderr
+    usage = _cli("scan")
+    assert usage.returncode == 2 and "usage: edge-agent scan {modbus" in usage.stderr
+
+
+def test_permission_denied_names_the_group_to_join(tmp_path: Path) -> None:
+    """Run as an unprivileged user against a port owned by root:dialout, mode 0660."""
+    import grp
+    import os
+    import pwd
+
+    from drivers.modbus.tools import _port_problem
+
+    line = PtyPair()
+    try:
+        dialout = grp.getgrnam("dialout").gr_gid
+        os.chown(line.client, 0, dialout)
+        os.chmod(line.client, 0o660)
+        nobody = pwd.getpwnam("nobody")
+        # Fork after the imports (the interpreter's files may not be readable by nobody) and drop
+        # to nobody in the child: root passes every access check.
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                os.write(write_end, str(_port_problem(line.client)).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        out = os.read(read_end, 4096).decode()
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        assert f"permission denied on {line.client}" in out and "sudo usermod -aG dialout" in out, out
+    finally:
+        line.close()
+
+
+def test_rtu_simulator_on_a_pty_from_the_command_line(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm120",
+                             "--rtu", "--units", "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        client_port = line.rsplit("serial.port: ", 1)[1].strip()
+        scan = _cli("scan", "modbus", "--port", client_port, "--units", "4-6", "--baud", "9600", "--parity", "N",
+                    "--table", "input")  # fmt: skip
+        assert scan.returncode == 0, scan.stderr
+        assert [r.split()[0] for r in scan.stdout.splitlines()[1:]] == ["5"], scan.stdout
+    finally:
+        proc.terminate()
+        proc.wait(5)
