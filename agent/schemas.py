@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import events
+from agent.vocabulary import QUANTITY_UNITS
 
 Quality = Literal["good", "stale", "bad"]
 
@@ -53,10 +54,9 @@ class Measurement(_Open):
     """One measured quantity of a meter."""
 
     quantity: str = Field(
-        description="From a fixed vocabulary, each with one unit: active_energy kWh, active_energy_export kWh, "
-        "reactive_energy kvarh, active_power kW, reactive_power kvar, apparent_power kVA, voltage V, current A, "
-        "frequency Hz, power_factor '', volume m3, flow m3/h, temperature degC, pressure bar, digital_input '' "
-        "(0/1), counter ''."
+        description="From a fixed vocabulary, each with one unit: "
+        + ", ".join(f"{q} {u or repr('')}" for q, u in QUANTITY_UNITS.items())
+        + ". New quantities may be added; existing ones keep their name and unit."
     )
     value: float | None = Field(description="Value in `unit`; null when quality is bad.")
     unit: str = Field(description="kWh, kW, V, A, Hz, m3, m3/h, ... ('' for dimensionless).")

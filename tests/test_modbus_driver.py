@@ -280,9 +280,9 @@ def test_rtu_bus_shared_by_units_one_silent_costs_only_its_timeout() -> None:
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
-        ({"corrupt_crc": True}, "timeout"),
+        ({"corrupt_crc": True}, "garbled answer (bad CRC or framing; wrong baud rate or parity?)"),
         ({"garbage": b"\x07\xff\x13"}, None),
-        ({"truncate": 3}, "timeout"),
+        ({"truncate": 3}, "garbled answer (bad CRC or framing; wrong baud rate or parity?)"),
         ({"silent": True}, "timeout"),
     ],
 )
@@ -493,17 +493,60 @@ def test_permission_denied_names_the_group_to_join(tmp_path: Path) -> None:
         line.close()
 
 
-def test_rtu_simulator_on_a_pty_from_the_command_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("garble", [False, True])
+def test_rtu_simulator_on_a_pty_and_a_scan_of_it(garble: bool) -> None:
+    flags = ["--garble"] if garble else []
     proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm120",
-                             "--rtu", "--units", "5"], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+                             "--rtu", "--units", "5", *flags], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         client_port = line.rsplit("serial.port: ", 1)[1].strip()
         scan = _cli("scan", "modbus", "--port", client_port, "--units", "4-6", "--baud", "9600", "--parity", "N",
                     "--table", "input")  # fmt: skip
-        assert scan.returncode == 0, scan.stderr
-        assert [r.split()[0] for r in scan.stdout.splitlines()[1:]] == ["5"], scan.stdout
+        if garble:
+            assert scan.returncode == 1
+            assert "nothing answers" in scan.stderr and "wrong parity or baud rate suspected" in scan.stderr
+        else:
+            assert scan.returncode == 0, scan.stderr
+            assert [r.split()[0] for r in scan.stdout.splitlines()[1:]] == ["5"], scan.stdout
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_usb_adapter_unplugged_and_plugged_back(tmp_path: Path) -> None:
+    """The device path (a /dev/serial/by-id style symlink) vanishes, then returns on a new tty."""
+
+    async def body() -> None:
+        link = tmp_path / "usb-FTDI_RS485-if00-port0"
+        line = PtyPair()
+        link.symlink_to(line.client)
+        config = rtu_device(str(link), 1)
+        sim = Simulator([SimulatedUnit(1, config.points)], period=3600)
+        await sim.serve_serial(line.device, baudrate=19200)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            assert measurements(await driver.poll(driver.requests))["voltage"]["quality"] == "good"
+            # unplug: the tty goes away and so does its by-id link
+            await sim.stop()
+            line.close()
+            link.unlink()
+            for _ in range(3):
+                assert await driver.poll(driver.requests) is None
+            assert ctx.outcomes[-1] == f"cannot connect to {link}", ctx.outcomes
+            # plug back in: a new tty behind the same by-id name
+            line = PtyPair()
+            link.symlink_to(line.client)
+            sim = Simulator([SimulatedUnit(1, config.points)], period=3600)
+            await sim.serve_serial(line.device, baudrate=19200)
+            back = measurements(await driver.poll(driver.requests))
+            assert back["voltage"]["quality"] == "good" and ctx.outcomes[-1] == "ok"
+        finally:
+            await driver.stop()
+            await sim.stop()
+            line.close()
+
+    run(body)

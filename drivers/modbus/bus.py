@@ -43,6 +43,9 @@ EXCEPTION_NAMES = {
 }
 
 
+GARBLED = "garbled answer (bad CRC or framing; wrong baud rate or parity?)"
+
+
 class ModbusReadError(Exception):
     """A read failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
 
@@ -66,7 +69,16 @@ class Bus:
     gap: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    heard: bool = False  # bytes arrived since the last request was sent
     _quiet_at: float = 0.0
+
+    def trace(self, sending: bool, data: bytes) -> bytes:
+        """pymodbus's packet hook: notes whether anything came back for the current request."""
+        if sending:
+            self.heard = False
+        elif data:
+            self.heard = True
+        return data
 
     async def read(self, table: str, address: int, count: int, unit: int) -> list[int] | list[bool]:
         """Registers (or bits) read from ``unit``.
@@ -85,7 +97,12 @@ class Bus:
             except ModbusException as exc:
                 if not self.client.connected:
                     raise ModbusReadError("connection lost", link=True) from exc
-                raise ModbusReadError(_describe(exc)) from exc
+                reason = _describe(exc)
+                if reason == "timeout" and self.heard:
+                    # Bytes came back but never a valid frame: noise, a bad CRC, a cut frame,
+                    # or (typically, when commissioning) the wrong baud rate or parity.
+                    reason = GARBLED
+                raise ModbusReadError(reason) from exc
             finally:
                 self._quiet_at = time.monotonic() + self.gap
         if response.isError():
@@ -136,7 +153,8 @@ class BusPool:
         key = config.bus_key()
         bus = self._buses.get(key)
         if bus is None:
-            bus = Bus(key, _client(config), gap=_gap(config))
+            bus = Bus(key, None, gap=_gap(config))
+            bus.client = _client(config, bus.trace)
             self._buses[key] = bus
             self._settings[key] = config
         elif config.serial is not None and config.serial != self._settings[key].serial:
@@ -164,10 +182,10 @@ def _gap(config: ModbusConfig) -> float:
     return 0.0
 
 
-def _client(config: ModbusConfig) -> Any:
+def _client(config: ModbusConfig, trace: Any) -> Any:
     # reconnect_delay=0: the driver decides when to reconnect (next poll), so a dead device does
     # not keep a background task hammering it; retries=0: a silent device costs one timeout.
-    common: dict[str, Any] = {"timeout": config.timeout, "retries": 0, "reconnect_delay": 0}
+    common: dict[str, Any] = {"timeout": config.timeout, "retries": 0, "reconnect_delay": 0, "trace_packet": trace}
     if config.transport == "rtu" and config.serial is not None:
         s = config.serial
         return AsyncModbusSerialClient(

@@ -115,7 +115,7 @@ def scan_main(argv: list[str]) -> int:
             verdict = asyncio.run(_probe(_device(args, unit, baud, parity), args.table, args.address))
             if verdict == "ok" or verdict.startswith("exception"):
                 found.append((unit, baud, parity, verdict))
-            elif verdict not in ("timeout",) and not verdict.startswith("cannot connect"):
+            elif verdict.startswith("garbled"):
                 garbled += 1
             elif verdict.startswith("cannot connect") and not args.port:
                 print(f"error: {verdict}", file=sys.stderr)
@@ -222,6 +222,8 @@ def simulate_main(argv: list[str]) -> int:
     )
     parser.add_argument("--units", default="1", help="unit ids to serve, e.g. 1-8")
     parser.add_argument("--baud", type=int, default=9600)
+    parser.add_argument("--garble", action="store_true",
+                        help="corrupt every answer's CRC: what a wrong baud rate or parity looks like")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_simulate(args))
@@ -245,6 +247,8 @@ async def _simulate(args: argparse.Namespace) -> int:
     points = [PointConfig.model_validate(p) for p in profile["points"]]
     units = [SimulatedUnit(u, points, byte_order=defaults.get("byte_order", "big"),
                            word_order=defaults.get("word_order", "big")) for u in _units(args.units)]  # fmt: skip
+    for unit in units:
+        unit.faults.corrupt_crc = args.garble
     sim = Simulator(units)
     keep: Any = None
     if args.tcp:

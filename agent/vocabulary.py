@@ -19,6 +19,7 @@ QUANTITY_UNITS: dict[str, str] = {
     "flow": "m3/h",
     "temperature": "degC",
     "pressure": "bar",
+    "humidity": "%",
     "digital_input": "",
     "counter": "",
 }
