@@ -64,6 +64,10 @@ def _cmd_drivers(_args: argparse.Namespace) -> int:
 
     for name, plugin in sorted(load_plugins().items()):
         print(f"{name:<12} {plugin.summary}")
+        if plugin.tools is not None:
+            verbs = [f"edge-agent {v}" if v in plugin.global_verbs else f"edge-agent {v} {name}"
+                     for v in plugin.tools()]  # fmt: skip
+            print(f"{'':<12} tools: {', '.join(verbs)}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -268,6 +269,11 @@ def test_rtu_bus_shared_by_units_one_silent_costs_only_its_timeout() -> None:
                 # three good units (2 requests each) plus one timeout, strictly one at a time
                 assert spent < 0.25 + 0.6, f"{spent:.2f}s"
             assert [x.outcomes for x in ctxs[:3]] == [["ok"] * 3] * 3
+            # Between an answer and the next request the line stays silent for 3.5 characters
+            # (11 bits each at 19200 baud: 2.0 ms).
+            frames = list(sim.frames)
+            gaps = [b[0] - a[0] for a, b in itertools.pairwise(frames) if a[1] and not b[1]]
+            assert len(gaps) >= 10 and min(gaps) >= 3.5 * 11 / 19200 * 0.9, sorted(gaps)[:3]
         finally:
             for d in drivers:
                 await d.stop()

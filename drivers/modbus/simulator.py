@@ -15,6 +15,7 @@ import asyncio
 import math
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,8 +183,11 @@ class Simulator:
             devices={u.unit: u.context for u in units}, single=False
         )
         self._last_unit: int | None = None
+        # (monotonic time, sending?) of recent frames: lets tests measure the silence between them
+        self.frames: deque[tuple[float, bool]] = deque(maxlen=1000)
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
+        self.frames.append((time.monotonic(), sending))
         if not sending:
             self.requests += 1
             # RTU: byte 0 is the unit; TCP (MBAP): byte 6. Enough to route faults.
