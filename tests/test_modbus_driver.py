@@ -556,3 +556,66 @@ def test_usb_adapter_unplugged_and_plugged_back(tmp_path: Path) -> None:
             line.close()
 
     run(body)
+
+
+def test_a_device_waiting_for_an_answer_stops_when_cancelled() -> None:
+    """Reload, removal and shutdown cancel the device's task; pymodbus must not swallow that."""
+
+    async def body() -> None:
+        port = free_port()
+        config = tcp_device(port, timeout="2s")
+        unit = SimulatedUnit(1, config.points)
+        unit.faults.delay = 1.5  # the answer is on its way when the device is stopped
+        sim = Simulator([unit], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        driver = ModbusDriver(config, Recorder())
+        await driver.start()
+
+        async def consume() -> None:
+            async for _ in driver.stream():
+                pass
+
+        task = asyncio.create_task(consume())
+        try:
+            while sim.requests == 0:  # wait until a read is on the wire, its answer 1.5 s away
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=1.0)
+            assert task in done and task.cancelled(), "the device kept running after it was cancelled"
+        finally:
+            task.cancel()
+            await driver.stop()
+            await sim.stop()
+
+    run(body)
+
+
+def test_devices_start_at_different_phases_of_their_interval() -> None:
+    async def body() -> None:
+        port = free_port()
+        sim = Simulator([SimulatedUnit(1, tcp_device(port).points)], period=3600)
+        await sim.serve_tcp("127.0.0.1", port)
+        firsts: dict[str, float] = {}
+        drivers = []
+
+        async def first_poll(device_id: str) -> None:
+            driver = ModbusDriver(tcp_device(port, id=device_id), Recorder(device_id))
+            drivers.append(driver)
+            await driver.start()
+            t0 = time.monotonic()
+            async for _ in driver.stream():
+                firsts[device_id] = time.monotonic() - t0
+                return
+
+        try:
+            await asyncio.gather(*(first_poll(f"meter-{i}") for i in range(20)))
+        finally:
+            for d in drivers:
+                await d.stop()
+            await sim.stop()
+        offsets = sorted(firsts.values())
+        assert offsets[-1] < 1.2  # within one interval
+        assert offsets[-1] - offsets[0] > 0.5, offsets  # spread, not one burst
+
+    run(body)

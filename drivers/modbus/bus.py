@@ -95,6 +95,11 @@ class Bus:
             try:
                 response = await getattr(self.client, _READS[table])(address, count=count, device_id=unit)
             except ModbusException as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # pymodbus turns our cancellation (device stopped, reload, shutdown) into a
+                    # ModbusIOException; hand the cancellation back or the device never stops.
+                    raise asyncio.CancelledError from exc
                 if not self.client.connected:
                     raise ModbusReadError("connection lost", link=True) from exc
                 reason = _describe(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ class _Sample:
     point: PointConfig
     value: float | int | str | None
     reason: str | None = None
+
+
+MAX_PHASE_SPREAD = 2.0  # seconds over which devices' first polls are spread
 
 
 def _iso(ts: datetime) -> str:
@@ -83,7 +87,11 @@ class ModbusDriver(Driver):
 
     async def stream(self) -> AsyncIterator[list[Reading]]:
         """Run each request on its own interval; yield the events each poll produces."""
-        now = time.monotonic()
+        # Devices start at different points of their interval: 500 meters polled in the same
+        # millisecond every second make one burst of work, and the events at its end wait behind
+        # it. The offset is fixed per device id, so a device keeps its phase across restarts.
+        spread = min(self.config.interval, MAX_PHASE_SPREAD)
+        now = time.monotonic() + spread * (zlib.crc32(self.config.id.encode()) / 2**32)
         due = {id(r): now for r in self.requests}
         while True:
             now = time.monotonic()
