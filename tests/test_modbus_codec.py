@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,10 @@ def test_decode_matches_hand_computed_values(registers, type_, byte_order, word_
         assert value == pytest.approx(expected, rel=1e-6)
     else:
         assert value == expected
+    # the driver's compiled decoder agrees, at an offset inside a larger read
+    buffer = struct.pack(f">{len(registers) + 3}H", 0xDEAD, *registers, 0xBEEF, 0xF00D)
+    compiled = codec.compile_decoder(type_, byte_order=byte_order, word_order=word_order)(buffer, 2)
+    assert compiled == value
     # and the simulator's encoder writes exactly those registers back
     assert codec.encode(expected, type_, byte_order=byte_order, word_order=word_order) == registers
 
@@ -59,6 +64,12 @@ def test_strings_bitfields_and_not_available_floats() -> None:
     assert codec.decode([0x5344, 0x4D36, 0x3330, 0x0000], "string") == "SDM630"
     assert codec.decode([0x4453, 0x364D, 0x3033], "string", byte_order="little") == "SDM630"
     assert [codec.decode([0b1010_0000_0000_0101], "bitfield", bit=b) for b in (0, 1, 2, 13, 15)] == [1, 0, 1, 1, 1]
+    flags = struct.pack(">H", 0b1010_0000_0000_0101)
+    assert [codec.compile_decoder("bitfield", bit=b)(flags, 0) for b in (0, 1, 2, 13, 15)] == [1, 0, 1, 1, 1]
+    assert codec.compile_decoder("string", length=3)(struct.pack(">3H", 0x5344, 0x4D36, 0x3330), 0) == "SDM630"
+    assert codec.compile_decoder("int16", scale=0.1, offset=-40)(struct.pack(">h", 655), 0) == 25.5
+    with pytest.raises(ValueError, match="not available"):
+        codec.compile_decoder("float32")(bytes.fromhex("7fc00000"), 0)
     with pytest.raises(ValueError, match="not available"):
         codec.decode([0x7FC0, 0x0000], "float32")  # NaN: meters say "no value" this way
     with pytest.raises(ValueError, match="needs 2 registers"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 _FORMATS = {
     "int16": ">h", "uint16": ">H", "bitfield": ">H", "int32": ">i", "uint32": ">I", "float32": ">f",
@@ -70,3 +71,52 @@ def encode(
     fmt = _FORMATS[type_]
     packed = struct.pack(fmt, value if fmt[-1] in "fd" else int(value))
     return _from_bytes(packed, byte_order, word_order)
+
+
+Decoder = Callable[[bytes, int], "float | int | str"]
+
+
+def compile_decoder(
+    type_: str,
+    *,
+    byte_order: str = "big",
+    word_order: str = "big",
+    bit: int | None = None,
+    length: int = 1,
+    scale: float = 1.0,
+    offset: float = 0.0,
+) -> Decoder:
+    """A function ``(buffer, byte_offset) -> value`` for one point, prepared once at plan time.
+
+    ``buffer`` is a request's registers packed big-endian (as they came off the wire). The
+    common layout (big/big) is one ``struct`` call; other orders go through :func:`decode`.
+    The value is scaled; the same errors as :func:`decode` are raised.
+    """
+    width = 2 * (length if type_ == "string" else struct.calcsize(_FORMATS[type_]) // 2)
+    identity = scale == 1.0 and offset == 0.0
+
+    def scaled(raw: float | int) -> float | int:
+        return raw if identity else round(raw * scale + offset, 9)
+
+    if type_ == "string" or byte_order != "big" or word_order != "big":
+        words = struct.Struct(f">{width // 2}H").unpack_from
+
+        def general(buffer: bytes, at: int) -> float | int | str:
+            raw = decode(list(words(buffer, at)), type_, byte_order=byte_order, word_order=word_order, bit=bit)
+            return raw if isinstance(raw, str) else scaled(raw)
+
+        return general
+    unpack = struct.Struct(_FORMATS[type_]).unpack_from
+    if type_ == "bitfield":
+        shift = bit or 0
+        return lambda buffer, at: scaled((unpack(buffer, at)[0] >> shift) & 1)
+    if type_.startswith("float"):
+
+        def floating(buffer: bytes, at: int) -> float | int:
+            (value,) = unpack(buffer, at)
+            if not math.isfinite(value):
+                raise ValueError(f"{type_} is {value} (device says not available)")
+            return scaled(value)
+
+        return floating
+    return lambda buffer, at: scaled(unpack(buffer, at)[0])

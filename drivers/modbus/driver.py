@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -35,24 +36,29 @@ def _iso(ts: datetime) -> str:
     return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def decoder_for(point: PointConfig, config: ModbusConfig) -> codec.Decoder | None:
+    """The point's compiled decoder (None for coils and discrete inputs, which are bits)."""
+    if point.table in BIT_TABLES:
+        return None
+    return codec.compile_decoder(
+        point.type,
+        byte_order=point.byte_order or config.byte_order,
+        word_order=point.word_order or config.word_order,
+        bit=point.bit,
+        length=point.registers,
+        scale=point.scale,
+        offset=point.offset,
+    )
+
+
 def decode_point(
     point: PointConfig, values: list[int] | list[bool], start: int, config: ModbusConfig
 ) -> float | int | str:
     """The engineering value of ``point`` out of a request's ``values`` that begin at ``start``."""
-    offset = point.address - start
-    if point.table in BIT_TABLES:
-        raw: float | int | str = int(bool(values[offset]))
-    else:
-        raw = codec.decode(
-            [int(v) for v in values[offset : offset + point.registers]],
-            point.type,
-            byte_order=point.byte_order or config.byte_order,
-            word_order=point.word_order or config.word_order,
-            bit=point.bit,
-        )
-    if isinstance(raw, str) or (point.scale == 1.0 and point.offset == 0.0):
-        return raw
-    return round(raw * point.scale + point.offset, 9)
+    decoder = decoder_for(point, config)
+    if decoder is None:
+        return int(bool(values[point.address - start]))
+    return decoder(struct.pack(f">{len(values)}H", *values), 2 * (point.address - start))
 
 
 class ModbusDriver(Driver):
@@ -64,6 +70,9 @@ class ModbusDriver(Driver):
         """Plan the reads once; no I/O."""
         super().__init__(config, context)
         self.requests: list[Request] = plan(config)
+        self._decoders = {p.name: decoder_for(p, config) for p in config.points}
+        self._units = {p.name: p.event_unit for p in config.points}
+        self._deadbands = {p.name: p.deadband if p.deadband is not None else config.deadband for p in config.points}
         self._bus: Bus | None = None
         self._good: dict[str, float | int | str] = {}  # last good value per point
         self._reported: dict[str, tuple[Any, str]] = {}  # last reported (value, quality) per point
@@ -126,11 +135,17 @@ class ModbusDriver(Driver):
                 if exc.link or exc.reason == "timeout":
                     failure = exc.reason
                 continue
+            bits = request.table in BIT_TABLES
+            buffer = b"" if bits else struct.pack(f">{len(values)}H", *values)
             for point in request.points:
+                at = point.address - request.address
                 try:
-                    samples.append(_Sample(point, decode_point(point, values, request.address, self.config)))
-                except ValueError as exc:
+                    decoder = self._decoders[point.name]
+                    value = int(bool(values[at])) if decoder is None else decoder(buffer, 2 * at)
+                except (ValueError, struct.error) as exc:
                     samples.append(_Sample(point, None, f"decode: {exc}"))
+                else:
+                    samples.append(_Sample(point, value))
         good = [s for s in samples if s.reason is None]
         if not good:
             self.context.poll_failed(next((s.reason for s in samples if s.reason), "no points"))
@@ -160,7 +175,7 @@ class ModbusDriver(Driver):
                 continue
             self._reported[p.name] = (value, quality)
             if p.quantity is not None:
-                m: dict[str, Any] = {"quantity": p.quantity, "value": value, "unit": p.event_unit,
+                m: dict[str, Any] = {"quantity": p.quantity, "value": value, "unit": self._units[p.name],
                                      "quality": quality, "point": p.name}  # fmt: skip
                 if s.reason is not None:
                     m["reason"] = s.reason
@@ -179,7 +194,7 @@ class ModbusDriver(Driver):
         if last is None or last[1] != quality:
             return True
         if point.quantity is not None:
-            deadband = point.deadband if point.deadband is not None else self.config.deadband
+            deadband = self._deadbands[point.name]
             if deadband is None:
                 return True  # no deadband: a meter reports every poll
             if isinstance(value, int | float) and isinstance(last[0], int | float):
