@@ -177,6 +177,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port).
+
+    Raises:
+        ValueError: not of that form, or the port is out of range.
+    """
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9108), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets (e.g. [::1]:9108), got {value!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, int(port)
+
+
 class UplinkConfig(StrictModel):
     """Where events go."""
 
@@ -196,6 +214,41 @@ class BufferConfig(StrictModel):
     _paths = field_validator("path", mode="before")(_resolve)
 
 
+class ObservabilityConfig(StrictModel):
+    """Metrics, health endpoints and stall detection (see docs/observability.md)."""
+
+    # Declared before ``listen`` so that listen's check can see it.
+    allow_remote: bool = Field(
+        default=False,
+        description="Allow a non-loopback listen address. The endpoints have no authentication: "
+        "prefer a loopback address with a reverse proxy or an SSH tunnel.",
+    )
+    listen: str | None = Field(
+        default=None,
+        description="host:port serving /metrics (Prometheus), /healthz and /readyz, e.g. 127.0.0.1:9108 "
+        "or [::1]:9108. null: off.",
+    )
+    stall_after: Duration = Field(
+        default=30.0,
+        ge=1,
+        description="A loop (event loop, buffer commits, uplink) that made no progress for this long is "
+        "stuck: /healthz answers 503 and the systemd watchdog is no longer fed.",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        host, _port = parse_listen(value)
+        if not _is_loopback(host) and not info.data.get("allow_remote", False):
+            raise ValueError(
+                f"{value} is not a loopback address and the endpoints have no authentication: "
+                "listen on 127.0.0.1 (or [::1]), or set observability.allow_remote: true"
+            )
+        return value
+
+
 class AgentConfigBase(StrictModel):
     """Keys of the site file other than ``devices`` (whose model depends on installed drivers)."""
 
@@ -203,6 +256,9 @@ class AgentConfigBase(StrictModel):
     gateway: GatewayConfig = Field(description="This gateway.")
     uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="Upstream connections.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Store-and-forward buffer.")
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig, description="Metrics, health endpoints, stall detection."
+    )
     priorities: dict[str, PriorityName] = Field(
         default_factory=dict,
         description="Delivery class per event type, overriding the defaults (see docs/delivery.md).",

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from agent.config import AgentConfigBase, BufferConfig, GatewayConfig, MqttConfig, TlsConfig
+from agent.config import AgentConfigBase, BufferConfig, GatewayConfig, MqttConfig, ObservabilityConfig, TlsConfig
 from agent.registry import load_plugins
 from agent.units import parse_duration, parse_size
 
@@ -69,11 +69,12 @@ def render_markdown() -> str:
     """The generated block: one table per section and per installed driver."""
     out = [BEGIN, ""]
     sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = [
-        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "devices")),
+        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "devices")),
         ("gateway", "gateway.", GatewayConfig, ()),
         ("uplink.mqtt", "uplink.mqtt.", MqttConfig, ("tls",)),
         ("uplink.mqtt.tls", "uplink.mqtt.tls.", TlsConfig, ()),
         ("buffer", "buffer.", BufferConfig, ()),
+        ("observability", "observability.", ObservabilityConfig, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from agent.driver_api import DeviceConfig, Driver, DriverContext, DriverPlugin
 from agent.errors import AgentError, DriverFatalError, DriverStartupError
 from agent.events import DEVICE_STATUS, Reading
+from agent.logs import bind
+from agent.metrics import DeviceTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,13 @@ class DeviceRunner(DriverContext):
         config: DeviceConfig,
         plugin: DriverPlugin,
         emit: Callable[[str, Reading], None],
+        telemetry: DeviceTelemetry | None = None,
     ) -> None:
-        """Prepare; :meth:`run` does the work."""
+        """Prepare; :meth:`run` does the work.
+
+        ``telemetry`` collects poll timings and failure reasons for the metrics; the runtime
+        keeps it per device id so the figures outlive a restart of the device.
+        """
         self.config = config
         self.device_id = config.id
         self.plugin = plugin
@@ -48,6 +55,7 @@ class DeviceRunner(DriverContext):
         self.polls_ok = 0
         self.polls_failed = 0
         self._started_once = False
+        self.telemetry = telemetry if telemetry is not None else DeviceTelemetry(config.id, config.driver)
 
     # ---- DriverContext ----------------------------------------------------------
     def poll_ok(self) -> None:
@@ -62,8 +70,17 @@ class DeviceRunner(DriverContext):
         self.polls_failed += 1
         self.failures += 1
         self.reason = reason
+        self.telemetry.poll_failed(reason)
         if self.failures >= self.config.offline_after and self.status != "offline":
             self._set_status("offline", reason)
+
+    def observe_poll(self, seconds: float) -> None:
+        """How long one poll took (into the device's poll latency histogram)."""
+        self.telemetry.observe_poll(seconds)
+
+    def observe_inference(self, model: str, seconds: float) -> None:
+        """How long one inference of ``model`` took (into the inference histogram)."""
+        self.telemetry.observe_inference(model, seconds)
 
     def _set_status(self, status: str, reason: str | None) -> None:
         self.status, self.reason = status, reason
@@ -83,6 +100,8 @@ class DeviceRunner(DriverContext):
     # ---- lifecycle ----------------------------------------------------------------
     async def run(self) -> None:
         """Start, stream, and restart the driver after faults, until cancelled."""
+        # This task's log lines (the driver's too) carry the device: see agent/logs.py.
+        bind(device=self.device_id, driver=self.config.driver)
         attempt = 0
         while True:
             driver = self.plugin.factory()(self.config, self)

@@ -93,6 +93,18 @@ class DeviceConfig(StrictModel):
         description="Per event type delivery class for this device, overriding the gateway's.",
     )
 
+    def device_paths(self) -> list[str]:
+        """Local device files this device needs (serial ports, /dev/videoN); ``edge-agent doctor`` checks them."""
+        return []
+
+    def model_manifests(self) -> list[str]:
+        """Manifests (JSON/YAML with ``file`` and ``sha256``) of the model files this device loads.
+
+        ``edge-agent doctor`` verifies each file's checksum; relative paths are taken from the
+        config file's folder.
+        """
+        return []
+
 
 class DriverContext(ABC):
     """What the runtime offers a running driver."""
@@ -106,6 +118,12 @@ class DriverContext(ABC):
     @abstractmethod
     def poll_failed(self, reason: str) -> None:
         """Report a failed poll; after ``offline_after`` in a row the device goes offline."""
+
+    def observe_poll(self, seconds: float) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Report how long one poll took (the default ``stream()`` does it for ``read()``)."""
+
+    def observe_inference(self, model: str, seconds: float) -> None:  # noqa: B027 - optional hook
+        """Report how long one inference run of ``model`` took (drivers that run models)."""
 
 
 class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick which to override
@@ -136,11 +154,14 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
         interval = self.config.interval
         next_at = time.monotonic()
         while True:
+            started = time.monotonic()
             try:
                 readings = await self.read()
             except Exception as exc:
+                self.context.observe_poll(time.monotonic() - started)
                 self.context.poll_failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
+                self.context.observe_poll(time.monotonic() - started)
                 self.context.poll_ok()
                 if readings:
                     yield readings

@@ -147,6 +147,36 @@ class DevicesHealth(_Open):
     offline: list[str]
 
 
+class ProcessHealth(_Open):
+    """The agent process. Optional: gateways older than this field do not send it."""
+
+    cpu_percent: float | None = Field(
+        description="CPU time the agent used since the previous health event, in % of one core "
+        "(all threads; 200 = two cores busy)."
+    )
+    rss_bytes: int | None = Field(description="Resident memory of the agent process.")
+    threads: int = Field(ge=1, description="Threads in the agent process.")
+
+
+class HostHealth(_Open):
+    """The machine the agent runs on (optional, like ProcessHealth). null: not available there."""
+
+    load_avg: list[float] | None = Field(
+        min_length=3, max_length=3, description="System load average over 1, 5 and 15 minutes."
+    )
+    cpus: int | None = Field(description="CPU cores of the machine.")
+    mem_total_bytes: int | None = Field(description="Memory of the machine.")
+    mem_available_bytes: int | None = Field(
+        description="Memory available to new work (MemAvailable; free + buffers where /proc/meminfo is hidden)."
+    )
+    disk_free_bytes: int | None = Field(description="Free space on the file system holding the buffer.")
+    disk_total_bytes: int | None = Field(description="Size of the file system holding the buffer.")
+    temperature_c: float | None = Field(
+        description="SoC/CPU temperature in degrees Celsius from /sys/class/thermal (cpu-thermal on a "
+        "Raspberry Pi); null when the board exposes none."
+    )
+
+
 class GatewayHealth(_Open):
     """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
 
@@ -157,6 +187,8 @@ class GatewayHealth(_Open):
     dropped_since_last_report: list[DropReport]
     uplink: UplinkHealth
     devices: DevicesHealth
+    process: ProcessHealth | None = Field(default=None, description="The agent process (CPU, memory).")
+    host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
