@@ -20,15 +20,14 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor"}
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Text on a terminal, JSON lines on the journal or with EDGE_AGENT_LOG_FORMAT=json (agent/logs.py)."""
+    from agent.logs import setup_logging
+
+    setup_logging(verbose, stream=sys.stderr)
 
 
 def _load(path: Path, refusal: str = "") -> AgentConfigBase | None:
@@ -95,6 +94,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration=args.duration, outage=not args.no_outage))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from agent.doctor import doctor_main
+
+    return doctor_main(list(args.args))
+
+
 def _tool_verbs() -> dict[str, list[str]]:
     """Technician verbs the installed drivers offer: verb -> drivers offering it."""
     from agent.registry import load_plugins
@@ -152,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drivers", help="list installed drivers")
     p.set_defaults(func=_cmd_drivers)
 
+    p = sub.add_parser("doctor", help="check config, devices, broker, TLS, clock, disk, models (exit 1 if red)",
+                       add_help=False)  # fmt: skip
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent doctor --help")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("demo", help="simulated devices -> agent -> embedded broker, with a live view")
     p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
     p.add_argument("--no-outage", action="store_true", help="do not simulate a broker outage")
@@ -164,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verbose = bool(argv) and argv[0] in ("-v", "--verbose")
     tool_argv = argv[1:] if verbose else argv
+    if tool_argv and tool_argv[0] == "doctor":  # it parses its own arguments
+        from agent.doctor import doctor_main
+
+        _setup_logging(verbose)
+        return doctor_main(tool_argv[1:])
     if tool_argv and tool_argv[0] not in _CORE_COMMANDS and not tool_argv[0].startswith("-"):
         _setup_logging(verbose)
         try:

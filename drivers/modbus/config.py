@@ -158,6 +158,12 @@ class ModbusConfig(DeviceConfig):
             raise ValueError(f"duplicate point names: {', '.join(dupes)}")
         return self
 
+    def device_paths(self) -> list[str]:
+        """The RS-485 port of an RTU device; TCP devices need no local device file."""
+        if self.transport == "rtu" and self.serial is not None:
+            return [self.serial.port]
+        return []
+
     def bus_key(self) -> str:
         """Devices with the same key share one connection and take turns."""
         if self.transport == "rtu" and self.serial is not None:

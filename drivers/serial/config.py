@@ -361,6 +361,10 @@ class SerialConfig(DeviceConfig):
             raise ValueError(f"emits: {self.emits}: quantity {', '.join(duplicated)} given by more than one field")
         return self
 
+    def device_paths(self) -> list[str]:
+        """The serial port this sensor streams on."""
+        return [self.port]
+
     def field_key(self, field: FieldConfig) -> str | int:
         """The key of ``field`` in a parsed frame: group name (line) or value index (binary)."""
         if self.framing.kind == "binary" and isinstance(field.name, str):
