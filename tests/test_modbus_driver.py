@@ -599,8 +599,11 @@ def test_devices_start_at_different_phases_of_their_interval() -> None:
         firsts: dict[str, float] = {}
         drivers = []
 
+        recorders: list[Recorder] = []
+
         async def first_poll(device_id: str) -> None:
-            driver = ModbusDriver(tcp_device(port, id=device_id), Recorder(device_id))
+            recorders.append(Recorder(device_id))
+            driver = ModbusDriver(tcp_device(port, id=device_id), recorders[-1])
             drivers.append(driver)
             await driver.start()
             t0 = time.monotonic()
@@ -614,6 +617,7 @@ def test_devices_start_at_different_phases_of_their_interval() -> None:
             for d in drivers:
                 await d.stop()
             await sim.stop()
+        assert all(r.outcomes == ["ok"] for r in recorders), [r.outcomes for r in recorders]  # waiting is no failure
         offsets = sorted(firsts.values())
         assert offsets[-1] < 1.2  # within one interval
         assert offsets[-1] - offsets[0] > 0.5, offsets  # spread, not one burst

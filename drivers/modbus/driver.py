@@ -105,6 +105,9 @@ class ModbusDriver(Driver):
         while True:
             now = time.monotonic()
             batch = [r for r in self.requests if due[id(r)] <= now]
+            if not batch:  # woke before the first slot (the device's phase offset)
+                await asyncio.sleep(max(0.0, min(due.values()) - now))
+                continue
             readings = await self.poll(batch)
             if readings is not None:
                 yield readings
@@ -118,6 +121,14 @@ class ModbusDriver(Driver):
         """Read ``requests``; report the poll's outcome; return its events (None if none)."""
         assert self._bus is not None, "start() first"
         self.stats["polls"] += 1
+        started = time.monotonic()
+        try:
+            return await self._poll(requests)
+        finally:
+            self.context.observe_poll(time.monotonic() - started)
+
+    async def _poll(self, requests: list[Request]) -> list[Reading] | None:
+        assert self._bus is not None
         samples: list[_Sample] = []
         failure: str | None = None
         for request in requests:
