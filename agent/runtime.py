@@ -332,7 +332,10 @@ class Agent:
             self._stop.set()
 
     async def _stop_device(self, device_id: str) -> None:
-        runner, task = self.devices.pop(device_id)
+        entry = self.devices.pop(device_id, None)
+        if entry is None:  # already stopped (a shutdown during a reload)
+            return
+        runner, task = entry
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         del runner
@@ -384,7 +387,9 @@ class Agent:
         if self._notifier is not None:
             self._notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            # Validating a big site file takes a while (about 1 s for 500 devices on a small
+            # board); the devices and the uplink keep running meanwhile.
+            new = await asyncio.to_thread(load_config, self.config_path)
             changes = await self.reload(new)
         except ConfigError as exc:
             log.error("reload refused, still running the previous config:\n  %s", "\n  ".join(exc.problems))
