@@ -28,6 +28,7 @@ from agent.errors import ConfigError
 from agent.events import GATEWAY_STREAM
 from agent.registry import load_plugins
 from agent.units import parse_size
+from agent.uplink.opcua_server import OpcUaServerConfig
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
@@ -199,6 +200,10 @@ class UplinkConfig(StrictModel):
     """Where events go."""
 
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker of the operations centre.")
+    opcua: OpcUaServerConfig = Field(
+        default_factory=OpcUaServerConfig,
+        description="An OPC UA server exposing every device's latest values (off by default).",
+    )
 
 
 class BufferConfig(StrictModel):

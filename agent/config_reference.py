@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from agent.config import AgentConfigBase, BufferConfig, GatewayConfig, MqttConfig, ObservabilityConfig, TlsConfig
 from agent.registry import load_plugins
 from agent.units import parse_duration, parse_size
+from agent.uplink.opcua_server import OpcUaServerConfig
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
 
@@ -73,6 +74,7 @@ def render_markdown() -> str:
         ("gateway", "gateway.", GatewayConfig, ()),
         ("uplink.mqtt", "uplink.mqtt.", MqttConfig, ("tls",)),
         ("uplink.mqtt.tls", "uplink.mqtt.tls.", TlsConfig, ()),
+        ("uplink.opcua", "uplink.opcua.", OpcUaServerConfig, ()),
         ("buffer", "buffer.", BufferConfig, ()),
         ("observability", "observability.", ObservabilityConfig, ()),
     ]

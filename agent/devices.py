@@ -55,6 +55,7 @@ class DeviceRunner(DriverContext):
         self.polls_ok = 0
         self.polls_failed = 0
         self._started_once = False
+        self.driver: Driver | None = None  # the running instance (writes go to it)
         self.telemetry = telemetry if telemetry is not None else DeviceTelemetry(config.id, config.driver)
 
     # ---- DriverContext ----------------------------------------------------------
@@ -104,7 +105,7 @@ class DeviceRunner(DriverContext):
         bind(device=self.device_id, driver=self.config.driver)
         attempt = 0
         while True:
-            driver = self.plugin.factory()(self.config, self)
+            driver = self.driver = self.plugin.factory()(self.config, self)
             try:
                 await self._start(driver)
                 attempt = 0

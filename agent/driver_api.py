@@ -20,10 +20,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from agent.errors import DriverWriteError
 from agent.events import Reading
 from agent.units import parse_duration, parse_size
 
@@ -140,6 +141,14 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
     async def read(self) -> list[Reading]:
         """Poll the device once and return its readings. Raise DriverReadError on failure."""
         raise NotImplementedError
+
+    async def write(self, point: str, value: Any) -> None:
+        """Write ``value`` to ``point`` (a write from the OPC UA server, when allowed by config).
+
+        Raises:
+            DriverWriteError: the driver cannot write, or the device refused.
+        """
+        raise DriverWriteError(f"driver {self.config.driver} cannot write points")
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release the device. Must not raise."""

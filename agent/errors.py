@@ -36,6 +36,10 @@ class DriverReadError(AgentError):
     """One poll of a device failed; the runtime counts it and keeps polling."""
 
 
+class DriverWriteError(AgentError):
+    """A write to a device point was refused or failed (the driver cannot write, or the device said no)."""
+
+
 class DriverFatalError(AgentError):
     """The driver cannot work with this device at all; the runtime stops it and reports it."""
 

@@ -21,6 +21,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from agent.buffer import AppendResult, BufferStats, Dropped, Outbox, Record
 from agent.config import AgentConfigBase, load_config
 from agent.devices import DeviceFailedError, DeviceRunner
 from agent.driver_api import DeviceConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DriverWriteError
 from agent.events import DEFAULT_PRIORITIES, GATEWAY_HEALTH, GATEWAY_STREAM, Priority, Reading
 from agent.logs import add_secret
 from agent.metrics import (
@@ -51,6 +52,7 @@ from agent.uplink.mqtt import MqttUplink, UplinkState
 
 if TYPE_CHECKING:
     from agent.health_http import HealthServer
+    from agent.uplink.opcua_server import OpcUaServer
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,7 @@ class Agent:
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._uplink_task: asyncio.Task[None] | None = None
+        self.opcua: OpcUaServer | None = None
         # Metrics: plain counters on the loop, read at scrape time (see metrics_snapshot).
         self._produced: dict[tuple[str, str], list[int]] = {}  # cells survive reloads
         self._dropped_total: Counter[tuple[str, str, str]] = Counter()
@@ -227,6 +230,8 @@ class Agent:
             slot = self._emit_slot(key)
         slot[1][0] += 1
         self.store.submit(device, reading, slot[0] if reading.priority is None else int(reading.priority))
+        if self.opcua is not None:
+            self.opcua.update(device, reading.type, reading.data, reading.time or datetime.now(UTC))
 
     def _emit_slot(self, key: tuple[str, str]) -> tuple[int, list[int]]:
         cell = self._produced.get(key)
@@ -350,7 +355,11 @@ class Agent:
         self.config = new
         self._priority_cache.clear()
         self._emit_slots.clear()
-        if new.uplink != old.uplink:
+        if new.uplink.opcua != old.uplink.opcua:
+            changes.append("uplink.opcua")
+            await self._stop_opcua()
+            await self._start_opcua()
+        if new.uplink.mqtt != old.uplink.mqtt:
             changes.append("uplink")
             # New events take the new topic prefix; buffered ones keep the topic they were stored with.
             self.store.topic_prefix = new.uplink.mqtt.topic_prefix
@@ -436,6 +445,7 @@ class Agent:
             await self._fresh_stats()  # the baseline of the delivered counter
             self._tasks.append(loop.create_task(self.store.run_writer(), name="store-writer"))
             await self._restart_uplink()
+            await self._start_opcua()
             self._tasks.append(loop.create_task(self._health_loop(), name="health"))
             for cfg in self.config.devices:
                 if cfg.enabled:
@@ -484,12 +494,49 @@ class Agent:
         if self._uplink_task is not None:
             self._uplink_task.cancel()
             await asyncio.gather(self._uplink_task, return_exceptions=True)
+        await self._stop_opcua()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()
         self._running = False
         log.info("agent stopped in %.2fs", time.monotonic() - started)
+
+    # ---- OPC UA server ----------------------------------------------------------------
+    async def _start_opcua(self) -> None:
+        """Serve the devices' values over OPC UA if configured; a failure leaves MQTT running."""
+        settings = self.config.uplink.opcua
+        if not settings.enabled:
+            return
+        from agent.uplink.opcua_server import OpcUaServer
+
+        server = OpcUaServer(settings, on_write=self._write_point, name=self.config.gateway.id)
+        try:
+            await server.start()
+        except (OSError, ValueError) as exc:
+            log.error("OPC UA server not started (%s); MQTT delivery is not affected", exc)
+            return
+        self.opcua = server
+        log.info("OPC UA server on %s (certificate thumbprint %s)", settings.listen, server.thumbprint or "none")
+
+    async def _stop_opcua(self) -> None:
+        server, self.opcua = self.opcua, None
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.stop(), 2.0)
+
+    async def _write_point(self, device: str, point: str, value: Any) -> None:
+        """An allowed OPC UA write: handed to the device's driver, and logged either way."""
+        entry = self.devices.get(device)
+        driver = entry[0].driver if entry is not None else None
+        if driver is None:
+            raise DriverWriteError(f"device {device} is not running")
+        try:
+            await driver.write(point, value)
+        except Exception as exc:
+            log.warning("OPC UA write %s.%s = %r refused: %s", device, point, value, exc)
+            raise
+        log.info("OPC UA write %s.%s = %r done", device, point, value)
 
     # ---- observability ------------------------------------------------------------
     async def _heartbeat(self) -> None:
