@@ -8,15 +8,18 @@ of that point, a new name adds one, and ``exclude`` removes profile points.
 from __future__ import annotations
 
 import os
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# Searched in order: next to the site file, the system's, then the ones shipped with the agent.
+# Searched in order: $EDGE_AGENT_PROFILES, next to the site file, the system's, then the ones
+# shipped with the agent.
 SYSTEM_DIR = Path("/etc/edge-agent/profiles")
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"  # a checkout
+INSTALLED_DIR = Path(sys.prefix) / "share" / "edge-agent" / "profiles"  # pip install (data-files)
 ENV_DIR = "EDGE_AGENT_PROFILES"
 _DEVICE_KEYS = {"byte_order", "word_order", "max_registers", "max_bits", "max_gap", "serial", "unit", "kind",
                 "timeout"}  # fmt: skip
@@ -31,7 +34,7 @@ def search_dirs(base_dir: str | Path | None = None) -> list[Path]:
     dirs = [Path(p) for p in os.environ.get(ENV_DIR, "").split(os.pathsep) if p]
     if base_dir is not None:
         dirs.append(Path(base_dir) / "profiles")
-    dirs += [SYSTEM_DIR, BUILTIN_DIR]
+    dirs += [SYSTEM_DIR, BUILTIN_DIR, INSTALLED_DIR]
     return dirs
 
 
