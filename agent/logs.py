@@ -12,7 +12,7 @@
   :func:`add_secret`), PEM private keys, ``password=...``/``"password": "..."``-style pairs and
   the password in ``scheme://user:password@host``.
 - **Repetition.** The same (logger, level, message template, device) is written at most
-  ``burst`` times per window (default 5 per 60 s; ``EDGE_AGENT_LOG_REPEAT_WINDOW`` and
+  ``burst`` times per window (default once per 60 s; ``EDGE_AGENT_LOG_REPEAT_WINDOW`` and
   ``EDGE_AGENT_LOG_REPEAT_BURST``); the repeats in between are counted and the next line
   written says ``(repeated N times in the last T s)``. DEBUG lines are never suppressed.
 """
@@ -38,7 +38,7 @@ FORMAT_ENV = "EDGE_AGENT_LOG_FORMAT"
 REPEAT_WINDOW_ENV = "EDGE_AGENT_LOG_REPEAT_WINDOW"
 REPEAT_BURST_ENV = "EDGE_AGENT_LOG_REPEAT_BURST"
 DEFAULT_REPEAT_WINDOW = 60.0
-DEFAULT_REPEAT_BURST = 5
+DEFAULT_REPEAT_BURST = 1
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 4  # shorter values would blank out ordinary words; patterns still apply
 MAX_REPEAT_KEYS = 4096

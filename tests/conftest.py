@@ -268,11 +268,17 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self.log = self.log_path.open("ab")
+        # Tests read the agent's log as a probe (reconnects, drops); the production limit of one
+        # line per repeated fault per minute would hide what they look for. The rate limit has
+        # its own test, which sets these variables itself.
+        env = dict(os.environ)
+        env.setdefault("EDGE_AGENT_LOG_REPEAT_BURST", "1000")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env=env,
         )
         return self
 
