@@ -17,7 +17,7 @@ from asyncua import Client, ua
 from pydantic import ValidationError
 
 from agent.devices import DeviceRunner
-from agent.errors import DriverStartupError
+from agent.errors import DriverStartupError, DriverWriteError
 from agent.events import DEVICE_STATUS, METER_READING, Reading
 from agent.schemas import EVENT_MODELS, CloudEvent
 from agent.uplink.opcua_server import OpcUaServer, OpcUaServerConfig, unece_unit_id
@@ -175,6 +175,36 @@ def test_poll_mode_reads_with_status_and_client_side_deadband(plc: ThreadedPlc) 
         finally:
             await got.stop()
             await driver.stop()
+
+    run(body)
+
+
+def test_driver_writes_engineering_values_back_to_the_plc_in_its_data_type(plc: ThreadedPlc) -> None:
+    """What the gateway's OPC UA server hands on for an allowed write: scaled back, typed, refused clearly."""
+
+    async def make_writable(name: str) -> None:
+        assert plc.plc.server is not None
+        await plc.plc.server.get_node(plc.plc.node_id(name)).set_writable()
+
+    async def read_raw(name: str) -> Any:
+        assert plc.plc.server is not None
+        return await plc.plc.server.get_node(plc.plc.node_id(name)).read_value()
+
+    async def body() -> None:
+        driver = OpcUaDriver(device(plc, mode="poll"), Recorder())
+        await driver.start()
+        try:
+            await plc.acall(make_writable("Pump1.Flow"))
+            await driver.write("flow", 21.0)  # flow has scale 2.0: the PLC holds 10.5
+            assert await plc.acall(read_raw("Pump1.Flow")) == 10.5
+            with pytest.raises(DriverWriteError, match="the server refused pressure = 3.0: .*Bad"):
+                await driver.write("pressure", 3.0)  # not writable on the PLC
+            with pytest.raises(DriverWriteError, match="has no point 'nope'"):
+                await driver.write("nope", 1)
+        finally:
+            await driver.stop()
+        with pytest.raises(DriverWriteError, match="cannot be written now: not connected"):
+            await driver.write("flow", 1.0)
 
     run(body)
 
@@ -534,7 +564,7 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
         "uplink:\n"
         f"  mqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: ioc/v1}}\n"
         f"  opcua: {{enabled: true, listen: 'opc.tcp://127.0.0.1:{port}', security_policies: [None],"
-        " users_file: users, publish_interval: 50ms}\n"
+        " users_file: users, publish_interval: 50ms, writable: [{device: meter-1, point: voltage}]}\n"
         f"buffer: {{path: {tmp_path / 'buffer.db'}}}\n"
         "devices:\n"
         "  - {id: meter-1, driver: virtual, kind: meter, interval: 200ms, seed: 7}\n"
@@ -564,8 +594,13 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
             assert first in published  # the very values the operations centre receives
             with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
                 await energy.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+            # A declared writable point goes to the device's driver; the virtual meter cannot write.
+            voltage = client.get_node(f"ns={ns};s=Devices.meter-1.voltage")
+            await voltage.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
         finally:
             await client.disconnect()
 
     run(body)
     assert "OPC UA server on opc.tcp://127.0.0.1" in agent.output()
+    wait_for(lambda: "OPC UA write meter-1.voltage = 1.0 refused: driver virtual cannot write points"
+             in agent.output(), 10, "the refused write in the log")  # fmt: skip

@@ -392,8 +392,10 @@ class OpcUaServer:
             result = self.on_write(device, point, value)
             if inspect.isawaitable(result):
                 await result
-        except Exception:
-            log.exception("on_write(%s, %s, %r) failed", device, point, value)
+        except Exception as exc:
+            # Already acknowledged to the client (asyncua applies a write before this hook runs);
+            # the variable shows the device's own value again with its next event.
+            log.warning("OPC UA write %s/%s = %r not applied to the device: %s", device, point, value, exc)
 
 
 def _coerce(value: Any, variant: ua.VariantType) -> Any:

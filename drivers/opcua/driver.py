@@ -20,12 +20,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agent.driver_api import Driver, DriverContext
-from agent.errors import DriverStartupError
+from agent.errors import DriverStartupError, DriverWriteError
 from agent.events import Reading
 from drivers.opcua.certs import AppCertificate, ensure_certificate
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.mapping import EventMapper, Sample
 from drivers.opcua.session import Credentials, Session, SessionError
+from drivers.opcua.uanames import UaError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,35 @@ class OpcUaDriver(Driver):
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()
+
+    async def write(self, point: str, value: Any) -> None:
+        """Write an engineering value to ``point`` on the PLC, in the variable's own data type.
+
+        Raises:
+            DriverWriteError: unknown or unresolved point, not connected, or the server refused.
+        """
+        from asyncua import ua
+
+        session = self.session
+        spec = next((p for p in self.config.points if p.name == point), None)
+        if spec is None:
+            raise DriverWriteError(f"device {self.config.id} has no point {point!r}")
+        if session is None or session.lost is not None or point not in session.nodes:
+            reason = session.unresolved.get(point, session.lost) if session is not None else "not connected"
+            raise DriverWriteError(f"point {point!r} cannot be written now: {reason or 'not connected'}")
+        raw: Any = value
+        if isinstance(value, int | float) and not isinstance(value, bool) and (spec.scale, spec.offset) != (1.0, 0.0):
+            raw = (float(value) - spec.offset) / spec.scale
+        node = session.client.get_node(session.nodes[point])
+        try:
+            variant_type = await node.read_data_type_as_variant_type()
+            if variant_type not in (ua.VariantType.Float, ua.VariantType.Double, ua.VariantType.Boolean,
+                                    ua.VariantType.String) and isinstance(raw, float):  # fmt: skip
+                raw = round(raw)  # an integer variable: the PLC takes whole units
+            await node.write_value(ua.DataValue(ua.Variant(raw, variant_type)))
+        except (UaError, OSError, TimeoutError, ValueError, TypeError) as exc:
+            raise DriverWriteError(f"the server refused {point} = {value!r}: {exc}") from exc
+        log.info("device %s: wrote %s = %r (%s)", self.config.id, point, value, spec.node)
 
     async def _connect(self) -> Session:
         assert self._credentials is not None, "start() first"
