@@ -197,7 +197,7 @@ def test_driver_writes_engineering_values_back_to_the_plc_in_its_data_type(plc: 
             await plc.acall(make_writable("Pump1.Flow"))
             await driver.write("flow", 21.0)  # flow has scale 2.0: the PLC holds 10.5
             assert await plc.acall(read_raw("Pump1.Flow")) == 10.5
-            with pytest.raises(DriverWriteError, match="the server refused pressure = 3.0: .*Bad"):
+            with pytest.raises(DriverWriteError, match=r"the server refused pressure = 3\.0: .*Bad"):
                 await driver.write("pressure", 3.0)  # not writable on the PLC
             with pytest.raises(DriverWriteError, match="has no point 'nope'"):
                 await driver.write("nope", 1)
