@@ -55,6 +55,19 @@ class ModbusReadError(Exception):
         self.link = link  # the connection itself failed, not just this request
 
 
+def raise_if_cancelling() -> None:
+    """Hand back a cancellation pymodbus swallowed.
+
+    pymodbus turns a cancelled request (device stopped, reload, shutdown) into a
+    ModbusIOException, an error response or a failed connect. The cancellation is then spent,
+    and the device would poll on for ever, so a reload or a shutdown waiting for it hangs
+    (seen with 500 devices: some are always mid-request).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def inter_frame_gap(baudrate: int, bits_per_char: int = 11) -> float:
     """Seconds of silence between RTU frames: 3.5 characters, 1.75 ms above 19200 baud."""
     return 0.00175 if baudrate > 19200 else 3.5 * bits_per_char / baudrate
@@ -88,6 +101,7 @@ class Bus:
         """
         async with self.lock:
             if not self.client.connected and not await self._connect():
+                raise_if_cancelling()
                 raise ModbusReadError(f"cannot connect to {self.key.split(':', 1)[1]}", link=True)
             wait = self._quiet_at - time.monotonic()
             if wait > 0:
@@ -95,11 +109,7 @@ class Bus:
             try:
                 response = await getattr(self.client, _READS[table])(address, count=count, device_id=unit)
             except ModbusException as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # pymodbus turns our cancellation (device stopped, reload, shutdown) into a
-                    # ModbusIOException; hand the cancellation back or the device never stops.
-                    raise asyncio.CancelledError from exc
+                raise_if_cancelling()
                 if not self.client.connected:
                     raise ModbusReadError("connection lost", link=True) from exc
                 reason = _describe(exc)
@@ -110,6 +120,7 @@ class Bus:
                 raise ModbusReadError(reason) from exc
             finally:
                 self._quiet_at = time.monotonic() + self.gap
+        raise_if_cancelling()
         if response.isError():
             code = getattr(response, "exception_code", 0)
             raise ModbusReadError(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")

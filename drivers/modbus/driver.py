@@ -15,7 +15,7 @@ from agent.driver_api import Driver, DriverContext
 from agent.errors import DriverFatalError
 from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from drivers.modbus import codec
-from drivers.modbus.bus import POOL, Bus, ModbusReadError
+from drivers.modbus.bus import POOL, Bus, ModbusReadError, raise_if_cancelling
 from drivers.modbus.config import BIT_TABLES, ModbusConfig, PointConfig
 from drivers.modbus.plan import Request, plan
 
@@ -109,6 +109,7 @@ class ModbusDriver(Driver):
                 await asyncio.sleep(max(0.0, min(due.values()) - now))
                 continue
             readings = await self.poll(batch)
+            raise_if_cancelling()
             if readings is not None:
                 yield readings
             for r in batch:
