@@ -1,0 +1,1 @@
+"""Build-time model tooling: `python -m models.build` (see README.md). Not imported by the agent."""
