@@ -604,3 +604,47 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
     assert "OPC UA server on opc.tcp://127.0.0.1" in agent.output()
     wait_for(lambda: "OPC UA write meter-1.voltage = 1.0 refused: driver virtual cannot write points"
              in agent.output(), 10, "the refused write in the log")  # fmt: skip
+
+
+def test_server_with_security_serves_our_own_driver_over_basic256sha256(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """The gateway's server with SignAndEncrypt only and a login, read by the opcua driver itself."""
+    (tmp_path / "users").write_text(f"op:{PASSWORD}\n")
+    port = free_port()
+    config = OpcUaServerConfig.model_validate({
+        "enabled": True, "listen": f"opc.tcp://127.0.0.1:{port}",
+        "security_policies": ["Basic256Sha256_SignAndEncrypt"],
+        "users_file": "users", "cert_dir": "server-pki", "publish_interval": "50ms",
+    }, context={"base_dir": tmp_path})  # fmt: skip
+
+    async def body() -> None:
+        server = OpcUaServer(config)
+        await server.start()
+        assert server.thumbprint  # its certificate was created on first start
+        t0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
+        server.update("pump-1", METER_READING, {"measurements": [
+            {"quantity": "voltage", "value": 231.5, "unit": "V", "quality": "good", "phase": "L1"}]}, t0)  # fmt: skip
+        await asyncio.sleep(0.3)
+        reader = OpcUaConfig.model_validate({
+            "id": "scada", "driver": "opcua", "endpoint": config.listen, "mode": "poll", "interval": "100ms",
+            "security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt", "cert_dir": str(pki["gateway"]),
+            "username": "op", "password_file": str(pki["password"]),
+            "points": [{"name": "v", "node": "ns=2;s=Devices.pump-1.voltage_L1", "quantity": "voltage"}],
+        })  # fmt: skip
+        driver = OpcUaDriver(reader, Recorder())
+        try:
+            await driver.start()
+            assert driver.session is not None
+            assert driver.session.client.security_policy.Mode == ua.MessageSecurityMode.SignAndEncrypt
+            samples = await driver.session.poll()
+            assert [(s.point.name, s.value, s.quality) for s in samples] == [("v", 231.5, "good")]
+            await driver.stop()
+            # the same endpoint without security is not offered
+            insecure = {**reader.model_dump(), "security_policy": "None", "security_mode": "None", "cert_dir": None}
+            plain = OpcUaDriver(OpcUaConfig.model_validate(insecure), Recorder())
+            with pytest.raises(DriverStartupError):
+                await plain.start()
+        finally:
+            await driver.stop()
+            await server.stop()
+
+    run(body)
