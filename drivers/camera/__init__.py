@@ -1,0 +1,27 @@
+"""Cameras with local ONNX inference: parking-bay occupancy and crosswalk presence; no image leaves."""
+
+from __future__ import annotations
+
+from agent.driver_api import Driver, DriverPlugin, ToolMain
+from drivers.camera.config import CameraConfig
+
+
+def _driver() -> type[Driver]:
+    from drivers.camera.driver import CameraDriver
+
+    return CameraDriver
+
+
+def _tools() -> dict[str, ToolMain]:
+    from drivers.camera import tools
+
+    return {"render": tools.render_main}
+
+
+PLUGIN = DriverPlugin(
+    name="camera",
+    config_model=CameraConfig,
+    factory=_driver,
+    summary="Camera (RTSP/HTTP/USB/file) with a local ONNX detector: parking bays and crosswalk waiting areas",
+    tools=_tools,
+)
