@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.driver_api import DeviceConfig, Duration, PriorityName, Size, StrictModel
+from agent.driver_api import DeviceConfig, Duration, PriorityName, Size, StrictModel, readable_file, resolve_path
 from agent.errors import ConfigError
 from agent.events import GATEWAY_STREAM
 from agent.registry import load_plugins
@@ -32,30 +32,6 @@ from agent.uplink.opcua_server import OpcUaServerConfig
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
-
-
-def _resolve(value: Any, info: ValidationInfo) -> Any:
-    """Resolve a relative path against the config file's folder (or systemd's credentials)."""
-    if value is None:
-        return None
-    path = Path(str(value)).expanduser()
-    if path.is_absolute():
-        return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
-        return Path(creds) / path
-    base = (info.context or {}).get("base_dir")
-    return (Path(base) / path) if base else path.absolute()
-
-
-def _readable_file(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"file not readable by this user: {path}")
-    return path
 
 
 class GatewayConfig(StrictModel):
@@ -78,12 +54,12 @@ class TlsConfig(StrictModel):
     cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
 
-    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(_resolve)
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(resolve_path)
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _exists(cls, value: Path | None) -> Path | None:
-        return _readable_file(value)
+        return readable_file(value)
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -141,12 +117,12 @@ class MqttConfig(StrictModel):
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching (off by default).")
 
-    _paths = field_validator("password_file", mode="before")(_resolve)
+    _paths = field_validator("password_file", mode="before")(resolve_path)
 
     @field_validator("password_file")
     @classmethod
     def _password_file(cls, value: Path | None) -> Path | None:
-        value = _readable_file(value)
+        value = readable_file(value)
         if value is not None and not value.read_text().strip():
             raise ValueError(f"password file is empty: {value}")
         return value
@@ -216,7 +192,7 @@ class BufferConfig(StrictModel):
         description="Bound on buffered events; past it the oldest of the lowest class are dropped.",
     )
 
-    _paths = field_validator("path", mode="before")(_resolve)
+    _paths = field_validator("path", mode="before")(resolve_path)
 
 
 class ObservabilityConfig(StrictModel):

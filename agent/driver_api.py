@@ -16,13 +16,15 @@ Lifecycle, in the runtime's order:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
 from agent.errors import DriverWriteError
 from agent.events import Reading
@@ -56,6 +58,33 @@ Size = Annotated[
 ]
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 PriorityName = Literal["alarm", "event", "telemetry"]
+
+
+def resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """A pydantic "before" validator for path keys: relative paths are taken from the config
+    file's folder (the validation context's ``base_dir``), or from systemd's credentials folder
+    when the file is there (``LoadCredential=``)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / path).is_file():
+        return Path(creds) / path
+    base = (info.context or {}).get("base_dir")
+    return (Path(base) / path) if base else path.absolute()
+
+
+def readable_file(path: Path | None) -> Path | None:
+    """``path`` if it is a file this user can read; a ValueError naming it otherwise."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable by this user: {path}")
+    return path
 
 
 class StrictModel(BaseModel):

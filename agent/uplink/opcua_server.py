@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agent.driver_api import Duration, StrictModel
+from agent.driver_api import Duration, StrictModel, resolve_path
 from agent.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METER_READING, PARKING_OCCUPANCY
 
 if TYPE_CHECKING:
@@ -81,20 +81,6 @@ VALUE_CODES = frozenset({
 })  # fmt: skip
 
 
-def _resolve(value: Any, info: ValidationInfo) -> Any:
-    """A relative path is taken from the config file's folder (agent/config.py's rule)."""
-    if value is None:
-        return None
-    path = Path(str(value)).expanduser()
-    if path.is_absolute():
-        return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
-        return Path(creds) / path
-    base = (info.context or {}).get("base_dir")
-    return (Path(base) / path) if base else path.absolute()
-
-
 class WritablePoint(StrictModel):
     """One variable OPC UA clients may write: it goes back to the device through ``on_write``."""
 
@@ -129,7 +115,7 @@ class OpcUaServerConfig(StrictModel):
         default=0.2, gt=0, le=10, description="Values reach the address space at most this often (coalesced)."
     )
 
-    _paths = field_validator("users_file", "password_file", "cert_dir", mode="before")(_resolve)
+    _paths = field_validator("users_file", "password_file", "cert_dir", mode="before")(resolve_path)
 
     @field_validator("users_file", "password_file")
     @classmethod

@@ -6,14 +6,13 @@ reads a config, and asyncua takes about a second to import).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agent.driver_api import DeviceConfig, Duration, StrictModel
+from agent.driver_api import DeviceConfig, Duration, StrictModel, readable_file, resolve_path
 from agent.vocabulary import QUANTITY_UNITS
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"]
@@ -23,31 +22,6 @@ SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
 NODE_ID = re.compile(r"^(?:(?:ns=\d+|nsu=[^;]+);)?[isgb]=.+$", re.DOTALL)
 # ``0:Objects/2:Pump1/2:Flow``: namespace index and browse name per step, from the Root folder
 BROWSE_STEP = re.compile(r"^\d+:[^/]+$")
-
-
-def resolve_path(value: Any, info: ValidationInfo) -> Any:
-    """A relative path is taken from the config file's folder (as agent/config.py does)."""
-    if value is None:
-        return None
-    path = Path(str(value)).expanduser()
-    if path.is_absolute():
-        return path
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / path).is_file():
-        return Path(creds) / path
-    base = (info.context or {}).get("base_dir")
-    return (Path(base) / path) if base else path.absolute()
-
-
-def readable_file(path: Path | None) -> Path | None:
-    """``path`` if it is a file this user can read; a ValueError naming it otherwise."""
-    if path is None:
-        return None
-    if not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"file not readable by this user: {path}")
-    return path
 
 
 def node_kind(text: str) -> Literal["node_id", "browse_path"]:
