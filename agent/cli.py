@@ -107,7 +107,12 @@ def _tool_verbs() -> dict[str, list[str]]:
     verbs: dict[str, list[str]] = {}
     for name, plugin in sorted(load_plugins().items()):
         if plugin.tools is not None:
-            for verb in plugin.tools():
+            try:
+                offered = plugin.tools()
+            except Exception as exc:  # a broken or partly installed driver must not break the CLI
+                logging.getLogger("agent").warning("driver %s offers no tools: %s", name, exc)
+                continue
+            for verb in offered:
                 verbs.setdefault(verb, []).append(name)
     return verbs
 

@@ -28,7 +28,7 @@ from agent.errors import DriverStartupError
 from agent.events import CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading
 from agent.schemas import EVENT_MODELS
 from drivers.camera import PLUGIN
-from drivers.camera.config import CameraConfig
+from drivers.camera.config import MODELS, CameraConfig
 from drivers.camera.driver import CameraDriver
 from drivers.camera.tools import render_main
 from tests.test_models import PERSONS, built_models, footage, frames  # noqa: F401 - session fixtures
@@ -135,7 +135,8 @@ def test_config_validation() -> None:
     cfg = camera("/tmp/x.avi")
     assert cfg.fps == 2 and cfg.max_interval == 10 and cfg.report_interval == 60
     assert cfg.parking_bays[0].min_overlap == 0.3 and cfg.labels.vehicles == ["car", "truck", "bus", "motorbike"]
-    assert cfg.model.endswith("yolov3-tiny-coco.yaml") and cfg.model_manifests() == [cfg.model]
+    assert cfg.model == "yolov3-tiny-coco.yaml"  # a name, resolved among the built models
+    assert cfg.model_manifests() == [str(MODELS / "yolov3-tiny-coco.yaml")] and (MODELS / cfg.model).is_file()
     assert camera("/dev/video0").device_paths() == ["/dev/video0"]
     assert PLUGIN.name == "camera" and PLUGIN.config_model is CameraConfig
     bad = [

@@ -12,10 +12,15 @@ def _driver() -> type[Driver]:
     return CameraDriver
 
 
-def _tools() -> dict[str, ToolMain]:
+def _render(argv: list[str]) -> int:
+    # Imported when run: OpenCV and onnxruntime (the vision extra) are not needed to list tools.
     from drivers.camera import tools
 
-    return {"render": tools.render_main}
+    return tools.render_main(argv)
+
+
+def _tools() -> dict[str, ToolMain]:
+    return {"render": _render}
 
 
 PLUGIN = DriverPlugin(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -10,11 +11,21 @@ from pydantic import Field, field_validator, model_validator
 from agent.driver_api import DeviceConfig, Duration, StrictModel
 
 MODELS = Path(__file__).resolve().parent.parent.parent / "models"
-DEFAULT_MODEL = str(MODELS / "yolov3-tiny-coco.yaml")
+DEFAULT_MODEL = "yolov3-tiny-coco.yaml"  # a bare name: one of the models built at install time
 VEHICLES = ("car", "truck", "bus", "motorbike")
 PERSONS = ("person",)
 
 Point = tuple[float, float]
+
+
+def model_path(model: str) -> str:
+    """A manifest path; a bare file name is looked up in the checkout's and the installed models/."""
+    if "/" in model:
+        return model
+    for folder in (MODELS, Path(sys.prefix) / "share" / "edge-agent" / "models"):
+        if (folder / model).is_file():
+            return str(folder / model)
+    return str(MODELS / model)
 
 
 def _check_polygon(points: list[Point]) -> list[Point]:
@@ -75,7 +86,11 @@ class CameraConfig(DeviceConfig):
         min_length=1,
         description="rtsp://..., http(s)://..., /dev/videoN, or a video file (looped at its native frame rate).",
     )
-    model: str = Field(default=DEFAULT_MODEL, description="Detector manifest (YAML); its sha256 is checked at start.")
+    model: str = Field(
+        default=DEFAULT_MODEL,
+        description="Detector manifest (YAML): a path, or the name of a model built at install time "
+        "(models/); its sha256 is checked at start.",
+    )
     threads: int = Field(default=1, ge=1, le=16, description="onnxruntime intra-op threads.")
     fps: float = Field(default=2.0, gt=0, le=30, description="Analysed frames per second (the latest frame is taken).")
     max_interval: Duration = Field(
@@ -111,6 +126,10 @@ class CameraConfig(DeviceConfig):
         """A USB camera's device file, for ``edge-agent doctor``."""
         return [self.source] if self.source.startswith("/dev/") else []
 
+    def manifest_path(self) -> str:
+        """The manifest file: ``model`` as given, or a bare name found among the built models."""
+        return model_path(self.model)
+
     def model_manifests(self) -> list[str]:
         """The detector's manifest, whose sha256 ``edge-agent doctor`` verifies."""
-        return [self.model]
+        return [self.manifest_path()]

@@ -89,7 +89,7 @@ class CameraDriver(Driver):
         retried: waiting will not fix it, and a tampered model must never run.
         """
         try:
-            manifest = load_manifest(self.config.model, verify=False)
+            manifest = load_manifest(self.config.manifest_path(), verify=False)
             model = read_verified_model(manifest)  # hashes the very bytes that are loaded
             detector = await asyncio.to_thread(Detector, manifest, model, threads=self.config.threads)
         except ModelError as exc:

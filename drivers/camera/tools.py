@@ -12,7 +12,7 @@ import yaml
 
 from agent.inference import Detector, ModelError
 from drivers.camera.capture import open_capture, redact
-from drivers.camera.config import DEFAULT_MODEL, CameraConfig
+from drivers.camera.config import DEFAULT_MODEL, CameraConfig, model_path
 from drivers.camera.rules import Polygon, bay_observation, count_persons
 
 
@@ -47,7 +47,7 @@ def render_main(argv: list[str]) -> int:
         source = args.source or (config.source if config else None)
         if not source:
             parser.error("--source is needed (or --zones with --device)")
-        model = args.model or (config.model if config else DEFAULT_MODEL)
+        model = model_path(args.model or (config.model if config else DEFAULT_MODEL))
         detector = Detector.from_manifest(model, threads=args.threads)
         cap = open_capture(source)
         if args.frame:
