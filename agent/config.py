@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -73,6 +74,19 @@ class TlsConfig(StrictModel):
         if self.enabled is not None:
             return self.enabled
         return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+    def apply_to(self, client: Any) -> None:
+        """Set up a paho client's TLS: the broker's certificate and host name always verified.
+
+        The uplink and ``edge-agent doctor`` both use it, so the doctor tests what the agent does.
+        """
+        client.tls_set(
+            ca_certs=str(self.ca_file) if self.ca_file else None,
+            certfile=str(self.cert_file) if self.cert_file else None,
+            keyfile=str(self.key_file) if self.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
 
 
 class BatchConfig(StrictModel):

@@ -535,14 +535,7 @@ def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
         source = mqtt.password_file or ("$EDGE_AGENT_MQTT_PASSWORD" if mqtt.password() else None)
         who = f"user {mqtt.username}" + (f", password from {source}" if source else ", no password")
     if mqtt.tls.active:
-        tls = mqtt.tls
-        client.tls_set(
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            certfile=str(tls.cert_file) if tls.cert_file else None,
-            keyfile=str(tls.key_file) if tls.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+        mqtt.tls.apply_to(client)
     answer: list[Any] = []
     closed = False
     client.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)

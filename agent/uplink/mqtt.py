@@ -85,14 +85,7 @@ class MqttUplink:
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password())
         if cfg.tls.active:
-            tls = cfg.tls
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            cfg.tls.apply_to(client)
         lost: asyncio.Future[str] = loop.create_future()
         connected: asyncio.Future[None] = loop.create_future()
         refill_at = cfg.max_inflight // 2
