@@ -22,6 +22,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.driver_api import DriverContext
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -311,3 +313,17 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
     yield make
     for a in made:
         a.kill()
+
+
+class Recorder(DriverContext):
+    """The runtime's side of a driver in a test: what the driver reported, in order."""
+
+    def __init__(self, device_id: str = "device") -> None:
+        self.device_id = device_id
+        self.outcomes: list[str] = []
+
+    def poll_ok(self) -> None:
+        self.outcomes.append("ok")
+
+    def poll_failed(self, reason: str) -> None:
+        self.outcomes.append(reason)

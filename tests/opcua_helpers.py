@@ -7,22 +7,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from agent.driver_api import DriverContext
 from drivers.opcua.simulator import SimulatedPlc
-
-
-class Recorder(DriverContext):
-    """The runtime's side of a driver: what it reported, in order."""
-
-    def __init__(self, device_id: str = "plc") -> None:
-        self.device_id = device_id
-        self.outcomes: list[str] = []
-
-    def poll_ok(self) -> None:
-        self.outcomes.append("ok")
-
-    def poll_failed(self, reason: str) -> None:
-        self.outcomes.append(reason)
+from tests.conftest import Recorder  # noqa: F401 - re-exported for the OPC UA tests
 
 
 class ThreadedPlc:

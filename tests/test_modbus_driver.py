@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from agent.driver_api import DriverContext
 from agent.schemas import EVENT_MODELS, CloudEvent
 from drivers.modbus import profiles
 from drivers.modbus.bus import POOL
@@ -22,22 +21,7 @@ from drivers.modbus.config import ModbusConfig, PointConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
-from tests.conftest import ROOT, free_port, wait_for, write_config
-
-
-class Recorder(DriverContext):
-    """The runtime's side of a driver, recording what the driver reports."""
-
-    def __init__(self, device_id: str = "m") -> None:
-        self.device_id = device_id
-        self.outcomes: list[str] = []
-
-    def poll_ok(self) -> None:
-        self.outcomes.append("ok")
-
-    def poll_failed(self, reason: str) -> None:
-        self.outcomes.append(reason)
-
+from tests.conftest import ROOT, Recorder, free_port, wait_for, write_config
 
 POINTS = [
     {"name": "voltage", "table": "input", "address": 0, "type": "float32", "quantity": "voltage", "phase": "L1"},
