@@ -3,7 +3,7 @@
 Every event is committed here before it is published and deleted only after the
 broker's PUBACK, so a crash or power cut never loses an event the agent accepted.
 The counters live in the same transactions as the rows they count, so
-``accepted == delivered + rows + dropped_capacity + dropped_disk_full`` holds
+``accepted == delivered + rows + dropped_capacity + dropped_disk_full + dropped_media_quota`` holds
 exactly, even across ``kill -9``.
 
 All methods must be called from one thread (the agent's buffer thread); the
@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Final, ParamSpec, Self, TypeVar
 
 from agent.errors import BufferError_
+from agent.events import Priority
 
 log = logging.getLogger("agent.buffer")
 
@@ -72,7 +73,8 @@ CREATE INDEX IF NOT EXISTS outbox_priority_id ON outbox (priority, id);
 CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters (name, value) VALUES
-    ('accepted', 0), ('delivered', 0), ('dropped_capacity', 0), ('dropped_disk_full', 0);
+    ('accepted', 0), ('delivered', 0), ('dropped_capacity', 0), ('dropped_disk_full', 0),
+    ('dropped_media_quota', 0);
 COMMIT;
 """
 # Why statements that step few times: Python's sqlite3 releases the GIL around every step
@@ -148,7 +150,7 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
-    """Events of one (device, type, priority) evicted for ``reason`` ("capacity" or "disk_full")."""
+    """Events of one (device, type, priority) evicted for ``reason``: "capacity", "disk_full" or "media_quota"."""
 
     device: str
     type: str
@@ -186,6 +188,12 @@ class BufferStats:
     delivered: int
     dropped_capacity: int
     dropped_disk_full: int
+    dropped_media_quota: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Every eviction, whatever the reason."""
+        return self.dropped_capacity + self.dropped_disk_full + self.dropped_media_quota
 
 
 def row_size(device: str, type_: str, topic: str, payload: bytes) -> int:
@@ -288,6 +296,8 @@ class Outbox:
             oldest rows of the lowest priority are evicted.
         synchronous: SQLite ``synchronous`` mode; "FULL" makes every append
             survive power loss.
+        media_max_bytes: Bound on the logical size of class media rows (snapshots), within
+            ``max_bytes``; beyond it the oldest of them are evicted as "media_quota" drops.
         max_page_count: For tests only: caps the file's pages so SQLite raises a
             genuine SQLITE_FULL, standing in for a full disk.
 
@@ -306,6 +316,7 @@ class Outbox:
         max_bytes: int,
         *,
         synchronous: str = "FULL",
+        media_max_bytes: int | None = None,
         max_page_count: int | None = None,
     ) -> None:
         if max_bytes <= 0:
@@ -314,6 +325,7 @@ class Outbox:
             raise ValueError(f"synchronous must be one of {sorted(_SYNC_MODES)}, got {synchronous!r}")
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.media_max_bytes = media_max_bytes
         self.quarantined: Path | None = None
         self.generation = 0  # +1 each time the file is replaced; readers reopen on a change
         self._synchronous = synchronous.upper()
@@ -435,11 +447,13 @@ class Outbox:
         values: list[object] = []
         last: dict[str, int] = {}
         added = 0
+        media = False
         for r in records:
             size = row_size(r.device, r.type, r.topic, r.payload)
             values += (r.priority, r.device, r.type, r.seq, r.topic, r.payload, size, r.created, zlib.crc32(r.payload))
             added += size
             last[r.device] = max(r.seq, last.get(r.device, r.seq))
+            media = media or r.priority == Priority.MEDIA
         total = self._total + added
         freed = 0
         dropped: list[Dropped] = []
@@ -457,8 +471,12 @@ class Outbox:
                 marks = ",".join(["(?, ?)"] * len(last))
                 conn.execute(_UPSERT_SEQS.format(marks), [v for item in last.items() for v in item])
             self._bump("accepted", len(records))
-            if total > self.max_bytes:
-                freed, dropped = self._evict(total - self.max_bytes, "capacity")
+            if media and self.media_max_bytes is not None:
+                freed, dropped = self._evict_media()
+            if total - freed > self.max_bytes:
+                more, more_dropped = self._evict(total - freed - self.max_bytes, "capacity")
+                freed += more
+                dropped += more_dropped
         # Only after COMMIT: a rolled-back append must not move the in-memory total.
         self._total = total - freed
         return AppendResult(len(records), dropped, first_id)
@@ -509,6 +527,34 @@ class Outbox:
         if count:
             self._bump(f"dropped_{reason}", count)
         return freed, [Dropped(d, t, p, n, reason) for (d, t, p), n in groups.items()]
+
+    def _evict_media(self) -> tuple[int, list[Dropped]]:
+        """Delete the oldest media rows past ``media_max_bytes``, inside a transaction."""
+        assert self.media_max_bytes is not None
+        # Media rows are few (a quota's worth of pictures), so listing them all is cheap.
+        rows = self._conn.execute(
+            "SELECT id, size FROM outbox WHERE priority = ? ORDER BY id", (int(Priority.MEDIA),)
+        ).fetchall()
+        need = sum(size for _, size in rows) - self.media_max_bytes
+        if need <= 0:
+            return 0, []
+        running, cut = 0, rows[-1][0]
+        for row_id, size in rows:
+            running += size
+            if running >= need:
+                cut = row_id
+                break
+        where = "priority = ? AND id <= ?"
+        bounds = (int(Priority.MEDIA), cut)
+        groups = self._conn.execute(
+            f"SELECT device, type, count(*), sum(size) FROM outbox WHERE {where} GROUP BY device, type",  # noqa: S608
+            bounds,
+        ).fetchall()
+        self._conn.execute(f"DELETE FROM outbox WHERE {where}", bounds)  # noqa: S608
+        count = sum(n for _, _, n, _ in groups)
+        self._bump("dropped_media_quota", count)
+        freed = sum(size for _, _, _, size in groups)
+        return freed, [Dropped(d, t, int(Priority.MEDIA), n, "media_quota") for d, t, n, _ in groups]
 
     def _rows_estimate(self) -> int:
         # An upper bound (ids may have holes): it only sizes a round, never the cut itself.
@@ -574,6 +620,7 @@ class Outbox:
             delivered=counters["delivered"],
             dropped_capacity=counters["dropped_capacity"],
             dropped_disk_full=counters["dropped_disk_full"],
+            dropped_media_quota=counters["dropped_media_quota"],
         )
 
     # --- plumbing ---------------------------------------------------------------------------

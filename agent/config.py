@@ -205,8 +205,30 @@ class BufferConfig(StrictModel):
         ge=parse_size("64KiB"),
         description="Bound on buffered events; past it the oldest of the lowest class are dropped.",
     )
+    media_max_bytes: Size | None = Field(
+        default=None,
+        ge=0,
+        description="Share of max_bytes that camera snapshots (class media) may hold; past it the oldest "
+        "snapshots are dropped (reason media_quota), so pictures never crowd out readings. "
+        "null: a quarter of max_bytes, at most 16MiB.",
+    )
 
     _paths = field_validator("path", mode="before")(resolve_path)
+
+    @model_validator(mode="after")
+    def _media_within_total(self) -> BufferConfig:
+        if self.media_max_bytes is not None and self.media_max_bytes > self.max_bytes:
+            raise ValueError(
+                f"media_max_bytes ({self.media_max_bytes} bytes) must not exceed max_bytes ({self.max_bytes} bytes)"
+            )
+        return self
+
+    @property
+    def media_quota(self) -> int:
+        """The effective ``media_max_bytes``."""
+        if self.media_max_bytes is not None:
+            return self.media_max_bytes
+        return min(parse_size("16MiB"), self.max_bytes // 4)
 
 
 class ObservabilityConfig(StrictModel):

@@ -57,7 +57,7 @@ Size = Annotated[
     ),
 ]
 DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-PriorityName = Literal["alarm", "event", "telemetry"]
+PriorityName = Literal["alarm", "event", "telemetry", "media"]
 
 
 def resolve_path(value: Any, info: ValidationInfo) -> Any:

@@ -21,11 +21,13 @@ PARKING_OCCUPANCY = "city.parking.occupancy"
 CROSSWALK_PRESENCE = "city.crosswalk.presence"
 DEVICE_STATUS = "city.device.status"
 GATEWAY_HEALTH = "city.gateway.health"
+CAMERA_SNAPSHOT = "city.camera.snapshot"
 
 
 class Priority(IntEnum):
     """Delivery class: higher drains first after an outage and is evicted last."""
 
+    MEDIA = -1  # snapshots: bulky and least urgent, with their own byte quota in the buffer
     TELEMETRY = 0
     EVENT = 1
     ALARM = 2
@@ -39,6 +41,7 @@ DEFAULT_PRIORITIES: dict[str, Priority] = {
     CROSSWALK_PRESENCE: Priority.EVENT,
     DEVICE_STATUS: Priority.ALARM,
     GATEWAY_HEALTH: Priority.ALARM,
+    CAMERA_SNAPSHOT: Priority.MEDIA,
 }
 
 

@@ -80,7 +80,8 @@ class AgentCollector(Collector):
             )
         dropped = CounterMetricFamily(
             _name("events_dropped"),
-            "Buffered events evicted, by reason: capacity (buffer.max_bytes) or disk_full.",
+            "Buffered events evicted, by reason: capacity (buffer.max_bytes), disk_full or media_quota "
+            "(buffer.media_max_bytes).",
             labels=["device", "type", "reason"],
         )
         for (device, typ, reason), n in sorted(s.dropped.items()):

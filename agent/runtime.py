@@ -193,7 +193,9 @@ class Agent:
 
     def _open_outbox(self) -> Outbox:
         """On the store's thread: the outbox, watched by the health checks."""
-        self._outbox = _WatchedOutbox(self.config.buffer.path, self.config.buffer.max_bytes)
+        self._outbox = _WatchedOutbox(
+            self.config.buffer.path, self.config.buffer.max_bytes, media_max_bytes=self.config.buffer.media_quota
+        )
         return self._outbox
 
     def _new_uplink(self) -> MqttUplink:
@@ -289,7 +291,11 @@ class Agent:
                 "accepted": stats.accepted,
                 "delivered": stats.delivered,
                 "buffered": stats.rows,
-                "dropped": {"capacity": stats.dropped_capacity, "disk_full": stats.dropped_disk_full},
+                "dropped": {
+                    "capacity": stats.dropped_capacity,
+                    "disk_full": stats.dropped_disk_full,
+                    "media_quota": stats.dropped_media_quota,
+                },
                 "not_accepted": self.store.not_accepted,
             },
             "dropped_since_last_report": drops,

@@ -101,6 +101,35 @@ class DeviceStatus(_Open):
     since: str
 
 
+class BlurredCounts(_Open):
+    """What was blurred in a snapshot."""
+
+    persons: int = Field(ge=0)
+    vehicles: int = Field(ge=0)
+    faces: int = Field(ge=0)
+
+
+class CameraSnapshot(_Open):
+    """``city.camera.snapshot`` (class media): a still for commissioning or an incident.
+
+    Only when the camera's ``snapshots.enabled`` is true (off by default). Every detected person
+    and vehicle box and every detected face is blurred before the image leaves the camera
+    driver; if the face model cannot run, no snapshot is taken at all.
+    """
+
+    reason: Literal["interval", "change"] = Field(
+        description="interval: the periodic commissioning still; change: a bay or waiting area changed."
+    )
+    trigger: str | None = Field(
+        default=None, description="For reason change: what changed, e.g. 'bay P-07 occupied'."
+    )
+    media_type: Literal["image/jpeg"]
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    image: str = Field(description="The blurred image, base64 (RFC 4648, with padding).")
+    blurred: BlurredCounts
+
+
 class BufferHealth(_Open):
     """Depth of the store-and-forward buffer."""
 
@@ -117,7 +146,7 @@ class Accounting(_Open):
     accepted: int
     delivered: int
     buffered: int
-    dropped: dict[str, int] = Field(description="By reason: capacity, disk_full.")
+    dropped: dict[str, int] = Field(description="By reason: capacity, disk_full, media_quota.")
     not_accepted: int = Field(description="Readings refused before reaching the buffer (disk stalled or failing).")
 
 
@@ -126,7 +155,7 @@ class DropReport(_Open):
 
     device: str
     type: str
-    reason: Literal["capacity", "disk_full"]
+    reason: Literal["capacity", "disk_full", "media_quota"]
     count: int
 
 
@@ -197,6 +226,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     events.CROSSWALK_PRESENCE: CrosswalkPresence,
     events.DEVICE_STATUS: DeviceStatus,
     events.GATEWAY_HEALTH: GatewayHealth,
+    events.CAMERA_SNAPSHOT: CameraSnapshot,
 }
 
 

@@ -25,6 +25,7 @@ T = TypeVar("T")
 MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
 COMMIT_INTERVAL = 0.01  # seconds between group commits under load
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see _tail)
+TAIL_MAX_MEDIA = 16  # snapshots are ~100 KB each: keep few in memory, read the rest from the file
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
 MAX_PENDING_BYTES = 8 * 1024 * 1024  # readings waiting for a commit before new ones are refused
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused readings
@@ -175,7 +176,8 @@ class EventStore:
             tail = self._tail.setdefault(r.priority, deque())
             tail.append(Stored(first_id + offset, r.priority, r.device, r.type, r.seq, r.topic, r.payload, r.created))
         for priority, tail in self._tail.items():
-            if len(tail) > TAIL_MAX:  # the uplink is not taking them (link down): read them back later
+            most = TAIL_MAX_MEDIA if priority == Priority.MEDIA else TAIL_MAX
+            if len(tail) > most:  # the uplink is not taking them (link down): read them back later
                 tail.clear()
                 self._tail_from[priority] = next_id
         self._next_id = next_id

@@ -166,7 +166,8 @@ def read_counters(db: Path) -> dict[str, int] | None:
     if "accepted" not in counters:
         return None
     counters["rows"] = (counters["accepted"] - counters["delivered"]
-                        - counters["dropped_capacity"] - counters["dropped_disk_full"])
+                        - counters["dropped_capacity"] - counters["dropped_disk_full"]
+                        - counters.get("dropped_media_quota", 0))
     return counters
 
 

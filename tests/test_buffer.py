@@ -63,7 +63,8 @@ def all_rows(box: Outbox) -> list[Stored]:
 
 
 def assert_balanced(stats: BufferStats) -> None:
-    assert stats.accepted == (stats.delivered + stats.rows + stats.dropped_capacity + stats.dropped_disk_full)
+    assert stats.accepted == stats.delivered + stats.rows + stats.dropped
+    assert stats.dropped == stats.dropped_capacity + stats.dropped_disk_full + stats.dropped_media_quota
 
 
 def corrupt(path: Path, pages: list[int], seed: int = 7) -> None:
@@ -179,6 +180,37 @@ def test_alarms_go_only_when_no_lower_class_remains(tmp_path: Path) -> None:
         result = box.append([rec(11, 2), rec(12, 2)])
         assert result.dropped == [Dropped("d", "t", 2, 2, "capacity")]
         assert [s.seq for s in all_rows(box)] == [7, 8, 9, 10, 11, 12]  # alarms 1 and 4 went
+
+
+def test_media_quota_evicts_oldest_snapshots_only(tmp_path: Path) -> None:
+    picture = rec(payload=b"j" * 1000, device="cam", type_="city.camera.snapshot")
+    reading = rec()
+    quota = 3 * size_of(picture)
+    with Outbox(tmp_path / "buf.db", 100 * size_of(reading) + quota, media_max_bytes=quota) as box:
+        box.append([rec(n) for n in range(1, 6)])
+        box.append([rec(n, -1, device="cam", type_="city.camera.snapshot", payload=b"j" * 1000) for n in (1, 2, 3)])
+        assert box.stats().dropped == 0  # exactly at the quota
+
+        result = box.append([rec(6), rec(4, -1, device="cam", type_="city.camera.snapshot", payload=b"j" * 1000)])
+        assert result.dropped == [Dropped("cam", "city.camera.snapshot", -1, 1, "media_quota")]
+        assert [s.seq for s in box.peek(-1, 0, 10)] == [2, 3, 4]  # the oldest picture went
+        assert [s.seq for s in box.peek(0, 0, 10)] == [1, 2, 3, 4, 5, 6]  # readings untouched
+        stats = box.stats()
+        assert stats.dropped_media_quota == 1
+        assert_balanced(stats)
+    # The counter survives a reopen, and a file from before the quota existed gains it.
+    with Outbox(tmp_path / "buf.db", 1 << 20) as box:
+        assert box.stats().dropped_media_quota == 1
+
+
+def test_media_is_evicted_first_when_the_buffer_is_full(tmp_path: Path) -> None:
+    size = size_of(rec())
+    with Outbox(tmp_path / "buf.db", 4 * size, media_max_bytes=4 * size) as box:
+        box.append([rec(1, -1), rec(1, 0), rec(2, -1), rec(2, 0)])
+        result = box.append([rec(3, 0)])
+        assert result.dropped == [Dropped("d", "t", -1, 1, "capacity")]  # not the older telemetry
+        assert [(s.priority, s.seq) for s in all_rows(box)] == [(0, 1), (-1, 2), (0, 2), (0, 3)]
+        assert_balanced(box.stats())
 
 
 def test_batch_larger_than_capacity_evicts_its_own_oldest_rows(tmp_path: Path) -> None:
