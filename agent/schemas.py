@@ -120,9 +120,7 @@ class CameraSnapshot(_Open):
     reason: Literal["interval", "change"] = Field(
         description="interval: the periodic commissioning still; change: a bay or waiting area changed."
     )
-    trigger: str | None = Field(
-        default=None, description="For reason change: what changed, e.g. 'bay P-07 occupied'."
-    )
+    trigger: str | None = Field(default=None, description="For reason change: what changed, e.g. 'bay P-07 occupied'.")
     media_type: Literal["image/jpeg"]
     width: int = Field(gt=0)
     height: int = Field(gt=0)
