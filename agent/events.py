@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
+import orjson
+
 # Gateway-level events (health) use this stream name where a device id would go.
 GATEWAY_STREAM = "gateway"
 
@@ -103,8 +105,26 @@ def source_for(gateway: str, device: str) -> str:
     return f"/gateways/{gateway}/devices/{device}"
 
 
-# One encoder for every event: json.dumps with options builds a new encoder per call.
-_encode_data = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+# The strict reference: what JSON can carry. orjson below is ~7x faster (the envelope is built
+# once per event on the hot path) but writes NaN and infinity as null, which would turn a
+# driver's broken reading into an apparently missing value.
+_strict_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+# Datetimes and dataclasses are refused like json does, so a driver cannot come to rely on them.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def encode_data(data: Any) -> bytes:
+    """``data`` as compact UTF-8 JSON.
+
+    Raises:
+        ValueError: ``data`` holds NaN or infinity, which JSON cannot carry.
+        TypeError: ``data`` holds something JSON has no form for (including non-string keys).
+    """
+    out = orjson.dumps(data, option=_ORJSON_OPTIONS)
+    if b"null" in out:
+        # A null may be a NaN orjson wrote as null: let the strict encoder raise if so.
+        _strict_encode(data)
+    return out
 
 
 def new_event_id() -> str:
@@ -121,9 +141,14 @@ def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: da
     Raises:
         ValueError: ``data`` holds NaN or infinity, which JSON cannot carry.
     """
+    data = encode_data(reading.data)
     return (
-        f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
-        f'"type":{_encode_data(reading.type)},"time":"{format_time(reading.time or now)}",'
-        f'"datacontenttype":"application/json","gateway":"{gateway}","device":"{device}","seq":{seq},'
-        f'"data":{_encode_data(reading.data)}}}'
-    ).encode()
+        (
+            f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
+            f'"type":{_strict_encode(reading.type)},"time":"{format_time(reading.time or now)}",'
+            f'"datacontenttype":"application/json","gateway":"{gateway}","device":"{device}","seq":{seq},'
+            '"data":'
+        ).encode()
+        + data
+        + b"}"
+    )
