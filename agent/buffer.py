@@ -121,7 +121,9 @@ class _CheckFailed(sqlite3.DatabaseError):
     """``PRAGMA quick_check`` reported problems without raising."""
 
 
-@dataclass(frozen=True, slots=True)
+# Record and Stored are made once per event: not frozen, because a frozen dataclass's __init__
+# costs four times as much (2.3 vs 0.5 us here). Treat them as immutable all the same.
+@dataclass(slots=True)
 class Record:
     """An event to append."""
 
@@ -134,7 +136,7 @@ class Record:
     created: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stored:
     """A buffered event as returned by :meth:`Outbox.peek`; ``id`` is what to ack."""
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored
-from agent.events import Priority, Reading, make_event, topic_for
+from agent.events import Priority, Reading, format_time, make_event, topic_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +67,9 @@ class EventStore:
         self._next_id = 1
         self._pending_bytes = 0
         self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
+        self._now_millis = -1
+        self._now_text = ""
+        self._topics: dict[tuple[str, str], str] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -96,25 +99,25 @@ class EventStore:
             self._refuse(device, "the buffer cannot commit fast enough")
             return
         seq = self._seqs.get(device, 0) + 1
-        now = datetime.now(UTC)
+        now = time.time()
+        millis = int(now * 1000)
+        if millis != self._now_millis:  # thousands of events share a millisecond: format it once
+            self._now_millis = millis
+            self._now_text = format_time(datetime.fromtimestamp(millis / 1000, UTC))
         try:
-            payload = make_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=now)
+            payload = make_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=self._now_text)
         except (TypeError, ValueError) as exc:
             # A driver bug must not take the device down, nor leave a gap in seq.
             self._refuse(device, f"{reading.type} data is not JSON: {exc}")
             return
         self._seqs[device] = seq
-        self._pending.append(
-            Record(
-                device=device,
-                type=reading.type,
-                priority=priority,
-                seq=seq,
-                topic=topic_for(self.topic_prefix, self.gateway, device, reading.type),
-                payload=payload,
-                created=now.timestamp(),
+        topic = self._topics.get((device, reading.type))
+        if topic is None:
+            topic = self._topics[device, reading.type] = topic_for(
+                self.topic_prefix, self.gateway, device, reading.type
             )
-        )
+        # Positional: this runs once per event.
+        self._pending.append(Record(device, reading.type, priority, seq, topic, payload, now))
         self._pending_bytes += len(payload)
         self.priorities.add(priority)
         self._has_pending.set()
