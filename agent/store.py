@@ -69,7 +69,7 @@ class EventStore:
         self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
         self._now_millis = -1
         self._now_text = ""
-        self._topics: dict[tuple[str, str], str] = {}
+        self._topics: dict[tuple[str, str, str], str] = {}
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -111,11 +111,10 @@ class EventStore:
             self._refuse(device, f"{reading.type} data is not JSON: {exc}")
             return
         self._seqs[device] = seq
-        topic = self._topics.get((device, reading.type))
+        key = (self.topic_prefix, device, reading.type)  # a reload may change the prefix
+        topic = self._topics.get(key)
         if topic is None:
-            topic = self._topics[device, reading.type] = topic_for(
-                self.topic_prefix, self.gateway, device, reading.type
-            )
+            topic = self._topics[key] = topic_for(self.topic_prefix, self.gateway, device, reading.type)
         # Positional: this runs once per event.
         self._pending.append(Record(device, reading.type, priority, seq, topic, payload, now))
         self._pending_bytes += len(payload)
