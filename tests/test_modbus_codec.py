@@ -96,6 +96,99 @@ def test_encode_decode_round_trip(type_: str, byte_order: str, word_order: str, 
     assert back == value or (math.isclose(back, value) if isinstance(value, float) else False)
 
 
+# Scales and offsets as profiles use them: 0.1 V, 0.001 kW per W, m3/s shown as m3/h, a -40 degC origin.
+SCALES = [1.0, 0.1, 0.01, 0.001, 0.0001, 10.0, 3600.0, -1.0, 0.5]
+OFFSETS = [0.0, -40.0, 273.15, 1000.0]
+INTEGER_TYPES = ["int16", "uint16", "int32", "uint32", "int64", "uint64"]
+
+
+def _read_back(registers: list[int], type_: str, byte_order: str, word_order: str, scale: float,
+               offset: float) -> float | int | str:  # fmt: skip
+    """What the driver decodes from ``registers``: its compiled decoder, inside a larger read."""
+    decoder = codec.compile_decoder(type_, byte_order=byte_order, word_order=word_order, scale=scale, offset=offset)
+    return decoder(struct.pack(f">{len(registers) + 2}H", 0xDEAD, *registers, 0xBEEF), 2)
+
+
+@given(
+    st.sampled_from(INTEGER_TYPES),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(SCALES),
+    st.sampled_from(OFFSETS),
+    st.data(),
+)
+def test_encode_scaled_round_trips_every_raw_integer(
+    type_: str, byte_order: str, word_order: str, scale: float, offset: float, data: st.DataObject
+) -> None:
+    """A value the device can hold (raw * scale + offset) is written as exactly that raw value."""
+    low, high = codec.INT_RANGES[type_]
+    if (scale, offset) != (1.0, 0.0):  # engineering values are floats: keep raw within their 53-bit precision
+        low, high = max(low, -(2**50)), min(high, 2**50)
+    raw = data.draw(st.integers(low, high))
+    value = raw if (scale, offset) == (1.0, 0.0) else raw * scale + offset
+    registers = codec.encode_scaled(value, type_, byte_order=byte_order, word_order=word_order, scale=scale,
+                                    offset=offset)  # fmt: skip
+    assert registers == codec.encode(raw, type_, byte_order=byte_order, word_order=word_order)
+    back = _read_back(registers, type_, byte_order, word_order, scale, offset)
+    assert back == value if isinstance(value, int) else math.isclose(back, value, rel_tol=1e-9, abs_tol=1e-6)
+
+
+@given(
+    st.sampled_from([*INTEGER_TYPES, "float32", "float64"]),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(["big", "little"]),
+    st.sampled_from(SCALES),
+    st.sampled_from(OFFSETS),
+    st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**70), 2**70),
+)
+def test_encode_scaled_either_refuses_or_is_read_back_within_one_step(
+    type_: str, byte_order: str, word_order: str, scale: float, offset: float, value: float | int
+) -> None:
+    """Any number: refused as out of range, or decoded back to within half a step of the device's resolution."""
+    refused: str | None = None
+    try:
+        registers = codec.encode_scaled(value, type_, byte_order=byte_order, word_order=word_order, scale=scale,
+                                        offset=offset)  # fmt: skip
+    except ValueError as exc:
+        refused = str(exc)
+    if refused is not None:
+        assert "out of range" in refused
+        raw = value if (scale, offset) == (1.0, 0.0) else (value - offset) / scale
+        if type_ in codec.INT_RANGES:
+            low, high = codec.INT_RANGES[type_]
+            assert not low - 0.5 <= raw <= high + 0.5, f"{value} refused, yet raw {raw} fits {type_}"
+        else:
+            assert abs(raw) > (3.4e38 if type_ == "float32" else 1.7e308), f"{value} refused, yet raw {raw} fits"
+        return
+    assert len(registers) == struct.calcsize(codec._FORMATS[type_]) // 2 and all(0 <= r <= 0xFFFF for r in registers)
+    back = _read_back(registers, type_, byte_order, word_order, scale, offset)
+    assert isinstance(back, int | float)
+    if type_ in codec.INT_RANGES:
+        tolerance = abs(scale) / 2 + 1e-9 * max(1.0, abs(value))
+    else:
+        tolerance = 1e-6 * max(abs(value), abs(offset), 1e-30 * abs(scale)) + 1e-9
+    assert abs(back - value) <= tolerance, (value, back)
+
+
+def test_encode_scaled_refuses_what_a_register_cannot_hold() -> None:
+    assert codec.encode_scaled(21.5, "int16", scale=0.1, offset=-40) == [615]
+    assert codec.encode_scaled(2**64 - 1, "uint64") == [0xFFFF] * 4  # exact: no detour through a float
+    assert codec.encode_scaled(True, "uint16") == [1]
+    for value, type_, keys, message in [
+        (32768, "int16", {}, r"32768 is out of range for int16 \(-32768\.\.32767\)"),
+        (-0.6, "uint16", {}, r"-0\.6 is out of range for uint16"),  # rounds to -1
+        (7000.1, "uint16", {"scale": 0.1}, r"7000\.1 \(raw 70001\) is out of range for uint16 \(0\.\.65535\)"),
+        (3.5e38, "float32", {}, "out of range for float32"),
+        (float("inf"), "float64", {}, "inf is not a finite number"),
+        ("12", "int32", {}, "'12' is not a number"),
+        (1, "int16", {"scale": 0.0}, "scale 0 cannot be inverted"),
+        (1, "string", {}, "string points hold no single number"),
+        (1, "bitfield", {}, "bitfield points hold no single number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            codec.encode_scaled(value, type_, **keys)
+
+
 @given(st.lists(st.integers(0, 0xFFFF), min_size=0, max_size=6), st.sampled_from(list(codec._FORMATS)))
 def test_decode_never_fails_other_than_by_value_error(registers: list[int], type_: str) -> None:
     with contextlib.suppress(ValueError):

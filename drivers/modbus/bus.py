@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ _READS = {
     "coil": "read_coils",
     "discrete": "read_discrete_inputs",
 }
+_WRITES = {5: "write_coil", 15: "write_coils", 6: "write_register", 16: "write_registers"}
 EXCEPTION_NAMES = {
     1: "illegal function",
     2: "illegal data address",
@@ -46,13 +48,21 @@ EXCEPTION_NAMES = {
 GARBLED = "garbled answer (bad CRC or framing; wrong baud rate or parity?)"
 
 
-class ModbusReadError(Exception):
-    """A read failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
+class ModbusRequestError(Exception):
+    """A request failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
 
     def __init__(self, reason: str, *, link: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.link = link  # the connection itself failed, not just this request
+
+
+class ModbusReadError(ModbusRequestError):
+    """A read failed."""
+
+
+class ModbusWriteError(ModbusRequestError):
+    """A write failed or was refused by the device."""
 
 
 def raise_if_cancelling() -> None:
@@ -99,37 +109,55 @@ class Bus:
         Raises:
             ModbusReadError: timeout, exception response, garbled or missing answer.
         """
-        async with self.lock:
-            if not self.client.connected and not await self._connect():
-                raise_if_cancelling()
-                raise ModbusReadError(f"cannot connect to {self.key.split(':', 1)[1]}", link=True)
-            wait = self._quiet_at - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            try:
-                response = await getattr(self.client, _READS[table])(address, count=count, device_id=unit)
-            except ModbusException as exc:
-                raise_if_cancelling()
-                if not self.client.connected:
-                    raise ModbusReadError("connection lost", link=True) from exc
-                reason = _describe(exc)
-                if reason == "timeout" and self.heard:
-                    # Bytes came back but never a valid frame: noise, a bad CRC, a cut frame,
-                    # or (typically, when commissioning) the wrong baud rate or parity.
-                    reason = GARBLED
-                raise ModbusReadError(reason) from exc
-            finally:
-                self._quiet_at = time.monotonic() + self.gap
-        raise_if_cancelling()
-        if response.isError():
-            code = getattr(response, "exception_code", 0)
-            raise ModbusReadError(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+        call = getattr(self.client, _READS[table])
+        response = await self._exchange(ModbusReadError, lambda: call(address, count=count, device_id=unit))
         values: list[int] | list[bool] = (
             list(response.bits[:count]) if table in ("coil", "discrete") else list(response.registers)
         )
         if len(values) < count:
             raise ModbusReadError(f"short answer: {len(values)} of {count}")
         return values
+
+    async def write(self, function: int, address: int, values: list[int] | list[bool], unit: int) -> None:
+        """Write ``values`` from ``address`` on ``unit`` with ``function`` (5, 15: coils; 6, 16: registers).
+
+        Same turn-taking as reads: on an RS-485 line a write waits for the bus like any request.
+
+        Raises:
+            ModbusWriteError: timeout, exception response (the device refused), garbled or missing answer.
+        """
+        call = getattr(self.client, _WRITES[function])
+        arg: Any = values[0] if function in (5, 6) else list(values)
+        await self._exchange(ModbusWriteError, lambda: call(address, arg, device_id=unit))
+
+    async def _exchange(self, error: type[ModbusRequestError], send: Callable[[], Awaitable[Any]]) -> Any:
+        """One request and its answer, alone on the connection, after the line's silence."""
+        async with self.lock:
+            if not self.client.connected and not await self._connect():
+                raise_if_cancelling()
+                raise error(f"cannot connect to {self.key.split(':', 1)[1]}", link=True)
+            wait = self._quiet_at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                response = await send()
+            except ModbusException as exc:
+                raise_if_cancelling()
+                if not self.client.connected:
+                    raise error("connection lost", link=True) from exc
+                reason = _describe(exc)
+                if reason == "timeout" and self.heard:
+                    # Bytes came back but never a valid frame: noise, a bad CRC, a cut frame,
+                    # or (typically, when commissioning) the wrong baud rate or parity.
+                    reason = GARBLED
+                raise error(reason) from exc
+            finally:
+                self._quiet_at = time.monotonic() + self.gap
+        raise_if_cancelling()
+        if response.isError():
+            code = getattr(response, "exception_code", 0)
+            raise error(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+        return response
 
     async def _connect(self) -> bool:
         try:

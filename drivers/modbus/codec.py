@@ -73,6 +73,59 @@ def encode(
     return _from_bytes(packed, byte_order, word_order)
 
 
+# What each integer type holds: a write outside it is refused, never wrapped or clamped.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1), "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1), "uint64": (0, 2**64 - 1),
+}  # fmt: skip
+NUMERIC_TYPES = (*INT_RANGES, "float32", "float64")
+
+
+def encode_scaled(
+    value: float | int,
+    type_: str,
+    *,
+    byte_order: str = "big",
+    word_order: str = "big",
+    scale: float = 1.0,
+    offset: float = 0.0,
+) -> list[int]:
+    """Registers that :func:`compile_decoder` (same type, orders, scale, offset) reads as ``value``.
+
+    ``value`` is in engineering units: the raw value is ``(value - offset) / scale``. An integer
+    type takes the nearest whole raw value, since the device cannot hold a finer step than one
+    ``scale``; integers are kept exact when no scaling applies (64-bit counters exceed a float).
+
+    Raises:
+        ValueError: a type that is not a number (string, bitfield), a value that is not a finite
+            number, ``scale`` 0, or a raw value outside the type's range.
+    """
+    if type_ not in NUMERIC_TYPES:
+        raise ValueError(f"{type_} points hold no single number to write")
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    if scale == 0:
+        raise ValueError("scale 0 cannot be inverted")
+    raw: float | int = value if (scale, offset) == (1.0, 0.0) else (value - offset) / scale
+    shown = f"{value} (raw {raw:g})" if raw != value else f"{value}"
+    if not math.isfinite(raw):  # a huge value over a tiny scale
+        raise ValueError(f"{shown} is out of range for {type_}")
+    if type_ in INT_RANGES:
+        low, high = INT_RANGES[type_]
+        raw = raw if isinstance(raw, int) else round(raw)
+        if not low <= raw <= high:
+            raise ValueError(f"{shown} is out of range for {type_} ({low}..{high})")
+    try:
+        return encode(raw, type_, byte_order=byte_order, word_order=word_order)
+    except (OverflowError, struct.error) as exc:  # float32 beyond +-3.4e38
+        raise ValueError(f"{shown} is out of range for {type_}") from exc
+
+
 Decoder = Callable[[bytes, int], "float | int | str"]
 
 

@@ -23,6 +23,10 @@ TYPE_REGISTERS: dict[str, int] = {
     "int64": 4, "uint64": 4, "float64": 4,
 }  # fmt: skip
 BIT_TABLES = ("coil", "discrete")
+WRITABLE_TABLES = ("coil", "holding")  # input registers and discrete inputs are read-only by protocol
+UNWRITABLE_TYPES = ("string", "bitfield")
+WriteFunction = Literal[5, 6, 15, 16]
+ALL_WRITE_FUNCTIONS: tuple[WriteFunction, ...] = (5, 6, 15, 16)
 PROTOCOL_MAX_REGISTERS = 125  # Modbus: one read of holding/input registers returns at most 125
 PROTOCOL_MAX_BITS = 2000  # ... and of coils/discrete inputs at most 2000
 
@@ -49,6 +53,10 @@ class PointConfig(StrictModel):
     deadband: float | None = Field(
         default=None, ge=0, description="Report only changes larger than this (default: device's)."
     )
+    writable: bool = Field(
+        default=False,
+        description="OPC UA clients may write it (coil or holding; also list it in uplink.opcua.writable).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PointConfig:
@@ -69,6 +77,13 @@ class PointConfig(StrictModel):
             raise ValueError(f"point {self.name!r}: bit is required for, and only for, type bitfield")
         if self.address + self.registers > 65536:
             raise ValueError(f"point {self.name!r}: runs past address 65535")
+        if self.writable and self.table not in WRITABLE_TABLES:
+            raise ValueError(f"point {self.name!r}: {self.table} points cannot be writable (Modbus writes only "
+                             f"coils and holding registers)")  # fmt: skip
+        if self.writable and self.type in UNWRITABLE_TYPES:
+            # A bitfield shares its register with other flags (a write would need a read-modify-write
+            # that races the device); a string is an identifier, not a setpoint.
+            raise ValueError(f"point {self.name!r}: {self.type} points cannot be writable")
         return self
 
     @property
@@ -129,6 +144,12 @@ class ModbusConfig(DeviceConfig):
     full_report: Duration = Field(
         default=300.0, gt=0, description="Report every point at least this often, changed or not."
     )
+    write_functions: list[WriteFunction] | None = Field(
+        default=None,
+        min_length=1,
+        description="Write function codes the device implements, from its manual (null: 5, 6, 15 and 16). "
+        "A coil is written with 5 (else 15), one register with 6 (else 16), several with 16.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -156,7 +177,29 @@ class ModbusConfig(DeviceConfig):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate point names: {', '.join(dupes)}")
+        for point in self.points:
+            if point.writable and self.write_function(point) is None:
+                raise ValueError(
+                    f"point {point.name!r} is writable but none of write_functions {self.write_functions} writes "
+                    f"a {point.table} of {point.registers} register(s) (a coil needs 5 or 15, one register 6 or "
+                    f"16, several 16)"
+                )
         return self
+
+    def write_function(self, point: PointConfig) -> WriteFunction | None:
+        """The function code that writes ``point`` on this device (None if the device has none for it).
+
+        The single-item functions (05, 06) come first: every device that writes has them except
+        those whose manual lists only the multiple-item ones (Schneider iEM3000: 03, 16 and 43/14).
+        """
+        offered = self.write_functions or ALL_WRITE_FUNCTIONS
+        if point.table == "coil":
+            wanted: tuple[WriteFunction, ...] = (5, 15)
+        elif point.registers == 1:
+            wanted = (6, 16)
+        else:
+            wanted = (16,)
+        return next((f for f in wanted if f in offered), None)
 
     def device_paths(self) -> list[str]:
         """The RS-485 port of an RTU device; TCP devices need no local device file."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import time
 import zlib
@@ -12,12 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.driver_api import Driver, DriverContext
-from agent.errors import DriverFatalError
+from agent.errors import DriverFatalError, DriverWriteError
 from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from drivers.modbus import codec
-from drivers.modbus.bus import POOL, Bus, ModbusReadError, raise_if_cancelling
-from drivers.modbus.config import BIT_TABLES, ModbusConfig, PointConfig
+from drivers.modbus.bus import POOL, Bus, ModbusReadError, ModbusWriteError, raise_if_cancelling
+from drivers.modbus.config import BIT_TABLES, UNWRITABLE_TYPES, WRITABLE_TABLES, ModbusConfig, PointConfig
 from drivers.modbus.plan import Request, plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +64,34 @@ def decode_point(
     return decoder(struct.pack(f">{len(values)}H", *values), 2 * (point.address - start))
 
 
+def write_values(point: PointConfig, value: Any, config: ModbusConfig) -> list[int] | list[bool]:
+    """What goes on the wire to set ``point`` to ``value`` (engineering units): coil bits or registers.
+
+    Raises:
+        ValueError: the point cannot be written (its table or type) or the value does not fit it.
+    """
+    if point.table not in WRITABLE_TABLES:
+        kind = "an input register" if point.table == "input" else "a discrete input"
+        raise ValueError(f"point {point.name!r} is {kind}: read-only in Modbus")
+    if point.type in UNWRITABLE_TYPES:
+        raise ValueError(f"point {point.name!r} is a {point.type}: not writable")
+    if not point.writable:
+        raise ValueError(f"point {point.name!r} is not writable (set writable: true on the point to allow it)")
+    if point.table == "coil":
+        # 0/1 as numbers too: OPC UA clients often send a coil's state as a Double.
+        if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+            return [bool(value)]
+        raise ValueError(f"a coil takes true/false (or 1/0), not {value!r}")
+    return codec.encode_scaled(
+        value,
+        point.type,
+        byte_order=point.byte_order or config.byte_order,
+        word_order=point.word_order or config.word_order,
+        scale=point.scale,
+        offset=point.offset,
+    )
+
+
 class ModbusDriver(Driver):
     """Polls one unit through a shared bus; see the module docstring of each part for the rules."""
 
@@ -79,7 +110,11 @@ class ModbusDriver(Driver):
         self._since: dict[str, datetime] = {}  # when each bay entered its state
         self._window_max: dict[str, int] = {}
         self._full_at = 0.0
-        self.stats = {"polls": 0, "requests": 0, "failed_requests": 0}
+        self._points = {p.name: p for p in config.points}
+        # Points written since their last report: the next poll reports them whatever the deadband,
+        # so whoever wrote sees the device's own value come back.
+        self._written: set[str] = set()
+        self.stats = {"polls": 0, "requests": 0, "failed_requests": 0, "writes": 0, "failed_writes": 0}
 
     async def start(self) -> None:
         """Join the device's bus (shared with the other units on the same port)."""
@@ -93,6 +128,47 @@ class ModbusDriver(Driver):
         if self._bus is not None:
             POOL.release(self._bus)
             self._bus = None
+
+    async def write(self, point: str, value: Any) -> None:
+        """Write ``value`` (engineering units) to a writable coil or holding-register point.
+
+        The value goes through the point's scale, offset, type, byte and word order; the request
+        takes its turn on the bus like a poll. Every attempt is logged with its outcome.
+
+        Raises:
+            DriverWriteError: unknown or unwritable point, a value that does not fit, the device not
+                running, or the device refused or did not answer.
+        """
+        device = self.config.id
+        spec = self._points.get(point)
+        try:
+            if spec is None:
+                raise ValueError(f"no point {point!r}")
+            values = write_values(spec, value, self.config)
+            function = self.config.write_function(spec)
+            if function is None:  # refused when the config loads; kept for configs built in code
+                raise ValueError(f"none of write_functions {self.config.write_functions} writes point {point!r}")
+            if self._bus is None:
+                raise ValueError("the device is not running")
+        except ValueError as exc:
+            log.warning("device %s: write %s = %r refused: %s", device, point, value, exc)
+            raise DriverWriteError(f"device {device}: cannot write {point} = {value!r}: {exc}") from exc
+        assert spec is not None
+        shown = [int(v) for v in values]
+        self.stats["writes"] += 1
+        try:
+            await self._bus.write(function, spec.address, values, self.config.unit)
+        except ModbusWriteError as exc:
+            self.stats["failed_writes"] += 1
+            reason = exc.reason
+            if reason == "timeout":
+                reason += " (the device may or may not have applied it)"
+            log.warning("device %s: write %s = %r (%s %d, function %d, %s) failed: %s", device, point, value,
+                        spec.table, spec.address, function, shown, reason)  # fmt: skip
+            raise DriverWriteError(f"device {device}: write {point} = {value!r} failed: {reason}") from exc
+        self._written.add(point)
+        log.info("device %s: write %s = %r (%s %d, function %d, %s): ok", device, point, value, spec.table,
+                 spec.address, function, shown)  # fmt: skip
 
     async def stream(self) -> AsyncIterator[list[Reading]]:
         """Run each request on its own interval; yield the events each poll produces."""
@@ -130,6 +206,8 @@ class ModbusDriver(Driver):
 
     async def _poll(self, requests: list[Request]) -> list[Reading] | None:
         assert self._bus is not None
+        # Only writes done before this poll's reads began are sure to show in them.
+        written = set(self._written)
         samples: list[_Sample] = []
         failure: str | None = None
         for request in requests:
@@ -163,9 +241,9 @@ class ModbusDriver(Driver):
             self.context.poll_failed(next((s.reason for s in samples if s.reason), "no points"))
             return None
         self.context.poll_ok()
-        return self._events(samples) or None
+        return self._events(samples, written) or None
 
-    def _events(self, samples: list[_Sample]) -> list[Reading]:
+    def _events(self, samples: list[_Sample], written: set[str] | frozenset[str] = frozenset()) -> list[Reading]:
         now_mono = time.monotonic()
         full = now_mono >= self._full_at
         if full:
@@ -183,7 +261,9 @@ class ModbusDriver(Driver):
             else:
                 value, quality = None, "bad"
             previous = self._reported.get(p.name)
-            if not (full or self._changed(p, value, quality, previous)):
+            if p.name in written and quality == "good":
+                self._written.discard(p.name)
+            elif not (full or self._changed(p, value, quality, previous)):
                 continue
             self._reported[p.name] = (value, quality)
             if p.quantity is not None:

@@ -22,7 +22,7 @@ BUILTIN_DIR = Path(__file__).resolve().parents[2] / "config" / "profiles"  # a c
 INSTALLED_DIR = Path(sys.prefix) / "share" / "edge-agent" / "profiles"  # pip install (data-files)
 ENV_DIR = "EDGE_AGENT_PROFILES"
 _DEVICE_KEYS = {"byte_order", "word_order", "max_registers", "max_bits", "max_gap", "serial", "unit", "kind",
-                "timeout"}  # fmt: skip
+                "timeout", "write_functions"}  # fmt: skip
 
 
 class ProfileError(ValueError):

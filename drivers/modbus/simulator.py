@@ -5,8 +5,9 @@ modbus``) to try a config without the device. Built on pymodbus's own servers; t
 store is ours so that addressing is explicit (zero-based protocol addresses, as in profiles).
 
 Faults can be injected per unit, on a running simulator: answer late (past the client's
-timeout), answer with an exception code, stay silent, corrupt the CRC, send garbage before the
-answer, or cut the answer short.
+timeout), answer with an exception code, refuse writes with one, stay silent, corrupt the CRC,
+send garbage before the answer, or cut the answer short. Writes are applied to the unit's tables
+and recorded in ``SimulatedUnit.writes``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Faults:
 
     delay: float = 0.0  # seconds before answering
     exception: int | None = None  # answer every read with this exception code
+    refuse_writes: int | None = None  # answer every write with this exception code, storing nothing
     silent: bool = False  # no answer at all (a dead unit on a live bus)
     corrupt_crc: bool = False  # RTU: flip the last byte of each answer
     garbage: bytes = b""  # bytes sent before each answer
@@ -128,6 +130,12 @@ class _UnitContext(ModbusDeviceContext):
             return ExcCodes(faults.exception)
         return self.getValues(func_code, address, count)
 
+    async def async_setValues(self, func_code: int, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
+        if self.unit.faults.refuse_writes is not None:
+            return ExcCodes(self.unit.faults.refuse_writes)
+        self.unit.wrote(func_code, address, list(values))
+        return self.setValues(func_code, address, values)
+
 
 @dataclass
 class SimulatedUnit:
@@ -144,15 +152,26 @@ class SimulatedUnit:
     def __post_init__(self) -> None:
         """Build the four tables and the signals."""
         self.tables = {t: _Block(self, t in BIT_TABLES) for t in ("holding", "input", "coil", "discrete")}
+        self.writes: list[tuple[int, int, list[int] | list[bool]]] = []  # (function, address, values) received
+        self.held: set[str] = set()  # points written by a client: they keep that value, as a setpoint does
         rng = random.Random(self.seed if self.seed is not None else self.unit)
         self.signals = [Signal(p, rng) for p in self.points]
         self.context = _UnitContext(self)
         self.step(0.0)
 
     def step(self, dt: float) -> None:
-        """Advance every signal by ``dt`` seconds and store the new values."""
+        """Advance every signal by ``dt`` seconds and store the new values (written points keep theirs)."""
         for signal in self.signals:
-            self.set(signal.point, signal.next(dt))
+            if signal.point.name not in self.held:
+                self.set(signal.point, signal.next(dt))
+
+    def wrote(self, function: int, address: int, values: list[int] | list[bool]) -> None:
+        """Note a client's write (already checked); the points it touched stop following their signal."""
+        self.writes.append((function, address, values))
+        table = "coil" if function in (5, 15) else "holding"
+        end = address + len(values)
+        self.held |= {p.name for p in self.points if p.table == table and p.address < end
+                      and address < p.address + p.registers}  # fmt: skip
 
     def set(self, point: PointConfig, value: float | int | str) -> None:
         """Store ``value`` (engineering units) into ``point``'s registers."""
