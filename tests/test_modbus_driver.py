@@ -16,7 +16,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from agent.schemas import EVENT_MODELS, CloudEvent
 from drivers.modbus import profiles
-from drivers.modbus.bus import POOL
+from drivers.modbus.bus import MISMATCH, POOL
 from drivers.modbus.config import ModbusConfig, PointConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
@@ -605,5 +605,38 @@ def test_devices_start_at_different_phases_of_their_interval() -> None:
         offsets = sorted(firsts.values())
         assert offsets[-1] < 1.2  # within one interval
         assert offsets[-1] - offsets[0] > 0.5, offsets  # spread, not one burst
+
+    run(body)
+
+
+def test_a_late_answer_is_never_taken_for_the_next_request() -> None:
+    """A unit answering after the timeout: its answer lands while the next request waits.
+
+    The unit's two requests differ in function (04 input, 03 holding) and size (4 and 1
+    registers): a stale answer must be refused, never decoded as the holding register.
+    """
+
+    async def body() -> None:
+        line = PtyPair()
+        config = rtu_device(line.client, 1)
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        await sim.serve_serial(line.device, baudrate=19200)
+        ctx = Recorder()
+        driver = ModbusDriver(config, ctx)
+        await driver.start()
+        try:
+            truth = measurements(await driver.poll(driver.requests))["power"]["value"]
+            unit.faults.delay = 0.35  # past the 250 ms timeout, within the next request's wait
+            for _ in range(3):
+                outcome = await driver.poll(driver.requests)
+                power = measurements(outcome)["power"] if outcome else None
+                if power is not None and power["quality"] == "good":
+                    assert power["value"] == pytest.approx(truth, abs=0.5), "a stale answer was decoded"
+            assert {"timeout", MISMATCH} & set(ctx.outcomes), ctx.outcomes
+        finally:
+            await driver.stop()
+            await sim.stop()
+            line.close()
 
     run(body)

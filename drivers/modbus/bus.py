@@ -32,6 +32,8 @@ _READS = {
     "coil": "read_coils",
     "discrete": "read_discrete_inputs",
 }
+_FUNCTIONS = {"holding": 3, "input": 4, "coil": 1, "discrete": 2}
+MISMATCH = "answer does not match the request (a late answer to an earlier request?)"
 _WRITES = {5: "write_coil", 15: "write_coils", 6: "write_register", 16: "write_registers"}
 EXCEPTION_NAMES = {
     1: "illegal function",
@@ -111,12 +113,18 @@ class Bus:
         """
         call = getattr(self.client, _READS[table])
         response = await self._exchange(ModbusReadError, lambda: call(address, count=count, device_id=unit))
-        values: list[int] | list[bool] = (
-            list(response.bits[:count]) if table in ("coil", "discrete") else list(response.registers)
-        )
-        if len(values) < count:
-            raise ModbusReadError(f"short answer: {len(values)} of {count}")
-        return values
+        bits = table in ("coil", "discrete")
+        # pymodbus hands the waiting request whatever frame of its unit arrives next. On RS-485
+        # that can be a unit's late answer to its previous request: the function and size tell.
+        size = len(response.bits) if bits else len(response.registers)
+        if response.function_code != _FUNCTIONS[table] or size != (-(-count // 8) * 8 if bits else count):
+            if size < count and response.function_code == _FUNCTIONS[table]:
+                raise ModbusReadError(f"short answer: {size} of {count}")
+            # This request's own answer is still on its way: let it arrive while nothing waits
+            # (pymodbus drops it), or it would be taken for the next request in turn.
+            self._quiet_at = max(self._quiet_at, time.monotonic() + self.client.comm_params.timeout_connect)
+            raise ModbusReadError(MISMATCH)
+        return list(response.bits[:count]) if bits else list(response.registers)
 
     async def write(self, function: int, address: int, values: list[int] | list[bool], unit: int) -> None:
         """Write ``values`` from ``address`` on ``unit`` with ``function`` (5, 15: coils; 6, 16: registers).
