@@ -143,7 +143,6 @@ def test_config_validation() -> None:
         ({"parking_bays": [{"id": "a", "polygon": [[0, 0], [1, 1]]}]}, "at least 3 points"),
         ({"waiting_areas": [{"id": "van", "polygon": WALKWAY}]}, "used twice"),
         ({"parking_bays": [], "waiting_areas": []}, "at least one zone"),
-        ({"snapshots": {"enabled": True}}, "not implemented"),
         ({"fps": 0}, "greater than 0"),
         ({"colour": "red"}, "Extra inputs"),
     ]

@@ -1,4 +1,4 @@
-"""Cameras with local ONNX inference: parking-bay occupancy and crosswalk presence; no image leaves."""
+"""Cameras with local ONNX inference: bay occupancy, crosswalk presence; no image leaves unless snapshots are on."""
 
 from __future__ import annotations
 

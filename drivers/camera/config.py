@@ -9,9 +9,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.driver_api import DeviceConfig, Duration, StrictModel
+from agent.units import parse_duration
 
 MODELS = Path(__file__).resolve().parent.parent.parent / "models"
 DEFAULT_MODEL = "yolov3-tiny-coco.yaml"  # a bare name: one of the models built at install time
+DEFAULT_FACE_MODEL = "centerface.yaml"
 VEHICLES = ("car", "truck", "bus", "motorbike")
 PERSONS = ("person",)
 
@@ -59,16 +61,80 @@ class WaitingArea(StrictModel):
 
 
 class Snapshots(StrictModel):
-    """Blurred commissioning snapshots. Not implemented yet: only ``enabled: false`` is accepted."""
+    """Blurred stills for commissioning and incidents (off by default; see drivers/camera/README.md).
 
-    enabled: bool = Field(default=False, description="Must stay false: snapshots are not implemented yet.")
+    Defaults: a still every 15 min is enough to check aim and zones without filling a cellular
+    uplink; a change still at most once a minute shows what the rules saw without turning a
+    busy crossing into video; 960 px and JPEG quality 70 keep a still under about 100 KB and are
+    enough to judge a scene and draw zones.
+    """
 
-    @field_validator("enabled")
+    enabled: bool = Field(
+        default=False, description="Send blurred stills; off: no frame, crop or pixel leaves the gateway."
+    )
+    interval: Duration = Field(
+        default=900.0,
+        ge=0,
+        description="A periodic still (reason interval), the first at start; 0 or null: none.",
+    )
+    on_change: bool = Field(
+        default=True, description="A still when a bay changes state or a waiting area's count changes."
+    )
+    min_interval: Duration = Field(
+        default=60.0, ge=0, description="At most one change still per this long (since the previous still)."
+    )
+    max_width: int = Field(default=960, ge=64, le=8192, description="Stills wider than this are scaled down.")
+    jpeg_quality: int = Field(default=70, ge=10, le=100, description="JPEG quality, 10..100.")
+    face_model: str = Field(
+        default=DEFAULT_FACE_MODEL,
+        min_length=1,
+        description="Face detector manifest (YAML, task faces): a path or the name of a built model; "
+        "its sha256 is checked at start.",
+    )
+
+    @field_validator("interval", mode="before")
     @classmethod
-    def _not_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("snapshots are not implemented yet; no image ever leaves the gateway")
+    def _none_is_zero(cls, v: object) -> object:
+        return 0 if v is None else v
+
+    @field_validator("interval")
+    @classmethod
+    def _still_not_video(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("interval must be 0 (no periodic still) or at least 1s: stills, not video")
         return v
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> Snapshots:
+        if self.enabled and not self.interval and not self.on_change:
+            raise ValueError("enabled is true but interval is 0 and on_change is false: no still would be taken")
+        return self
+
+    def face_manifest_path(self) -> str:
+        """The face model's manifest: ``face_model`` as given, or a bare name found among the built models."""
+        return model_path(self.face_model)
+
+
+def _describe(model: type[StrictModel]) -> str:
+    """``key (default), ...`` of a nested section, for the generated configuration reference."""
+    parts = []
+    for name, info in model.model_fields.items():
+        value = info.default
+        if isinstance(value, bool):
+            shown = str(value).lower()
+        elif parse_duration in {getattr(m, "func", None) for m in info.metadata}:
+            shown = _human_duration(float(value))
+        else:
+            shown = str(value)
+        parts.append(f"{name} ({shown})")
+    return ", ".join(parts)
+
+
+def _human_duration(seconds: float) -> str:
+    for unit, factor in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{round(seconds * 1000)}ms"
 
 
 class Labels(StrictModel):
@@ -79,7 +145,7 @@ class Labels(StrictModel):
 
 
 class CameraConfig(DeviceConfig):
-    """A camera watched locally: only occupancy and presence events leave the gateway."""
+    """A camera watched locally: occupancy and presence events leave the gateway; blurred stills only if enabled."""
 
     driver: Literal["camera"]
     source: str = Field(
@@ -107,7 +173,12 @@ class CameraConfig(DeviceConfig):
     parking_bays: list[ParkingBay] = Field(default_factory=list)
     waiting_areas: list[WaitingArea] = Field(default_factory=list)
     labels: Labels = Field(default_factory=Labels)
-    snapshots: Snapshots = Field(default_factory=Snapshots)
+    snapshots: Snapshots = Field(
+        default_factory=Snapshots,
+        description="Blurred stills (city.camera.snapshot), off by default: "
+        + _describe(Snapshots)
+        + ". Every person, vehicle and face is blurred; see drivers/camera/README.md.",
+    )
 
     @model_validator(mode="after")
     def _zones(self) -> CameraConfig:
@@ -131,5 +202,8 @@ class CameraConfig(DeviceConfig):
         return model_path(self.model)
 
     def model_manifests(self) -> list[str]:
-        """The detector's manifest, whose sha256 ``edge-agent doctor`` verifies."""
-        return [self.manifest_path()]
+        """The detector's manifest and, with snapshots on, the face model's: ``edge-agent doctor`` verifies them."""
+        manifests = [self.manifest_path()]
+        if self.snapshots.enabled:
+            manifests.append(self.snapshots.face_manifest_path())
+        return manifests

@@ -1,8 +1,10 @@
 """The camera driver: capture thread -> latest frame -> motion gate -> detector (worker thread) -> zone rules.
 
-Only events leave the driver (``city.parking.occupancy``, ``city.crosswalk.presence``; the
-runtime adds ``city.device.status`` from poll_ok/poll_failed). No frame, crop or pixel value
-is ever put in a reading.
+Events leave the driver (``city.parking.occupancy``, ``city.crosswalk.presence``; the runtime
+adds ``city.device.status`` from poll_ok/poll_failed). With ``snapshots.enabled`` false (the
+default) no frame, crop or pixel value is ever put in a reading. With it true, and only then,
+``city.camera.snapshot`` readings carry a still made by :mod:`drivers.camera.snapshot` in the
+same worker thread: every person, vehicle and face blurred, or no still at all.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import numpy as np
 
 from agent.driver_api import Driver, DriverContext
 from agent.errors import DriverStartupError
-from agent.events import CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading, format_time
+from agent.events import CAMERA_SNAPSHOT, CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading, format_time
 from agent.inference import Detection, Detector, ModelError, load_manifest
 from agent.inference.manifest import read_verified_model
 from drivers.camera.capture import Capture, Frame, LatestFrame, redact
 from drivers.camera.config import CameraConfig
 from drivers.camera.motion import MotionGate
 from drivers.camera.rules import BayState, Polygon, bay_observation, count_persons
+from drivers.camera.snapshot import Snapshotter
 
 log = logging.getLogger("drivers.camera")
 TIMING_WINDOW = 512  # detector runs kept for p50/p99
@@ -37,6 +40,18 @@ def _iso(wall: float) -> str:
     return format_time(datetime.fromtimestamp(wall, UTC))
 
 
+def _trigger(readings: list[Reading]) -> str:
+    """What changed, for a change still: ``bay P-07 occupied; area crossing-n: 3 waiting``."""
+    parts = []
+    for r in readings:
+        if r.type == PARKING_OCCUPANCY:
+            parts.append(f"bay {r.data['bay']} {'occupied' if r.data['occupied'] else 'free'}")
+        elif r.type == CROSSWALK_PRESENCE:
+            parts.append(f"area {r.data['area']}: {r.data['count']} waiting")
+    shown = "; ".join(parts[:4])
+    return shown + (f" (+{len(parts) - 4} more)" if len(parts) > 4 else "")
+
+
 @dataclass
 class Analysis:
     """What one analysed frame produced."""
@@ -44,6 +59,7 @@ class Analysis:
     readings: list[Reading] = field(default_factory=list)
     detector_seconds: float | None = None  # None: the motion gate skipped the detector
     detections: list[Detection] = field(default_factory=list)
+    inferences: list[tuple[str, float]] = field(default_factory=list)  # (model, seconds) of every run
 
 
 class CameraDriver(Driver):
@@ -56,6 +72,8 @@ class CameraDriver(Driver):
         super().__init__(config, context)
         self.detector: Any = None  # a Detector (``detect(bgr)``); tests may wrap it
         self.model_name = ""
+        self.snapshotter: Snapshotter | None = None  # only with snapshots.enabled
+        self.face_model_name = ""
         self.slot = LatestFrame()
         self.capture: Capture | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -71,13 +89,15 @@ class CameraDriver(Driver):
         )
         self._last_detections: list[Detection] = []
         self._last_detector_at = -float("inf")
+        self._next_interval_still = -float("inf")  # the first analysed frame gives one
+        self._last_still_at = -float("inf")
         self._timings: deque[float] = deque(maxlen=TIMING_WINDOW)
         self._window_start = time.monotonic()
         self._window_analysed = 0
         self.stats: dict[str, float | int] = {
             "frames_captured": 0, "frames_dropped": 0, "analysed": 0, "detector_runs": 0, "gated": 0,
             "gated_fraction": 0.0, "analysed_fps": 0.0, "detector_ms_p50": 0.0, "detector_ms_p99": 0.0,
-            "frame_age_ms_max": 0.0, "reopens": 0,
+            "frame_age_ms_max": 0.0, "reopens": 0, "snapshots": 0, "snapshot_failures": 0,
         }  # fmt: skip
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -100,6 +120,8 @@ class CameraDriver(Driver):
                 f"camera {self.config.id}: labels {sorted(unknown)} are not among model {manifest.name}'s labels",
                 retry=False,
             )
+        if self.config.snapshots.enabled:
+            self.snapshotter = await self._load_faces()
         self.detector = detector
         self.model_name = manifest.name
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"camera-{self.config.id}")
@@ -107,6 +129,29 @@ class CameraDriver(Driver):
             self.config.source, self.slot, backoff_min=self.config.reconnect_min, backoff_max=self.config.reconnect_max
         )
         self.capture.start()
+
+    async def _load_faces(self) -> Snapshotter:
+        """The face model, verified like the detector: without it no still may be taken at all."""
+        snap = self.config.snapshots
+        try:
+            manifest = load_manifest(snap.face_manifest_path(), verify=False)
+            if manifest.task != "faces":
+                raise ModelError(f"{manifest.path}: task is {manifest.task!r}, a face model (task: faces) is needed")
+            model = read_verified_model(manifest)
+            faces = await asyncio.to_thread(Detector, manifest, model, threads=self.config.threads)
+        except ModelError as exc:
+            raise DriverStartupError(
+                f"camera {self.config.id}: snapshots are enabled but the face model is refused: {exc}", retry=False
+            ) from None
+        self.face_model_name = manifest.name
+        return Snapshotter(
+            self.config.id,
+            faces,
+            persons=self._persons,
+            vehicles=self._vehicles,
+            max_width=snap.max_width,
+            jpeg_quality=snap.jpeg_quality,
+        )
 
     async def stop(self) -> None:
         """Stop the capture thread and the worker; never raises."""
@@ -132,8 +177,8 @@ class CameraDriver(Driver):
                 age = time.monotonic() - grabbed.at
                 self.stats["frame_age_ms_max"] = max(float(self.stats["frame_age_ms_max"]), age * 1e3)
                 result = await loop.run_in_executor(self._executor, self.analyse, grabbed.frame)
-                if result.detector_seconds is not None:
-                    self.context.observe_inference(self.model_name, result.detector_seconds)
+                for model, seconds in result.inferences:
+                    self.context.observe_inference(model, seconds)
                 readings.extend(result.readings)
             now = time.monotonic()
             if now >= next_report:
@@ -162,7 +207,7 @@ class CameraDriver(Driver):
     # ---- analysis (worker thread) -----------------------------------------------------------
 
     def analyse(self, frame: Frame, mono: float | None = None, wall: float | None = None) -> Analysis:
-        """Gate, detect if needed, apply the zone rules; the events that changed.
+        """Gate, detect if needed, apply the zone rules; the events that changed, and a still if due.
 
         Blocking (inference): runs in the worker thread. On a gated frame the last detections
         stand for this frame too, so a debounce keeps counting while nothing moves.
@@ -173,20 +218,60 @@ class CameraDriver(Driver):
         moved = self.gate.moved(frame)
         self.stats["analysed"] = int(self.stats["analysed"]) + 1
         self._window_analysed += 1
-        if moved or mono - self._last_detector_at >= self.config.max_interval:
-            started = time.perf_counter()
-            result = self.detector.detect(frame)
-            out.detector_seconds = time.perf_counter() - started
-            self._timings.append(out.detector_seconds * 1e3)
-            self._last_detections = list(result.detections)
-            self._last_detector_at = mono
-            self.stats["detector_runs"] = int(self.stats["detector_runs"]) + 1
+        if moved or mono - self._last_detector_at >= self.config.max_interval or self._interval_still_due(mono):
+            self._detect(frame, mono, out)
         else:
             self.stats["gated"] = int(self.stats["gated"]) + 1
         out.detections = self._last_detections
         out.readings = self._apply_rules(self._last_detections, mono, wall)
+        if self.snapshotter is not None:
+            still = self._still(frame, out, mono)
+            if still is not None:
+                out.readings.append(still)
         self._update_stats(mono)
         return out
+
+    def _detect(self, frame: Frame, mono: float, out: Analysis) -> None:
+        started = time.perf_counter()
+        result = self.detector.detect(frame)
+        seconds = time.perf_counter() - started
+        if out.detector_seconds is None:
+            out.detector_seconds = seconds
+        out.inferences.append((self.model_name, seconds))
+        self._timings.append(seconds * 1e3)
+        self._last_detections = list(result.detections)
+        self._last_detector_at = mono
+        self.stats["detector_runs"] = int(self.stats["detector_runs"]) + 1
+
+    # ---- snapshots (worker thread) -----------------------------------------------------------
+
+    def _interval_still_due(self, mono: float) -> bool:
+        return self.snapshotter is not None and self.config.snapshots.interval > 0 and mono >= self._next_interval_still
+
+    def _still(self, frame: Frame, out: Analysis, mono: float) -> Reading | None:
+        """A ``city.camera.snapshot`` reading if one is due on this frame (and could be made safely)."""
+        assert self.snapshotter is not None
+        snap = self.config.snapshots
+        trigger: str | None = None
+        if self._interval_still_due(mono):
+            reason = "interval"
+            self._next_interval_still = mono + snap.interval
+        elif snap.on_change and out.readings and mono - self._last_still_at >= snap.min_interval:
+            reason, trigger = "change", _trigger(out.readings)
+        else:
+            return None
+        # Timers move on even if the still fails, so a broken face model is not retried every frame.
+        self._last_still_at = mono
+        if out.detector_seconds is None:
+            # A gated frame carries older boxes, and the gate only watches the zones: someone
+            # walking elsewhere would have moved out of them. Blur only what is on this frame.
+            self._detect(frame, mono, out)
+        data = self.snapshotter.make(frame, self._last_detections, reason, trigger)
+        if self.snapshotter.face_seconds is not None:
+            out.inferences.append((self.face_model_name, self.snapshotter.face_seconds))
+        self.stats["snapshots"] = self.snapshotter.made
+        self.stats["snapshot_failures"] = self.snapshotter.failed
+        return None if data is None else Reading(CAMERA_SNAPSHOT, data)
 
     def _apply_rules(self, detections: list[Detection], mono: float, wall: float) -> list[Reading]:
         readings: list[Reading] = []
