@@ -14,21 +14,25 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from pydantic import ValidationError
 
-from agent.devices import DeviceRunner
+from agent.devices import DeviceFailedError, DeviceRunner
 from agent.errors import DriverStartupError, DriverWriteError
 from agent.events import DEVICE_STATUS, METER_READING, Reading
 from agent.schemas import EVENT_MODELS, CloudEvent
-from agent.uplink.opcua_server import OpcUaServer, OpcUaServerConfig, unece_unit_id
+from agent.uplink.opcua_server import OpcUaServer, OpcUaServerConfig, unece_unit_id, write_failure_code
 from drivers.opcua import PLUGIN
 from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import OpcUaDriver
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.tools import browse_main
+from drivers.opcua.uanames import ObjectIds, node_id
 from tests.conftest import ROOT, free_port, wait_for, write_config
-from tests.opcua_helpers import Recorder, ThreadedPlc
+from tests.opcua_helpers import CertificateLoginPlc, Recorder, ThreadedPlc, make_user_certificate
 
 PASSWORD = "s3cret-pump"  # noqa: S105 - the simulated PLC's test user
 
@@ -320,6 +324,148 @@ def test_bad_node_ids_name_the_point_and_the_others_keep_working(
     assert "point 'ghost' (ns=2;s=Pump9.Flow) cannot be read: BadNodeIdUnknown" in caplog.text
 
 
+def _cert_login_device(plc: CertificateLoginPlc, cert_dir: Path, cert: Path, key: Path, **keys: Any) -> OpcUaConfig:
+    assert plc.flow is not None
+    return OpcUaConfig.model_validate({
+        "id": "cert-plc", "driver": "opcua", "endpoint": plc.endpoint, "interval": "100ms", "timeout": "2s",
+        "security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt", "cert_dir": str(cert_dir),
+        "user_certificate": str(cert), "user_private_key": str(key),
+        "points": [{"name": "flow", "node": plc.flow.to_string(), "quantity": "flow"}], **keys,
+    })  # fmt: skip
+
+
+def test_certificate_login_with_the_trusted_user_certificate_streams_values(
+    tmp_path: Path, pki: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server accepts only an X509 identity token with one user certificate (PEM .crt/.key files)."""
+    operator = make_user_certificate(tmp_path / "users", "operator")
+    plc = CertificateLoginPlc(free_port(), tmp_path / "plc-pki", operator.der)
+
+    async def body() -> None:
+        await plc.start()
+        driver = OpcUaDriver(_cert_login_device(plc, pki["gateway"], operator.cert, operator.key), Recorder())
+        try:
+            await driver.start()
+            got = Collector(driver)
+            try:
+                await got.wait(measurement("flow", lambda m: m["value"] == 1.0), "the initial flow")
+                await plc.set_flow(17.5)
+                _, m = await got.wait(measurement("flow", lambda m: m["value"] == 17.5), "the new flow")
+                assert m["quality"] == "good"
+            finally:
+                await got.stop()
+        finally:
+            await driver.stop()
+            await plc.stop()
+
+    with caplog.at_level(logging.INFO, logger="drivers.opcua"):
+        run(body)
+    der = operator.der.read_bytes()
+    thumb = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+    assert f"OPC UA certificate login with {operator.cert}, SHA-1 thumbprint {thumb}" in caplog.text
+
+
+def test_unknown_user_certificate_is_refused_naming_the_device_and_the_certificate(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    operator = make_user_certificate(tmp_path / "users", "operator")
+    intruder = make_user_certificate(tmp_path / "users", "intruder")
+    thumb = hashlib.sha1(intruder.der.read_bytes(), usedforsecurity=False).hexdigest().upper()
+    plc = CertificateLoginPlc(free_port(), tmp_path / "plc-pki", operator.der)
+
+    async def body() -> None:
+        await plc.start()
+        try:
+            config = _cert_login_device(plc, pki["gateway"], intruder.cert, intruder.key,
+                                        startup_error_behavior="error")  # fmt: skip
+            runner = DeviceRunner(config, PLUGIN, lambda _device, _reading: None)
+            with pytest.raises(DeviceFailedError) as caught:
+                await runner.run()
+            assert str(caught.value) == (
+                f"device cert-plc could not start: the server refused the user certificate {intruder.cert} "
+                f"(SHA-1 thumbprint {thumb}): BadUserAccessDenied; trust it on the server as a user certificate, "
+                "or check user_certificate/user_private_key"
+            )
+            # a key that is not the certificate's is a startup error before any connection
+            mismatched = _cert_login_device(plc, pki["gateway"], intruder.cert, operator.key)
+            with pytest.raises(DriverStartupError, match=f"{operator.key} is not the key of user_certificate"):
+                await OpcUaDriver(mismatched, Recorder()).start()
+        finally:
+            await plc.stop()
+
+    run(body)
+
+
+async def _add_eu_range(plc: ThreadedPlc, name: str, low: float, high: float) -> None:
+    """An EURange property (Part 8, 5.3.2) on a simulated variable, as AnalogItemType variables have."""
+    assert plc.plc.server is not None
+    var = plc.plc.server.get_node(plc.plc.node_id(name))
+    for prop in await var.get_properties():
+        if (await prop.read_browse_name()).Name == "EURange":
+            return
+    await var.add_property(node_id(f"{name}.EURange", plc.plc.namespace), ua.QualifiedName("EURange", 0),
+                           ua.Variant(ua.Range(Low=low, High=high), ua.VariantType.ExtensionObject),
+                           datatype=node_id(ObjectIds.Range))  # fmt: skip
+
+
+def test_percent_deadband_is_relative_to_the_eurange_and_the_gateway_applies_it(
+    plc: ThreadedPlc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2 % of EURange 0..200 is 4.0: changes of 4 or less from the last reported value are not reported.
+
+    asyncua's server accepts a percent deadband and ignores it (``DeadbandType Percent is not
+    implemented``): a plain client with the same filter gets every change, so the gateway filters.
+    """
+    percent = {"type": "percent", "value": 2}
+    points = [
+        {"name": "flow2", "node": "ns=2;s=Pump2.Flow", "quantity": "flow", "deadband": percent},
+        {"name": "energy2", "node": "ns=2;s=Pump2.Energy", "quantity": "active_energy", "deadband": percent},
+    ]
+
+    async def body() -> None:
+        await plc.acall(_add_eu_range(plc, "Pump2.Flow", 0.0, 200.0))
+        await plc.acall(plc.plc.set("Pump2.Flow", 50.0))
+        driver = OpcUaDriver(device(plc, points=points, queue_size=10), Recorder())
+        await driver.start()
+        got = Collector(driver)
+        plain = Client(plc.plc.endpoint)
+        await plain.connect()
+        try:
+            sub = await plain.create_subscription(100, None)
+            await sub.deadband_monitor(plain.get_node("ns=2;s=Pump2.Flow"), 2.0, deadbandtype=2, queuesize=10)
+            await got.wait(measurement("flow2", lambda m: m["value"] == 50.0), "flow 50")
+            for value in (52.0, 53.5, 55.0, 57.0, 40.0):  # 52, 53.5 and 57 are within 4.0 of 50, 50, 55
+                await plc.acall(plc.plc.set("Pump2.Flow", value))
+                await asyncio.sleep(0.25)
+            await got.wait(measurement("flow2", lambda m: m["value"] == 40.0), "flow 40")
+            flows = [m["value"] for r in got.readings if r.type == METER_READING for m in r.data["measurements"]
+                     if m["point"] == "flow2"]  # fmt: skip
+            assert flows[flows.index(50.0) :] == [50.0, 55.0, 40.0]
+            assert driver.stats["deadband_dropped"] == 3, "the small changes reached the gateway and stopped there"
+            seen: list[float] = []
+            while (event := await sub.next_event(1.0)) is not None:
+                seen.append(event.value)  # type: ignore[union-attr]
+            assert seen[seen.index(50.0) :] == [50.0, 52.0, 53.5, 55.0, 57.0, 40.0], "the server filters nothing"
+            # No EURange: the deadband cannot apply, every change is reported, and the log says so.
+            for value in (3000.0, 3000.5, 3001.0):
+                await plc.acall(plc.plc.set("Pump2.Energy", value))
+                await asyncio.sleep(0.15)
+            await got.wait(measurement("energy2", lambda m: m["value"] == 3001.0), "energy 3001")
+            energies = [m["value"] for r in got.readings if r.type == METER_READING for m in r.data["measurements"]
+                        if m["point"] == "energy2"]  # fmt: skip
+            assert energies[-3:] == [3000.0, 3000.5, 3001.0]
+        finally:
+            await plain.disconnect()
+            await got.stop()
+            await driver.stop()
+
+    with caplog.at_level(logging.INFO, logger="drivers.opcua"):
+        run(body)
+    assert "point 'flow2': 2% deadband of EURange 0..200 = 4 m3/h, applied by the gateway" in caplog.text
+    assert ("point 'energy2' (ns=2;s=Pump2.Energy): percent deadband ignored, every change is reported: the node "
+            "has no EURange property") in caplog.text  # fmt: skip
+
+
 def test_server_restart_recreates_the_subscription_and_reports_offline_then_online() -> None:
     """Through the real DeviceRunner: status events come from poll_failed/poll_ok."""
     port = free_port()
@@ -509,6 +655,237 @@ def test_server_config_refuses_unsafe_or_useless_settings(tmp_path: Path) -> Non
     with pytest.raises(ValidationError, match="writable points need users"):
         OpcUaServerConfig.model_validate({"security_policies": ["None"], "allow_anonymous": True,
                                           "writable": [{"device": "d", "point": "p"}]})  # fmt: skip
+    with pytest.raises(ValidationError, match="trusted_clients_dir needs a security policy other than None"):
+        OpcUaServerConfig.model_validate({"security_policies": ["None"], "allow_anonymous": True,
+                                          "trusted_clients_dir": str(tmp_path)})  # fmt: skip
+    with pytest.raises(ValidationError, match=f"folder not found: {tmp_path / 'nope'}"):
+        OpcUaServerConfig.model_validate({"allow_anonymous": True, "cert_dir": "pki", "trusted_clients_dir": "nope"},
+                                         context={"base_dir": tmp_path})  # fmt: skip
+
+
+def _secure_server_config(tmp_path: Path, **keys: Any) -> OpcUaServerConfig:
+    (tmp_path / "users").write_text(f"op:{PASSWORD}\n")
+    return OpcUaServerConfig.model_validate({
+        "enabled": True, "listen": f"opc.tcp://127.0.0.1:{free_port()}", "users_file": "users",
+        "security_policies": ["Basic256Sha256_SignAndEncrypt"], "cert_dir": "server-pki", "publish_interval": "50ms",
+        **keys,
+    }, context={"base_dir": tmp_path})  # fmt: skip
+
+
+def test_server_accepts_only_trusted_client_certificates(
+    tmp_path: Path, pki: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Default trust list: <cert_dir>/trusted-clients, empty; a refused certificate waits in rejected-clients."""
+    config = _secure_server_config(tmp_path)
+    gateway_der = (pki["gateway"] / "client-cert.der").read_bytes()
+    thumb = hashlib.sha1(gateway_der, usedforsecurity=False).hexdigest().upper()
+    intruder = ensure_certificate(tmp_path / "intruder")
+    reader = OpcUaConfig.model_validate({
+        "id": "scada", "driver": "opcua", "endpoint": config.listen, "mode": "poll", "interval": "100ms",
+        "timeout": "2s", "security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt",
+        "cert_dir": str(pki["gateway"]), "username": "op", "password_file": str(pki["password"]),
+        "points": [{"name": "v", "node": "ns=2;s=Devices.pump-1.voltage_L1", "quantity": "voltage"}],
+    })  # fmt: skip
+
+    async def intruder_connects(presents: bytes | None) -> None:
+        """A client whose secure channel uses the intruder's certificate, naming another in CreateSession."""
+        client = Client(config.listen, timeout=2)
+        await client.set_security(SecurityPolicyBasic256Sha256, str(intruder.cert_path), str(intruder.key_path),
+                                  mode=ua.MessageSecurityMode.SignAndEncrypt)  # fmt: skip
+        client.application_uri = intruder.application_uri
+        client.set_user("op")
+        client.set_password(PASSWORD)
+        create_session = client.uaclient.create_session
+
+        async def lying_create_session(params: ua.CreateSessionParameters) -> Any:
+            params.ClientCertificate = presents
+            return await create_session(params)
+
+        client.uaclient.create_session = lying_create_session  # type: ignore[method-assign]
+        try:
+            await client.connect()
+        finally:
+            await client.disconnect()
+
+    async def body() -> None:
+        server = OpcUaServer(config)
+        await server.start()
+        t0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
+        server.update("pump-1", METER_READING, {"measurements": [
+            {"quantity": "voltage", "value": 231.5, "unit": "V", "quality": "good", "phase": "L1"}]}, t0)  # fmt: skip
+        try:
+            with pytest.raises(DriverStartupError) as caught:
+                await OpcUaDriver(reader, Recorder()).start()
+            assert str(caught.value) == (
+                f"the server rejected the secure channel: BadCertificateUntrusted; trust the gateway's certificate "
+                f"(SHA-1 thumbprint {thumb}) on the server, or check server_certificate"
+            )
+            rejected = tmp_path / "server-pki" / "rejected-clients" / f"{thumb}.der"
+            assert rejected.read_bytes() == gateway_der
+            # The operator trusts it: no restart, the next connection is accepted.
+            rejected.rename(tmp_path / "server-pki" / "trusted-clients" / f"{thumb}.der")
+            driver = OpcUaDriver(reader, Recorder())
+            await driver.start()
+            try:
+                assert driver.session is not None
+                samples = await driver.session.poll()
+                assert [(s.value, s.quality) for s in samples] == [(231.5, "good")]
+            finally:
+                await driver.stop()
+            # An untrusted channel certificate is refused whatever CreateSession names: another client's
+            # (trusted) certificate, or none at all (asyncua skips its validator then).
+            for presents in (gateway_der, None):
+                with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                    await intruder_connects(presents)
+            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUntrusted"):
+                await intruder_connects(intruder.cert_path.read_bytes())
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="agent.uplink.opcua_server"):
+        run(body)
+    assert "0 trusted client certificate(s) in" in caplog.text
+    assert "client certificate refused, not trusted: CN=edge-agent@" in caplog.text
+    assert f"thumbprint {thumb}; saved as {tmp_path / 'server-pki' / 'rejected-clients' / thumb}.der" in caplog.text
+    assert "1 trusted client certificate(s) in" in caplog.text
+    assert "session refused: the secure channel's client certificate is not trusted" in caplog.text
+
+
+def test_server_write_answers_only_after_the_device_applied_it(
+    plc: ThreadedPlc, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Good once Driver.write succeeded (the PLC holds the value); the device's refusal as the client's Bad code."""
+    (tmp_path / "users").write_text("scada:hmi-pass\n")
+    devices = ["plc", "gone", "slow", "limits"]
+    writable = [{"device": "plc", "point": p} for p in ("flow", "pressure")] + \
+        [{"device": d, "point": "setpoint"} for d in devices[1:]]  # fmt: skip
+    config = OpcUaServerConfig.model_validate({
+        "enabled": True, "listen": f"opc.tcp://127.0.0.1:{free_port()}", "security_policies": ["None"],
+        "users_file": "users", "writable": writable, "write_timeout": "500ms", "publish_interval": "50ms",
+    }, context={"base_dir": tmp_path})  # fmt: skip
+    driver = OpcUaDriver(device(plc, mode="poll"), Recorder())
+
+    async def on_write(device_id: str, point: str, value: Any) -> None:
+        if device_id == "plc":
+            await driver.write(point, value)
+        elif device_id == "gone":
+            raise DriverWriteError("device gone is not running")  # what the runtime says
+        elif device_id == "slow":
+            await asyncio.sleep(5)
+        else:
+            raise DriverWriteError(f"the server refused setpoint = {value!r}") from ua.uaerrors.BadOutOfRange()
+
+    async def make_writable(name: str) -> None:
+        assert plc.plc.server is not None
+        await plc.plc.server.get_node(plc.plc.node_id(name)).set_writable()
+
+    async def read_raw(name: str) -> Any:
+        assert plc.plc.server is not None
+        dv = await plc.plc.server.get_node(plc.plc.node_id(name)).read_data_value(raise_on_bad_status=False)
+        return dv.Value.Value if dv.Value is not None else None  # other tests leave Pump1.Pressure Uncertain
+
+    async def body() -> None:
+        await plc.acall(make_writable("Pump1.Flow"))
+        await driver.start()
+        server = OpcUaServer(config, on_write=on_write)
+        await server.start()
+        t0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
+        server.update(
+            "plc",
+            METER_READING,
+            {
+                "measurements": [
+                    {"quantity": "flow", "value": 20.0, "unit": "m3/h", "quality": "good", "point": "flow"},
+                    {"quantity": "pressure", "value": 4.0, "unit": "bar", "quality": "good", "point": "pressure"},
+                ]
+            },
+            t0,
+        )
+        for d in devices[1:]:
+            server.update(
+                d,
+                METER_READING,
+                {
+                    "measurements": [
+                        {"quantity": "flow", "value": 1.0, "unit": "m3/h", "quality": "good", "point": "setpoint"}
+                    ]
+                },
+                t0,
+            )
+        await asyncio.sleep(0.3)
+        client = Client(config.listen)
+        client.set_user("scada")
+        client.set_password("hmi-pass")
+        await client.connect()
+        try:
+            ns = await client.get_namespace_index("urn:edge-agent:gateway")
+
+            def node(device_id: str, name: str) -> Any:
+                return client.get_node(f"ns={ns};s=Devices.{device_id}.{name}")
+
+            def double(value: float) -> ua.DataValue:
+                return ua.DataValue(ua.Variant(value, ua.VariantType.Double))
+
+            await node("plc", "flow").write_value(double(21.0))  # flow has scale 2.0: the PLC holds 10.5
+            assert await plc.acall(read_raw("Pump1.Flow")) == 10.5, "Good means the device has it"
+            assert await node("plc", "flow").read_value() == 21.0
+            refusals = [("plc", "pressure", "BadNotWritable"), ("gone", "setpoint", "BadCommunicationError"),
+                        ("slow", "setpoint", "BadTimeout"), ("limits", "setpoint", "BadOutOfRange")]  # fmt: skip
+            for device_id, name, code in refusals:
+                before = await node(device_id, name).read_value()
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(ua.UaStatusCodeError, match=code):
+                    await node(device_id, name).write_value(double(900.0))
+                took = asyncio.get_running_loop().time() - started
+                assert (0.5 <= took < 3) if code == "BadTimeout" else took < 0.5, (code, took)
+                assert await node(device_id, name).read_value() == before, "a refused write leaves the value"
+            with pytest.raises(ua.UaStatusCodeError, match="BadTypeMismatch"):
+                await node("plc", "flow").write_value(ua.DataValue(ua.Variant(3, ua.VariantType.Int64)))
+            assert await plc.acall(read_raw("Pump1.Pressure")) != 900.0, "the PLC refused it"
+        finally:
+            await client.disconnect()
+            await server.stop()
+            await driver.stop()
+        assert (server.stats["writes"], server.stats["refused_writes"]) == (1, 5)
+
+    with caplog.at_level(logging.INFO, logger="agent.uplink.opcua_server"):
+        run(body)
+    assert "OPC UA write by user 'scada': plc/flow = 21.0 applied by the device" in caplog.text
+    assert ("OPC UA write by user 'scada': plc/pressure = 900.0 not applied by the device, answered BadNotWritable: "
+            "the server refused pressure = 900.0") in caplog.text  # fmt: skip
+    assert "slow/setpoint = 900.0 not applied by the device, answered BadTimeout: no answer within 0.5s" in caplog.text
+
+
+def test_write_failure_codes_say_what_the_device_answered() -> None:
+    """How a driver's refusal becomes the client's status code (the end-to-end cases are above)."""
+
+    class Plc(Exception):
+        pass
+
+    def refused(cause: BaseException) -> DriverWriteError:
+        try:
+            raise DriverWriteError("refused") from cause
+        except DriverWriteError as exc:
+            return exc
+
+    assert write_failure_code(TimeoutError()) == "BadTimeout"
+    # an OPC UA device's own code, raised through asyncua
+    assert write_failure_code(refused(ua.uaerrors.BadOutOfRange())) == "BadOutOfRange"
+    assert write_failure_code(refused(ua.uaerrors.BadUserAccessDenied())) == "BadNotWritable"
+    assert write_failure_code(refused(ua.uaerrors.BadSessionClosed())) == "BadCommunicationError"
+    # the wording of Driver.write's default and of the Modbus driver's reasons
+    assert write_failure_code(DriverWriteError("driver virtual cannot write points")) == "BadNotWritable"
+    assert write_failure_code(refused(ValueError("70000 is out of range for uint16 (0..65535)"))) == "BadOutOfRange"
+    assert write_failure_code(DriverWriteError("write sp = 9 failed: exception 3 (illegal data value)")) == \
+        "BadOutOfRange"  # fmt: skip
+    assert write_failure_code(refused(ValueError("point 'v' is an input register: read-only in Modbus"))) == \
+        "BadNotWritable"  # fmt: skip
+    assert write_failure_code(refused(ValueError("the device is not running"))) == "BadCommunicationError"
+    assert write_failure_code(DriverWriteError("write sp = 9 failed: timeout (the device may or may not have "
+                                               "applied it)")) == "BadTimeout"  # fmt: skip
+    # otherwise: a value the driver could not convert, or anything else
+    assert write_failure_code(refused(ValueError("a coil takes true/false (or 1/0), not 'x'"))) == "BadTypeMismatch"
+    assert write_failure_code(refused(Plc("link down"))) == "BadCommunicationError"
 
 
 # ---- through the whole agent (needs the `opcua` entry point in pyproject.toml) ----------------
@@ -594,9 +971,12 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
             assert first in published  # the very values the operations centre receives
             with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
                 await energy.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
-            # A declared writable point goes to the device's driver; the virtual meter cannot write.
+            # A declared writable point goes to the device's driver; the virtual meter cannot write,
+            # and the client is told so rather than acknowledged.
             voltage = client.get_node(f"ns={ns};s=Devices.meter-1.voltage")
-            await voltage.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+            with pytest.raises(ua.UaStatusCodeError, match="BadNotWritable"):
+                await voltage.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+            assert await voltage.read_value() != 1.0, "a refused write never shows as the value"
         finally:
             await client.disconnect()
 
@@ -609,10 +989,13 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
 def test_server_with_security_serves_our_own_driver_over_basic256sha256(tmp_path: Path, pki: dict[str, Path]) -> None:
     """The gateway's server with SignAndEncrypt only and a login, read by the opcua driver itself."""
     (tmp_path / "users").write_text(f"op:{PASSWORD}\n")
+    (tmp_path / "trusted").mkdir()
+    gateway = x509.load_der_x509_certificate((pki["gateway"] / "client-cert.der").read_bytes())
+    (tmp_path / "trusted" / "gateway.pem").write_bytes(gateway.public_bytes(Encoding.PEM))  # PEM is trusted too
     port = free_port()
     config = OpcUaServerConfig.model_validate({
         "enabled": True, "listen": f"opc.tcp://127.0.0.1:{port}",
-        "security_policies": ["Basic256Sha256_SignAndEncrypt"],
+        "security_policies": ["Basic256Sha256_SignAndEncrypt"], "trusted_clients_dir": "trusted",
         "users_file": "users", "cert_dir": "server-pki", "publish_interval": "50ms",
     }, context={"base_dir": tmp_path})  # fmt: skip
 

@@ -17,9 +17,23 @@ offline its values turn UncertainLastUsableValue.
 ``publish_interval``, creating variables the first time they are seen.
 
 Access: no anonymous session unless ``allow_anonymous`` (and then read-only); users from
-``users_file`` or ``user``/``password_file`` may write only the points listed in ``writable``:
-such writes reach ``on_write(device, point, value)`` and are logged; any other write is
-refused with BadUserAccessDenied. Nobody gets asyncua's admin role.
+``users_file`` or ``user``/``password_file`` may write only the points listed in ``writable``;
+any other write is refused with BadUserAccessDenied. Nobody gets asyncua's admin role.
+
+Writes: a write to a writable point is answered only after ``on_write(device, point, value)``
+(the runtime hands it to the device's ``Driver.write``) returned: Good, and the variable shows
+the value; or, if it raised or took longer than ``write_timeout``, a Bad code
+(:func:`write_failure_code`: BadTimeout, BadNotWritable, BadOutOfRange, BadTypeMismatch,
+BadCommunicationError...) and the variable keeps its value. Either way a log line names the
+user, the point, the value and the outcome. While a write waits for its device, that client
+connection's other requests wait too (asyncua serves a connection's requests in order).
+
+Client certificates: with a security policy other than None, only the client application
+certificates in ``trusted_clients_dir`` (default ``<cert_dir>/trusted-clients``, created empty)
+are accepted, or those issued by a CA certificate there; any other is refused with
+BadCertificateUntrusted, logged with its thumbprint and saved in ``<cert_dir>/rejected-clients``
+for the operator to move. The folder is read again when it changes. The None endpoint, when
+offered too, takes clients without a certificate.
 
 The core never imports a driver, so the small certificate helper here mirrors
 ``drivers/opcua/certs.py`` rather than importing it.
@@ -48,7 +62,6 @@ from agent.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METE
 
 if TYPE_CHECKING:
     from asyncua import ua
-    from asyncua.common.callback import ServerItemCallback
     from asyncua.common.node import Node
     from asyncua.server.server import Server
 
@@ -110,12 +123,31 @@ class OpcUaServerConfig(StrictModel):
     cert_dir: Path | None = Field(
         default=None, description="Folder of the server certificate (created on first run); needed for security."
     )
+    trusted_clients_dir: Path | None = Field(
+        default=None,
+        description="With security: the only client application certificates accepted (DER or PEM files, or the "
+        "CA certificates that issued them). Default: `<cert_dir>/trusted-clients`, created empty, so no client "
+        "connects until trusted; a refused certificate is saved in `<cert_dir>/rejected-clients` to move there.",
+    )
     writable: list[WritablePoint] = Field(default_factory=list, description="Variables clients may write.")
+    write_timeout: Duration = Field(
+        default=3.0, gt=0, le=60,
+        description="How long a client's write waits for the device; then it is answered BadTimeout.",
+    )  # fmt: skip
     publish_interval: Duration = Field(
         default=0.2, gt=0, le=10, description="Values reach the address space at most this often (coalesced)."
     )
 
-    _paths = field_validator("users_file", "password_file", "cert_dir", mode="before")(resolve_path)
+    _paths = field_validator("users_file", "password_file", "cert_dir", "trusted_clients_dir", mode="before")(
+        resolve_path
+    )
+
+    @field_validator("trusted_clients_dir")
+    @classmethod
+    def _folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"folder not found: {value}")
+        return value
 
     @field_validator("users_file", "password_file")
     @classmethod
@@ -135,7 +167,15 @@ class OpcUaServerConfig(StrictModel):
             raise ValueError("nobody could log in: give users_file, user/password_file, or allow_anonymous: true")
         if self.writable and not (self.users_file or self.user):
             raise ValueError("writable points need users (anonymous sessions never write)")
+        if self.trusted_clients_dir is not None and all(p == "None" for p in self.security_policies):
+            raise ValueError("trusted_clients_dir needs a security policy other than None (without one, clients "
+                             "present no certificate)")  # fmt: skip
         return self
+
+    @property
+    def secure(self) -> bool:
+        """Whether an endpoint with a security policy (and so client certificates) is offered."""
+        return any(p != "None" for p in self.security_policies)
 
     def load_users(self) -> dict[str, str]:
         """User name -> password from ``users_file`` and ``user``/``password_file``."""
@@ -191,29 +231,42 @@ class OpcUaServer:
         self._variables: dict[tuple[str, str], tuple[ua.NodeId, ua.VariantType]] = {}
         self._writable = {(w.device, w.point) for w in config.writable}
         self._by_node: dict[ua.NodeId, tuple[str, str]] = {}
-        self._callbacks: set[asyncio.Task[None]] = set()
+        self.trust: ClientTrust | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         """Build the address space and listen. Raises OSError (port busy) or ValueError (certificates, users)."""
         from asyncua import ua
-        from asyncua.common.callback import CallbackType
         from asyncua.server.server import Server
 
         users = self.config.load_users()
-        server = Server(user_manager=_Users(users))  # type: ignore[arg-type]
+        user_manager = _Users(users)
+        server = Server(user_manager=user_manager)  # type: ignore[arg-type]
         await server.init()
         server.set_endpoint(self.config.listen)
         server.set_server_name(self.name)
         uri = f"urn:{socket.gethostname()}:edge-agent:server"
         await server.set_application_uri(uri)
-        if self.config.cert_dir is not None and any(p != "None" for p in self.config.security_policies):
+        if self.config.cert_dir is not None and self.config.secure:
             cert_path, key_path, self.thumbprint = await asyncio.to_thread(
                 _server_certificate, self.config.cert_dir, uri
             )
             await server.load_certificate(str(cert_path))
             await server.load_private_key(str(key_path))
             log.info("OPC UA server certificate %s: SHA-1 thumbprint %s", cert_path, self.thumbprint)
+            trust = ClientTrust(self.config.trusted_clients_dir or self.config.cert_dir / "trusted-clients",
+                                self.config.cert_dir / "rejected-clients",
+                                create=self.config.trusted_clients_dir is None)  # fmt: skip
+            await asyncio.to_thread(trust.refresh)
+            # Checked twice: at CreateSession, on the certificate the client names there (asyncua's
+            # validator hook, which answers BadCertificateUntrusted), and at ActivateSession, on the
+            # secure channel's own certificate, which the session's may differ from or omit.
+            server.set_certificate_validator(trust.validate)
+            user_manager.trust = trust
+            self.trust = trust
+            if "None" in self.config.security_policies:
+                log.warning("OPC UA server: the None endpoint takes clients without a certificate; %s applies to "
+                            "the secure endpoints only", trust.folder)  # fmt: skip
         names = {"None": "NoSecurity"}
         policies = [getattr(ua.SecurityPolicyType, names.get(p, p)) for p in self.config.security_policies]
         server.set_security_policy(policies, permission_ruleset=_Rules())  # type: ignore[arg-type]
@@ -227,7 +280,10 @@ class OpcUaServer:
         )
         self._devices_folder = await gateway.add_folder(_node_id("Devices", self._ns),
                                                         ua.QualifiedName("Devices", self._ns))  # fmt: skip
-        server.subscribe_server_callback(CallbackType.PostWrite, self._post_write)
+        # Writes to device variables are answered only once the device applied them: asyncua's
+        # pre/post-write callbacks cannot change a write's result, so its attribute service is wrapped.
+        iserver = server.iserver
+        iserver.attribute_service = _DeviceWrites(iserver.attribute_service, self)  # type: ignore[assignment]
         await server.start()
         self.server = server
         self._wake = asyncio.Event()
@@ -354,34 +410,165 @@ class OpcUaServer:
         return node_id, variant
 
     # ---- writes from clients -------------------------------------------------------------
-    async def _post_write(self, event: ServerItemCallback, _service: Any) -> None:
-        """After asyncua applied a client's write (refused ones never succeed): pass it on."""
-        if not event.is_external:
-            return
-        user = getattr(event.user, "name", None) or "?"
-        for item, result in zip(event.request_params.NodesToWrite, event.response_params, strict=False):
-            target = self._by_node.get(item.NodeId)
-            if target is None or result is None or not result.is_good():
-                if target is None and (result is None or not result.is_good()):
-                    self.stats["refused_writes"] += 1
-                continue
-            value = item.Value.Value.Value if item.Value is not None and item.Value.Value is not None else None
-            device, point = target
-            self.stats["writes"] += 1
-            log.info("OPC UA write by user %r: %s/%s = %r", user, device, point, value)
-            if self.on_write is not None:
-                await self._deliver(device, point, value)
+    async def device_write(self, target: tuple[str, str], item: ua.WriteValue, user: Any) -> ua.StatusCode:
+        """One client write to a writable device variable: Good only once the device applied it.
+
+        The device's answer decides the result: the driver's write must succeed within
+        ``write_timeout``; otherwise the client gets a Bad code (:func:`write_failure_code`) and the
+        variable keeps its value. An applied value shows in the variable until the device's next
+        event says otherwise.
+        """
+        from asyncua import ua
+        from asyncua.crypto.permission_rules import UserRole
+
+        device, point = target
+        node, variant = self._variables[target]
+        who = getattr(user, "name", None) or "?"
+        value = item.Value.Value.Value if item.Value is not None and item.Value.Value is not None else None
+        code, reason = "Good", ""
+        if getattr(user, "role", None) != UserRole.User:
+            code, reason = "BadUserAccessDenied", "not a user login"  # _Rules keeps anonymous sessions out already
+        elif item.IndexRange:
+            code, reason = "BadWriteNotSupported", "an index range (the variable is written whole)"
+        elif item.Value is None or item.Value.Value is None or item.Value.Value.VariantType != variant \
+                or value is None:  # fmt: skip
+            code, reason = "BadTypeMismatch", f"the variable is {variant.name}"
+        elif self.on_write is None:
+            code, reason = "BadNotWritable", "no device path"
+        else:
+            try:
+                await asyncio.wait_for(self._deliver(device, point, value), self.config.write_timeout)
+            except Exception as exc:
+                code = write_failure_code(exc)
+                reason = str(exc) or f"no answer within {self.config.write_timeout:g}s"
+        status = int(getattr(_codes(), code))
+        if code != "Good":
+            self.stats["refused_writes"] += 1
+            log.warning("OPC UA write by user %r: %s/%s = %r not applied by the device, answered %s: %s",
+                        who, device, point, value, code, reason)  # fmt: skip
+            return _status(status)
+        self.stats["writes"] += 1
+        log.info("OPC UA write by user %r: %s/%s = %r applied by the device", who, device, point, value)
+        if self.server is not None:
+            now = datetime.now(UTC)
+            source = item.Value.SourceTimestamp if item.Value is not None else None
+            await self.server.write_attribute_value(node, _data_value(ua.Variant(value, variant), status,
+                                                                      source or now, now))  # fmt: skip
+        return _status(status)
 
     async def _deliver(self, device: str, point: str, value: Any) -> None:
         assert self.on_write is not None
-        try:
-            result = self.on_write(device, point, value)
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:
-            # Already acknowledged to the client (asyncua applies a write before this hook runs);
-            # the variable shows the device's own value again with its next event.
-            log.warning("OPC UA write %s/%s = %r not applied to the device: %s", device, point, value, exc)
+        result = self.on_write(device, point, value)
+        if inspect.isawaitable(result):
+            await result
+
+
+# A device's refusal that names the value's problem goes to the client as is; others say what it
+# means from the client's side of the gateway.
+PASSED_WRITE_CODES = frozenset({
+    "BadOutOfRange", "BadTypeMismatch", "BadNotWritable", "BadWriteNotSupported", "BadNotSupported",
+    "BadDeviceFailure", "BadOutOfService", "BadInvalidArgument",
+})  # fmt: skip
+
+
+# DriverWriteError carries no status code, so the reason's wording is the only clue to what the
+# device said; these are the phrases of Driver.write's default refusal and of the Modbus and OPC
+# UA drivers. A reason with none of them still gets a code (BadTypeMismatch for a value the driver
+# could not convert, else BadCommunicationError), only a less specific one.
+WRITE_PHRASES = (
+    ("out of range", "BadOutOfRange"), ("illegal data value", "BadOutOfRange"),
+    ("cannot write points", "BadNotWritable"), ("not writable", "BadNotWritable"), ("read-only", "BadNotWritable"),
+    ("not running", "BadCommunicationError"), ("not connected", "BadCommunicationError"),
+    ("timeout", "BadTimeout"),
+)  # fmt: skip
+
+
+def write_failure_code(exc: BaseException) -> str:
+    """The status code a client gets for a write the device did not apply.
+
+    BadTimeout when the device did not answer within ``write_timeout``; an OPC UA device's own
+    code when the driver raised from asyncua's error (BadOutOfRange, BadTypeMismatch...; the PLC's
+    BadUserAccessDenied concerns the gateway's account: BadNotWritable here); else from the
+    reason's wording (:data:`WRITE_PHRASES`); else BadTypeMismatch for a ValueError or TypeError
+    underneath, BadCommunicationError otherwise.
+    """
+    from asyncua.ua.uaerrors import UaStatusCodeError
+
+    if isinstance(exc, TimeoutError):
+        return "BadTimeout"
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for link in chain:
+        if isinstance(link, UaStatusCodeError):
+            name = _codes_name(link.code)
+            if name in PASSED_WRITE_CODES:
+                return name
+            return "BadNotWritable" if name == "BadUserAccessDenied" else "BadCommunicationError"
+    text = " ".join(str(link) for link in chain).lower()
+    for phrase, code in WRITE_PHRASES:
+        if phrase in text:
+            return code
+    if any(isinstance(link, ValueError | TypeError) for link in chain):
+        return "BadTypeMismatch"
+    return "BadCommunicationError"
+
+
+def _codes_name(code: int) -> str:
+    from asyncua.ua.status_codes import get_name_and_doc
+
+    return get_name_and_doc(code)[0]
+
+
+class _DeviceWrites:
+    """asyncua's attribute service with writes to device variables routed through the device.
+
+    Everything else (reads, writes to any other node, asyncua's access checks) is the wrapped
+    service's; a request mixing both keeps its order of results.
+    """
+
+    def __init__(self, inner: Any, owner: OpcUaServer) -> None:
+        self.inner = inner
+        self.owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def read(self, params: Any) -> Any:
+        return self.inner.read(params)
+
+    async def write(self, params: ua.WriteParameters, user: Any = None) -> list[ua.StatusCode]:
+        from asyncua import ua
+        from asyncua.crypto.permission_rules import UserRole
+        from asyncua.ua.attribute_ids import AttributeIds
+
+        by_node = self.owner._by_node
+        if user is None or getattr(user, "role", None) == UserRole.Admin:
+            # asyncua's own session (no client is ever Admin here): the address space, not the device
+            return await self._inner_write(params, user)
+        if not any(i.NodeId in by_node and i.AttributeId == AttributeIds.Value for i in params.NodesToWrite):
+            return self._count(await self._inner_write(params, user))
+        results: list[ua.StatusCode] = []
+        for item in params.NodesToWrite:
+            target = by_node.get(item.NodeId) if item.AttributeId == AttributeIds.Value else None
+            if target is not None:
+                results.append(await self.owner.device_write(target, item, user))
+            else:
+                one = ua.WriteParameters()
+                one.NodesToWrite = [item]
+                results += self._count(await self._inner_write(one, user))
+        return results
+
+    async def _inner_write(self, params: ua.WriteParameters, user: Any) -> list[ua.StatusCode]:
+        result: list[ua.StatusCode] = await (self.inner.write(params) if user is None
+                                             else self.inner.write(params, user=user))  # fmt: skip
+        return result
+
+    def _count(self, results: list[ua.StatusCode]) -> list[ua.StatusCode]:
+        self.owner.stats["refused_writes"] += sum(1 for r in results if not r.is_good())
+        return results
 
 
 def _coerce(value: Any, variant: ua.VariantType) -> Any:
@@ -414,6 +601,12 @@ def _data_value(value: Any, code: int, source: datetime | None, server: datetime
 
     status: Any = StatusCode(code)  # type: ignore[arg-type]
     return DataValue(value, status, source, server)  # type: ignore[arg-type]
+
+
+def _status(code: int) -> ua.StatusCode:
+    from asyncua.ua.uatypes import StatusCode
+
+    return StatusCode(code)  # type: ignore[arg-type]
 
 
 def _status_code(quality: str, reason: str | None) -> int:
@@ -456,20 +649,152 @@ async def _add_unit(var: Node, unit: str, ns: int, node_id: ua.NodeId) -> None:
                            datatype=_node_id(ObjectIds.EUInformation))  # fmt: skip
 
 
+class ClientTrust:
+    """The client application certificates the server accepts: the files in one folder.
+
+    A client certificate is trusted when the folder holds that very certificate (DER or PEM, any
+    extension; how self-signed application certificates are trusted), or the CA certificate that
+    issued it (checked by asyncua's TrustStore policy). The folder is read again when its
+    listing changes, so trusting a client needs no restart. A refused certificate is saved in
+    ``rejected`` (at most ``MAX_REJECTED`` files) for the operator to move to ``folder``.
+    """
+
+    MAX_REJECTED = 100
+
+    def __init__(self, folder: Path, rejected: Path, *, create: bool) -> None:
+        """``create``: make the folder if missing (the default folder starts empty)."""
+        self.folder = folder
+        self.rejected = rejected
+        self.create = create
+        self._listing: tuple[tuple[str, int, int], ...] | None = None
+        self._pinned: set[bytes] = set()
+        self._verifier: Any = None
+        self._reported: set[str] = set()
+
+    def refresh(self) -> None:
+        """Read the folder again if its listing changed (name, size, mtime of each file)."""
+        from asyncua.crypto.truststore import TrustStore
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        if self.create:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files = sorted(p for p in self.folder.iterdir() if p.is_file()) if self.folder.is_dir() else []
+        listing = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if listing == self._listing:
+            return
+        certs: list[x509.Certificate] = []
+        for path in files:
+            try:
+                certs.append(_load_certificate(path.read_bytes()))
+            except ValueError:
+                log.warning("OPC UA server: %s is not a certificate (DER or PEM); ignored", path)
+        self._pinned = {c.public_bytes(Encoding.DER) for c in certs}
+        store_policy = TrustStore([], []).policy_builder  # asyncua's: issuers must be CA certificates
+        self._verifier = store_policy.store(x509.verification.Store(certs)).build_client_verifier() if certs else None
+        self._listing = listing
+        (log.info if certs else log.warning)(
+            "OPC UA server: %d trusted client certificate(s) in %s%s", len(certs), self.folder,
+            "" if certs else "; every secure connection is refused until one is put there",
+        )  # fmt: skip
+
+    def trusted(self, der: bytes) -> bool:
+        """Whether the DER certificate is one of the folder's, or issued by one of them; valid now."""
+        from cryptography import x509
+
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return False
+        now = datetime.now(UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return False
+        if der in self._pinned:
+            return True
+        if self._verifier is None:
+            return False
+        try:
+            self._verifier.verify(cert, [])
+        except x509.verification.VerificationError:
+            return False
+        return True
+
+    def check(self, der: bytes | None, app_uri: str | None = None) -> bool:
+        """Refresh, then :meth:`trusted`; a refused certificate is logged once and saved for review."""
+        if der is None:
+            return False
+        self.refresh()
+        if self.trusted(der):
+            return True
+        self._reject(der, app_uri)
+        return False
+
+    async def validate(self, cert: Any, app: Any) -> None:
+        """asyncua's certificate validator hook (CreateSession): raise BadCertificateUntrusted."""
+        from asyncua.common.utils import ServiceError
+        from asyncua.ua.status_codes import StatusCodes
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        der = cert.public_bytes(Encoding.DER)
+        if not await asyncio.to_thread(self.check, der, getattr(app, "ApplicationUri", None)):
+            raise ServiceError(StatusCodes.BadCertificateUntrusted)
+
+    def _reject(self, der: bytes, app_uri: str | None) -> None:
+        from cryptography import x509
+
+        thumb = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+        if thumb in self._reported:
+            return
+        self._reported.add(thumb)
+        saved = self.rejected / f"{thumb}.der"
+        try:
+            self.rejected.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if len(list(self.rejected.iterdir())) < self.MAX_REJECTED:
+                saved.write_bytes(der)
+            else:
+                saved = Path("(not saved: rejected-clients is full)")
+        except OSError as exc:
+            saved = Path(f"(not saved: {exc.strerror})")
+        try:
+            subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        except ValueError:
+            subject = "?"
+        log.warning("OPC UA server: client certificate refused, not trusted: %s, application URI %s, SHA-1 "
+                    "thumbprint %s; saved as %s: move it to %s to trust it", subject, app_uri or "?", thumb,
+                    saved, self.folder)  # fmt: skip
+
+
+def _load_certificate(data: bytes) -> Any:
+    from cryptography import x509
+
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
 class _Users:
-    """asyncua user manager: the configured users are role User; anonymous (if offered) is role Anonymous."""
+    """asyncua user manager: the configured users are role User; anonymous (if offered) is role Anonymous.
+
+    With a trust list, the secure channel's certificate must be trusted too: asyncua's validator
+    hook sees only the certificate named in CreateSession, which a client may leave out or set
+    to another than the one its channel was opened with.
+    """
 
     def __init__(self, users: dict[str, str]) -> None:
         self.users = users
+        self.trust: ClientTrust | None = None
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> Any:  # fmt: skip
         from asyncua.crypto.permission_rules import User, UserRole
 
-        # asyncua passes the secure channel's certificate whatever the token, and user
-        # certificate tokens are not offered: no user name means an anonymous token, which
-        # asyncua only lets through when allow_anonymous put it in the identity tokens.
-        del iserver, certificate
+        # asyncua passes the secure channel's certificate (None on the None endpoint) whatever the
+        # token, and user certificate tokens are not offered: no user name means an anonymous
+        # token, which asyncua only lets through when allow_anonymous put it in the identity tokens.
+        del iserver
+        if self.trust is not None and certificate is not None and not self.trust.check(certificate):
+            log.warning("OPC UA server: session refused: the secure channel's client certificate is not trusted")
+            return None
         if username is None:
             return User(role=UserRole.Anonymous)
         expected = self.users.get(username)

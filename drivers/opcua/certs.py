@@ -22,7 +22,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_der_private_key,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,50 @@ class AppCertificate:
 def thumbprint(der: bytes) -> str:
     """SHA-1 of the DER certificate in upper-case hex, as PLC tools and UaExpert display it."""
     return hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """A certificate file, DER or PEM (OPC UA tools write both, whatever the extension says).
+
+    Raises:
+        ValueError: the file is neither.
+    """
+    data = path.read_bytes()
+    try:
+        return x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN") \
+            else x509.load_der_x509_certificate(data)  # fmt: skip
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a DER or PEM certificate ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """A login certificate (OPC UA X509 identity token) with its private key, loaded once."""
+
+    certificate: x509.Certificate
+    key: PrivateKeyTypes
+    thumbprint: str
+
+
+def load_user_identity(cert_path: Path, key_path: Path) -> UserIdentity:
+    """The login certificate and its key, DER or PEM whatever the file names say.
+
+    asyncua's own loaders guess the format from the extension, so a PEM key named ``user.key``
+    would fail on every connect with an unreadable error; loading it here fails once, at start.
+
+    Raises:
+        ValueError: either file cannot be read, or the key is not the certificate's.
+    """
+    cert = load_certificate(cert_path)
+    data = key_path.read_bytes()
+    try:
+        key = load_pem_private_key(data, password=None) if data.lstrip().startswith(b"-----BEGIN") \
+            else load_der_private_key(data, password=None)  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"user_private_key {key_path} cannot be read (an unencrypted PEM or DER key): {exc}") from exc
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise ValueError(f"user_private_key {key_path} is not the key of user_certificate {cert_path}")
+    return UserIdentity(cert, key, thumbprint(cert.public_bytes(Encoding.DER)))
 
 
 def default_application_uri() -> str:

@@ -38,10 +38,12 @@ def node_kind(text: str) -> Literal["node_id", "browse_path"]:
 
 
 class Deadband(StrictModel):
-    """Server-side filter: report a change only when it exceeds this."""
+    """Report a change only when it exceeds this: the server is asked to filter; a percent deadband
+    (and one the server refuses) the gateway applies itself too, so it holds whatever the server does."""
 
     type: Literal["absolute", "percent"] = Field(
-        default="absolute", description="absolute (engineering units) or percent (of the node's EURange)."
+        default="absolute",
+        description="absolute (engineering units) or percent (of the node's EURange property, read on subscribe).",
     )
     value: float = Field(ge=0, description="The deadband; percent is 0..100.")
 
@@ -180,7 +182,7 @@ class OpcUaConfig(DeviceConfig):
             percent = [p.name for p in self.points if (p.deadband or self.deadband or _NO_DB).type == "percent"]
             if percent:
                 raise ValueError(
-                    f"percent deadband needs mode: subscribe (the server applies it); points: {', '.join(percent)}"
+                    f"percent deadband needs mode: subscribe (the EURange is read then); points: {', '.join(percent)}"
                 )
         names = [p.name for p in self.points]
         dupes = sorted({n for n in names if names.count(n) > 1})

@@ -22,7 +22,7 @@ from typing import Any
 from agent.driver_api import Driver, DriverContext
 from agent.errors import DriverStartupError, DriverWriteError
 from agent.events import Reading
-from drivers.opcua.certs import AppCertificate, ensure_certificate
+from drivers.opcua.certs import AppCertificate, UserIdentity, ensure_certificate, load_user_identity
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.mapping import EventMapper, Sample
 from drivers.opcua.session import Credentials, Session, SessionError
@@ -68,7 +68,14 @@ async def load_credentials(config: OpcUaConfig) -> Credentials:
             "OPC UA application certificate %s: %s, SHA-1 thumbprint %s, application URI %s; trust it on the server",
             verb, cert.cert_path, cert.thumbprint, cert.application_uri,
         )  # fmt: skip
-    return Credentials(password, cert)
+    user: UserIdentity | None = None
+    if config.user_certificate is not None and config.user_private_key is not None:
+        try:
+            user = await asyncio.to_thread(load_user_identity, config.user_certificate, config.user_private_key)
+        except (OSError, ValueError) as exc:
+            raise DriverStartupError(str(exc)) from exc
+        log.info("OPC UA certificate login with %s, SHA-1 thumbprint %s", config.user_certificate, user.thumbprint)
+    return Credentials(password, cert, user)
 
 
 class OpcUaDriver(Driver):
@@ -83,8 +90,8 @@ class OpcUaDriver(Driver):
         self.session: Session | None = None
         self._credentials: Credentials | None = None
         self._last_failure: str | None = None
-        self._reported: dict[str, tuple[Any, str]] = {}  # poll mode: last reported (value, quality)
-        self.stats = {"connects": 0, "losses": 0, "batches": 0, "samples": 0}
+        self._reported: dict[str, tuple[Any, str]] = {}  # points under a gateway deadband: last (value, quality)
+        self.stats = {"connects": 0, "losses": 0, "batches": 0, "samples": 0, "deadband_dropped": 0}
 
     async def start(self) -> None:
         """Load credentials and connect once. Raises DriverStartupError with the reason."""
@@ -178,11 +185,17 @@ class OpcUaDriver(Driver):
     async def _subscribed(self, session: Session) -> AsyncIterator[list[Reading]]:
         initial = await session.subscribe()
         self.context.poll_ok()
+        # A new monitored item reports its first value whatever the deadband (Part 4, 7.22.2): so here.
+        self._reported.clear()
         if initial:
             yield self.mapper.readings(initial)
+        deadbands = session.gateway_deadbands
         while True:
             samples = await session.next_batch()
             self.context.poll_ok()
+            if deadbands:
+                samples = [s for s in samples if s.point.name not in deadbands
+                           or self._changed(s, deadbands[s.point.name])]  # fmt: skip
             readings = self._readings(samples)
             if readings:
                 yield readings
@@ -195,7 +208,7 @@ class OpcUaDriver(Driver):
             samples = await session.poll()
             self.context.observe_poll(time.monotonic() - started)
             self.context.poll_ok()
-            samples = [s for s in samples if self._changed(s)] + session.unresolved_samples()
+            samples = [s for s in samples if self._changed(s, self._poll_deadband(s))] + session.unresolved_samples()
             readings = self._readings(samples)
             if readings:
                 yield readings
@@ -210,16 +223,25 @@ class OpcUaDriver(Driver):
         self.stats["samples"] += len(samples)
         return self.mapper.readings(samples)
 
-    def _changed(self, sample: Sample) -> bool:
-        """Poll mode's client-side absolute deadband (subscriptions have the server apply it)."""
+    def _poll_deadband(self, sample: Sample) -> float | None:
         deadband = self.config.deadband_of(sample.point)
+        return deadband.value if deadband is not None else None
+
+    def _changed(self, sample: Sample, deadband: float | None) -> bool:
+        """Whether ``sample`` leaves the deadband around the point's last reported value.
+
+        The gateway's own deadband (engineering units): poll mode's absolute one, and in subscribe
+        mode the ones the server may not apply (see ``Session.gateway_deadbands``). A change of
+        quality, or a first value, always passes.
+        """
         last = self._reported.get(sample.point.name)
         self._reported[sample.point.name] = (sample.value, sample.quality)
         if deadband is None or last is None or last[1] != sample.quality:
             return True
         if isinstance(sample.value, int | float) and isinstance(last[0], int | float):
-            if abs(sample.value - last[0]) > deadband.value:
+            if abs(sample.value - last[0]) > deadband:
                 return True
             self._reported[sample.point.name] = last  # measure the next change from what was reported
+            self.stats["deadband_dropped"] += 1
             return False
         return bool(sample.value != last[0])

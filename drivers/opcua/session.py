@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from asyncua import ua
 from asyncua.crypto import security_policies
 
-from drivers.opcua.certs import AppCertificate, thumbprint
+from drivers.opcua.certs import AppCertificate, UserIdentity, thumbprint
 from drivers.opcua.config import OpcUaConfig, PointConfig, node_kind
 from drivers.opcua.mapping import Sample, bad_sample, code_name, sample_of
 from drivers.opcua.uanames import (
@@ -45,6 +45,10 @@ POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Aes256Sha256RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
 }
 MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+# A server that cannot apply a deadband refuses the monitored item with one of these (Part 4, 7.22.2):
+# the item is created again without the filter and the gateway applies the deadband itself.
+FILTER_REFUSED = frozenset({"BadMonitoredItemFilterUnsupported", "BadMonitoredItemFilterInvalid",
+                            "BadFilterNotAllowed", "BadDeadbandFilterInvalid"})  # fmt: skip
 
 
 class SessionError(Exception):
@@ -57,6 +61,7 @@ class Credentials:
 
     password: str | None
     certificate: AppCertificate | None
+    user: UserIdentity | None = None
 
 
 def _endpoint(config: OpcUaConfig) -> str:
@@ -64,7 +69,8 @@ def _endpoint(config: OpcUaConfig) -> str:
     return f"{url.hostname}:{url.port or 4840}"
 
 
-def describe(exc: BaseException, config: OpcUaConfig, cert: AppCertificate | None = None) -> str:
+def describe(exc: BaseException, config: OpcUaConfig, cert: AppCertificate | None = None,
+             user: UserIdentity | None = None) -> str:  # fmt: skip
     """A technician's sentence for a connect or request failure."""
     name = type(exc).__name__
     where = _endpoint(config)
@@ -72,6 +78,10 @@ def describe(exc: BaseException, config: OpcUaConfig, cert: AppCertificate | Non
         code = code_name(exc.code)
         if code == "BadUserAccessDenied" and config.username is not None:
             return f"the server refused user {config.username!r}: {code}; check username/password_file"
+        if code in ("BadUserAccessDenied", "BadIdentityTokenInvalid") and config.user_certificate is not None:
+            thumb = f" (SHA-1 thumbprint {user.thumbprint})" if user else ""
+            return (f"the server refused the user certificate {config.user_certificate}{thumb}: {code}; trust it "
+                    "on the server as a user certificate, or check user_certificate/user_private_key")  # fmt: skip
         if code in ("BadUserAccessDenied", "BadIdentityTokenRejected", "BadIdentityTokenInvalid"):
             how = (f"user {config.username!r}" if config.username else "certificate login" if config.user_certificate
                    else "anonymous login")  # fmt: skip
@@ -109,6 +119,9 @@ class Session:
         self._wake = asyncio.Event()
         self._batches: asyncio.Queue[ua.NotificationMessage] = asyncio.Queue()
         self._handles: dict[int, PointConfig] = {}
+        # point name -> deadband (engineering units) the gateway applies because the server may not:
+        # every percent deadband, and an absolute one the server refused.
+        self.gateway_deadbands: dict[str, float] = {}
 
     # ---- connect -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -129,14 +142,14 @@ class Session:
             if config.username is not None:
                 c.set_user(config.username)
                 c.set_password(self.credentials.password or "")
-            if config.user_certificate is not None and config.user_private_key is not None:
-                await c.load_client_certificate(str(config.user_certificate))
-                await c.load_private_key(config.user_private_key)
+            user = self.credentials.user
+            if user is not None:
+                c.user_certificate, c.user_private_key = user.certificate, user.key
             c.connection_lost_callback = self._on_lost
             await asyncio.wait_for(c.connect(), config.timeout * 3)
         except Exception as exc:
             await self.close()
-            raise SessionError(describe(exc, config, cert)) from exc
+            raise SessionError(describe(exc, config, cert, self.credentials.user)) from exc
         try:
             await self._resolve()
         except SessionError:
@@ -214,35 +227,101 @@ class Session:
         params.MaxNotificationsPerPublish = 0  # no limit: one publish carries a whole scan
         params.PublishingEnabled = True
         try:
+            percent = await self._percent_deadbands()
             result = await self.client.uaclient.create_subscription(params, self._on_publish)
-            refused = await self._monitor(result.SubscriptionId)
+            refused = await self._monitor(result.SubscriptionId, percent)
         except Exception as exc:
             raise SessionError(describe(exc, config)) from exc
         now = datetime.now(UTC)
         return [bad_sample(p, reason, now) for p, reason in refused] + self.unresolved_samples()
 
-    async def _monitor(self, subscription_id: int) -> list[tuple[PointConfig, str]]:
+    async def _percent_deadbands(self) -> dict[str, float]:
+        """Point name -> its percent deadband in engineering units, from the node's EURange property.
+
+        A percent deadband is relative to EURange (Part 8, 5.3.2); the gateway applies it itself
+        as well (asyncua's server, for one, accepts the filter and ignores it). A point whose node
+        has no usable EURange gets no deadband at all, with a warning: a server would refuse the
+        filter (BadDeadbandFilterInvalid) and the point would not be monitored.
+        """
+        wanted = [p for p in self.config.points
+                  if p.name in self.nodes and (db := self.config.deadband_of(p)) is not None
+                  and db.type == "percent" and db.value > 0]  # fmt: skip
+        out: dict[str, float] = {}
+        if not wanted:
+            return out
+        eu_range = ua.RelativePath.from_string(".0:EURange")  # ".": Aggregates, which HasProperty is a subtype of
+        paths = [ua.BrowsePath(StartingNode=self.nodes[p.name], RelativePath=eu_range) for p in wanted]
+        found: list[tuple[PointConfig, ua.NodeId]] = []
+        why: dict[str, str] = {}
+        for start in range(0, len(paths), CHUNK):
+            results = await self.client.uaclient.translate_browsepaths_to_nodeids(paths[start : start + CHUNK])
+            for p, result in zip(wanted[start : start + CHUNK], results, strict=True):
+                if result.StatusCode.is_good() and result.Targets:
+                    target = result.Targets[0].TargetId
+                    found.append((p, ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)))
+                else:
+                    why[p.name] = "the node has no EURange property"
+        for start in range(0, len(found), CHUNK):
+            chunk = found[start : start + CHUNK]
+            values = await self.client.uaclient.read_attributes([n for _, n in chunk], AttributeIds.Value)
+            for (p, _), dv in zip(chunk, values, strict=True):
+                eu = dv.Value.Value if dv.Value is not None else None
+                if not isinstance(eu, ua.Range) or not eu.High > eu.Low:
+                    why[p.name] = f"its EURange is not a range with High > Low ({eu!r})"
+                    continue
+                db = self.config.deadband_of(p)
+                assert db is not None
+                out[p.name] = db.value / 100 * (eu.High - eu.Low) * (abs(p.scale) or 1.0)
+                log.info("device %s: point %r: %g%% deadband of EURange %g..%g = %g %s, applied by the gateway",
+                         self.config.id, p.name, db.value, eu.Low, eu.High, out[p.name], p.event_unit)  # fmt: skip
+        for p in wanted:
+            if p.name in why:
+                log.warning("device %s: point %r (%s): percent deadband ignored, every change is reported: %s",
+                            self.config.id, p.name, p.node, why[p.name])  # fmt: skip
+        return out
+
+    async def _monitor(self, subscription_id: int, percent: dict[str, float]) -> list[tuple[PointConfig, str]]:
+        self.gateway_deadbands = dict(percent)
         items: list[tuple[PointConfig, ua.MonitoredItemCreateRequest]] = []
         for handle, point in enumerate((p for p in self.config.points if p.name in self.nodes), start=1):
             self._handles[handle] = point
-            items.append((point, self._item(point, handle)))
+            items.append((point, self._item(point, handle, percent)))
         refused: list[tuple[PointConfig, str]] = []
-        for start in range(0, len(items), CHUNK):
-            chunk = items[start : start + CHUNK]
-            request = ua.CreateMonitoredItemsParameters()
-            request.SubscriptionId = subscription_id
-            request.TimestampsToReturn = ua.TimestampsToReturn.Both
-            request.ItemsToCreate = [item for _, item in chunk]
-            results = await self.client.uaclient.create_monitored_items(request)
-            for (point, _), res in zip(chunk, results, strict=True):
-                if not res.StatusCode.is_good():
-                    reason = code_name(res.StatusCode.value)
-                    log.warning("device %s: point %r (%s): the server refused to monitor it: %s", self.config.id,
-                                point.name, point.node, reason)  # fmt: skip
+        retry: list[tuple[PointConfig, ua.MonitoredItemCreateRequest]] = []
+        for chunk in (items[start : start + CHUNK] for start in range(0, len(items), CHUNK)):
+            for point, item, reason in await self._create_items(subscription_id, chunk):
+                if reason in FILTER_REFUSED and item.RequestedParameters.Filter is not None:
+                    item.RequestedParameters.Filter = None
+                    retry.append((point, item))
+                    deadband = self.config.deadband_of(point)
+                    assert deadband is not None
+                    if deadband.type == "absolute":
+                        self.gateway_deadbands[point.name] = deadband.value
+                    log.info("device %s: point %r: the server cannot apply its deadband (%s); the gateway does",
+                             self.config.id, point.name, reason)  # fmt: skip
+                else:
                     refused.append((point, reason))
+        for point, _, reason in await self._create_items(subscription_id, retry) if retry else []:
+            refused.append((point, reason))
+        for point, reason in refused:
+            self.gateway_deadbands.pop(point.name, None)
+            log.warning("device %s: point %r (%s): the server refused to monitor it: %s", self.config.id,
+                        point.name, point.node, reason)  # fmt: skip
         return refused
 
-    def _item(self, point: PointConfig, handle: int) -> ua.MonitoredItemCreateRequest:
+    async def _create_items(
+        self, subscription_id: int, chunk: list[tuple[PointConfig, ua.MonitoredItemCreateRequest]]
+    ) -> list[tuple[PointConfig, ua.MonitoredItemCreateRequest, str]]:
+        """Create one request's items; (point, item, reason) for each the server refused."""
+        request = ua.CreateMonitoredItemsParameters()
+        request.SubscriptionId = subscription_id
+        request.TimestampsToReturn = ua.TimestampsToReturn.Both
+        request.ItemsToCreate = [item for _, item in chunk]
+        results = await self.client.uaclient.create_monitored_items(request)
+        return [(point, item, code_name(res.StatusCode.value))
+                for (point, item), res in zip(chunk, results, strict=True) if not res.StatusCode.is_good()]  # fmt: skip
+
+    def _item(self, point: PointConfig, handle: int, percent: dict[str, float]) -> ua.MonitoredItemCreateRequest:
         config = self.config
         sampling = point.sampling_interval if point.sampling_interval is not None else config.sampling_interval
         deadband = config.deadband_of(point)
@@ -254,11 +333,16 @@ class Session:
         parameters.SamplingInterval = -1.0 if sampling is None else sampling * 1000  # -1: the publishing interval
         parameters.QueueSize = point.queue_size or config.queue_size
         parameters.DiscardOldest = True
-        if deadband is not None and deadband.value > 0:
+        if deadband is not None and deadband.value > 0 and (deadband.type == "absolute" or point.name in percent):
             flt = ua.DataChangeFilter()
             flt.Trigger = ua.DataChangeTrigger.StatusValue
-            flt.DeadbandType = 1 if deadband.type == "absolute" else 2
-            flt.DeadbandValue = deadband.value
+            if deadband.type == "absolute":
+                # The server compares raw values; the configured deadband is in engineering units.
+                flt.DeadbandType = ua.DeadbandType.Absolute
+                flt.DeadbandValue = deadband.value / (abs(point.scale) or 1.0)
+            else:
+                flt.DeadbandType = ua.DeadbandType.Percent
+                flt.DeadbandValue = deadband.value
             parameters.Filter = flt
         request.RequestedParameters = parameters
         return request

@@ -49,6 +49,7 @@ class _Signal:
     kind: str
     value: float | bool
     variant: ua.VariantType
+    changes: int = 0  # value changes made by scans: bench/opcua.py accounts for each variable
 
 
 class _Users:
@@ -175,8 +176,8 @@ class SimulatedPlc:
                 delay = 0
             await asyncio.sleep(delay)
 
-    async def scan(self) -> None:
-        """One PLC scan: every variable gets its next value, all with one source timestamp."""
+    async def scan(self) -> datetime:
+        """One PLC scan: every variable gets its next value, all with one source timestamp (returned)."""
         assert self.server is not None
         stamp = datetime.now(UTC)
         write = self.server.write_attribute_value
@@ -184,9 +185,11 @@ class SimulatedPlc:
             value = self._next(s)
             if value != s.value:
                 self.changes += 1
+                s.changes += 1
             s.value = value
             await write(s.node, data_value(ua.Variant(value, s.variant), StatusCodes.Good, stamp, stamp))
         self.scans += 1
+        return stamp
 
     async def set(self, name: str, value: Any, *, status: int = StatusCodes.Good,
                   source_time: datetime | None = None) -> datetime:  # fmt: skip
