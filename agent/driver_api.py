@@ -177,7 +177,7 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
         Raises:
             DriverWriteError: the driver cannot write, or the device refused.
         """
-        raise DriverWriteError(f"driver {self.config.driver} cannot write points")
+        raise DriverWriteError(f"driver {self.config.driver} cannot write points", "not_writable")
 
     async def stop(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release the device. Must not raise."""

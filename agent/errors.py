@@ -5,6 +5,10 @@ Each error says what the user can do about it; callers either log or raise, neve
 
 from __future__ import annotations
 
+from typing import Literal
+
+WriteFailure = Literal["not_writable", "out_of_range", "bad_value", "timeout", "unavailable", "device_error"]
+
 
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
@@ -37,7 +41,18 @@ class DriverReadError(AgentError):
 
 
 class DriverWriteError(AgentError):
-    """A write to a device point was refused or failed (the driver cannot write, or the device said no)."""
+    """A write to a device point was refused or failed (the driver cannot write, or the device said no).
+
+    ``kind`` says why, in words every uplink maps to its own codes (OPC UA status codes...):
+    ``not_writable`` (the point, its type or the driver takes no writes), ``out_of_range`` (the
+    value does not fit), ``bad_value`` (not a value of the point's kind), ``timeout`` (no answer:
+    the device may or may not have applied it), ``unavailable`` (not running, not connected),
+    ``device_error`` (the device refused or failed otherwise).
+    """
+
+    def __init__(self, message: str, kind: WriteFailure = "device_error") -> None:
+        super().__init__(message)
+        self.kind: WriteFailure = kind
 
 
 class DriverFatalError(AgentError):

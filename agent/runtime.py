@@ -544,7 +544,7 @@ class Agent:
         entry = self.devices.get(device)
         driver = entry[0].driver if entry is not None else None
         if driver is None:
-            raise DriverWriteError(f"device {device} is not running")
+            raise DriverWriteError(f"device {device} is not running", "unavailable")
         try:
             await driver.write(point, value)
         except Exception as exc:

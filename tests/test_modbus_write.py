@@ -142,8 +142,14 @@ def test_writes_that_cannot_be_done_are_refused_before_anything_is_sent(
         driver = ModbusDriver(config, Recorder())
         await driver.start()
         try:
-            with pytest.raises(DriverWriteError, match=rf"^device m: cannot write {point} = .*: {message}$"):
+            with pytest.raises(DriverWriteError, match=rf"^device m: cannot write {point} = .*: {message}$") as info:
                 await driver.write(point, value)
+            expected = (
+                "not_writable" if "writable" in message or "read-only" in message or "no point" in message
+                else "out_of_range" if "out of range" in message
+                else "bad_value"
+            )  # fmt: skip
+            assert info.value.kind == expected
             assert sim.requests == 0 and unit.writes == [], "a refused write must not reach the device"
         finally:
             await driver.stop()
@@ -164,20 +170,24 @@ def test_a_device_that_refuses_or_does_not_answer_gives_a_clear_error(caplog: py
         await sim.serve_tcp("127.0.0.1", port)
         driver = ModbusDriver(config, Recorder())
         try:
-            with pytest.raises(DriverWriteError, match="cannot write setpoint = 20: the device is not running"):
+            with pytest.raises(DriverWriteError, match="cannot write setpoint = 20: the device is not running") as info:
                 await driver.write("setpoint", 20)
+            assert info.value.kind == "unavailable"
             await driver.start()
             before = measurements(await driver.poll(driver.requests))["setpoint"]["value"]
             unit.faults.refuse_writes = 3  # the device answers: exception 3, illegal data value
             with pytest.raises(DriverWriteError, match=r"^device m: write setpoint = 25\.0 failed: exception 3 "
-                                                       r"\(illegal data value\)$"):  # fmt: skip
+                                                       r"\(illegal data value\)$") as info:  # fmt: skip
                 await driver.write("setpoint", 25.0)
+            assert info.value.kind == "out_of_range"
             assert unit.writes == []
             assert measurements(await driver.poll(driver.requests))["setpoint"]["value"] == before
             unit.faults.refuse_writes = None
             unit.faults.delay = 1.0  # applied, but the echo comes after the 300 ms timeout
-            with pytest.raises(DriverWriteError, match=r"failed: timeout \(the device may or may not have applied"):
+            timeout = r"failed: timeout \(the device may or may not have applied"
+            with pytest.raises(DriverWriteError, match=timeout) as info:
                 await driver.write("setpoint", 26.0)
+            assert info.value.kind == "timeout"
             unit.faults.delay = 0
             await asyncio.sleep(1.0)  # let the late echo arrive and be discarded
             await driver.write("setpoint", 27.0)

@@ -58,6 +58,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from agent.driver_api import Duration, StrictModel, resolve_path
+from agent.errors import DriverWriteError
 from agent.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METER_READING, PARKING_OCCUPANCY
 
 if TYPE_CHECKING:
@@ -471,16 +472,11 @@ PASSED_WRITE_CODES = frozenset({
 })  # fmt: skip
 
 
-# DriverWriteError carries no status code, so the reason's wording is the only clue to what the
-# device said; these are the phrases of Driver.write's default refusal and of the Modbus and OPC
-# UA drivers. A reason with none of them still gets a code (BadTypeMismatch for a value the driver
-# could not convert, else BadCommunicationError), only a less specific one.
-WRITE_PHRASES = (
-    ("out of range", "BadOutOfRange"), ("illegal data value", "BadOutOfRange"),
-    ("cannot write points", "BadNotWritable"), ("not writable", "BadNotWritable"), ("read-only", "BadNotWritable"),
-    ("not running", "BadCommunicationError"), ("not connected", "BadCommunicationError"),
-    ("timeout", "BadTimeout"),
-)  # fmt: skip
+# What a driver's DriverWriteError.kind means to an OPC UA client.
+WRITE_KIND_CODES: dict[str, str] = {
+    "not_writable": "BadNotWritable", "out_of_range": "BadOutOfRange", "bad_value": "BadTypeMismatch",
+    "timeout": "BadTimeout", "unavailable": "BadCommunicationError", "device_error": "BadDeviceFailure",
+}  # fmt: skip
 
 
 def write_failure_code(exc: BaseException) -> str:
@@ -488,9 +484,9 @@ def write_failure_code(exc: BaseException) -> str:
 
     BadTimeout when the device did not answer within ``write_timeout``; an OPC UA device's own
     code when the driver raised from asyncua's error (BadOutOfRange, BadTypeMismatch...; the PLC's
-    BadUserAccessDenied concerns the gateway's account: BadNotWritable here); else from the
-    reason's wording (:data:`WRITE_PHRASES`); else BadTypeMismatch for a ValueError or TypeError
-    underneath, BadCommunicationError otherwise.
+    BadUserAccessDenied concerns the gateway's account: BadNotWritable here); else what the
+    driver's :class:`DriverWriteError` ``kind`` says (:data:`WRITE_KIND_CODES`); else
+    BadCommunicationError.
     """
     from asyncua.ua.uaerrors import UaStatusCodeError
 
@@ -507,12 +503,8 @@ def write_failure_code(exc: BaseException) -> str:
             if name in PASSED_WRITE_CODES:
                 return name
             return "BadNotWritable" if name == "BadUserAccessDenied" else "BadCommunicationError"
-    text = " ".join(str(link) for link in chain).lower()
-    for phrase, code in WRITE_PHRASES:
-        if phrase in text:
-            return code
-    if any(isinstance(link, ValueError | TypeError) for link in chain):
-        return "BadTypeMismatch"
+    if isinstance(exc, DriverWriteError):
+        return WRITE_KIND_CODES[exc.kind]
     return "BadCommunicationError"
 
 

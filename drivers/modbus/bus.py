@@ -53,10 +53,11 @@ GARBLED = "garbled answer (bad CRC or framing; wrong baud rate or parity?)"
 class ModbusRequestError(Exception):
     """A request failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
 
-    def __init__(self, reason: str, *, link: bool = False) -> None:
+    def __init__(self, reason: str, *, link: bool = False, exception_code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.link = link  # the connection itself failed, not just this request
+        self.exception_code = exception_code  # the device's exception response, if it sent one
 
 
 class ModbusReadError(ModbusRequestError):
@@ -164,7 +165,7 @@ class Bus:
         raise_if_cancelling()
         if response.isError():
             code = getattr(response, "exception_code", 0)
-            raise error(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+            raise error(f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})", exception_code=code)
         return response
 
     async def _connect(self) -> bool:

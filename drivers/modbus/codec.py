@@ -82,6 +82,10 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 NUMERIC_TYPES = (*INT_RANGES, "float32", "float64")
 
 
+class OutOfRange(ValueError):
+    """The value does not fit the point's type once scaled."""
+
+
 def encode_scaled(
     value: float | int,
     type_: str,
@@ -114,16 +118,16 @@ def encode_scaled(
     raw: float | int = value if (scale, offset) == (1.0, 0.0) else (value - offset) / scale
     shown = f"{value} (raw {raw:g})" if raw != value else f"{value}"
     if not math.isfinite(raw):  # a huge value over a tiny scale
-        raise ValueError(f"{shown} is out of range for {type_}")
+        raise OutOfRange(f"{shown} is out of range for {type_}")
     if type_ in INT_RANGES:
         low, high = INT_RANGES[type_]
         raw = raw if isinstance(raw, int) else round(raw)
         if not low <= raw <= high:
-            raise ValueError(f"{shown} is out of range for {type_} ({low}..{high})")
+            raise OutOfRange(f"{shown} is out of range for {type_} ({low}..{high})")
     try:
         return encode(raw, type_, byte_order=byte_order, word_order=word_order)
     except (OverflowError, struct.error) as exc:  # float32 beyond +-3.4e38
-        raise ValueError(f"{shown} is out of range for {type_}") from exc
+        raise OutOfRange(f"{shown} is out of range for {type_}") from exc
 
 
 Decoder = Callable[[bytes, int], "float | int | str"]

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.driver_api import Driver, DriverContext
-from agent.errors import DriverFatalError, DriverWriteError
+from agent.errors import DriverFatalError, DriverWriteError, WriteFailure
 from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from drivers.modbus import codec
 from drivers.modbus.bus import POOL, Bus, ModbusReadError, ModbusWriteError, raise_if_cancelling
@@ -64,19 +64,29 @@ def decode_point(
     return decoder(struct.pack(f">{len(values)}H", *values), 2 * (point.address - start))
 
 
+class NotWritable(ValueError):
+    """The point takes no writes: its table, its type, or its config."""
+
+
+# What a device's exception response means for the writer (the rest: device_error).
+_EXCEPTION_KINDS: dict[int, WriteFailure] = {1: "not_writable", 2: "not_writable", 3: "out_of_range"}
+
+
 def write_values(point: PointConfig, value: Any, config: ModbusConfig) -> list[int] | list[bool]:
     """What goes on the wire to set ``point`` to ``value`` (engineering units): coil bits or registers.
 
     Raises:
-        ValueError: the point cannot be written (its table or type) or the value does not fit it.
+        NotWritable: the point cannot be written (its table, type or config).
+        codec.OutOfRange: the value does not fit the point.
+        ValueError: the value is not one the point can take.
     """
     if point.table not in WRITABLE_TABLES:
         kind = "an input register" if point.table == "input" else "a discrete input"
-        raise ValueError(f"point {point.name!r} is {kind}: read-only in Modbus")
+        raise NotWritable(f"point {point.name!r} is {kind}: read-only in Modbus")
     if point.type in UNWRITABLE_TYPES:
-        raise ValueError(f"point {point.name!r} is a {point.type}: not writable")
+        raise NotWritable(f"point {point.name!r} is a {point.type}: not writable")
     if not point.writable:
-        raise ValueError(f"point {point.name!r} is not writable (set writable: true on the point to allow it)")
+        raise NotWritable(f"point {point.name!r} is not writable (set writable: true on the point to allow it)")
     if point.table == "coil":
         # 0/1 as numbers too: OPC UA clients often send a coil's state as a Double.
         if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
@@ -143,16 +153,24 @@ class ModbusDriver(Driver):
         spec = self._points.get(point)
         try:
             if spec is None:
-                raise ValueError(f"no point {point!r}")
+                raise NotWritable(f"no point {point!r}")
             values = write_values(spec, value, self.config)
             function = self.config.write_function(spec)
             if function is None:  # refused when the config loads; kept for configs built in code
-                raise ValueError(f"none of write_functions {self.config.write_functions} writes point {point!r}")
-            if self._bus is None:
-                raise ValueError("the device is not running")
+                raise NotWritable(f"none of write_functions {self.config.write_functions} writes point {point!r}")
         except ValueError as exc:
             log.warning("device %s: write %s = %r refused: %s", device, point, value, exc)
-            raise DriverWriteError(f"device {device}: cannot write {point} = {value!r}: {exc}") from exc
+            kind: WriteFailure = (
+                "not_writable" if isinstance(exc, NotWritable)
+                else "out_of_range" if isinstance(exc, codec.OutOfRange)
+                else "bad_value"
+            )  # fmt: skip
+            raise DriverWriteError(f"device {device}: cannot write {point} = {value!r}: {exc}", kind) from exc
+        if self._bus is None:
+            log.warning("device %s: write %s = %r refused: the device is not running", device, point, value)
+            raise DriverWriteError(
+                f"device {device}: cannot write {point} = {value!r}: the device is not running", "unavailable"
+            )
         assert spec is not None
         shown = [int(v) for v in values]
         self.stats["writes"] += 1
@@ -165,7 +183,12 @@ class ModbusDriver(Driver):
                 reason += " (the device may or may not have applied it)"
             log.warning("device %s: write %s = %r (%s %d, function %d, %s) failed: %s", device, point, value,
                         spec.table, spec.address, function, shown, reason)  # fmt: skip
-            raise DriverWriteError(f"device {device}: write {point} = {value!r} failed: {reason}") from exc
+            kind = (
+                "timeout" if exc.reason == "timeout"
+                else "unavailable" if exc.link
+                else _EXCEPTION_KINDS.get(exc.exception_code or 0, "device_error")
+            )  # fmt: skip
+            raise DriverWriteError(f"device {device}: write {point} = {value!r} failed: {reason}", kind) from exc
         self._written.add(point)
         log.info("device %s: write %s = %r (%s %d, function %d, %s): ok", device, point, value, spec.table,
                  spec.address, function, shown)  # fmt: skip

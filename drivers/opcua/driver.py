@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agent.driver_api import Driver, DriverContext
-from agent.errors import DriverStartupError, DriverWriteError
+from agent.errors import DriverStartupError, DriverWriteError, WriteFailure
 from agent.events import Reading
 from drivers.opcua.certs import AppCertificate, UserIdentity, ensure_certificate, load_user_identity
 from drivers.opcua.config import OpcUaConfig
@@ -119,10 +119,10 @@ class OpcUaDriver(Driver):
         session = self.session
         spec = next((p for p in self.config.points if p.name == point), None)
         if spec is None:
-            raise DriverWriteError(f"device {self.config.id} has no point {point!r}")
+            raise DriverWriteError(f"device {self.config.id} has no point {point!r}", "not_writable")
         if session is None or session.lost is not None or point not in session.nodes:
             reason = session.unresolved.get(point, session.lost) if session is not None else "not connected"
-            raise DriverWriteError(f"point {point!r} cannot be written now: {reason or 'not connected'}")
+            raise DriverWriteError(f"point {point!r} cannot be written now: {reason or 'not connected'}", "unavailable")
         raw: Any = value
         if isinstance(value, int | float) and not isinstance(value, bool) and (spec.scale, spec.offset) != (1.0, 0.0):
             raw = (float(value) - spec.offset) / spec.scale
@@ -134,7 +134,14 @@ class OpcUaDriver(Driver):
                 raw = round(raw)  # an integer variable: the PLC takes whole units
             await node.write_value(ua.DataValue(ua.Variant(raw, variant_type)))
         except (UaError, OSError, TimeoutError, ValueError, TypeError) as exc:
-            raise DriverWriteError(f"the server refused {point} = {value!r}: {exc}") from exc
+            # A UaStatusCodeError underneath is the PLC's own answer: uplinks may pass it on.
+            kind: WriteFailure = (
+                "timeout" if isinstance(exc, TimeoutError)
+                else "unavailable" if isinstance(exc, OSError)
+                else "bad_value" if isinstance(exc, ValueError | TypeError)
+                else "device_error"
+            )  # fmt: skip
+            raise DriverWriteError(f"the server refused {point} = {value!r}: {exc}", kind) from exc
         log.info("device %s: wrote %s = %r (%s)", self.config.id, point, value, spec.node)
 
     async def _connect(self) -> Session:
