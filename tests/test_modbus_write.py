@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +18,11 @@ from pydantic import ValidationError
 
 from agent.errors import DriverWriteError
 from drivers.modbus import codec
-from drivers.modbus.config import ModbusConfig
+from drivers.modbus.config import ModbusConfig, PointConfig
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
-from tests.conftest import Recorder, free_port
+from tests.conftest import Recorder, free_port, wait_for
 
 POINTS = [
     # a temperature setpoint in 0.1 degC steps from -40: raw = (value + 40) / 0.1
@@ -326,3 +329,70 @@ def test_rtu_writes_take_their_turn_on_the_bus_shared_with_polling_units() -> No
             line.close()
 
     run(body)
+
+
+def test_a_scada_write_over_opcua_reaches_the_meter_through_the_agent(
+    tmp_path: Path, broker: Any, subscriber_factory: Any, agent_factory: Any
+) -> None:
+    """uplink.opcua -> runtime -> Modbus driver -> a real pymodbus server, and back as events."""
+    from asyncua import Client, ua
+
+    modbus_port, opcua_port = free_port(), free_port()
+    unit = SimulatedUnit(1, [PointConfig.model_validate(p) for p in POINTS[:2] + POINTS[4:5]])
+    sim = Simulator([unit], period=3600)
+    loop = asyncio.new_event_loop()
+    server = threading.Thread(target=loop.run_forever, daemon=True)
+    server.start()
+    asyncio.run_coroutine_threadsafe(sim.serve_tcp("127.0.0.1", modbus_port), loop).result(10)
+    (tmp_path / "users").write_text("scada:hmi-pass\n")
+    points = ", ".join(json.dumps(p) for p in POINTS[:2] + POINTS[4:5])
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "gateway: {id: gw-test}\n"
+        "uplink:\n"
+        f"  mqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: ioc/v1}}\n"
+        f"  opcua: {{enabled: true, listen: 'opc.tcp://127.0.0.1:{opcua_port}', security_policies: [None],"
+        " users_file: users, publish_interval: 50ms, writable: [{device: boiler, point: setpoint}]}\n"
+        f"buffer: {{path: {tmp_path / 'buffer.db'}}}\n"
+        "devices:\n"
+        f"  - {{id: boiler, driver: modbus, host: 127.0.0.1, port: {modbus_port}, interval: 200ms,"
+        f" points: [{points}]}}\n"
+    )
+    sub = subscriber_factory(broker.port)
+    agent = agent_factory(site)
+
+    def setpoints() -> list[float]:
+        return [
+            m["value"]
+            for e in sub.snapshot()
+            if e.get("device") == "boiler" and e["type"] == "city.meter.reading"
+            for m in e["data"]["measurements"]
+            if m.get("point") == "setpoint"
+        ]
+
+    try:
+        wait_for(lambda: len(setpoints()) >= 2, 30, "setpoint readings over MQTT")
+
+        async def body() -> None:
+            client = Client(f"opc.tcp://127.0.0.1:{opcua_port}")
+            client.set_user("scada")
+            client.set_password("hmi-pass")
+            await client.connect()
+            try:
+                ns = await client.get_namespace_index("urn:edge-agent:gateway")
+                node = client.get_node(f"ns={ns};s=Devices.boiler.setpoint")
+                await node.write_value(ua.DataValue(ua.Variant(21.5, ua.VariantType.Double)))  # Good: applied
+                assert unit.writes == [(6, 30, [615])], "the meter holds the value once the client is answered"
+                with pytest.raises(ua.UaStatusCodeError, match="BadOutOfRange"):
+                    await node.write_value(ua.DataValue(ua.Variant(9999.0, ua.VariantType.Double)))
+                assert len(unit.writes) == 1
+            finally:
+                await client.disconnect()
+
+        asyncio.run(asyncio.wait_for(body(), 30))
+        wait_for(lambda: setpoints()[-1] == pytest.approx(21.5), 10, "the written setpoint in the next events")
+        assert "OPC UA write" in agent.output() and "boiler/setpoint = 21.5 applied by the device" in agent.output()
+    finally:
+        asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        server.join(5)
