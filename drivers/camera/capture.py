@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from collections import deque
@@ -19,6 +21,12 @@ log = logging.getLogger("drivers.camera")
 Frame = npt.NDArray[np.uint8]
 DEFAULT_FILE_FPS = 25.0  # when a file does not say its rate
 STREAM_READ_FAILURES = 3  # consecutive failed reads before a live stream counts as lost
+# A network stream that gives no frame for this long is lost. OpenCV's own FFmpeg default is
+# 30 s per read, and a read that times out is retried: an RTSP camera whose connection died
+# (measured with a local RTSP server stopped mid-stream) read as alive for over a minute.
+# Cameras send at least a frame a second; 5 s also bounds how long stop() waits for a read.
+STREAM_READ_TIMEOUT = 5.0
+STREAM_OPEN_TIMEOUT = 10.0  # connect + RTSP handshake + FFmpeg's probing of the first frames (~2 s)
 
 
 @dataclass(frozen=True)
@@ -68,19 +76,56 @@ class LatestFrame:
             return 0 if self._taken else 1
 
 
+def is_device_source(source: str) -> bool:
+    """A V4L2 camera: /dev/videoN, or a stable name such as /dev/v4l/by-id/usb-...-video-index0."""
+    return source.startswith("/dev/")
+
+
 def is_file_source(source: str) -> bool:
     """A video file (looped, paced at its frame rate) rather than a stream or a device."""
-    return "://" not in source and not source.startswith("/dev/video")
+    return "://" not in source and not is_device_source(source)
+
+
+def check_device(path: str) -> None:
+    """Raise OSError saying what is wrong with a camera device file before OpenCV is asked to open it.
+
+    OpenCV's own failure ("can't open camera by index") names neither the cause nor the fix,
+    and a technician at the cabinet needs both: unplugged, wrong name, or not allowed.
+    """
+    device = Path(path)
+    if not device.exists():
+        raise OSError(
+            f"camera device {path} does not exist: is the USB camera plugged in? "
+            "(`ls /dev/video* /dev/v4l/by-id/` lists the cameras the kernel sees)"
+        )
+    if not stat.S_ISCHR(device.stat().st_mode):
+        raise OSError(f"{path} is not a character device: a V4L2 camera is /dev/videoN")
+    if not os.access(device, os.R_OK | os.W_OK):
+        raise OSError(
+            f"camera device {path}: permission denied for this user (cameras belong to group video; "
+            "the service runs with SupplementaryGroups=video)"
+        )
 
 
 def open_capture(source: str) -> Any:
     """A cv2.VideoCapture for ``source``; raises OSError with the reason when it does not open."""
-    if is_file_source(source) and not Path(source).is_file():
-        raise OSError(f"video file {source} does not exist")
-    cap = cv2.VideoCapture(source, cv2.CAP_V4L2) if source.startswith("/dev/video") else cv2.VideoCapture(source)
+    if is_device_source(source):
+        check_device(source)
+        cap = cv2.VideoCapture(source, cv2.CAP_V4L2)
+        what = f"{source} as a V4L2 camera (a metadata node of the camera, or not a camera?)"
+    elif is_file_source(source):
+        if not Path(source).is_file():
+            raise OSError(f"video file {source} does not exist")
+        cap = cv2.VideoCapture(source)
+        what = source
+    else:
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(STREAM_OPEN_TIMEOUT * 1000),
+                    cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(STREAM_READ_TIMEOUT * 1000)]  # fmt: skip
+        cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG, timeouts)
+        what = redact(source)
     if not cap.isOpened():
         cap.release()
-        raise OSError(f"cannot open {redact(source)}")
+        raise OSError(f"cannot open {what}")
     return cap
 
 
@@ -147,6 +192,7 @@ class Capture(threading.Thread):
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) if file else 0.0
         period = 1.0 / (fps if 0 < fps <= 240 else DEFAULT_FILE_FPS) if file else 0.0
         next_at = time.monotonic()
+        last_frame_at = time.monotonic()
         failures = 0
         first = True
         self._got_frames = False
@@ -156,10 +202,12 @@ class Capture(threading.Thread):
                 if file:
                     return None if not first else f"video file {self.source} gives no frames"
                 failures += 1
-                if failures >= STREAM_READ_FAILURES:
+                # A read that timed out took STREAM_READ_TIMEOUT already: do not wait that again twice.
+                if failures >= STREAM_READ_FAILURES or time.monotonic() - last_frame_at >= STREAM_READ_TIMEOUT:
                     return f"stream {redact(self.source)} stopped giving frames"
                 continue
             failures = 0
+            last_frame_at = time.monotonic()
             if first:
                 first = False
                 self._got_frames = True
