@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
 from tests.conftest import Recorder, free_port, wait_for
+from tests.test_modbus_driver import measurements, run
 
 POINTS = [
     # a temperature setpoint in 0.1 degC steps from -40: raw = (value + 40) / 0.1
@@ -47,16 +47,6 @@ POINTS = [
 def tcp_device(port: int, **keys: Any) -> ModbusConfig:
     return ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "127.0.0.1", "port": port,
                                         "timeout": "300ms", "points": POINTS, **keys})  # fmt: skip
-
-
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 60))
-
-
-def measurements(readings: list[Any] | None) -> dict[str, dict[str, Any]]:
-    assert readings, "the poll produced no events"
-    meter = [r for r in readings if r.type == "city.meter.reading"]
-    return {m["point"]: m for m in meter[0].data["measurements"]} if meter else {}
 
 
 def write_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
