@@ -7,7 +7,6 @@ import itertools
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
 from tests.conftest import ROOT, Recorder, free_port, wait_for, write_config
+from tests.modbus_helpers import measurements, rtu_unit, run
 
 POINTS = [
     {"name": "voltage", "table": "input", "address": 0, "type": "float32", "quantity": "voltage", "phase": "L1"},
@@ -36,16 +36,6 @@ POINTS = [
 def tcp_device(port: int, **keys: Any) -> ModbusConfig:
     return ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "127.0.0.1", "port": port,
                                         "timeout": "300ms", "points": POINTS, **keys})  # fmt: skip
-
-
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 60))
-
-
-def measurements(readings: list[Any] | None) -> dict[str, dict[str, Any]]:
-    assert readings, "the poll produced no events"
-    meter = [r for r in readings if r.type == "city.meter.reading"]
-    return {m["point"]: m for m in meter[0].data["measurements"]} if meter else {}
 
 
 def test_simulator_addressing_matches_hand_computed_registers() -> None:
@@ -280,15 +270,7 @@ def test_rtu_frame_faults_are_survived(fault: dict[str, Any], reason: str | None
     """Corrupt CRC, garbage before the answer, a short frame, no answer: reported, then recovered."""
 
     async def body() -> None:
-        line = PtyPair()
-        config = rtu_device(line.client, 1)
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_serial(line.device, baudrate=19200)
-        ctx = Recorder()
-        driver = ModbusDriver(config, ctx)
-        await driver.start()
-        try:
+        async with rtu_unit(lambda port: rtu_device(port, 1)) as (driver, unit, ctx):
             assert measurements(await driver.poll(driver.requests))["voltage"]["quality"] == "good"
             for key, value in fault.items():
                 setattr(unit.faults, key, value)
@@ -307,10 +289,6 @@ def test_rtu_frame_faults_are_survived(fault: dict[str, Any], reason: str | None
                     break
             assert measurements(recovered)["voltage"]["quality"] == "good"
             assert ctx.outcomes[-1] == "ok"
-        finally:
-            await driver.stop()
-            await sim.stop()
-            line.close()
 
     run(body)
 
@@ -617,15 +595,7 @@ def test_a_late_answer_is_never_taken_for_the_next_request() -> None:
     """
 
     async def body() -> None:
-        line = PtyPair()
-        config = rtu_device(line.client, 1)
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_serial(line.device, baudrate=19200)
-        ctx = Recorder()
-        driver = ModbusDriver(config, ctx)
-        await driver.start()
-        try:
+        async with rtu_unit(lambda port: rtu_device(port, 1)) as (driver, unit, ctx):
             truth = measurements(await driver.poll(driver.requests))["power"]["value"]
             unit.faults.delay = 0.35  # past the 250 ms timeout, within the next request's wait
             for _ in range(3):
@@ -634,9 +604,5 @@ def test_a_late_answer_is_never_taken_for_the_next_request() -> None:
                 if power is not None and power["quality"] == "good":
                     assert power["value"] == pytest.approx(truth, abs=0.5), "a stale answer was decoded"
             assert {"timeout", MISMATCH} & set(ctx.outcomes), ctx.outcomes
-        finally:
-            await driver.stop()
-            await sim.stop()
-            line.close()
 
     run(body)

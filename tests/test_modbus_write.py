@@ -22,7 +22,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
 from tests.conftest import Recorder, free_port, wait_for
-from tests.test_modbus_driver import measurements, run
+from tests.modbus_helpers import measurements, run, tcp_unit
 
 POINTS = [
     # a temperature setpoint in 0.1 degC steps from -40: raw = (value + 40) / 0.1
@@ -59,15 +59,8 @@ def test_writes_use_the_right_function_and_encoding_and_the_next_poll_reports_th
     caplog.set_level(logging.INFO, logger="drivers.modbus.driver")
 
     async def body() -> None:
-        port = free_port()
         # A deadband no write here crosses: the written points are reported all the same.
-        config = tcp_device(port, deadband=1000, full_report="1h")
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_tcp("127.0.0.1", port)
-        driver = ModbusDriver(config, Recorder())
-        await driver.start()
-        try:
+        async with tcp_unit(lambda port: tcp_device(port, deadband=1000, full_report="1h")) as (driver, unit, _sim):
             assert len(measurements(await driver.poll(driver.requests))) == 8  # first poll: every quantity
             assert await driver.poll(driver.requests) is None  # nothing moved past the deadband
             await driver.write("setpoint", 21.5)
@@ -93,9 +86,6 @@ def test_writes_use_the_right_function_and_encoding_and_the_next_poll_reports_th
             await driver.write("relay", 0.0)
             assert unit.writes[-1] == (5, 5, [False])
             assert measurements(await driver.poll(driver.requests))["relay"]["value"] == 0
-        finally:
-            await driver.stop()
-            await sim.stop()
 
     run(body)
     logs = write_logs(caplog)
@@ -127,14 +117,7 @@ def test_writes_that_cannot_be_done_are_refused_before_anything_is_sent(
     caplog.set_level(logging.INFO, logger="drivers.modbus.driver")
 
     async def body() -> None:
-        port = free_port()
-        config = tcp_device(port)
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_tcp("127.0.0.1", port)
-        driver = ModbusDriver(config, Recorder())
-        await driver.start()
-        try:
+        async with tcp_unit(tcp_device) as (driver, unit, sim):
             with pytest.raises(DriverWriteError, match=rf"^device m: cannot write {point} = .*: {message}$") as info:
                 await driver.write(point, value)
             expected = (
@@ -144,9 +127,6 @@ def test_writes_that_cannot_be_done_are_refused_before_anything_is_sent(
             )  # fmt: skip
             assert info.value.kind == expected
             assert sim.requests == 0 and unit.writes == [], "a refused write must not reach the device"
-        finally:
-            await driver.stop()
-            await sim.stop()
 
     run(body)
     assert [m for m in write_logs(caplog) if m.startswith(f"device m: write {point} = ") and " refused: " in m]
@@ -156,13 +136,7 @@ def test_a_device_that_refuses_or_does_not_answer_gives_a_clear_error(caplog: py
     caplog.set_level(logging.INFO, logger="drivers.modbus.driver")
 
     async def body() -> None:
-        port = free_port()
-        config = tcp_device(port)
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_tcp("127.0.0.1", port)
-        driver = ModbusDriver(config, Recorder())
-        try:
+        async with tcp_unit(tcp_device, start=False) as (driver, unit, _sim):
             with pytest.raises(DriverWriteError, match="cannot write setpoint = 20: the device is not running") as info:
                 await driver.write("setpoint", 20)
             assert info.value.kind == "unavailable"
@@ -186,9 +160,6 @@ def test_a_device_that_refuses_or_does_not_answer_gives_a_clear_error(caplog: py
             await driver.write("setpoint", 27.0)
             assert measurements(await driver.poll(driver.requests))["setpoint"]["value"] == 27.0
             assert (driver.stats["writes"], driver.stats["failed_writes"]) == (3, 2)
-        finally:
-            await driver.stop()
-            await sim.stop()
 
     run(body)
     logs = write_logs(caplog)
@@ -201,22 +172,12 @@ def test_write_functions_follow_the_device_manual() -> None:
     """A device whose manual lists only 15/16 (e.g. Schneider iEM3000: 03, 16) gets those, even for one item."""
 
     async def body() -> None:
-        port = free_port()
-        config = tcp_device(port, write_functions=[15, 16])
-        unit = SimulatedUnit(1, config.points)
-        sim = Simulator([unit], period=3600)
-        await sim.serve_tcp("127.0.0.1", port)
-        driver = ModbusDriver(config, Recorder())
-        await driver.start()
-        try:
+        async with tcp_unit(lambda port: tcp_device(port, write_functions=[15, 16])) as (driver, unit, _sim):
             await driver.write("setpoint", -40)
             await driver.write("relay", 1)
             assert unit.writes == [(16, 30, [0]), (15, 5, [True])]
             m = measurements(await driver.poll(driver.requests))
             assert (m["setpoint"]["value"], m["relay"]["value"]) == (-40, 1)
-        finally:
-            await driver.stop()
-            await sim.stop()
 
     run(body)
 
