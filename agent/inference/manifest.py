@@ -26,6 +26,7 @@ Example (the built YOLOv3-tiny; see ``models/README.md`` for every format)::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,27 +245,26 @@ def read_verified_model(manifest: Manifest) -> bytes:
     Hashing the very bytes that are then loaded leaves no window for the file to change
     between the check and the load.
     """
-    model = manifest.model_path
-    try:
-        data = model.read_bytes()
-    except FileNotFoundError:
-        raise ModelFileMissingError(
-            f"model file {model} (manifest {manifest.path}) does not exist: "
-            "build the models (python -m models.build) or copy the file next to its manifest"
-        ) from None
-    except OSError as exc:
-        raise ModelError(f"model file {model}: {exc.strerror or exc}") from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != manifest.sha256:
-        raise ModelIntegrityError(model, manifest.sha256, actual, manifest.path)
-    return data
+    read: list[bytes] = []
+
+    def digest(path: Path) -> str:
+        read.append(path.read_bytes())
+        return hashlib.sha256(read[0]).hexdigest()
+
+    _check_model(manifest, digest)
+    return read[0]
 
 
 def verify_model_file(manifest: Manifest) -> str:
     """Check the model file's sha256 against the manifest (streamed); returns it."""
+    return _check_model(manifest, sha256_file)
+
+
+def _check_model(manifest: Manifest, digest: Callable[[Path], str]) -> str:
+    """``digest`` of the model file, refused with a clear error if missing, unreadable or not the manifest's."""
     model = manifest.model_path
     try:
-        actual = sha256_file(model)
+        actual = digest(model)
     except FileNotFoundError:
         raise ModelFileMissingError(
             f"model file {model} (manifest {manifest.path}) does not exist: "
