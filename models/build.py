@@ -49,6 +49,8 @@ if __package__ in (None, ""):  # run as a script: python models/build.py
 import numpy as np
 import yaml
 
+from agent.inference.manifest import sha256_file
+
 HERE = Path(__file__).resolve().parent
 CACHE_ENV = "EDGE_AGENT_MODEL_CACHE"
 HEADER = "# Written by `python -m models.build`: do not edit, rebuild (see models/README.md).\n"
@@ -120,14 +122,6 @@ class HashMismatchError(BuildError):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_hash(what: str, actual: str, expected: str, hint: str = "") -> None:

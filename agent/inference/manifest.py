@@ -207,11 +207,9 @@ class Manifest(_Strict):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The file's sha256, read in blocks (models are tens of MB)."""
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def parse_manifest(data: Any, path: Path | None = None) -> Manifest:
