@@ -16,7 +16,7 @@ from agent.config import parse_config
 from agent.errors import ConfigError
 from drivers.modbus import codec, profiles
 from drivers.modbus.config import ModbusConfig, parse_modicon
-from drivers.modbus.plan import plan
+from drivers.modbus.plan import plan, split
 
 # (registers as they arrive on the wire, type, byte_order, word_order, expected value).
 # Worked by hand: float32 123.456 is 0x42F6E979; int32 -2 is 0xFFFFFFFE; 0x12345678 = 305419896.
@@ -231,6 +231,23 @@ def test_planner_keeps_poll_intervals_apart() -> None:
     device = _device([_p("fast", 0, interval="1s"), _p("slow", 2, interval="1m"), _p("dflt", 4)], interval="5s")
     got = sorted((r.interval, r.address) for r in plan(device))
     assert got == [(1.0, 0), (5.0, 4), (60.0, 2)]
+
+
+def test_a_refused_read_splits_at_its_holes_then_into_one_read_per_register_span() -> None:
+    device = _device([_p("a", 0), _p("b", 2), _p("c", 6), _p("bit0", 8, "bitfield", bit=0),
+                      _p("bit1", 8, "bitfield", bit=1)])  # fmt: skip
+    (merged,) = plan(device)
+    assert (merged.address, merged.count) == (0, 9)
+    runs = split(merged)  # the hole 4..5 cut: 0..3 and 6..8
+    assert [(r.address, r.count, [p.name for p in r.points]) for r in runs] == [
+        (0, 4, ["a", "b"]), (6, 3, ["c", "bit0", "bit1"])
+    ]  # fmt: skip
+    spans = split(runs[1])  # no hole left: one read per span, the two bits of register 8 together
+    assert [(r.address, r.count, [p.name for p in r.points]) for r in spans] == [
+        (6, 2, ["c"]), (8, 1, ["bit0", "bit1"])
+    ]  # fmt: skip
+    assert split(spans[1]) == [spans[1]]  # one register: nothing smaller to try
+    assert all(r.interval == merged.interval and r.table == "input" for r in runs + spans)
 
 
 def _valid(requests, config: ModbusConfig) -> None:

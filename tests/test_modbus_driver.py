@@ -21,7 +21,7 @@ from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.pty import PtyPair
 from drivers.modbus.simulator import SimulatedUnit, Simulator
 from tests.conftest import ROOT, Recorder, free_port, wait_for, write_config
-from tests.modbus_helpers import measurements, rtu_unit, run
+from tests.modbus_helpers import measurements, rtu_unit, run, tcp_unit
 
 POINTS = [
     {"name": "voltage", "table": "input", "address": 0, "type": "float32", "quantity": "voltage", "phase": "L1"},
@@ -215,6 +215,92 @@ def test_one_failing_request_marks_its_points_stale_or_bad_and_keeps_the_rest() 
     run(body)
 
 
+# Two runs of registers with a hole (4, 5) between them: planned as one read of 0..9.
+HOLEY = [
+    {"name": "voltage", "table": "holding", "address": 0, "type": "float32", "quantity": "voltage"},
+    {"name": "current", "table": "holding", "address": 2, "type": "float32", "quantity": "current"},
+    {"name": "power", "table": "holding", "address": 6, "type": "float32", "quantity": "active_power", "unit": "kW"},
+    {"name": "frequency", "table": "holding", "address": 8, "type": "float32", "quantity": "frequency"},
+]  # fmt: skip
+
+
+def _polls_with_unit(points: list[dict[str, Any]], check: Any, *, strict: bool, **faults: Any) -> None:
+    async def body() -> None:
+        async with tcp_unit(lambda port: tcp_device(port, points=points)) as (driver, unit, _):
+            unit.strict = strict
+            for name, value in faults.items():
+                setattr(unit.faults, name, value)
+            await check(driver, unit)
+
+    run(body)
+
+
+def test_a_merged_read_the_unit_refuses_is_split_at_its_holes_and_the_poll_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def check(driver: ModbusDriver, unit: SimulatedUnit) -> None:
+        assert [(r.address, r.count) for r in driver.requests] == [(0, 10)]
+        m = measurements(await driver.poll(driver.requests))
+        assert {k: v["quality"] for k, v in m.items()} == dict.fromkeys(("voltage", "current", "power", "frequency"),
+                                                                         "good")  # fmt: skip
+        assert driver.context.outcomes == ["ok"]  # type: ignore[attr-defined]
+        assert driver.stats["requests"] == 3 and driver.stats["splits"] == 1  # refused 0..9, then 0..3 and 6..9
+        warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warning) == 1 and "device m" in warning[0] and "holding 0..9" in warning[0], warning
+        assert "2 requests (0..3, 6..9)" in warning[0] and "max_gap: 0" in warning[0], warning
+        m = measurements(await driver.poll(driver.requests))
+        assert all(v["quality"] == "good" for v in m.values())
+        assert driver.stats["requests"] == 5 and driver.stats["failed_requests"] == 1  # the split plan is kept
+
+    _polls_with_unit(HOLEY, check, strict=True)
+
+
+def test_a_unit_that_reads_holes_keeps_the_merged_read() -> None:
+    async def check(driver: ModbusDriver, unit: SimulatedUnit) -> None:
+        for _ in range(2):
+            assert all(v["quality"] == "good" for v in measurements(await driver.poll(driver.requests)).values())
+        assert driver.stats["requests"] == 2 and driver.stats["splits"] == 0
+
+    _polls_with_unit(HOLEY, check, strict=False)
+
+
+def test_a_unit_taking_fewer_registers_per_read_gets_one_read_per_point() -> None:
+    async def check(driver: ModbusDriver, unit: SimulatedUnit) -> None:
+        m = measurements(await driver.poll(driver.requests))  # 0..3 refused with exception 3 (no hole to cut)
+        assert [v["quality"] for v in m.values()] == ["good", "good"]
+        assert driver.stats["requests"] == 3 and driver.stats["splits"] == 1
+        await driver.poll(driver.requests)
+        assert driver.stats["requests"] == 5
+
+    _polls_with_unit(HOLEY[:2], check, strict=False, max_count=2)
+
+
+def test_one_address_the_unit_lacks_makes_only_that_point_bad() -> None:
+    async def check(driver: ModbusDriver, unit: SimulatedUnit) -> None:
+        del unit.tables["holding"].values[2]  # a typo in the config: the unit has no register 2
+        m = measurements(await driver.poll(driver.requests))
+        assert m["voltage"]["quality"] == "good"
+        assert m["current"]["quality"] == "bad" and m["current"]["reason"] == "exception 2 (illegal data address)"
+        assert driver.context.outcomes == ["ok"]  # type: ignore[attr-defined]
+        await driver.poll(driver.requests)
+        assert driver.stats["requests"] == 3 + 2  # 0..3 refused, then 0..1 and 2..3; then those two
+
+    _polls_with_unit(HOLEY[:2], check, strict=True)
+
+
+def test_a_unit_refusing_every_read_leaves_the_plan_as_it_was() -> None:
+    async def check(driver: ModbusDriver, unit: SimulatedUnit) -> None:
+        assert await driver.poll(driver.requests) is None  # say, while the unit boots
+        assert driver.context.outcomes == ["exception 2 (illegal data address)"]  # type: ignore[attr-defined]
+        assert driver.stats["splits"] == 0
+        unit.faults.exception = None
+        before = driver.stats["requests"]
+        assert measurements(await driver.poll(driver.requests))["frequency"]["quality"] == "good"
+        assert driver.stats["requests"] == before + 1
+
+    _polls_with_unit(HOLEY, check, strict=False, exception=2)
+
+
 def rtu_device(port: str, unit: int, **keys: Any) -> ModbusConfig:
     return ModbusConfig.model_validate({
         "id": f"u{unit}", "driver": "modbus", "transport": "rtu", "unit": unit, "timeout": "250ms",
@@ -293,14 +379,17 @@ def test_rtu_frame_faults_are_survived(fault: dict[str, Any], reason: str | None
     run(body)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["holes-read-as-0", "holes-refused"])
 @pytest.mark.parametrize("name", sorted(n for n, p in profiles.available().items() if p.parent == profiles.BUILTIN_DIR))
-def test_each_shipped_profile_is_read_from_a_simulator(name: str) -> None:
+def test_each_shipped_profile_is_read_from_a_simulator(name: str, strict: bool) -> None:
+    # Whether a meter answers for registers its manual does not list is rarely documented: the
+    # first poll must read every point either way (a refused merged read is split at once).
     async def body() -> None:
         port = free_port()
         config = ModbusConfig.model_validate({"id": "m", "driver": "modbus", "host": "127.0.0.1", "port": port,
                                               "profile": name, "unit": 1, "timeout": "1s"})  # fmt: skip
         unit = SimulatedUnit(1, config.points, byte_order=config.byte_order, word_order=config.word_order,
-                             strict=config.max_gap == 0)  # fmt: skip
+                             strict=strict)  # fmt: skip
         sim = Simulator([unit], period=3600)
         await sim.serve_tcp("127.0.0.1", port)
         ctx = Recorder()

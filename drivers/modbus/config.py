@@ -137,7 +137,15 @@ class ModbusConfig(DeviceConfig):
     word_order: Order = Field(default="big", description="Registers of 32/64-bit values (big: high word first).")
     max_registers: int = Field(default=125, ge=1, le=125, description="Most registers per request.")
     max_bits: int = Field(default=2000, ge=1, le=2000, description="Most coils/inputs per request.")
-    max_gap: int = Field(default=8, ge=0, le=124, description="Unused registers a merged request may span.")
+    max_gap: int = Field(
+        default=8,
+        ge=0,
+        le=124,
+        description=(
+            "Unused registers a merged request may span. A unit that refuses such a read"
+            " (exception 2 or 3) has it split, at once and for the rest of the run."
+        ),
+    )
     deadband: float | None = Field(
         default=None, ge=0, description="Report a point only when it moved more than this (null: every poll)."
     )

@@ -18,7 +18,7 @@ from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, R
 from drivers.modbus import codec
 from drivers.modbus.bus import POOL, Bus, ModbusReadError, ModbusWriteError, raise_if_cancelling
 from drivers.modbus.config import BIT_TABLES, UNWRITABLE_TYPES, WRITABLE_TABLES, ModbusConfig, PointConfig
-from drivers.modbus.plan import Request, plan
+from drivers.modbus.plan import Request, plan, split
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ def decode_point(
     if decoder is None:
         return int(bool(values[point.address - start]))
     return decoder(struct.pack(f">{len(values)}H", *values), 2 * (point.address - start))
+
+
+# Exceptions a unit answers when a read is not one it takes: 2, an address in the span it does not
+# define; 3, more registers than it reads at once. Either way, smaller reads may succeed.
+_SPLIT_ON = (2, 3)
 
 
 class NotWritable(ValueError):
@@ -111,6 +116,8 @@ class ModbusDriver(Driver):
         """Plan the reads once; no I/O."""
         super().__init__(config, context)
         self.requests: list[Request] = plan(config)
+        # What is actually read for each planned request: itself, or the parts of it the unit took.
+        self._reads: dict[int, list[Request]] = {id(r): [r] for r in self.requests}
         self._decoders = {p.name: decoder_for(p, config) for p in config.points}
         self._units = {p.name: p.event_unit for p in config.points}
         self._deadbands = {p.name: p.deadband if p.deadband is not None else config.deadband for p in config.points}
@@ -124,7 +131,8 @@ class ModbusDriver(Driver):
         # Points written since their last report: the next poll reports them whatever the deadband,
         # so whoever wrote sees the device's own value come back.
         self._written: set[str] = set()
-        self.stats = {"polls": 0, "requests": 0, "failed_requests": 0, "writes": 0, "failed_writes": 0}
+        self.stats = {"polls": 0, "requests": 0, "failed_requests": 0, "writes": 0, "failed_writes": 0,
+                      "splits": 0}  # fmt: skip
 
     async def start(self) -> None:
         """Join the device's bus (shared with the other units on the same port)."""
@@ -234,37 +242,81 @@ class ModbusDriver(Driver):
         samples: list[_Sample] = []
         failure: str | None = None
         for request in requests:
-            if failure is not None:
-                # The device already failed this poll: do not spend another timeout on it
-                # (on a shared RS-485 bus that time belongs to the other units).
-                samples += [_Sample(p, None, failure) for p in request.points]
-                continue
-            self.stats["requests"] += 1
-            try:
-                values = await self._bus.read(request.table, request.address, request.count, self.config.unit)
-            except ModbusReadError as exc:
-                self.stats["failed_requests"] += 1
-                samples += [_Sample(p, None, exc.reason) for p in request.points]
-                if exc.link or exc.reason == "timeout":
-                    failure = exc.reason
-                continue
-            bits = request.table in BIT_TABLES
-            buffer = b"" if bits else struct.pack(f">{len(values)}H", *values)
-            for point in request.points:
-                at = point.address - request.address
-                try:
-                    decoder = self._decoders[point.name]
-                    value = int(bool(values[at])) if decoder is None else decoder(buffer, 2 * at)
-                except (ValueError, struct.error) as exc:
-                    samples.append(_Sample(point, None, f"decode: {exc}"))
-                else:
-                    samples.append(_Sample(point, value))
+            kept: list[Request] = []
+            for read in self._reads.get(id(request), [request]):
+                if failure is not None:
+                    # The device already failed this poll: do not spend another timeout on it
+                    # (on a shared RS-485 bus that time belongs to the other units).
+                    samples += [_Sample(p, None, failure) for p in read.points]
+                    kept.append(read)
+                    continue
+                got, reads, failure = await self._read(read)
+                samples += got
+                kept += reads
+            if id(request) in self._reads:
+                self._reads[id(request)] = kept
         good = [s for s in samples if s.reason is None]
         if not good:
             self.context.poll_failed(next((s.reason for s in samples if s.reason), "no points"))
             return None
         self.context.poll_ok()
         return self._events(samples, written) or None
+
+    async def _read(self, read: Request, *, first: bool = True) -> tuple[list[_Sample], list[Request], str | None]:
+        """Its points' samples, the reads to make for it from now on, and why the poll must stop (or None).
+
+        A read the unit refuses as such (exception 2 or 3) is split and the parts read at once, so
+        the poll loses nothing; the parts replace it only if the unit takes at least one of them
+        (a unit that refuses everything, say while it boots, leaves the plan as it was).
+        """
+        assert self._bus is not None
+        self.stats["requests"] += 1
+        try:
+            values = await self._bus.read(read.table, read.address, read.count, self.config.unit)
+        except ModbusReadError as exc:
+            self.stats["failed_requests"] += 1
+            failure = exc.reason if exc.link or exc.reason == "timeout" else None
+            parts = split(read) if exc.exception_code in _SPLIT_ON else [read]
+            if len(parts) > 1:
+                samples: list[_Sample] = []
+                kept: list[Request] = []
+                for part in parts:
+                    if failure is not None:
+                        samples += [_Sample(p, None, failure) for p in part.points]
+                        kept.append(part)
+                        continue
+                    got, reads, failure = await self._read(part, first=False)
+                    samples += got
+                    kept += reads
+                if any(s.reason is None for s in samples):
+                    if first:
+                        self._refused(read, kept, exc.reason)
+                    return samples, kept, failure
+            return [_Sample(p, None, exc.reason) for p in read.points], [read], failure
+        return self._decode(read, values), [read], None
+
+    def _decode(self, read: Request, values: list[int] | list[bool]) -> list[_Sample]:
+        samples: list[_Sample] = []
+        buffer = b"" if read.table in BIT_TABLES else struct.pack(f">{len(values)}H", *values)
+        for point in read.points:
+            at = point.address - read.address
+            try:
+                decoder = self._decoders[point.name]
+                value = int(bool(values[at])) if decoder is None else decoder(buffer, 2 * at)
+            except (ValueError, struct.error) as exc:
+                samples.append(_Sample(point, None, f"decode: {exc}"))
+            else:
+                samples.append(_Sample(point, value))
+        return samples
+
+    def _refused(self, read: Request, parts: list[Request], reason: str) -> None:
+        self.stats["splits"] += 1
+        spans = ", ".join(f"{p.address}..{p.end - 1}" for p in parts)
+        log.warning(
+            "device %s: the unit refused to read %s %d..%d in one request (%s); reading it as %d requests"
+            " (%s) from now on. To plan that from the start, set max_gap: 0 (or a lower max_registers)"
+            " on the device", self.config.id, read.table, read.address, read.end - 1, reason, len(parts), spans,
+        )  # fmt: skip
 
     def _events(self, samples: list[_Sample], written: set[str] | frozenset[str] = frozenset()) -> list[Reading]:
         now_mono = time.monotonic()

@@ -2,11 +2,13 @@
 
 Planned once when a device starts, not per poll. A request covers points of one table and one
 poll interval; it grows while the span stays within ``max_registers`` (``max_bits`` for bit
-tables) and the hole between neighbours is at most ``max_gap``.
+tables) and the hole between neighbours is at most ``max_gap``. A unit that refuses a merged
+read (exception 2 or 3) has it split by ``split`` for the rest of the run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drivers.modbus.config import BIT_TABLES, ModbusConfig, PointConfig
@@ -53,3 +55,37 @@ def plan(config: ModbusConfig) -> list[Request]:
             current = Request(table, point.address, point.registers, interval, [point])
             requests.append(current)
     return requests
+
+
+def split(request: Request) -> list[Request]:
+    """The smaller reads to try when a unit refuses ``request``; ``[request]`` if it cannot be split.
+
+    First the runs of points with no unused register between them (the unit may refuse to read
+    registers it does not define); a run it still refuses is split into one read per register
+    span (it may take fewer registers per request than planned, or one address may be wrong).
+    """
+    for joins in (_touches, _overlaps):
+        parts = _group(request, joins)
+        if len(parts) > 1:
+            return parts
+    return [request]
+
+
+def _touches(current: Request, point: PointConfig) -> bool:
+    return point.address <= current.end
+
+
+def _overlaps(current: Request, point: PointConfig) -> bool:
+    return point.address < current.end
+
+
+def _group(request: Request, joins: Callable[[Request, PointConfig], bool]) -> list[Request]:
+    parts: list[Request] = []
+    for point in sorted(request.points, key=lambda p: (p.address, p.registers)):
+        end = point.address + point.registers
+        if parts and joins(parts[-1], point):
+            parts[-1].count = max(end, parts[-1].end) - parts[-1].address
+            parts[-1].points.append(point)
+        else:
+            parts.append(Request(request.table, point.address, point.registers, request.interval, [point]))
+    return parts

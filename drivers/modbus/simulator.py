@@ -5,9 +5,9 @@ modbus``) to try a config without the device. Built on pymodbus's own servers; t
 store is ours so that addressing is explicit (zero-based protocol addresses, as in profiles).
 
 Faults can be injected per unit, on a running simulator: answer late (past the client's
-timeout), answer with an exception code, refuse writes with one, stay silent, corrupt the CRC,
-send garbage before the answer, or cut the answer short. Writes are applied to the unit's tables
-and recorded in ``SimulatedUnit.writes``.
+timeout), answer with an exception code, take fewer registers per read, refuse writes with an
+exception code, stay silent, corrupt the CRC, send garbage before the answer, or cut the answer
+short. Writes are applied to the unit's tables and recorded in ``SimulatedUnit.writes``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Faults:
 
     delay: float = 0.0  # seconds before answering
     exception: int | None = None  # answer every read with this exception code
+    max_count: int | None = None  # answer reads of more registers (or bits) with exception 3
     refuse_writes: int | None = None  # answer every write with this exception code, storing nothing
     silent: bool = False  # no answer at all (a dead unit on a live bus)
     corrupt_crc: bool = False  # RTU: flip the last byte of each answer
@@ -128,6 +129,8 @@ class _UnitContext(ModbusDeviceContext):
             await asyncio.sleep(faults.delay)
         if faults.exception is not None:
             return ExcCodes(faults.exception)
+        if faults.max_count is not None and count > faults.max_count:
+            return ExcCodes.ILLEGAL_VALUE
         return self.getValues(func_code, address, count)
 
     async def async_setValues(self, func_code: int, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
