@@ -34,9 +34,11 @@ SCHEMA_VERSION: Final = 1
 ROW_OVERHEAD: Final = 64
 """Bytes added to each row's logical size for keys, indexes and page slack."""
 DISK_FULL_MIN_EVICT: Final = 1024 * 1024
-DISK_RESERVE: Final = 8 * 1024 * 1024  # free space the buffer leaves on its volume (for WAL, sqlite temp)
-WAL_LIMIT: Final = 4 * 1024 * 1024  # the WAL file is truncated back to this after checkpoints
 """Least logical bytes evicted when the disk is full, so we do not hit it again at once."""
+DISK_RESERVE: Final = 8 * 1024 * 1024  # free space the buffer leaves on its volume (for WAL, sqlite temp)
+WAL_LIMIT: Final = 2 * 1024 * 1024  # most WAL bytes between checkpoints (less on small volumes)
+EVICT_STEP_MIN: Final = 64 * 1024
+"""Least logical bytes one eviction transaction deletes on a nearly full disk (see _evict_for_disk)."""
 
 _CHUNK: Final = 500  # stays far below SQLite's limit on bound parameters
 _SYNC_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
@@ -209,6 +211,11 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     # Extended codes carry the primary code in the low byte.
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in _CORRUPTION_CODES
+
+
+def _reserve(volume: int) -> int:
+    """Free bytes the buffer leaves on a volume of ``volume`` bytes (less on tiny volumes)."""
+    return min(DISK_RESERVE, volume // 8)
 
 
 def _is_disk_full(exc: sqlite3.Error) -> bool:
@@ -407,9 +414,14 @@ class Outbox:
         free, volume = self._disk_space()
         # Pages freed by deletes stay in the file for reuse: they are room too.
         free += self._conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
-        short = min(DISK_RESERVE, volume // 8) + 2 * batch_bytes - free
+        short = _reserve(volume) + 2 * batch_bytes - free
         if short > 0 and self._total > 0:
-            early = self._evict_for_disk(short + batch_bytes)
+            try:
+                early = self._evict_for_disk(short + batch_bytes)
+            except sqlite3.OperationalError as exc:
+                if not _is_disk_full(exc):
+                    raise
+                # Not even a small step fits: the append below meets the full disk and says so.
         try:
             result = self._append_once(records)
         except sqlite3.OperationalError as exc:
@@ -425,12 +437,37 @@ class Outbox:
         return AppendResult(result.accepted, early + result.dropped, result.first_id)
 
     def _evict_for_disk(self, need: int) -> list[Dropped]:
-        """Evict ``need`` bytes of the oldest lowest-class rows as ``disk_full`` drops."""
+        """Evict ``need`` bytes of the oldest lowest-class rows as ``disk_full`` drops.
+
+        A DELETE writes every page it touches to the WAL first, about as many bytes as it
+        removes, so on a nearly full disk one big DELETE fails for want of the very room it
+        would free. Eviction goes in steps of a quarter of the free space, each checkpointed
+        (WAL emptied, freed pages back in the file's free list) before the next; a step that
+        still finds the disk full is retried smaller.
+
+        Raises:
+            sqlite3.OperationalError: the disk is full even for the smallest step.
+        """
+        dropped: list[Dropped] = []
+        freed_in_all = 0
         self._checkpoint()
-        with self._transaction():
-            freed, dropped = self._evict(need, "disk_full")
-        self._total -= freed
-        self._checkpoint()  # freed pages go back to the file's free list for the next inserts
+        while freed_in_all < need and self._total > 0:
+            step = min(need - freed_in_all, max(EVICT_STEP_MIN, self._disk_space()[0] // 4))
+            while True:
+                try:
+                    with self._transaction():
+                        freed, more = self._evict(step, "disk_full")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _is_disk_full(exc) or step <= EVICT_STEP_MIN:
+                        raise
+                    step = max(EVICT_STEP_MIN, step // 4)
+            self._total -= freed
+            self._checkpoint()  # freed pages go back to the file's free list for the next inserts
+            if not freed:
+                break
+            freed_in_all += freed
+            dropped += more
         return dropped
 
     def _checkpoint(self) -> None:
@@ -704,7 +741,13 @@ class Outbox:
             if mode.lower() != "wal":
                 log.warning("buffer %s could not use WAL (journal_mode=%s)", self.path, mode)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+            # A checkpoint may grow the file by the WAL's whole content at once, so the WAL must
+            # stay well inside the reserve the buffer keeps free: a quarter of it. Otherwise one
+            # checkpoint eats the reserve, and on a full disk neither a checkpoint (the file must
+            # grow) nor a DELETE (its WAL frames need room) can run again.
+            wal = max(64 * self._page_size, min(WAL_LIMIT, _reserve(self._disk_space()[1]) // 4))
+            conn.execute(f"PRAGMA wal_autocheckpoint = {wal // self._page_size}")
+            conn.execute(f"PRAGMA journal_size_limit = {wal}")
             if self._max_page_count is not None:
                 conn.execute(f"PRAGMA max_page_count = {int(self._max_page_count)}")
             conn.executescript(_SCHEMA)

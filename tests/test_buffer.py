@@ -506,6 +506,37 @@ def test_disk_full_with_nothing_to_evict_raises_naming_the_path(tmp_path: Path) 
         assert box.stats().rows == 1
 
 
+@pytest.fixture
+def small_volume(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 16 MiB file system (tmpfs), so the disk, not max_bytes, is the limit."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("batch", [100, 1000, 5000])
+def test_a_small_volume_filled_in_big_commits_keeps_taking_events(small_volume: Path, batch: int) -> None:
+    # A checkpoint can grow the file by the whole WAL at once; a WAL bigger than the reserve once
+    # left the disk with no room for a checkpoint nor a DELETE: every later append and ack failed.
+    payload = b"{" + b"m" * 540 + b"}"
+    with Outbox(small_volume / "buf.db", 1 << 30) as box:
+        seq = 0
+        for _ in range((40 << 20) // (batch * 700)):  # ~40 MiB of rows through a 16 MiB volume
+            box.append([rec(seq := seq + 1, payload=payload) for _ in range(batch)])
+        stats = box.stats()
+        assert stats.dropped_disk_full > 0 and stats.rows > 0
+        assert_balanced(stats)
+        oldest = box.peek(0, 0, 1000)
+        assert box.ack([r.id for r in oldest]) == len(oldest)  # delivery still deletes
+        assert shutil.disk_usage(small_volume).free > 0
+
+
 # --- schema -------------------------------------------------------------------------------------
 
 
