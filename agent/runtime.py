@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -137,13 +138,27 @@ class _CountedUplinkState(UplinkState):
             self._errors[key] = self._errors.get(key, 0) + 1
 
 
+def _settle_gc() -> None:
+    """Keep the cycle collector off the hot path once everything long-lived exists.
+
+    What exists after start-up (modules, config, drivers) lives until exit: frozen, full
+    collections stop walking it (about 300,000 objects with 500 devices, 100-150 ms each).
+    Readings are freed by reference counting; the few cycles (futures, exceptions) can wait for
+    a larger first generation than the default 700 allocations.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 class Agent:
     """One gateway's agent, from a validated config."""
 
-    def __init__(self, config: AgentConfigBase, *, config_path: Path | None = None) -> None:
-        """Prepare; :meth:`run` starts everything."""
+    def __init__(self, config: AgentConfigBase, *, config_path: Path | None = None, own_process: bool = False) -> None:
+        """Prepare; :meth:`run` starts everything. ``own_process``: the agent is the process (GC tuning)."""
         self.config = config
         self.config_path = config_path
+        self._own_process = own_process
         self.started = time.time()
         self._outbox: _WatchedOutbox | None = None
         self.store = EventStore(
@@ -254,6 +269,8 @@ class Agent:
 
     def _report_drops(self) -> None:
         self._drop_report = None
+        if not self._drops:  # a health event in between already reported (and cleared) them
+            return
         by_reason: Counter[str] = Counter()
         for (_device, _type, reason), count in self._drops.items():
             by_reason[reason] += count
@@ -466,6 +483,8 @@ class Agent:
             for cfg in self.config.devices:
                 if cfg.enabled:
                     self._start_device(cfg)
+            if self._own_process:
+                _settle_gc()
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             self._running = True
@@ -778,7 +797,7 @@ async def run_agent(config: AgentConfigBase, *, config_path: Path | None = None)
     if not faulthandler.is_enabled():
         # A watchdog kill (SIGABRT) or a crash leaves every thread's stack in the log.
         faulthandler.enable()
-    agent = Agent(config, config_path=config_path)
+    agent = Agent(config, config_path=config_path, own_process=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
