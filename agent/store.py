@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
-COMMIT_INTERVAL = 0.01  # seconds between group commits under load
+COMMIT_INTERVAL = 0.025  # seconds between group commits under load
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see _tail)
 TAIL_MAX_MEDIA = 16  # snapshots are ~100 KB each: keep few in memory, read the rest from the file
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure

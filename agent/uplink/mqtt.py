@@ -28,7 +28,9 @@ from agent.store import EventStore
 
 log = logging.getLogger(__name__)
 
-ACK_FLUSH_INTERVAL = 0.01  # seconds; PUBACKs are deleted from the store in groups
+# Seconds over which PUBACKed events are gathered before one DELETE. A crash resends at most this
+# much of what was already delivered (duplicates, same seq); each transaction costs an fsync.
+ACK_FLUSH_INTERVAL = 0.1
 ONLINE = b"online"
 OFFLINE = b"offline"
 
@@ -66,6 +68,7 @@ class MqttUplink:
         self._inflight: dict[int, tuple[list[int], float]] = {}  # mid -> (row ids, sent at); publish order
         self._last_inbound = 0.0
         self._acked: list[int] = []
+        self._acks_waiting = asyncio.Event()
         self._wake = asyncio.Event()
 
     # ---- connection ---------------------------------------------------------------
@@ -120,6 +123,7 @@ class MqttUplink:
             sent = self._inflight.pop(mid, None)
             if sent is not None:
                 self._acked += sent[0]
+                self._acks_waiting.set()
                 self.state.acked += len(sent[0])
             # Refill in bulk: waking per PUBACK would cost a loop turn per message.
             if len(self._inflight) <= refill_at:
@@ -309,6 +313,7 @@ class MqttUplink:
             raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")
         if self.config.qos == 0:
             self._acked += ids  # at-most-once: written is as good as it gets
+            self._acks_waiting.set()
         else:
             self._inflight[info.mid] = (ids, time.monotonic())
 
@@ -344,7 +349,9 @@ class MqttUplink:
 
     async def _ack_flusher(self) -> None:
         while True:
+            await self._acks_waiting.wait()  # an idle link costs no wake-ups
             await asyncio.sleep(ACK_FLUSH_INTERVAL)
+            self._acks_waiting.clear()
             await self._flush_acks()
 
     async def _flush_acks(self) -> None:
