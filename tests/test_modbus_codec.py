@@ -16,7 +16,9 @@ from agent.config import parse_config
 from agent.errors import ConfigError
 from drivers.modbus import codec, profiles
 from drivers.modbus.config import ModbusConfig, parse_modicon
+from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.plan import plan, split
+from tests.conftest import Recorder
 
 # (registers as they arrive on the wire, type, byte_order, word_order, expected value).
 # Worked by hand: float32 123.456 is 0x42F6E979; int32 -2 is 0xFFFFFFFE; 0x12345678 = 305419896.
@@ -296,6 +298,34 @@ def test_planner_is_valid_and_uses_the_fewest_requests(points: list[tuple[int, i
     requests = plan(config)
     _valid(requests, config)
     assert len(requests) == _fewest_requests(laid, limit, gap)
+
+
+_WIDTHS = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "int64": 4, "uint64": 4, "float64": 4}
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(sorted(_WIDTHS)), st.integers(0, 3), st.sampled_from([1.0, 0.1, 0.001])),
+             min_size=1, max_size=10),
+    st.lists(st.integers(0, 0xFFFF), min_size=200, max_size=200),
+    st.sampled_from(["big", "little"]),
+)  # fmt: skip
+def test_a_whole_read_decodes_exactly_as_its_points_one_by_one(
+    layout: list[tuple[str, int, float]], registers: list[int], word_order: str
+) -> None:
+    points, address = [], 0
+    for i, (type_, hole, scale) in enumerate(layout):
+        address += hole
+        points.append(_p(f"p{i}", address, type_, "holding", scale=scale, offset=1.5 if i % 2 else 0.0))
+        address += _WIDTHS[type_]
+    registers[0:4] = [0x7FC0, 0, 0, 0]  # NaN as a float32 or float64 when a float point sits there
+    config = _device(points, word_order=word_order)
+    driver = ModbusDriver(config, Recorder())
+    for read in plan(config):
+        values = registers[read.address : read.end]
+        buffer = struct.pack(f">{len(values)}H", *values)
+        one_by_one = [driver._decode_point(p, buffer, p.address - read.address) for p in read.points]
+        assert driver._decode(read, values) == one_by_one
+        assert (read.block is not None) == (word_order == "big")  # big/big takes the one-struct path
 
 
 def test_every_shipped_profile_loads_cites_its_manual_and_plans_within_its_limits() -> None:

@@ -177,3 +177,27 @@ def compile_decoder(
 
         return floating
     return lambda buffer, at: scaled(unpack(buffer, at)[0])
+
+
+BlockDecoder = Callable[[bytes], tuple[float | int, ...]]
+
+
+def compile_block(layout: list[tuple[int, str]], count: int) -> BlockDecoder | None:
+    """One ``struct`` call for a whole read of big/big numbers, prepared once per read.
+
+    ``layout`` is each point's (register offset in the read, type), in address order; the
+    result unpacks a read's bytes into the points' raw values (before scale, NaN not checked).
+    None when a point needs its own decoder (strings, bitfields, overlapping points).
+    """
+    parts, at = [">"], 0
+    for offset, type_ in layout:
+        if type_ in ("string", "bitfield") or offset < at:
+            return None
+        if offset > at:
+            parts.append(f"{2 * (offset - at)}x")
+        code = _FORMATS[type_]
+        parts.append(code[1])
+        at = offset + struct.calcsize(code) // 2
+    if at > count:
+        return None
+    return struct.Struct("".join(parts)).unpack_from

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 import time
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,13 +23,9 @@ from drivers.modbus.plan import Request, plan, split
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Sample:
-    """A point's outcome in one poll: a value, or why there is none."""
-
-    point: PointConfig
-    value: float | int | str | None
-    reason: str | None = None
+# A point's outcome in one poll: (point, value, None), or (point, None, why there is none).
+# A plain tuple: a poll makes one per point, and a dataclass costs ten times as much to build.
+_Sample = tuple[PointConfig, float | int | str | None, str | None]
 
 
 MAX_PHASE_SPREAD = 2.0  # seconds over which devices' first polls are spread
@@ -67,6 +63,20 @@ def decode_point(
 # Exceptions a unit answers when a read is not one it takes: 2, an address in the span it does not
 # define; 3, more registers than it reads at once. Either way, smaller reads may succeed.
 _SPLIT_ON = (2, 3)
+
+
+def _changed(
+    quantity: str | None, deadband: float | None, value: Any, quality: str, last: tuple[Any, str] | None
+) -> bool:
+    """Whether a point's (value, quality) is worth reporting against the last one reported."""
+    if last is None or last[1] != quality:
+        return True
+    if quantity is not None:
+        if deadband is None:
+            return True  # no deadband: a meter reports every poll
+        if isinstance(value, int | float) and isinstance(last[0], int | float):
+            return abs(value - last[0]) > deadband
+    return bool(value != last[0])
 
 
 class NotWritable(ValueError):
@@ -119,8 +129,15 @@ class ModbusDriver(Driver):
         # What is actually read for each planned request: itself, or the parts of it the unit took.
         self._reads: dict[int, list[Request]] = {id(r): [r] for r in self.requests}
         self._decoders = {p.name: decoder_for(p, config) for p in config.points}
-        self._units = {p.name: p.event_unit for p in config.points}
-        self._deadbands = {p.name: p.deadband if p.deadband is not None else config.deadband for p in config.points}
+        # Per point, what each poll needs: (quantity, unit, phase, deadband) and (float?, scale, offset).
+        self._info = {
+            p.name: (p.quantity, p.event_unit, p.phase, p.deadband if p.deadband is not None else config.deadband)
+            for p in config.points
+        }
+        self._scaling = {
+            p.name: (p.type.startswith("float"), None if (p.scale, p.offset) == (1.0, 0.0) else p.scale, p.offset)
+            for p in config.points
+        }
         self._bus: Bus | None = None
         self._good: dict[str, float | int | str] = {}  # last good value per point
         self._reported: dict[str, tuple[Any, str]] = {}  # last reported (value, quality) per point
@@ -247,7 +264,7 @@ class ModbusDriver(Driver):
                 if failure is not None:
                     # The device already failed this poll: do not spend another timeout on it
                     # (on a shared RS-485 bus that time belongs to the other units).
-                    samples += [_Sample(p, None, failure) for p in read.points]
+                    samples += [(p, None, failure) for p in read.points]
                     kept.append(read)
                     continue
                 got, reads, failure = await self._read(read)
@@ -255,9 +272,8 @@ class ModbusDriver(Driver):
                 kept += reads
             if id(request) in self._reads:
                 self._reads[id(request)] = kept
-        good = [s for s in samples if s.reason is None]
-        if not good:
-            self.context.poll_failed(next((s.reason for s in samples if s.reason), "no points"))
+        if all(reason is not None for _, _, reason in samples):
+            self.context.poll_failed(next((reason for _, _, reason in samples if reason), "no points"))
             return None
         self.context.poll_ok()
         return self._events(samples, written) or None
@@ -282,32 +298,52 @@ class ModbusDriver(Driver):
                 kept: list[Request] = []
                 for part in parts:
                     if failure is not None:
-                        samples += [_Sample(p, None, failure) for p in part.points]
+                        samples += [(p, None, failure) for p in part.points]
                         kept.append(part)
                         continue
                     got, reads, failure = await self._read(part, first=False)
                     samples += got
                     kept += reads
-                if any(s.reason is None for s in samples):
+                if any(reason is None for _, _, reason in samples):
                     if first:
                         self._refused(read, kept, exc.reason)
                     return samples, kept, failure
-            return [_Sample(p, None, exc.reason) for p in read.points], [read], failure
+            return [(p, None, exc.reason) for p in read.points], [read], failure
         return self._decode(read, values), [read], None
 
     def _decode(self, read: Request, values: list[int] | list[bool]) -> list[_Sample]:
+        if read.table in BIT_TABLES:
+            return [(p, int(bool(values[p.address - read.address])), None) for p in read.points]
+        buffer = struct.pack(f">{len(values)}H", *values)
+        if not read.compiled:
+            read.block = self._block(read)
+            read.compiled = True
+        if read.block is None or len(values) < read.count:
+            return [self._decode_point(p, buffer, p.address - read.address) for p in read.points]
         samples: list[_Sample] = []
-        buffer = b"" if read.table in BIT_TABLES else struct.pack(f">{len(values)}H", *values)
-        for point in read.points:
-            at = point.address - read.address
-            try:
-                decoder = self._decoders[point.name]
-                value = int(bool(values[at])) if decoder is None else decoder(buffer, 2 * at)
-            except (ValueError, struct.error) as exc:
-                samples.append(_Sample(point, None, f"decode: {exc}"))
+        scaling = self._scaling
+        for point, raw in zip(read.points, read.block(buffer), strict=True):
+            floating, scale, offset = scaling[point.name]
+            if floating and not math.isfinite(raw):
+                samples.append((point, None, f"decode: {point.type} is {raw} (device says not available)"))
             else:
-                samples.append(_Sample(point, value))
+                samples.append((point, raw if scale is None else round(raw * scale + offset, 9), None))
         return samples
+
+    def _decode_point(self, point: PointConfig, buffer: bytes, at: int) -> _Sample:
+        decoder = self._decoders[point.name]
+        assert decoder is not None
+        try:
+            return point, decoder(buffer, 2 * at), None
+        except (ValueError, struct.error) as exc:
+            return point, None, f"decode: {exc}"
+
+    def _block(self, read: Request) -> codec.BlockDecoder | None:
+        """One struct for the whole read when every point is a plain big/big number."""
+        if any((p.byte_order or self.config.byte_order) != "big" or (p.word_order or self.config.word_order) != "big"
+               for p in read.points):  # fmt: skip
+            return None
+        return codec.compile_block([(p.address - read.address, p.type) for p in read.points], read.count)
 
     def _refused(self, read: Request, parts: list[Request], reason: str) -> None:
         self.stats["splits"] += 1
@@ -326,28 +362,30 @@ class ModbusDriver(Driver):
         stamp = datetime.now(UTC)
         measurements: list[dict[str, Any]] = []
         readings: list[Reading] = []
-        for s in samples:
-            p = s.point
-            if s.reason is None and s.value is not None:
-                self._good[p.name] = s.value
-                value, quality = s.value, "good"
-            elif p.name in self._good:
-                value, quality = self._good[p.name], "stale"
+        good, reported, info = self._good, self._reported, self._info
+        for p, sampled, reason in samples:
+            name = p.name
+            if reason is None and sampled is not None:
+                good[name] = sampled
+                value, quality = sampled, "good"
+            elif name in good:
+                value, quality = good[name], "stale"
             else:
                 value, quality = None, "bad"
-            previous = self._reported.get(p.name)
-            if p.name in written and quality == "good":
-                self._written.discard(p.name)
-            elif not (full or self._changed(p, value, quality, previous)):
+            previous = reported.get(name)
+            quantity, unit, phase, deadband = info[name]
+            if name in written and quality == "good":
+                self._written.discard(name)
+            elif not (full or _changed(quantity, deadband, value, quality, previous)):
                 continue
-            self._reported[p.name] = (value, quality)
-            if p.quantity is not None:
-                m: dict[str, Any] = {"quantity": p.quantity, "value": value, "unit": self._units[p.name],
-                                     "quality": quality, "point": p.name}  # fmt: skip
-                if s.reason is not None:
-                    m["reason"] = s.reason
-                if p.phase is not None:
-                    m["phase"] = p.phase
+            reported[name] = (value, quality)
+            if quantity is not None:
+                m: dict[str, Any] = {"quantity": quantity, "value": value, "unit": unit, "quality": quality,
+                                     "point": name}  # fmt: skip
+                if reason is not None:
+                    m["reason"] = reason
+                if phase is not None:
+                    m["phase"] = phase
                 measurements.append(m)
             elif quality != "bad" and p.bay is not None:
                 readings.append(Reading(PARKING_OCCUPANCY, self._bay(p, bool(value), quality, stamp, previous), stamp))
@@ -356,17 +394,6 @@ class ModbusDriver(Driver):
         if measurements:
             readings.insert(0, Reading(METER_READING, {"measurements": measurements}, stamp))
         return readings
-
-    def _changed(self, point: PointConfig, value: Any, quality: str, last: tuple[Any, str] | None) -> bool:
-        if last is None or last[1] != quality:
-            return True
-        if point.quantity is not None:
-            deadband = self._deadbands[point.name]
-            if deadband is None:
-                return True  # no deadband: a meter reports every poll
-            if isinstance(value, int | float) and isinstance(last[0], int | float):
-                return abs(value - last[0]) > deadband
-        return bool(value != last[0])
 
     def _bay(
         self, point: PointConfig, occupied: bool, quality: str, stamp: datetime, last: tuple[Any, str] | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from drivers.modbus.codec import BlockDecoder
 from drivers.modbus.config import BIT_TABLES, ModbusConfig, PointConfig
 
 
@@ -23,6 +24,9 @@ class Request:
     count: int
     interval: float
     points: list[PointConfig] = field(default_factory=list)
+    # The driver's decoder for the whole read, prepared at its first answer (see codec.compile_block).
+    block: BlockDecoder | None = field(default=None, compare=False, repr=False)
+    compiled: bool = field(default=False, compare=False, repr=False)
 
     @property
     def end(self) -> int:
