@@ -327,3 +327,17 @@ class Recorder(DriverContext):
 
     def poll_failed(self, reason: str) -> None:
         self.outcomes.append(reason)
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB file system (tmpfs), so the disk, not ``max_bytes``, is the limit."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -506,20 +506,6 @@ def test_disk_full_with_nothing_to_evict_raises_naming_the_path(tmp_path: Path) 
         assert box.stats().rows == 1
 
 
-@pytest.fixture
-def small_volume(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real 16 MiB file system (tmpfs), so the disk, not max_bytes, is the limit."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 @pytest.mark.parametrize("batch", [100, 1000, 5000])
 def test_a_small_volume_filled_in_big_commits_keeps_taking_events(small_volume: Path, batch: int) -> None:
     # A checkpoint can grow the file by the whole WAL at once; a WAL bigger than the reserve once

@@ -12,8 +12,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import Mosquitto, wait_for, write_config
 
 METER = "  - {id: meter-1, driver: virtual, kind: meter, interval: 50ms}\n"
@@ -132,53 +130,46 @@ def _disk_used(path: Path) -> int:
 
 
 def test_a_full_disk_is_survived_and_reported(
-    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
+    tmp_path: Path, small_volume: Path, broker: Mosquitto, subscriber_factory, agent_factory
 ) -> None:
     """R8: the buffer's file system fills up while the uplink is down (a real 16 MiB tmpfs)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    try:
-        sub = subscriber_factory(broker.port)
-        devices = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 100}\n" + BAY
-        config = write_config(
-            tmp_path / "site.yaml", port=broker.port, devices=devices, buffer=disk / "buffer.db", max_bytes="1GiB"
-        )  # the disk, not max_bytes, is the limit here
-        broker.stop()
-        agent = agent_factory(config)
-        wait_for(lambda: "disk_full" in agent.output() or _disk_used(disk) > 12 << 20, 60, "the disk to fill")
-        time.sleep(3)  # keep producing on a full disk
-        assert agent.proc is not None
-        assert agent.proc.poll() is None, agent.output()
-        assert "Traceback" not in agent.output()
-        broker.start()
+    disk = small_volume
+    sub = subscriber_factory(broker.port)
+    devices = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 100}\n" + BAY
+    config = write_config(
+        tmp_path / "site.yaml", port=broker.port, devices=devices, buffer=disk / "buffer.db", max_bytes="1GiB"
+    )  # the disk, not max_bytes, is the limit here
+    broker.stop()
+    agent = agent_factory(config)
+    wait_for(lambda: "disk_full" in agent.output() or _disk_used(disk) > 12 << 20, 60, "the disk to fill")
+    time.sleep(3)  # keep producing on a full disk
+    assert agent.proc is not None
+    assert agent.proc.poll() is None, agent.output()
+    assert "Traceback" not in agent.output()
+    broker.start()
 
-        def health_with_disk_full() -> dict | None:
-            for e in sub.snapshot():
-                if e["type"] == "city.gateway.health" and e["data"]["accounting"]["dropped"]["disk_full"]:
-                    return e["data"]
-            return None
+    def health_with_disk_full() -> dict | None:
+        for e in sub.snapshot():
+            if e["type"] == "city.gateway.health" and e["data"]["accounting"]["dropped"]["disk_full"]:
+                return e["data"]
+        return None
 
-        health = wait_for(health_with_disk_full, 30, "a health event counting disk_full drops")
-        acc = health["accounting"]
-        assert acc["accepted"] == acc["delivered"] + acc["buffered"] + sum(acc["dropped"].values())
-        before = len(sub.seqs("meter-1"))
-        wait_for(lambda: len(sub.seqs("meter-1")) > before + 100, 20, "events to flow again")
-        # Only the lowest class paid: the parking bay (class event) and health (alarm) lost nothing.
-        dropped_devices = {
-            d["device"]
-            for e in sub.snapshot()
-            if e["type"] == "city.gateway.health"
-            for d in e["data"]["dropped_since_last_report"]
-        }
-        assert dropped_devices == {"meter-1"}
-        wait_for(lambda: not sub.report("bay-a1")["lost"], 20, "every parking event")
-        agent.signal(signal.SIGTERM)
-        assert agent.wait(5) == 0
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    health = wait_for(health_with_disk_full, 30, "a health event counting disk_full drops")
+    acc = health["accounting"]
+    assert acc["accepted"] == acc["delivered"] + acc["buffered"] + sum(acc["dropped"].values())
+    before = len(sub.seqs("meter-1"))
+    wait_for(lambda: len(sub.seqs("meter-1")) > before + 100, 20, "events to flow again")
+    # Only the lowest class paid: the parking bay (class event) and health (alarm) lost nothing.
+    dropped_devices = {
+        d["device"]
+        for e in sub.snapshot()
+        if e["type"] == "city.gateway.health"
+        for d in e["data"]["dropped_since_last_report"]
+    }
+    assert dropped_devices == {"meter-1"}
+    wait_for(lambda: not sub.report("bay-a1")["lost"], 20, "every parking event")
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(5) == 0
 
 
 def test_a_buffer_from_a_newer_agent_is_refused_cleanly(tmp_path: Path) -> None:
