@@ -24,9 +24,8 @@ class Request:
     count: int
     interval: float
     points: list[PointConfig] = field(default_factory=list)
-    # The driver's decoder for the whole read, prepared at its first answer (see codec.compile_block).
+    # The driver's decoder for the whole read, set when the driver takes the read on (codec.compile_block).
     block: BlockDecoder | None = field(default=None, compare=False, repr=False)
-    compiled: bool = field(default=False, compare=False, repr=False)
 
     @property
     def end(self) -> int:
@@ -42,22 +41,15 @@ def plan(config: ModbusConfig) -> list[Request]:
     requests: list[Request] = []
     for (table, interval), points in sorted(groups.items()):
         limit = config.max_bits if table in BIT_TABLES else config.max_registers
-        gap = config.max_gap
-        current: Request | None = None
-        for point in sorted(points, key=lambda p: (p.address, p.registers)):
-            end = point.address + point.registers
-            if (
-                current is not None
-                and point.address <= current.end + gap
-                and max(end, current.end) - current.address <= limit
-            ):
-                current.count = max(end, current.end) - current.address
-                current.points.append(point)
-                continue
+        for point in points:
             if point.registers > limit:
                 raise ValueError(f"point {point.name!r} spans {point.registers} registers, over max_registers {limit}")
-            current = Request(table, point.address, point.registers, interval, [point])
-            requests.append(current)
+
+        def fits(current: Request, point: PointConfig, limit: int = limit) -> bool:
+            end = max(point.address + point.registers, current.end)
+            return point.address <= current.end + config.max_gap and end - current.address <= limit
+
+        requests += _group(table, interval, points, fits)
     return requests
 
 
@@ -69,7 +61,7 @@ def split(request: Request) -> list[Request]:
     span (it may take fewer registers per request than planned, or one address may be wrong).
     """
     for joins in (_touches, _overlaps):
-        parts = _group(request, joins)
+        parts = _group(request.table, request.interval, request.points, joins)
         if len(parts) > 1:
             return parts
     return [request]
@@ -83,13 +75,16 @@ def _overlaps(current: Request, point: PointConfig) -> bool:
     return point.address < current.end
 
 
-def _group(request: Request, joins: Callable[[Request, PointConfig], bool]) -> list[Request]:
-    parts: list[Request] = []
-    for point in sorted(request.points, key=lambda p: (p.address, p.registers)):
+def _group(
+    table: str, interval: float, points: list[PointConfig], joins: Callable[[Request, PointConfig], bool]
+) -> list[Request]:
+    """Reads of ``points`` in address order, each point joining the read before it when ``joins`` says so."""
+    reads: list[Request] = []
+    for point in sorted(points, key=lambda p: (p.address, p.registers)):
         end = point.address + point.registers
-        if parts and joins(parts[-1], point):
-            parts[-1].count = max(end, parts[-1].end) - parts[-1].address
-            parts[-1].points.append(point)
+        if reads and joins(reads[-1], point):
+            reads[-1].count = max(end, reads[-1].end) - reads[-1].address
+            reads[-1].points.append(point)
         else:
-            parts.append(Request(request.table, point.address, point.registers, request.interval, [point]))
-    return parts
+            reads.append(Request(table, point.address, point.registers, interval, [point]))
+    return reads
