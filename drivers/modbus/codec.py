@@ -53,8 +53,13 @@ def decode(
     if type_ == "bitfield":
         return (int(value) >> (bit or 0)) & 1
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{type_} is {value} (device says not available)")
+        raise ValueError(not_available(type_, value))
     return value  # type: ignore[no-any-return]
+
+
+def not_available(type_: str, value: float) -> str:
+    """Why a NaN or infinite float is no reading: devices use them to say "not available"."""
+    return f"{type_} is {value} (device says not available)"
 
 
 def encode(
@@ -172,7 +177,7 @@ def compile_decoder(
         def floating(buffer: bytes, at: int) -> float | int:
             (value,) = unpack(buffer, at)
             if not math.isfinite(value):
-                raise ValueError(f"{type_} is {value} (device says not available)")
+                raise ValueError(not_available(type_, value))
             return scaled(value)
 
         return floating

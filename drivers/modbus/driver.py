@@ -127,7 +127,7 @@ class ModbusDriver(Driver):
         super().__init__(config, context)
         self.requests: list[Request] = plan(config)
         # What is actually read for each planned request: itself, or the parts of it the unit took.
-        self._reads: dict[int, list[Request]] = {id(r): [r] for r in self.requests}
+        self._reads: dict[int, list[Request]] = {id(r): [r] for r in self._prepared(self.requests)}
         self._decoders = {p.name: decoder_for(p, config) for p in config.points}
         # Per point, what each poll needs: (quantity, unit, phase, deadband) and (float?, scale, offset).
         self._info = {
@@ -257,19 +257,10 @@ class ModbusDriver(Driver):
         # Only writes done before this poll's reads began are sure to show in them.
         written = set(self._written)
         samples: list[_Sample] = []
-        failure: str | None = None
+        failure: str | None = None  # why the device's poll stopped (a timeout, a lost link)
         for request in requests:
-            kept: list[Request] = []
-            for read in self._reads.get(id(request), [request]):
-                if failure is not None:
-                    # The device already failed this poll: do not spend another timeout on it
-                    # (on a shared RS-485 bus that time belongs to the other units).
-                    samples += [(p, None, failure) for p in read.points]
-                    kept.append(read)
-                    continue
-                got, reads, failure = await self._read(read)
-                samples += got
-                kept += reads
+            got, kept, failure = await self._read_all(self._reads.get(id(request), [request]), failure)
+            samples += got
             if id(request) in self._reads:
                 self._reads[id(request)] = kept
         if all(reason is not None for _, _, reason in samples):
@@ -277,6 +268,24 @@ class ModbusDriver(Driver):
             return None
         self.context.poll_ok()
         return self._events(samples, written) or None
+
+    async def _read_all(
+        self, reads: list[Request], failure: str | None, *, first: bool = True
+    ) -> tuple[list[_Sample], list[Request], str | None]:
+        """:meth:`_read` of each read in turn; once one stops the poll, the rest get its reason unread."""
+        samples: list[_Sample] = []
+        kept: list[Request] = []
+        for read in reads:
+            if failure is not None:
+                # The device already failed this poll: do not spend another timeout on it
+                # (on a shared RS-485 bus that time belongs to the other units).
+                samples += [(p, None, failure) for p in read.points]
+                kept.append(read)
+                continue
+            got, now, failure = await self._read(read, first=first)
+            samples += got
+            kept += now
+        return samples, kept, failure
 
     async def _read(self, read: Request, *, first: bool = True) -> tuple[list[_Sample], list[Request], str | None]:
         """Its points' samples, the reads to make for it from now on, and why the poll must stop (or None).
@@ -294,16 +303,7 @@ class ModbusDriver(Driver):
             failure = exc.reason if exc.link or exc.reason == "timeout" else None
             parts = split(read) if exc.exception_code in _SPLIT_ON else [read]
             if len(parts) > 1:
-                samples: list[_Sample] = []
-                kept: list[Request] = []
-                for part in parts:
-                    if failure is not None:
-                        samples += [(p, None, failure) for p in part.points]
-                        kept.append(part)
-                        continue
-                    got, reads, failure = await self._read(part, first=False)
-                    samples += got
-                    kept += reads
+                samples, kept, failure = await self._read_all(self._prepared(parts), failure, first=False)
                 if any(reason is None for _, _, reason in samples):
                     if first:
                         self._refused(read, kept, exc.reason)
@@ -315,9 +315,6 @@ class ModbusDriver(Driver):
         if read.table in BIT_TABLES:
             return [(p, int(bool(values[p.address - read.address])), None) for p in read.points]
         buffer = struct.pack(f">{len(values)}H", *values)
-        if not read.compiled:
-            read.block = self._block(read)
-            read.compiled = True
         if read.block is None or len(values) < read.count:
             return [self._decode_point(p, buffer, p.address - read.address) for p in read.points]
         samples: list[_Sample] = []
@@ -325,7 +322,7 @@ class ModbusDriver(Driver):
         for point, raw in zip(read.points, read.block(buffer), strict=True):
             floating, scale, offset = scaling[point.name]
             if floating and not math.isfinite(raw):
-                samples.append((point, None, f"decode: {point.type} is {raw} (device says not available)"))
+                samples.append((point, None, f"decode: {codec.not_available(point.type, raw)}"))
             else:
                 samples.append((point, raw if scale is None else round(raw * scale + offset, 9), None))
         return samples
@@ -338,12 +335,16 @@ class ModbusDriver(Driver):
         except (ValueError, struct.error) as exc:
             return point, None, f"decode: {exc}"
 
-    def _block(self, read: Request) -> codec.BlockDecoder | None:
-        """One struct for the whole read when every point is a plain big/big number."""
-        if any((p.byte_order or self.config.byte_order) != "big" or (p.word_order or self.config.word_order) != "big"
-               for p in read.points):  # fmt: skip
-            return None
-        return codec.compile_block([(p.address - read.address, p.type) for p in read.points], read.count)
+    def _prepared(self, reads: list[Request]) -> list[Request]:
+        """``reads`` with their whole-read decoders: one struct when every point is a plain big/big number."""
+        config = self.config
+        for read in reads:
+            if read.table not in BIT_TABLES and all(
+                (p.byte_order or config.byte_order) == "big" and (p.word_order or config.word_order) == "big"
+                for p in read.points
+            ):
+                read.block = codec.compile_block([(p.address - read.address, p.type) for p in read.points], read.count)
+        return reads
 
     def _refused(self, read: Request, parts: list[Request], reason: str) -> None:
         self.stats["splits"] += 1
