@@ -122,8 +122,7 @@ class MqttUplink:
         def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
             sent = self._inflight.pop(mid, None)
             if sent is not None:
-                self._acked += sent[0]
-                self._acks_waiting.set()
+                self._delivered(sent[0])
                 self.state.acked += len(sent[0])
             # Refill in bulk: waking per PUBACK would cost a loop turn per message.
             if len(self._inflight) <= refill_at:
@@ -312,8 +311,7 @@ class MqttUplink:
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")
         if self.config.qos == 0:
-            self._acked += ids  # at-most-once: written is as good as it gets
-            self._acks_waiting.set()
+            self._delivered(ids)  # at-most-once: written is as good as it gets
         else:
             self._inflight[info.mid] = (ids, time.monotonic())
 
@@ -346,6 +344,11 @@ class MqttUplink:
         finally:
             for w in waits:
                 w.cancel()
+
+    def _delivered(self, ids: list[int]) -> None:
+        """Queue delivered rows for the next grouped delete."""
+        self._acked += ids
+        self._acks_waiting.set()
 
     async def _ack_flusher(self) -> None:
         while True:
