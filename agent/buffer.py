@@ -452,23 +452,27 @@ class Outbox:
         freed_in_all = 0
         self._checkpoint()
         while freed_in_all < need and self._total > 0:
-            step = min(need - freed_in_all, max(EVICT_STEP_MIN, self._disk_space()[0] // 4))
-            while True:
-                try:
-                    with self._transaction():
-                        freed, more = self._evict(step, "disk_full")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if not _is_disk_full(exc) or step <= EVICT_STEP_MIN:
-                        raise
-                    step = max(EVICT_STEP_MIN, step // 4)
-            self._total -= freed
-            self._checkpoint()  # freed pages go back to the file's free list for the next inserts
+            freed, more = self._evict_step(min(need - freed_in_all, max(EVICT_STEP_MIN, self._disk_space()[0] // 4)))
             if not freed:
                 break
             freed_in_all += freed
             dropped += more
         return dropped
+
+    def _evict_step(self, step: int) -> tuple[int, list[Dropped]]:
+        """One eviction transaction of ``step`` bytes, then a checkpoint; smaller while the disk is full."""
+        while True:
+            try:
+                with self._transaction():
+                    freed, dropped = self._evict(step, "disk_full")
+            except sqlite3.OperationalError as exc:
+                if not _is_disk_full(exc) or step <= EVICT_STEP_MIN:
+                    raise
+                step = max(EVICT_STEP_MIN, step // 4)
+                continue
+            self._total -= freed
+            self._checkpoint()  # freed pages go back to the file's free list for the next inserts
+            return freed, dropped
 
     def _checkpoint(self) -> None:
         with suppress(sqlite3.OperationalError):  # may itself lack room; eviction still tries
