@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -12,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
@@ -23,7 +26,7 @@ from agent.devices import DeviceFailedError, DeviceRunner
 from agent.errors import DriverStartupError, DriverWriteError
 from agent.events import DEVICE_STATUS, METER_READING, Reading
 from agent.schemas import EVENT_MODELS, CloudEvent
-from agent.uplink.opcua_server import OpcUaServer, OpcUaServerConfig, unece_unit_id, write_failure_code
+from agent.uplink.opcua_server import NAMESPACE, OpcUaServer, OpcUaServerConfig, unece_unit_id, write_failure_code
 from drivers.opcua import PLUGIN
 from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.config import OpcUaConfig
@@ -642,6 +645,68 @@ def test_server_exposes_latest_values_and_only_allowed_writes(tmp_path: Path) ->
             await client.disconnect()
             await server.stop()
         assert server.stats["writes"] == 1 and server.stats["variables"] >= 6
+
+    run(body)
+
+
+def _other_local_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return str(a.address)
+    return None
+
+
+def _listening_on(port: int) -> set[str]:
+    """The addresses this process listens on at ``port``."""
+    return {c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_server_listens_on_loopback_unless_an_address_is_configured(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12: enabled with the default ``listen``, only this host can connect; a configured address is used."""
+    keys = {"enabled": True, "security_policies": ["None"], "allow_anonymous": True}
+    default = OpcUaServerConfig.model_validate(keys)
+    other = _other_local_address()
+
+    async def serving(config: OpcUaServerConfig, port: int) -> tuple[set[str], bool, bool | None]:
+        """Where the server listens, and whether loopback and the other address reach it."""
+        server = OpcUaServer(config)
+        await server.start()
+        try:
+            local = await asyncio.to_thread(_connects, "127.0.0.1", port)
+            remote = None if other is None else await asyncio.to_thread(_connects, other, port)
+            if local:  # and it is an OPC UA server there
+                async with Client(f"opc.tcp://127.0.0.1:{port}") as client:
+                    assert NAMESPACE in await client.get_namespace_array()
+            return _listening_on(port), local, remote
+        finally:
+            await server.stop()
+
+    async def body() -> None:
+        caplog.set_level(logging.INFO, "agent.uplink.opcua_server")
+        where, local, remote = await serving(default, 4840)
+        assert where == {"127.0.0.1"} and local and remote in (None, False)
+        assert default.listen == "opc.tcp://127.0.0.1:4840"
+        assert "listening on 127.0.0.1:4840 (None; anonymous allowed); loopback only" in caplog.text
+        port, every = free_port(), "0.0.0.0"  # noqa: S104 - an operator's explicit choice, tested as such
+        where, local, remote = await serving(OpcUaServerConfig.model_validate({
+            **keys, "listen": f"opc.tcp://{every}:{port}"}), port)  # fmt: skip
+        assert where == {every} and local and remote in (None, True)
+        if other is not None:  # one interface's address: that one only
+            port = free_port()
+            where, local, remote = await serving(OpcUaServerConfig.model_validate({
+                **keys, "listen": f"opc.tcp://{other}:{port}"}), port)  # fmt: skip
+            assert where == {other} and not local and remote
 
     run(body)
 

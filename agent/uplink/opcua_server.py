@@ -16,6 +16,9 @@ offline its values turn UncertainLastUsableValue.
 (the latest per variable wins); a task hands them to asyncua at most every
 ``publish_interval``, creating variables the first time they are seen.
 
+Listening: on loopback (``opc.tcp://127.0.0.1:4840``) unless ``listen`` names another address (that
+of the interface the SCADA network reaches, or 0.0.0.0 for every interface).
+
 Access: no anonymous session unless ``allow_anonymous`` (and then read-only); users from
 ``users_file`` or ``user``/``password_file`` may write only the points listed in ``writable``;
 any other write is refused with BadUserAccessDenied. Nobody gets asyncua's admin role.
@@ -45,6 +48,7 @@ import asyncio
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import logging
 import os
 import socket
@@ -107,9 +111,10 @@ class OpcUaServerConfig(StrictModel):
 
     enabled: bool = Field(default=False, description="Serve the devices' values over OPC UA.")
     listen: str = Field(
-        default="opc.tcp://0.0.0.0:4840",
+        default="opc.tcp://127.0.0.1:4840",
         pattern=r"^opc\.tcp://[^/\s:]+:\d+(/\S*)?$",
-        description="Endpoint URL to listen on (opc.tcp://address:port[/path]).",
+        description="Endpoint URL to listen on (opc.tcp://address:port[/path]). The default serves this host only "
+        "(loopback); give the address of the interface SCADA reaches, or 0.0.0.0 for every interface.",
     )
     security_policies: list[PolicyName] = Field(
         default_factory=lambda: list[PolicyName](["Basic256Sha256_SignAndEncrypt"]),
@@ -290,9 +295,9 @@ class OpcUaServer:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._flush_loop())
         url = urlparse(self.config.listen)
-        log.info("OPC UA server listening on %s:%s (%s; anonymous %s)", url.hostname, url.port,
+        log.info("OPC UA server listening on %s:%s (%s; anonymous %s)%s", url.hostname, url.port,
                  ", ".join(self.config.security_policies), "allowed" if tokens and self.config.allow_anonymous
-                 else "refused")  # fmt: skip
+                 else "refused", _loopback_note(url.hostname))  # fmt: skip
 
     async def stop(self) -> None:
         """Push what is pending, stop listening; never raises."""
@@ -579,6 +584,16 @@ def _codes() -> Any:
     from asyncua.ua.status_codes import StatusCodes
 
     return StatusCodes
+
+
+def _loopback_note(host: str | None) -> str:
+    """What the listening line adds when only this host can connect."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        loopback = False
+    return "; loopback only: set uplink.opcua.listen to an address SCADA reaches to serve other hosts" if loopback \
+        else ""  # fmt: skip
 
 
 def _node_id(identifier: str | int, namespace: int = 0) -> ua.NodeId:
