@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sqlite3
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -27,35 +29,30 @@ from typing import Any, Final, ParamSpec, Self, TypeVar
 
 from agent.errors import BufferError_
 from agent.events import Priority
+from agent.salvage import MAGIC, Salvaged, buffer_path_problem, header, looks_like_damaged_outbox, salvage
+from agent.salvage import seq_ranges as _seq_ranges
 
 log = logging.getLogger("agent.buffer")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: meta (sequence epoch, running flag), counter dropped_corrupt
 ROW_OVERHEAD: Final = 64
 """Bytes added to each row's logical size for keys, indexes and page slack."""
 DISK_FULL_MIN_EVICT: Final = 1024 * 1024
 """Least logical bytes evicted when the disk is full, so we do not hit it again at once."""
 DISK_RESERVE: Final = 8 * 1024 * 1024  # free space the buffer leaves on its volume (for WAL, sqlite temp)
 WAL_LIMIT: Final = 2 * 1024 * 1024  # most WAL bytes between checkpoints (less on small volumes)
+BALLAST_EXTRA: Final = 256 * 1024  # reserve file size beyond the WAL's (see Outbox._make_ballast)
 EVICT_STEP_MIN: Final = 64 * 1024
 """Least logical bytes one eviction transaction deletes on a nearly full disk (see _evict_for_disk)."""
 
 _CHUNK: Final = 500  # stays far below SQLite's limit on bound parameters
 _SYNC_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _CORRUPTION_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-_ROW_TYPES: Final[tuple[type | tuple[type, ...], ...]] = (
-    int,
-    int,
-    str,
-    str,
-    int,
-    str,
-    bytes,
-    (int, float),
-    int,
-)
-_COLUMNS: Final = "id, priority, device, type, seq, topic, payload, created, crc"
-_MAGIC: Final = b"SQLite format 3\x00"
+_READONLY_CODES: Final = frozenset({sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN})
+EVICTED_MEMORY: Final = 200_000
+"""Ids of evicted rows a consumer had already taken, remembered so a late PUBACK counts as delivered."""
+DROP_REASONS: Final = ("capacity", "disk_full", "media_quota", "corrupt")
+COUNTERS: Final = ("accepted", "delivered", *(f"dropped_{r}" for r in DROP_REASONS))
 
 _SCHEMA: Final = """
 BEGIN IMMEDIATE;
@@ -76,7 +73,8 @@ CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, seq INTEGER NOT N
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters (name, value) VALUES
     ('accepted', 0), ('delivered', 0), ('dropped_capacity', 0), ('dropped_disk_full', 0),
-    ('dropped_media_quota', 0);
+    ('dropped_media_quota', 0), ('dropped_corrupt', 0);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 COMMIT;
 """
 # Why statements that step few times: Python's sqlite3 releases the GIL around every step
@@ -119,6 +117,10 @@ class BufferSchemaError(BufferError_):
     """The buffer file was written by a newer agent; it is left untouched."""
 
 
+class BufferPathError(BufferError_):
+    """``buffer.path`` cannot hold the buffer (a directory, someone else's file, read-only)."""
+
+
 class _CheckFailed(sqlite3.DatabaseError):
     """``PRAGMA quick_check`` reported problems without raising."""
 
@@ -154,25 +156,34 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
-    """Events of one (device, type, priority) evicted for ``reason``: "capacity", "disk_full" or "media_quota"."""
+    """Events of one (device, type, priority) lost for ``reason`` (one of :data:`DROP_REASONS`).
+
+    Evictions ("capacity", "disk_full", "media_quota") name the type; events lost with a damaged
+    buffer file ("corrupt") are known per device only: their ``type`` is "" and ``seqs`` names
+    the seq ranges they covered, as far as the buffer could tell.
+    """
 
     device: str
     type: str
     priority: int
     count: int
     reason: str
+    seqs: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     """How many records an append committed, their ids, and what it had to evict to do so.
 
-    The records got the consecutive ids ``first_id .. first_id + accepted - 1``, in order.
+    The accepted records got the consecutive ids ``first_id .. first_id + accepted - 1``: in
+    order when ``refused`` is 0. On a full disk the batch goes in class by class, highest first,
+    and ``refused`` records of the lowest classes may not fit (they are not stored).
     """
 
     accepted: int
     dropped: list[Dropped]
     first_id: int = 0
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +204,13 @@ class BufferStats:
     dropped_capacity: int
     dropped_disk_full: int
     dropped_media_quota: int = 0
+    dropped_corrupt: int = 0
+    epoch: str = ""
 
     @property
     def dropped(self) -> int:
-        """Every eviction, whatever the reason."""
-        return self.dropped_capacity + self.dropped_disk_full + self.dropped_media_quota
+        """Every counted loss, whatever the reason."""
+        return self.dropped_capacity + self.dropped_disk_full + self.dropped_media_quota + self.dropped_corrupt
 
 
 def row_size(device: str, type_: str, topic: str, payload: bytes) -> int:
@@ -205,7 +218,8 @@ def row_size(device: str, type_: str, topic: str, payload: bytes) -> int:
     return len(payload) + len(topic) + len(device) + len(type_) + ROW_OVERHEAD
 
 
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+def is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite reported the file damaged (corrupt, not a database, failed check)."""
     if isinstance(exc, _CheckFailed):
         return True
     # Extended codes carry the primary code in the low byte.
@@ -224,13 +238,18 @@ def _is_disk_full(exc: sqlite3.Error) -> bool:
 
 
 def _foreign_header(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(_MAGIC))
-    except FileNotFoundError:
-        return False
     # An empty file is a valid empty database to SQLite.
-    return bool(head) and head != _MAGIC
+    return header(path) not in (b"", MAGIC)
+
+
+def _is_readonly(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _READONLY_CODES
+
+
+def new_epoch() -> str:
+    """A fresh sequence epoch: 16 random hex digits, unique without coordination."""
+    return secrets.token_hex(8)
 
 
 def _peek(conn: sqlite3.Connection, priority: int, after_id: int, limit: int) -> list[Stored]:
@@ -238,19 +257,23 @@ def _peek(conn: sqlite3.Connection, priority: int, after_id: int, limit: int) ->
     if not row or row[0] is None:
         return []
     ids, seqs, createds, devices, types, topics, payloads = row
-    stored = [
-        Stored(int(i), priority, d, t, int(q), tp, p.encode(), float(c))
-        for i, q, c, d, t, tp, p in zip(
-            ids.split(","),
-            seqs.split(","),
-            createds.split(","),
-            devices.split(_SEP),
-            types.split(_SEP),
-            topics.split(_SEP),
-            payloads.split(_SEP),
-            strict=True,
-        )
-    ]
+    try:
+        stored = [
+            Stored(int(i), priority, d, t, int(q), tp, p.encode(), float(c))
+            for i, q, c, d, t, tp, p in zip(
+                ids.split(","),
+                seqs.split(","),
+                createds.split(","),
+                devices.split(_SEP),
+                types.split(_SEP),
+                topics.split(_SEP),
+                payloads.split(_SEP),
+                strict=True,
+            )
+        ]
+    except (ValueError, AttributeError) as exc:
+        # Columns of the wrong type or garbled text: a damaged page SQLite did not notice.
+        raise _CheckFailed(f"unreadable rows ({exc})") from exc
     stored.sort(key=lambda r: r.id)  # group_concat's order is not promised; the alignment is
     return stored
 
@@ -300,7 +323,7 @@ class Outbox:
     """The durable outbox: append, peek by priority, ack after PUBACK.
 
     Args:
-        path: The SQLite file; parent directories are created.
+        path: The SQLite file; parent directories are created (mode 0700), the file is 0600.
         max_bytes: Bound on the logical size of buffered rows; beyond it the
             oldest rows of the lowest priority are evicted.
         synchronous: SQLite ``synchronous`` mode; "FULL" makes every append
@@ -312,11 +335,18 @@ class Outbox:
 
     Raises:
         BufferSchemaError: The file was written by a newer schema version.
+        BufferPathError: ``path`` is a directory, someone else's file, or cannot be written.
         ValueError: ``max_bytes`` or ``synchronous`` is invalid.
 
-    A corrupt or foreign file never raises: it is quarantined beside the
-    original as ``<name>.corrupt-<UTC stamp>``, whatever is readable is salvaged
-    into a fresh file, and :attr:`quarantined` names the quarantined copy.
+    A corrupt file never raises, at start or later on any operation: it is quarantined
+    beside the original as ``<name>.corrupt-<UTC stamp>``, whatever is readable is salvaged
+    into a fresh file, events that could not be salvaged are counted as ``dropped_corrupt``
+    (and listed in :attr:`recovered_drops`), and :attr:`quarantined` names the quarantined copy.
+
+    :attr:`epoch` is the sequence epoch: it changes whenever the file can no longer vouch
+    for the seq numbers it handed out (a new or replaced file, a damaged one whose sequences
+    were lost, a write-ahead log that vanished after a crash), so that a consumer keying on
+    ``(device, seqepoch, seq)`` never mistakes a new event for a duplicate.
     """
 
     def __init__(
@@ -337,16 +367,44 @@ class Outbox:
         self.media_max_bytes = media_max_bytes
         self.quarantined: Path | None = None
         self.generation = 0  # +1 each time the file is replaced; readers reopen on a change
+        self.epoch = ""
+        self.recovered_drops: list[Dropped] = []  # losses of the last replacement, for the health report
+        # Set by the event store: committed events it holds in memory and has not handed out yet,
+        # restored into the fresh file if the damaged one lost them. Called on the buffer's thread.
+        self.hints: Callable[[], list[Stored]] | None = None
+        # Set by the consumer: per class, the highest id it has taken this session. Rows at or
+        # below it may be in flight, so evicting them is remembered (see _evicted_inflight).
+        self.taken: dict[int, int] = {}
         self._synchronous = synchronous.upper()
         self._max_page_count = max_page_count
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._rows_by_device: Counter[str] = Counter()
+        self._pending_counts: Counter[str] = Counter()
+        self._pending_rows: Counter[str] = Counter()
+        self._evicted_inflight: dict[int, str] = {}
+        self._corrupt_credit = (0, 0)  # (ids below, how many): absent ids that were lost, maybe delivered
+        self._committed_seqs: dict[str, int] = {}
+        self._high_id = 0
+        self._total = 0
+        self._broken = False
+        self._ballast_path = Path(f"{self.path}.reserve")
+        self._ballast_size = BALLAST_EXTRA
+        self._ballast = False
+        problem = buffer_path_problem(self.path)
+        if problem:
+            raise BufferPathError(problem)
+        self._prepare_file()
         try:
             self._conn = self._open_checked()
         except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
+                if _is_readonly(exc):
+                    raise self._path_error(exc) from exc
                 raise
-            self._replace_corrupt(exc)
-        self._total = self._sum_sizes()
+            self._replace_corrupt(exc, running=False)
+        else:
+            self._load_mirror()
+        self._make_ballast()
 
     # --- public API -------------------------------------------------------------------------
 
@@ -376,7 +434,13 @@ class Outbox:
         return self._guarded(self._priorities)
 
     def ack(self, ids: Sequence[int]) -> int:
-        """Delete delivered rows; return how many existed (evicted ids are not counted)."""
+        """Delete delivered rows; return how many were counted as delivered.
+
+        The delete is committed without an fsync: a process crash keeps it (it is in the
+        WAL, in the page cache), a power cut may undo it, which only resends those events.
+        An id no longer buffered because it was evicted (or lost with a damaged file) while
+        in flight was delivered after all: it moves from its drop counter to ``delivered``.
+        """
         if not ids:
             return 0
         return self._guarded(self._ack, ids)
@@ -389,8 +453,21 @@ class Outbox:
         """Return a snapshot of sizes and counters."""
         return self._guarded(self._stats)
 
+    def recover(self, exc: sqlite3.DatabaseError, generation: int) -> None:
+        """Replace the file after another connection (a reader) found it corrupt.
+
+        ``generation`` is the one the finder read; if the file was replaced since, nothing
+        is done. The same path as corruption found on this connection.
+        """
+        if generation == self.generation and is_corruption(exc):
+            with suppress(sqlite3.Error):
+                self._conn.close()
+            self._replace_corrupt(exc, running=True)
+
     def close(self) -> None:
-        """Close the connection; further calls raise ``sqlite3.ProgrammingError``."""
+        """Mark a clean stop and close; further calls raise ``sqlite3.ProgrammingError``."""
+        with suppress(sqlite3.Error):
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', '0')")
         self._conn.close()
 
     def __enter__(self) -> Self:
@@ -412,6 +489,8 @@ class Outbox:
         # its WAL frames), so waiting for SQLITE_FULL can leave nothing able to free room.
         early: list[Dropped] = []
         free, volume = self._disk_space()
+        if not self._ballast and free > 4 * self._ballast_size:
+            self._make_ballast()  # the disk has room again: take the reserve back
         # Pages freed by deletes stay in the file for reuse: they are room too.
         free += self._conn.execute("PRAGMA freelist_count").fetchone()[0] * self._page_size
         short = _reserve(volume) + 2 * batch_bytes - free
@@ -427,14 +506,54 @@ class Outbox:
         except sqlite3.OperationalError as exc:
             if not _is_disk_full(exc):
                 raise
-            # Something else filled the disk: checkpoint and truncate the WAL, free room, retry once.
-            with self._disk_full_is_fatal():
-                more = self._evict_for_disk(max(2 * batch_bytes, DISK_FULL_MIN_EVICT))
-                if not more:
-                    raise self._full_error() from exc
-                result = self._append_once(records)
-            early += more
-        return AppendResult(result.accepted, early + result.dropped, result.first_id)
+            result = self._append_on_full_disk(records, exc)
+        return AppendResult(result.accepted, early + result.dropped, result.first_id, result.refused)
+
+    def _append_on_full_disk(self, records: Sequence[Record], exc: sqlite3.OperationalError) -> AppendResult:
+        """Something else filled the disk: take the batch class by class, highest first.
+
+        Each class makes its own room by evicting the oldest lowest-class rows (counted as
+        ``disk_full``), so an alarm is never refused while telemetry rows could be evicted;
+        a class that finds nothing left to evict is refused, and so are the classes below it.
+        Pieces are halved until their WAL frames fit in the room eviction made.
+        """
+        dropped: list[Dropped] = []
+        accepted = refused = first_id = 0
+        for priority in sorted({r.priority for r in records}, reverse=True):
+            group = [r for r in records if r.priority == priority]
+            if refused:
+                refused += len(group)
+                continue
+            try:
+                piece = self._append_piecewise(group)
+            except BufferFullError:
+                refused += len(group)
+                continue
+            first_id = first_id or piece.first_id
+            accepted += piece.accepted
+            dropped += piece.dropped
+        if not accepted:
+            raise self._full_error() from exc
+        return AppendResult(accepted, dropped, first_id, refused)
+
+    def _append_piecewise(self, group: Sequence[Record]) -> AppendResult:
+        need = sum(row_size(r.device, r.type, r.topic, r.payload) for r in group)
+        with self._disk_full_is_fatal():
+            dropped = self._evict_for_disk(max(2 * need, DISK_FULL_MIN_EVICT))
+        try:
+            result = self._append_once(group)
+        except sqlite3.OperationalError as exc:
+            if not _is_disk_full(exc):
+                raise
+            if len(group) == 1 or not dropped:
+                raise self._full_error() from exc
+            half = len(group) // 2
+            first = self._append_piecewise(group[:half])
+            second = self._append_piecewise(group[half:])
+            return AppendResult(
+                first.accepted + second.accepted, dropped + first.dropped + second.dropped, first.first_id
+            )
+        return AppendResult(result.accepted, dropped + result.dropped, result.first_id)
 
     def _evict_for_disk(self, need: int) -> list[Dropped]:
         """Evict ``need`` bytes of the oldest lowest-class rows as ``disk_full`` drops.
@@ -466,7 +585,12 @@ class Outbox:
                 with self._transaction():
                     freed, dropped = self._evict(step, "disk_full")
             except sqlite3.OperationalError as exc:
-                if not _is_disk_full(exc) or step <= EVICT_STEP_MIN:
+                if not _is_disk_full(exc):
+                    raise
+                if self._release_ballast():
+                    self._checkpoint()
+                    continue
+                if step <= EVICT_STEP_MIN:
                     raise
                 step = max(EVICT_STEP_MIN, step // 4)
                 continue
@@ -474,9 +598,48 @@ class Outbox:
             self._checkpoint()  # freed pages go back to the file's free list for the next inserts
             return freed, dropped
 
+    def _make_ballast(self) -> None:
+        """Hold ``_ballast_size`` bytes of the volume in a file of our own (``<buffer>.reserve``).
+
+        Another program can fill the disk to the last byte; then even a DELETE cannot run (its
+        WAL frames need room) nor a checkpoint (it writes pages back). Giving the reserve file
+        back is what lets the buffer evict and go on (see :meth:`_release_ballast`).
+        """
+        try:
+            fd = os.open(self._ballast_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._ballast_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with suppress(OSError):
+                self._ballast_path.unlink()
+            log.debug("buffer reserve file %s not made: %s", self._ballast_path, exc)
+            return
+        self._ballast = True
+
+    def _release_ballast(self) -> bool:
+        """Delete the reserve file to make room on a full disk; False if there was none."""
+        if not self._ballast:
+            return False
+        self._ballast = False
+        try:
+            self._ballast_path.unlink()
+        except OSError:
+            return False
+        log.warning(
+            "the disk holding %s is full: released the buffer's %d-byte reserve to evict old events;"
+            " it is taken back once the disk has room again",
+            self.path,
+            self._ballast_size,
+        )
+        return True
+
     def _checkpoint(self) -> None:
+        # RESTART, not TRUNCATE: the WAL file keeps its blocks (up to journal_size_limit), so on
+        # a disk another program filled, the next DELETE has room for its frames.
         with suppress(sqlite3.OperationalError):  # may itself lack room; eviction still tries
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
     def _disk_space(self) -> tuple[int, int]:
         """Free bytes and size of the buffer's volume (the reserve shrinks on tiny volumes)."""
@@ -489,6 +652,7 @@ class Outbox:
     def _append_once(self, records: Sequence[Record]) -> AppendResult:
         values: list[object] = []
         last: dict[str, int] = {}
+        per_device: dict[str, int] = {}
         added = 0
         media = False
         for r in records:
@@ -496,6 +660,7 @@ class Outbox:
             values += (r.priority, r.device, r.type, r.seq, r.topic, r.payload, size, r.created, zlib.crc32(r.payload))
             added += size
             last[r.device] = max(r.seq, last.get(r.device, r.seq))
+            per_device[r.device] = per_device.get(r.device, 0) + 1
             media = media or r.priority == Priority.MEDIA
         total = self._total + added
         freed = 0
@@ -514,6 +679,7 @@ class Outbox:
                 marks = ",".join(["(?, ?)"] * len(last))
                 conn.execute(_UPSERT_SEQS.format(marks), [v for item in last.items() for v in item])
             self._bump("accepted", len(records))
+            self._pending_rows.update(per_device)
             if media and self.media_max_bytes is not None:
                 freed, dropped = self._evict_media()
             if total - freed > self.max_bytes:
@@ -522,6 +688,11 @@ class Outbox:
                 dropped += more_dropped
         # Only after COMMIT: a rolled-back append must not move the in-memory total.
         self._total = total - freed
+        self._high_id = first_id + len(records) - 1
+        seqs = self._committed_seqs
+        for device, seq in last.items():
+            if seq > seqs.get(device, 0):
+                seqs[device] = seq
         return AppendResult(len(records), dropped, first_id)
 
     def _evict(self, need: int, reason: str) -> tuple[int, list[Dropped]]:
@@ -555,6 +726,9 @@ class Outbox:
                 if running >= need:
                     cut = (priority, row_id, size)
                     break
+            for priority, upto in list(self.taken.items()):
+                if priority <= cut[0]:
+                    self._remember_inflight(priority, upto if priority < cut[0] else min(upto, cut[1]), reason)
             # Two ranges SQLite can walk on the (priority, id) index: every row of the lower
             # classes, and the cut class up to the cut.
             for where, bounds in (("priority < ?", (cut[0],)), ("priority = ? AND id <= ?", (cut[0], cut[1]))):
@@ -566,10 +740,26 @@ class Outbox:
                     groups[device, type_, prio] = groups.get((device, type_, prio), 0) + count
                     freed += size
                 self._conn.execute(f"DELETE FROM outbox WHERE {where}", bounds)  # noqa: S608
+        return freed, self._count_dropped(groups, reason)
+
+    def _count_dropped(self, groups: dict[tuple[str, str, int], int], reason: str) -> list[Dropped]:
         count = sum(groups.values())
         if count:
             self._bump(f"dropped_{reason}", count)
-        return freed, [Dropped(d, t, p, n, reason) for (d, t, p), n in groups.items()]
+        for (device, _, _), n in groups.items():
+            self._pending_rows[device] -= n
+        return [Dropped(d, t, p, n, reason) for (d, t, p), n in groups.items()]
+
+    def _remember_inflight(self, priority: int, upto: int, reason: str) -> None:
+        """Remember evicted rows a consumer has taken: their PUBACK may still come."""
+        packed = self._conn.execute(
+            "SELECT group_concat(id, ',') FROM outbox WHERE priority = ? AND id <= ?", (priority, upto)
+        ).fetchone()[0]
+        if packed:
+            memory = self._evicted_inflight
+            memory.update(dict.fromkeys(map(int, packed.split(",")), reason))
+            while len(memory) > EVICTED_MEMORY:  # the oldest are long past any PUBACK
+                del memory[next(iter(memory))]
 
     def _evict_media(self) -> tuple[int, list[Dropped]]:
         """Delete the oldest media rows past ``media_max_bytes``, inside a transaction."""
@@ -589,15 +779,16 @@ class Outbox:
                 break
         where = "priority = ? AND id <= ?"
         bounds = (int(Priority.MEDIA), cut)
+        taken = self.taken.get(int(Priority.MEDIA))
+        if taken is not None:
+            self._remember_inflight(int(Priority.MEDIA), min(taken, cut), "media_quota")
         groups = self._conn.execute(
             f"SELECT device, type, count(*), sum(size) FROM outbox WHERE {where} GROUP BY device, type",  # noqa: S608
             bounds,
         ).fetchall()
         self._conn.execute(f"DELETE FROM outbox WHERE {where}", bounds)  # noqa: S608
-        count = sum(n for _, _, n, _ in groups)
-        self._bump("dropped_media_quota", count)
         freed = sum(size for _, _, _, size in groups)
-        return freed, [Dropped(d, t, int(Priority.MEDIA), n, "media_quota") for d, t, n, _ in groups]
+        return freed, self._count_dropped({(d, t, int(Priority.MEDIA)): n for d, t, n, _ in groups}, "media_quota")
 
     def _rows_estimate(self) -> int:
         # An upper bound (ids may have holes): it only sizes a round, never the cut itself.
@@ -623,23 +814,63 @@ class Outbox:
     def _ack(self, ids: Sequence[int]) -> int:
         unique = list(dict.fromkeys(ids))
         deleted = freed = 0
-        with self._transaction() as conn:
+        with self._unsynced(), self._transaction() as conn:
             start = 0
             for size in _chunk_sizes(len(unique), _CHUNK):
                 chunk = unique[start : start + size]
                 start += size
                 marks = _placeholders(size)
+                found = 0
+                present: list[str] = []
                 # Only "?" placeholders are interpolated, never values.
-                n, size = conn.execute(
-                    f"SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE id IN ({marks})",  # noqa: S608
+                query = f"SELECT device, count(*), sum(size), group_concat(id, ',') FROM outbox WHERE id IN ({marks})"  # noqa: S608
+                for device, n, nbytes, packed in conn.execute(
+                    query + " GROUP BY device",
                     chunk,
-                ).fetchone()
-                conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
-                deleted += n
-                freed += size
+                ):
+                    self._pending_rows[device] -= n
+                    found += n
+                    freed += nbytes
+                    present.append(packed)
+                if found:
+                    conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
+                if found < len(chunk):
+                    found += self._credit_absent(set(chunk) - {int(i) for p in present for i in p.split(",")})
+                deleted += found
             self._bump("delivered", deleted)
         self._total -= freed
         return deleted
+
+    def _credit_absent(self, absent: set[int]) -> int:
+        """Acknowledged ids no longer buffered that were evicted or lost while in flight.
+
+        The broker has them, so they move from their drop counter to delivered (the caller
+        counts them); returns how many. Any other absent id was delivered before.
+        """
+        below, uncredited = self._corrupt_credit
+        credited = 0
+        for row_id in sorted(absent):
+            reason = self._evicted_inflight.pop(row_id, None)
+            if reason is None and row_id < below and uncredited > 0:
+                reason, uncredited = "corrupt", uncredited - 1
+            if reason is not None:
+                self._bump(f"dropped_{reason}", -1)
+                credited += 1
+        self._corrupt_credit = (below, uncredited)
+        return credited
+
+    @contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commit without fsync: kept across a process crash, maybe not across a power cut."""
+        if self._synchronous not in ("FULL", "EXTRA"):
+            yield
+            return
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            with suppress(sqlite3.Error):
+                self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
 
     def _last_seqs(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT device, seq FROM sequences"))
@@ -652,7 +883,7 @@ class Outbox:
         )
         # Rows arrive in id order, so the lowest id is the oldest without scanning `created`.
         oldest = conn.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
-        counters = dict(conn.execute("SELECT name, value FROM counters"))
+        counters = self._counts
         return BufferStats(
             rows=sum(by_priority.values()),
             bytes=self._total,
@@ -664,6 +895,8 @@ class Outbox:
             dropped_capacity=counters["dropped_capacity"],
             dropped_disk_full=counters["dropped_disk_full"],
             dropped_media_quota=counters["dropped_media_quota"],
+            dropped_corrupt=counters["dropped_corrupt"],
+            epoch=self.epoch,
         )
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -677,17 +910,36 @@ class Outbox:
             yield conn
             conn.execute("COMMIT")
         except BaseException:
+            self._pending_counts.clear()
+            self._pending_rows.clear()
             # SQLite may already have rolled back (it does on some SQLITE_FULL paths).
             if conn.in_transaction:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+        # Only after COMMIT: the in-memory mirrors follow what the file holds, so after a
+        # damaged file is replaced they still say what it held at its last commit.
+        for name, by in self._pending_counts.items():
+            self._counts[name] += by
+        self._rows_by_device.update(self._pending_rows)
+        self._pending_counts.clear()
+        self._pending_rows.clear()
 
     def _bump(self, counter: str, by: int) -> None:
         self._conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, counter))
+        self._pending_counts[counter] += by
 
-    def _sum_sizes(self) -> int:
-        return int(self._conn.execute("SELECT coalesce(sum(size), 0) FROM outbox").fetchone()[0])
+    def _load_mirror(self) -> None:
+        """Read counters, rows per device, sizes and seqs into memory (at open)."""
+        conn = self._conn
+        self._counts = dict.fromkeys(COUNTERS, 0) | dict(conn.execute("SELECT name, value FROM counters"))
+        self._rows_by_device = Counter()
+        self._total = 0
+        for device, rows, size in conn.execute("SELECT device, count(*), sum(size) FROM outbox GROUP BY device"):
+            self._rows_by_device[device] = rows
+            self._total += size
+        self._committed_seqs = dict(conn.execute("SELECT device, seq FROM sequences"))
+        self._high_id = self._next_id() - 1
 
     @contextmanager
     def _disk_full_is_fatal(self) -> Iterator[None]:
@@ -704,17 +956,53 @@ class Outbox:
             " free disk space or lower the buffer's max_bytes"
         )
 
+    def _path_error(self, exc: sqlite3.Error) -> BufferPathError:
+        return BufferPathError(
+            f"buffer {self.path} cannot be written ({exc}): make the file and its directory writable"
+            " by the agent's user, check the volume is not mounted read-only and the file is not"
+            " immutable (lsattr; chattr -i), or point buffer.path elsewhere"
+        )
+
     def _guarded(self, op: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run ``op``; on corruption, quarantine and salvage, then run it once more."""
+        """Run ``op``; on corruption, quarantine and salvage, then run it once more.
+
+        Every operation goes through here, so corruption found on any path (append, peek,
+        ack, eviction, checkpoint, stats) is handled in this one place.
+        """
+        if self._broken:
+            self._reopen()
         try:
             return op(*args, **kwargs)
         except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
                 raise
             with suppress(sqlite3.Error):
                 self._conn.close()
-            self._replace_corrupt(exc)
+            self._replace_corrupt(exc, running=True)
         return op(*args, **kwargs)
+
+    def _reopen(self) -> None:
+        """After a replacement that could not open its fresh file (say, the disk was full)."""
+        self._conn = self._open_checked()
+        self._broken = False
+        self._load_mirror()
+
+    def _prepare_file(self) -> None:
+        """Create the directory (0700) and the file (0600): events are nobody else's business."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            with suppress(OSError):
+                if self.path.stat().st_mode & 0o077:
+                    self.path.chmod(0o600)
+        except OSError as exc:
+            raise BufferPathError(
+                f"cannot create buffer {self.path}: {exc.strerror or exc}; make its directory writable"
+                " by the agent's user or point buffer.path elsewhere"
+            ) from exc
+        else:
+            os.close(fd)
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing commits implicitly.
@@ -728,7 +1016,10 @@ class Outbox:
         # Checked before SQLite sees the file: closing a connection to a foreign file
         # deletes the -wal beside it, which may hold the last committed events.
         if _foreign_header(self.path):
+            if not looks_like_damaged_outbox(self.path):
+                raise BufferPathError(buffer_path_problem(self.path) or f"{self.path} is not a buffer file")
             raise _CheckFailed("file is not a database")
+        wal_existed = Path(f"{self.path}-wal").exists()
         conn = self._connect()
         try:
             # Read the version before any write, so a newer file is left exactly as it was.
@@ -750,6 +1041,7 @@ class Outbox:
             # checkpoint eats the reserve, and on a full disk neither a checkpoint (the file must
             # grow) nor a DELETE (its WAL frames need room) can run again.
             wal = max(64 * self._page_size, min(WAL_LIMIT, _reserve(self._disk_space()[1]) // 4))
+            self._ballast_size = wal + BALLAST_EXTRA
             conn.execute(f"PRAGMA wal_autocheckpoint = {wal // self._page_size}")
             conn.execute(f"PRAGMA journal_size_limit = {wal}")
             if self._max_page_count is not None:
@@ -757,13 +1049,49 @@ class Outbox:
             conn.executescript(_SCHEMA)
             # After the tables: they are created idempotently, so a crash in between is harmless.
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.epoch = self._start_epoch(conn, wal_existed=wal_existed)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _replace_corrupt(self, exc: sqlite3.DatabaseError) -> None:
-        """Quarantine the unreadable file, start a fresh one and salvage into it."""
+    def _start_epoch(self, conn: sqlite3.Connection, *, wal_existed: bool) -> str:
+        """The file's sequence epoch, renewed when its seqs cannot be trusted; mark it running.
+
+        The running flag is checkpointed into the main file at once, so it says "1" there for
+        as long as the agent runs. Finding it so with no write-ahead log beside the file means
+        the log (holding the last commits, and with them the last seqs handed out) was lost:
+        numbering goes on from what the file knows, in a new epoch.
+        """
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        epoch = meta.get("epoch")
+        if epoch is not None and meta.get("running") == "1" and not wal_existed:
+            log.warning(
+                "buffer %s was not closed cleanly and its write-ahead log (%s-wal) is gone: the last"
+                " committed events and seq numbers may be lost; numbering goes on in a new sequence epoch",
+                self.path,
+                self.path,
+            )
+            epoch = None
+        epoch = epoch or new_epoch()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?), ('running', '1')", (epoch,))
+        conn.execute("COMMIT")
+        with suppress(sqlite3.OperationalError):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return epoch
+
+    def _replace_corrupt(self, exc: sqlite3.DatabaseError, *, running: bool) -> None:
+        """Quarantine the unreadable file, start a fresh one, salvage into it and count the rest.
+
+        ``running``: found while the agent ran, so the in-memory mirrors (counters, rows per
+        device, committed seqs) say exactly what the file held at its last commit, and the
+        store's hints hold committed events it has not handed out yet.
+        """
+        before = _Before(
+            dict(self._counts), Counter(self._rows_by_device), dict(self._committed_seqs), self._high_id, self.epoch
+        ) if running else None  # fmt: skip
+        kept = self.hints() if running and self.hints is not None else []
         target = self._quarantine()
         log.error(
             "buffer file %s is corrupt (%s); moved it (with any -wal/-shm) to %s and started"
@@ -774,9 +1102,98 @@ class Outbox:
         )
         self.quarantined = target
         self.generation += 1
-        self._conn = self._open_checked()
-        self._salvage(target)
-        self._total = self._sum_sizes()
+        self._pending_counts.clear()
+        self._pending_rows.clear()
+        try:
+            self._conn = self._open_checked()
+        except sqlite3.Error:
+            self._broken = True  # e.g. the disk is full: the next operation tries again
+            raise
+        self._broken = False
+        found = salvage(target)
+        rows = {row[0]: row for row in found.rows}
+        for r in kept:
+            rows.setdefault(r.id, (r.id, r.priority, r.device, r.type, r.seq, r.topic, r.payload, r.created,
+                                   zlib.crc32(r.payload)))  # fmt: skip
+        self.recovered_drops = []
+        try:
+            self._restore(found, list(rows.values()), before)
+        except sqlite3.Error as exc2:
+            found.problems.append(f"writing the salvage: {exc2}")
+        self._load_mirror()
+        log.log(
+            logging.WARNING if found.problems else logging.INFO,
+            "salvaged %d events and %d device sequences from %s%s",
+            self._counts["accepted"]
+            - self._counts["delivered"]
+            - sum(self._counts[f"dropped_{r}"] for r in DROP_REASONS),
+            len(found.seqs),
+            target,
+            f" (partial: {'; '.join(found.problems)})" if found.problems else "",
+        )
+
+    def _restore(self, found: Salvaged, rows: list[tuple[Any, ...]], before: _Before | None) -> None:
+        """Write the salvage into the fresh file in one transaction: rows, seqs, epoch, counters."""
+        seqs = dict(found.seqs)
+        for device, seq in (before.seqs if before else {}).items():
+            seqs[device] = max(seq, seqs.get(device, seq))
+        for row in rows:
+            seqs[row[2]] = max(row[4], seqs.get(row[2], row[4]))
+        # The numbering is known whole only from memory (found while running) or from an
+        # intact sequences table; otherwise it goes on from what is known, in a new epoch.
+        if before is not None and before.epoch:
+            self.epoch = before.epoch
+        elif found.epoch and found.complete_sequences:
+            self.epoch = found.epoch
+        else:
+            log.warning(
+                "buffer %s: sequence numbers could not all be read back; numbering goes on in new sequence epoch %s",
+                self.path,
+                self.epoch,
+            )
+        sized = [(*row[:7], row_size(row[2], row[3], row[5], row[6]), row[7], row[8]) for row in rows]
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO outbox (id, priority, device, type, seq, topic, payload,"
+                " size, created, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                sized,
+            )
+            conn.executemany(_UPSERT_SEQS.format("(?, ?)"), seqs.items())
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (self.epoch,))
+            saved = len(sized)
+            counts = before.counts if before is not None else found.counters
+            if counts is None:
+                # The old counters are unreadable: count from what survived; how many were lost
+                # cannot be known (the log says so).
+                self._bump("accepted", saved)
+                log.error(
+                    "buffer %s: the damaged file's counters could not be read; an unknown number of events may be lost",
+                    self.path,
+                )
+            else:
+                counts = {name: int(counts.get(name, 0)) for name in COUNTERS}
+                held = counts["accepted"] - counts["delivered"] - sum(counts[f"dropped_{r}"] for r in DROP_REASONS)
+                lost = held - saved
+                if lost < 0:  # more came back than the counters knew of: accept them
+                    counts["accepted"] -= lost
+                    lost = 0
+                counts["dropped_corrupt"] += lost
+                for name, value in counts.items():
+                    self._bump(name, value)
+                if lost:
+                    self.recovered_drops = _lost_by_device(lost, before, rows)
+                    self._corrupt_credit = (before.high_id + 1, lost) if before is not None else (0, 0)
+                    log.error(
+                        "buffer %s: %d events could not be salvaged and are lost (counted as dropped, reason"
+                        " corrupt): %s",
+                        self.path,
+                        lost,
+                        "; ".join(_describe(d) for d in self.recovered_drops),
+                    )
+            excess = sum(s[7] for s in sized) - self.max_bytes
+            if excess > 0:
+                self._total = sum(s[7] for s in sized)
+                self._evict(excess, "capacity")
 
     def _quarantine(self) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -792,107 +1209,40 @@ class Outbox:
                 source.rename(f"{target}{suffix}")
         return target
 
-    def _salvage(self, source: Path) -> None:
-        """Copy what is still readable from ``source``: sequences first, then rows."""
-        problems: list[str] = []
-        seqs: dict[str, int] = {}
-        rows: list[tuple[Any, ...]] = []
-        if _foreign_header(source):
-            log.warning("nothing to salvage from %s: it is not a SQLite database", source)
-            return
-        try:
-            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-        except sqlite3.Error as exc:
-            log.warning("could not salvage anything from %s: %s", source, exc)
-            return
-        try:
-            # A truncated file (shorter than its header says) fails every read as "malformed"
-            # unless SQLite is told to trust the schema it can still read.
-            with suppress(sqlite3.Error):
-                src.execute("PRAGMA writable_schema = ON")
-            try:
-                for device, seq in src.execute("SELECT device, seq FROM sequences"):
-                    if isinstance(device, str) and isinstance(seq, int):
-                        seqs[device] = max(seq, seqs.get(device, seq))
-            except sqlite3.Error as exc:
-                problems.append(f"sequences: {exc}")
-            rows = _read_rows(src, problems)
-        finally:
-            src.close()
-        # A damaged page can yield a row whose payload is cut or garbled: publish only events
-        # that are still whole.
-        whole = [row for row in rows if _intact(row)]
-        if len(whole) < len(rows):
-            problems.append(f"{len(rows) - len(whole)} damaged events left behind")
-        rows = whole
-        for row in rows:
-            seqs[row[2]] = max(row[4], seqs.get(row[2], row[4]))
 
-        saved_seqs = saved_rows = 0
-        try:
-            with self._transaction() as conn:
-                conn.executemany(_UPSERT_SEQS.format("(?, ?)"), seqs.items())
-            saved_seqs = len(seqs)
-        except sqlite3.Error as exc:
-            problems.append(f"writing sequences: {exc}")
-        try:
-            saved_rows = self._restore_rows(rows)
-        except sqlite3.Error as exc:
-            problems.append(f"writing rows: {exc}")
+@dataclass(frozen=True, slots=True)
+class _Before:
+    """What the in-memory mirrors said of a file just before it was found corrupt."""
 
-        if problems:
-            log.warning(
-                "salvage from %s was partial (%s); recovered %d events and %d device sequences",
-                source,
-                "; ".join(problems),
-                saved_rows,
-                saved_seqs,
-            )
-        else:
-            log.info("salvaged %d events and %d device sequences from %s", saved_rows, saved_seqs, source)
-
-    def _restore_rows(self, rows: list[tuple[Any, ...]]) -> int:
-        """Insert salvaged rows, keeping their ids so in-flight acks still match.
-
-        Counters restart from the salvaged rows: the old ones cannot be trusted
-        to match what survived, and the accounting identity must hold.
-        """
-        sized = [(*row[:7], row_size(row[2], row[3], row[5], row[6]), row[7], row[8]) for row in rows]
-        with self._transaction() as conn:
-            conn.executemany(
-                "INSERT OR IGNORE INTO outbox (id, priority, device, type, seq, topic, payload,"
-                " size, created, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                sized,
-            )
-            saved = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-            self._bump("accepted", saved)
-            excess = self._sum_sizes() - self.max_bytes
-            if excess > 0:
-                self._evict(excess, "capacity")
-        return saved
+    counts: dict[str, int]
+    rows_by_device: Counter[str]
+    seqs: dict[str, int]
+    high_id: int
+    epoch: str
 
 
-def _intact(row: tuple[Any, ...]) -> bool:
-    """Whether a salvaged row's payload is whole: its CRC-32 matches the one stored with it."""
-    return bool(zlib.crc32(row[6]) == row[8])
-
-
-def _read_rows(src: sqlite3.Connection, problems: list[str]) -> list[tuple[Any, ...]]:
-    """Read outbox rows up to the first damaged page, then backwards from the end to it."""
-    rows: list[tuple[Any, ...]] = []
-    last_id = -1
-    for order, query in (
-        ("forward", f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id"),  # noqa: S608
-        ("backward", f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id DESC"),  # noqa: S608
-    ):
-        try:
-            for row in src.execute(query, (last_id,)):
-                if all(isinstance(v, t) for v, t in zip(row, _ROW_TYPES, strict=True)):
-                    rows.append(row)
-                if order == "forward" and isinstance(row[0], int):
-                    last_id = row[0]
-        except sqlite3.Error as exc:
-            problems.append(f"outbox ({order}): {exc}")
+def _lost_by_device(lost: int, before: _Before | None, rows: list[tuple[Any, ...]]) -> list[Dropped]:
+    """Who lost how many events, with the seq ranges, where the mirrors say (else one line)."""
+    if before is None:
+        return [Dropped("", "", 0, lost, "corrupt")]
+    saved: dict[str, set[int]] = {}
+    for row in rows:
+        saved.setdefault(row[2], set()).add(row[4])
+    drops = []
+    for device, held in sorted(before.rows_by_device.items()):
+        missing = held - len(saved.get(device, ()))
+        if missing <= 0:
             continue
-        break  # the forward pass read everything
-    return rows
+        # A device's buffered events are nearly always its last `held` seqs (delivery and
+        # eviction both go oldest first): the ones not salvaged among them are the lost ones.
+        last = before.seqs.get(device, 0)
+        candidates = [s for s in range(max(1, last - held + 1), last + 1) if s not in saved.get(device, set())]
+        drops.append(
+            Dropped(device, "", 0, missing, "corrupt", _seq_ranges(candidates[-missing:]) if candidates else "")
+        )
+    return drops or [Dropped("", "", 0, lost, "corrupt")]
+
+
+def _describe(drop: Dropped) -> str:
+    seqs = f" (seq {drop.seqs})" if drop.seqs else ""
+    return f"{drop.device or 'devices unknown'}: {drop.count}{seqs}"

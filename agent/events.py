@@ -166,11 +166,13 @@ def new_event_id() -> str:
     return _event_ids.next()
 
 
-def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: datetime | str) -> bytes:
+def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: datetime | str, epoch: str = "") -> bytes:
     """The CloudEvent as compact UTF-8 JSON (structured mode).
 
     ``now`` is the event's time when the reading has none: a datetime, or the text
     :func:`format_time` made of it (the store formats each millisecond once, not each event).
+    ``epoch`` is the buffer's sequence epoch (``seqepoch``; hex digits, so no escaping), left
+    out when empty.
 
     Built as text around the encoded ``data``: gateway and device ids are validated to
     ``[a-z0-9_-]``, so they need no escaping, and this runs once per event on the hot path.
@@ -184,7 +186,8 @@ def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: da
             f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
             f'"type":{_strict_encode(reading.type)},"time":"{_time_text(reading.time, now)}",'
             f'"datacontenttype":"application/json","gateway":"{gateway}","device":"{device}","seq":{seq},'
-            '"data":'
+            + (f'"seqepoch":"{epoch}",' if epoch else "")
+            + '"data":'
         ).encode()
         + data
         + b"}"

@@ -176,6 +176,7 @@ class Agent:
         # (device, type) -> (class, produced counter cell); cleared with the priority cache.
         self._emit_slots: dict[tuple[str, str], tuple[int, list[int]]] = {}
         self._drops: Counter[tuple[str, str, str]] = Counter()
+        self._drop_seqs: dict[tuple[str, str, str], str] = {}  # seq ranges of events lost with a damaged file
         self._drop_report: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -262,6 +263,8 @@ class Agent:
         for d in dropped:
             self._drops[(d.device, d.type, d.reason)] += d.count
             self._dropped_total[(d.device, d.type, d.reason)] += d.count
+            if d.seqs:
+                self._drop_seqs[(d.device, d.type, d.reason)] = d.seqs
         # One log line and one health event per burst of evictions, not one per commit.
         if self._drop_report is None:
             loop = asyncio.get_running_loop()
@@ -291,6 +294,7 @@ class Agent:
         statuses = Counter(runner.status for runner, _ in self.devices.values())
         drops = [
             {"device": dev, "type": typ, "reason": reason, "count": count}
+            | ({"seqs": self._drop_seqs[dev, typ, reason]} if (dev, typ, reason) in self._drop_seqs else {})
             for (dev, typ, reason), count in sorted(self._drops.items())
         ]
         up = self.uplink.state
@@ -312,6 +316,7 @@ class Agent:
                     "capacity": stats.dropped_capacity,
                     "disk_full": stats.dropped_disk_full,
                     "media_quota": stats.dropped_media_quota,
+                    "corrupt": stats.dropped_corrupt,
                 },
                 "not_accepted": self.store.not_accepted,
             },
@@ -335,6 +340,7 @@ class Agent:
         """Publish one health event (drops reported in it are then cleared)."""
         data = await self.health()
         self._drops.clear()
+        self._drop_seqs.clear()
         self.emit(GATEWAY_STREAM, Reading(GATEWAY_HEALTH, data))
 
     async def _health_loop(self) -> None:

@@ -27,7 +27,7 @@ class _Open(BaseModel):
 
 
 class CloudEvent(_Open):
-    """The envelope: CloudEvents 1.0, JSON structured mode, with three extension attributes."""
+    """The envelope: CloudEvents 1.0, JSON structured mode, with four extension attributes."""
 
     specversion: Literal["1.0"]
     id: str = Field(description="Unique per event; the same on every re-send of that event.")
@@ -45,7 +45,14 @@ class CloudEvent(_Open):
     seq: int = Field(
         ge=1,
         description="Extension: per-device sequence number, +1 per event, "
-        "persistent across restarts. (device, seq) is the idempotency key.",
+        "persistent across restarts. (device, seqepoch, seq) is the idempotency key.",
+    )
+    seqepoch: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="Extension: the sequence epoch. It changes only when the gateway lost track of its "
+        "numbering (its buffer file was damaged, lost or replaced); seq is unique within one epoch. "
+        "Absent on events from agents before it was introduced (treat as '').",
     )
     data: dict[str, Any]
 
@@ -144,17 +151,22 @@ class Accounting(_Open):
     accepted: int
     delivered: int
     buffered: int
-    dropped: dict[str, int] = Field(description="By reason: capacity, disk_full, media_quota.")
+    dropped: dict[str, int] = Field(
+        description="By reason: capacity, disk_full, media_quota, corrupt (lost with a damaged buffer file)."
+    )
     not_accepted: int = Field(description="Readings refused before reaching the buffer (disk stalled or failing).")
 
 
 class DropReport(_Open):
     """Events dropped since the previous health event, per device, type and reason."""
 
-    device: str
-    type: str
-    reason: Literal["capacity", "disk_full", "media_quota"]
+    device: str = Field(description="The device; '' when a damaged buffer file did not say whose events it held.")
+    type: str = Field(description="The event type; '' for reason corrupt (known per device only).")
+    reason: Literal["capacity", "disk_full", "media_quota", "corrupt"]
     count: int
+    seqs: str | None = Field(
+        default=None, description="Reason corrupt: the seq ranges lost, e.g. '120-180, 184' (estimated)."
+    )
 
 
 class UplinkHealth(_Open):

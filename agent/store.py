@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored
+from agent.buffer import BufferFullError, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored, is_corruption
 from agent.events import Priority, Reading, format_time, make_event, topic_for
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class EventStore:
         self._reader: OutboxReader | None = None
         self._reader_generation = -1
         self._outbox: Outbox | None = None
+        self._generation = 0  # the outbox's file generation this store last saw
+        self.epoch = ""  # the buffer's sequence epoch, stamped on every event as seqepoch
         self._seqs: dict[str, int] = {}
         self._pending: list[Record] = []
         self._has_pending = asyncio.Event()
@@ -84,6 +87,9 @@ class EventStore:
     async def open(self) -> None:
         """Open (or quarantine and recreate) the buffer file and load the sequence numbers."""
         self._outbox = await self._call(self._make_outbox)
+        self._outbox.hints = self._untaken
+        self._generation = self._outbox.generation
+        self.epoch = self._outbox.epoch
         self._seqs = await self._call(self.outbox.last_seqs)
         self.priorities |= set(await self._call(self.outbox.priorities))
         self._next_id = await self._call(self.outbox.next_id)
@@ -105,7 +111,9 @@ class EventStore:
             self._now_millis = millis
             self._now_text = format_time(datetime.fromtimestamp(millis / 1000, UTC))
         try:
-            payload = make_event(gateway=self.gateway, device=device, seq=seq, reading=reading, now=self._now_text)
+            payload = make_event(
+                gateway=self.gateway, device=device, seq=seq, reading=reading, now=self._now_text, epoch=self.epoch
+            )
         except (TypeError, ValueError) as exc:
             # A driver bug must not take the device down, nor leave a gap in seq.
             self._refuse(device, f"{reading.type} data is not JSON: {exc}")
@@ -159,17 +167,39 @@ class EventStore:
             # The disk or file failed in a way the buffer could not absorb: count the loss,
             # keep the writer alive, and do not spin on a failing disk.
             self._refuse(batch[0].device, f"buffer write failed: {type(exc).__name__}: {exc}", len(batch))
+            self._check_replaced()
             await asyncio.sleep(WRITE_FAILURE_PAUSE)
         else:
-            self._extend_tail(batch, result.first_id, evicted=bool(result.dropped))
+            self._check_replaced()
+            if result.refused:
+                self._refuse(batch[-1].device, "the disk is full (lower classes refused first)", result.refused)
+            self._extend_tail(batch, result.first_id, result.accepted, evicted=bool(result.dropped or result.refused))
             if result.dropped and self._on_dropped is not None:
                 self._on_dropped(result.dropped)
         self.committed.set()
 
-    def _extend_tail(self, batch: list[Record], first_id: int, *, evicted: bool) -> None:
-        next_id = first_id + len(batch)
+    def _check_replaced(self) -> None:
+        """After the buffer replaced a damaged file: report what was lost, take up its epoch."""
+        outbox = self._outbox
+        if outbox is None or outbox.generation == self._generation:
+            return
+        self._generation = outbox.generation
+        self.epoch = outbox.epoch
+        if outbox.recovered_drops and self._on_dropped is not None:
+            self._on_dropped(outbox.recovered_drops)
+        self.committed.set()  # the uplink may have stalled on the damaged file: let it look again
+
+    def _untaken(self) -> list[Stored]:
+        """Committed events still in memory, not yet handed out (called on the buffer's thread).
+
+        list() of a deque or of dict values is one C call under the GIL: a consistent copy.
+        """
+        return [row for tail in list(self._tail.values()) for row in list(tail)]
+
+    def _extend_tail(self, batch: list[Record], first_id: int, accepted: int, *, evicted: bool) -> None:
+        next_id = first_id + accepted
         if evicted:
-            # Evicted events may sit in the tail: start afresh after this batch.
+            # Evicted (or refused) events may sit in the tail: start afresh after this batch.
             self._tail.clear()
             self._tail_from = dict.fromkeys(self.priorities, next_id)
             self._next_id = next_id
@@ -217,24 +247,44 @@ class EventStore:
             else:
                 loop = asyncio.get_running_loop()
                 rows += await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
+                self._check_replaced()
+        if self._outbox is not None:
+            self._outbox.taken = cursors  # evicting what the consumer holds is remembered (see Outbox.ack)
         return rows
 
     def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
-        """On the read thread: peek through the reader, reopened if the file was replaced."""
-        outbox = self.outbox
-        if self._reader is None or self._reader_generation != outbox.generation:
-            if self._reader is not None:
-                self._reader.close()
-            self._reader, self._reader_generation = OutboxReader(outbox.path), outbox.generation
-        return self._reader.peek(priority, after_id, limit)
+        """On the read thread: peek through the reader, reopened if the file was replaced.
+
+        A damaged file found here is handed to the buffer's thread, which replaces it as it
+        would for damage found on a write, and the read is tried once more on the new file.
+        """
+        for attempt in (1, 2):
+            outbox = self.outbox
+            if self._reader is None or self._reader_generation != outbox.generation:
+                if self._reader is not None:
+                    self._reader.close()
+                self._reader, self._reader_generation = OutboxReader(outbox.path), outbox.generation
+            try:
+                return self._reader.peek(priority, after_id, limit)
+            except sqlite3.DatabaseError as exc:
+                if attempt == 2 or not is_corruption(exc):
+                    raise
+                self._db.submit(outbox.recover, exc, self._reader_generation).result()
+        raise AssertionError("unreachable")
 
     async def ack(self, ids: Sequence[int]) -> int:
-        """Delete delivered events; returns how many were still there."""
-        return await self._call(self.outbox.ack, ids)
+        """Delete delivered events; returns how many were counted as delivered."""
+        try:
+            return await self._call(self.outbox.ack, ids)
+        finally:
+            self._check_replaced()
 
     async def stats(self) -> BufferStats:
         """Counters and depth of the buffer."""
-        return await self._call(self.outbox.stats)
+        try:
+            return await self._call(self.outbox.stats)
+        finally:
+            self._check_replaced()
 
     async def close(self) -> None:
         """Commit what is queued, then close the file."""

@@ -21,7 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.buffer import (
     DISK_FULL_MIN_EVICT,
+    SCHEMA_VERSION,
     BufferFullError,
+    BufferPathError,
     BufferSchemaError,
     BufferStats,
     Dropped,
@@ -64,7 +66,9 @@ def all_rows(box: Outbox) -> list[Stored]:
 
 def assert_balanced(stats: BufferStats) -> None:
     assert stats.accepted == stats.delivered + stats.rows + stats.dropped
-    assert stats.dropped == stats.dropped_capacity + stats.dropped_disk_full + stats.dropped_media_quota
+    assert stats.dropped == (
+        stats.dropped_capacity + stats.dropped_disk_full + stats.dropped_media_quota + stats.dropped_corrupt
+    )
 
 
 def corrupt(path: Path, pages: list[int], seed: int = 7) -> None:
@@ -369,27 +373,31 @@ def assert_quarantined(box: Outbox, path: Path, caplog: pytest.LogCaptureFixture
     assert box.quarantined.parent == path.parent
     assert box.quarantined.name.startswith(f"{path.name}.corrupt-")
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
     assert str(path) in errors[0]
     assert str(box.quarantined) in errors[0]
     assert "safe to delete" in errors[0]
+    # At most one more line: what could not be salvaged, counted (or that it cannot be counted).
+    assert len(errors) <= 2
+    stats = box.stats()
+    if stats.dropped_corrupt:
+        assert f"{stats.dropped_corrupt} events could not be salvaged" in errors[1]
     # The fresh buffer works.
     box.append([rec(1_000_000, device="fresh")])
     assert box.peek(0, 0, 10**6)[-1].seq == 1_000_000
     assert_balanced(box.stats())
 
 
-@pytest.mark.parametrize("damage", ["header", "random_pages", "plain_text"])
+@pytest.mark.parametrize("damage", ["header", "random_pages", "zeroed"])
 def test_corrupt_file_is_quarantined_and_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     path = tmp_path / "buf.db"
-    if damage == "plain_text":
-        path.write_text("this is a config file, not a database\n" * 200)
+    fill(path, batches=5)
+    pages = path.stat().st_size // PAGE
+    rng = random.Random(42)
+    if damage == "zeroed":
+        path.write_bytes(bytes(path.stat().st_size))
     else:
-        fill(path, batches=5)
-        pages = path.stat().st_size // PAGE
-        rng = random.Random(42)
         corrupt(path, [0] if damage == "header" else rng.sample(range(1, pages), 5))
     original = path.read_bytes()
 
@@ -436,12 +444,16 @@ def test_salvage_keeps_sequences_and_readable_rows(tmp_path: Path, caplog: pytes
         assert 1000 < len(rows) < 2000  # most rows survived, the damaged pages' did not
         assert all(s.payload == bytes([s.seq % 100]) * 150 for s in rows)  # fill()'s pattern
         stats = box.stats()
-        assert stats.accepted == len(rows)
+        # The counters were readable: what was not salvaged is counted, not forgotten.
+        assert stats.accepted == 2000
+        assert stats.dropped_corrupt == 2000 - len(rows)
         assert stats.bytes == sum(row_size(s.device, s.type, s.topic, s.payload) for s in rows)
         assert_balanced(stats)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "partial" in warnings[0]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"{2000 - len(rows)} events could not be salvaged" in errors[-1]
 
 
 def test_corruption_found_at_runtime_is_recovered_and_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -529,10 +541,10 @@ def test_a_small_volume_filled_in_big_commits_keeps_taking_events(small_volume: 
 def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "buf.db"
     with sqlite3.connect(path) as raw:
-        raw.execute("PRAGMA user_version = 2")
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.close()
     before = path.read_bytes()
-    with pytest.raises(BufferSchemaError, match=r"schema version 2.*newer") as info:
+    with pytest.raises(BufferSchemaError, match=rf"schema version {SCHEMA_VERSION + 1}.*newer") as info:
         Outbox(path, 1 << 20)
     assert str(path) in str(info.value)
     assert path.read_bytes() == before
@@ -544,7 +556,7 @@ def test_fresh_file_is_wal_and_versioned(tmp_path: Path) -> None:
     Outbox(path, 1 << 20).close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert raw.execute("PRAGMA user_version").fetchone() == (1,)
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     raw.close()
 
 

@@ -12,7 +12,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.conftest import Mosquitto, wait_for, write_config
+from agent.buffer import Outbox
+from tests.conftest import Mosquitto, free_port, wait_for, write_config
 
 METER = "  - {id: meter-1, driver: virtual, kind: meter, interval: 50ms}\n"
 BAY = "  - {id: bay-a1, driver: virtual, kind: parking, interval: 100ms}\n"
@@ -113,15 +114,30 @@ def test_a_corrupt_buffer_is_quarantined_and_the_agent_runs(
     tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory
 ) -> None:
     buffer = tmp_path / "buffer.db"
-    buffer.write_bytes(b"this is not a database, a power cut garbled it" * 100)
+    Outbox(buffer, 1 << 20).close()
+    garbled = b"a power cut garbled the first page" * 120 + bytes(4096 - 34 * 120)
+    with buffer.open("r+b") as f:
+        f.write(garbled)
     sub = subscriber_factory(broker.port)
     config = write_config(tmp_path / "site.yaml", port=broker.port, devices=METER, buffer=buffer)
     agent = agent_factory(config)
     wait_for(lambda: len(sub.seqs("meter-1")) >= 5, 20, "events through a fresh buffer")
     quarantined = list(tmp_path.glob("buffer.db.corrupt-*"))
     assert len(quarantined) == 1
-    assert quarantined[0].read_bytes().startswith(b"this is not a database")
+    assert quarantined[0].read_bytes().startswith(b"a power cut garbled")
     assert str(quarantined[0]) in agent.output()
+
+
+def test_a_buffer_path_at_someone_elses_file_is_refused_and_left_alone(tmp_path: Path, agent_factory) -> None:
+    """Pointing buffer.path at the site file itself: refused by name, the file untouched."""
+    config = write_config(tmp_path / "site.yaml", port=free_port(), devices=METER, buffer=tmp_path / "site.yaml")
+    before = config.read_bytes()
+    agent = agent_factory(config)
+    assert agent.wait(30) != 0
+    assert config.read_bytes() == before
+    assert not list(tmp_path.glob("site.yaml.corrupt-*"))
+    assert f"{config} exists and is not a buffer file" in agent.output()
+    assert "Traceback" not in agent.output()
 
 
 def _disk_used(path: Path) -> int:
