@@ -6,8 +6,9 @@ store is ours so that addressing is explicit (zero-based protocol addresses, as 
 
 Faults can be injected per unit, on a running simulator: answer late (past the client's
 timeout), answer with an exception code, take fewer registers per read, refuse writes with an
-exception code, stay silent, corrupt the CRC, send garbage before the answer, or cut the answer
-short. Writes are applied to the unit's tables and recorded in ``SimulatedUnit.writes``.
+exception code, stay silent, corrupt the CRC, send garbage before the answer, cut the answer
+short, or claim more data in it than it carries (framing intact). Writes are applied to the
+unit's tables and recorded in ``SimulatedUnit.writes``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pymodbus import FramerType
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusDeviceContext, ModbusServerContext
 from pymodbus.datastore.store import BaseModbusDataBlock
+from pymodbus.framer import FramerRTU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from drivers.modbus import codec
@@ -42,6 +44,10 @@ class Faults:
     corrupt_crc: bool = False  # RTU: flip the last byte of each answer
     garbage: bytes = b""  # bytes sent before each answer
     truncate: int = 0  # drop this many bytes from the end of each answer
+    # A read's answer claims two more bytes than it carries, its framing otherwise intact (the
+    # Modbus TCP length field, the RTU CRC): over TCP a frame that does not decode, over RTU
+    # one that never ends.
+    overcount: bool = False
 
 
 class Signal:
@@ -191,6 +197,18 @@ class SimulatedUnit:
             self.tables[table].values[address + i] = reg
 
 
+def _overcount(frame: bytes, framer: FramerType) -> bytes:
+    """A read's answer (functions 1-4) whose byte count is two more than the bytes that follow it."""
+    at = 8 if framer == FramerType.SOCKET else 2  # the byte count: after MBAP or unit, and the function
+    if len(frame) <= at or frame[at - 1] not in (1, 2, 3, 4):
+        return frame
+    frame = frame[:at] + bytes([(frame[at] + 2) & 0xFF]) + frame[at + 1 :]
+    if framer == FramerType.SOCKET:
+        return frame
+    body = frame[:-2]
+    return body + FramerRTU.compute_CRC(body).to_bytes(2, "big")
+
+
 class Simulator:
     """A pymodbus server (TCP, RTU over TCP, or RTU on a serial port) serving simulated units."""
 
@@ -222,6 +240,8 @@ class Simulator:
         f = unit.faults
         if f.silent:
             return b""
+        if f.overcount:
+            data = _overcount(data, self._framer)
         if f.corrupt_crc and data:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         if f.truncate:
