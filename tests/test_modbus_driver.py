@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import logging
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
+from agent.devices import DeviceRunner
+from agent.events import METER_READING, Reading
+from agent.logs import REPEAT_WINDOW_ENV, setup_logging
 from agent.schemas import EVENT_MODELS, CloudEvent
-from drivers.modbus import profiles
+from drivers.modbus import PLUGIN, profiles
 from drivers.modbus.bus import MISMATCH, POOL
 from drivers.modbus.config import ModbusConfig, PointConfig
 from drivers.modbus.driver import ModbusDriver
@@ -377,6 +384,87 @@ def test_rtu_frame_faults_are_survived(fault: dict[str, Any], reason: str | None
             assert ctx.outcomes[-1] == "ok"
 
     run(body)
+
+
+async def _until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("transport", "fault", "reason", "label", "answer"),
+    [
+        # RS-485 noise, or the wrong baud rate or parity: frames whose CRC is wrong
+        ("rtu", "corrupt_crc", "garbled answer (bad CRC or framing; wrong baud rate or parity?)", "bad_checksum",
+         r"9 bytes, no valid frame in them: 01 04 04( [0-9a-f]{2}){6}"),
+        # A TCP gateway that answers with a byte count past the frame's end: pymodbus raises while
+        # decoding it, inside the connection's data_received (asyncio logged that with a traceback)
+        ("tcp", "overcount", "garbled answer (no valid frame)", "bad_frames",
+         r"13 bytes, does not decode: 00 [0-9a-f]{2} 00 00 00 07 01 04 06( [0-9a-f]{2}){4}"),
+    ],
+    ids=["rtu-bad-crc", "tcp-byte-count-past-the-end"],
+)  # fmt: skip
+def test_garbled_answers_are_one_counted_line_per_device_and_the_device_recovers(
+    monkeypatch: pytest.MonkeyPatch, transport: str, fault: str, reason: str, label: str, answer: str
+) -> None:
+    """Issue 12: no tracebacks for malformed answers; one line per device and window, counted; then recovery."""
+    monkeypatch.setenv(REPEAT_WINDOW_ENV, "1s")
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    handler = setup_logging(stream=stream, fmt="text")
+    readings: list[Reading] = []
+
+    async def body() -> None:
+        line = PtyPair() if transport == "rtu" else None
+        port = free_port()
+        where: dict[str, Any] = {"transport": "rtu", "serial": {"port": line.client, "baudrate": 19200}} if line \
+            else {"host": "127.0.0.1", "port": port}  # fmt: skip
+        config = ModbusConfig.model_validate({"id": "meter-1", "driver": "modbus", "interval": "200ms",
+                                              "timeout": "300ms", "points": POINTS[:1], **where})  # fmt: skip
+        unit = SimulatedUnit(1, config.points)
+        sim = Simulator([unit], period=3600)
+        if line is not None:
+            await sim.serve_serial(line.device, baudrate=19200)
+        else:
+            await sim.serve_tcp("127.0.0.1", port)
+        runner = DeviceRunner(config, PLUGIN, lambda _device, reading: readings.append(reading))
+        task = asyncio.create_task(runner.run())
+        try:
+            await _until(lambda: runner.status == "online", 5, "the device online")
+            setattr(unit.faults, fault, True)
+            before = runner.polls_failed
+            await _until(lambda: runner.polls_failed >= before + 10, 15, "ten polls with garbled answers")
+            setattr(unit.faults, fault, False)
+            del readings[:]
+            await _until(lambda: runner.status == "online" and any(
+                r.type == METER_READING and r.data["measurements"][0]["quality"] == "good" for r in readings), 10,
+                "the device back online with good values")  # fmt: skip
+            garbled = runner.telemetry.failures
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await sim.stop()
+            if line is not None:
+                line.close()
+        text = stream.getvalue()
+        assert "Traceback" not in text, text
+        assert f"device meter-1 offline: {reason}" in text
+        assert set(garbled) == {label}, garbled  # every garbled answer counted as such, none as a lost link
+        lines = [ln for ln in text.splitlines() if f"device meter-1: {reason} from unit 1: " in ln]
+        assert lines and all(re.search(answer, ln) for ln in lines), text
+        counts = [int(m.group(1)) for ln in lines if (m := re.search(r"\(repeated (\d+) times in the last 1 s\)$", ln))]
+        assert counts, f"no counted line: {lines}"
+        # one line per window: the first at once, then one a second with the count of the others
+        assert len(lines) <= garbled[label] // 2 and len(lines) + sum(counts) <= garbled[label], (lines, garbled)
+
+    try:
+        run(body)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["holes-read-as-0", "holes-refused"])

@@ -17,7 +17,7 @@ from typing import Any
 
 from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from drivers.modbus.config import ModbusConfig
 
@@ -47,17 +47,22 @@ EXCEPTION_NAMES = {
 }
 
 
-GARBLED = "garbled answer (bad CRC or framing; wrong baud rate or parity?)"
+GARBLED = "garbled answer (bad CRC or framing; wrong baud rate or parity?)"  # RTU framing
+MALFORMED = "garbled answer (no valid frame)"  # Modbus TCP framing, or a frame that does not decode
+SHOWN_BYTES = 32  # of a garbled answer, in its log line
 
 
 class ModbusRequestError(Exception):
     """A request failed; ``reason`` is short and specific (timeout, exception 2 (illegal data address), ...)."""
 
-    def __init__(self, reason: str, *, link: bool = False, exception_code: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, link: bool = False, exception_code: int | None = None, garbled: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.link = link  # the connection itself failed, not just this request
         self.exception_code = exception_code  # the device's exception response, if it sent one
+        self.garbled = garbled  # a garbled answer: what came in ("9 bytes, no valid frame in them: 01 04 ...")
 
 
 class ModbusReadError(ModbusRequestError):
@@ -93,18 +98,35 @@ class Bus:
     key: str
     client: Any
     gap: float = 0.0
+    rtu: bool = False  # RTU framing (serial, or RTU over TCP): frames end in a CRC
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
-    heard: bool = False  # bytes arrived since the last request was sent
+    received: bytes = b""  # what came back since the last request was sent
+    malformed: str | None = None  # why an answer to the current request did not decode, if one did not
     _quiet_at: float = 0.0
+    _waiting: bool = False  # a request was sent and its answer is awaited
 
     def trace(self, sending: bool, data: bytes) -> bytes:
-        """pymodbus's packet hook: notes whether anything came back for the current request."""
+        """pymodbus's packet hook: keeps what came back for the current request."""
         if sending:
-            self.heard = False
+            self.received, self.malformed, self._waiting = b"", None, True
         elif data:
-            self.heard = True
+            self.received = data  # pymodbus's receive buffer: all of the answer so far
         return data
+
+    def discard(self, exc: Exception) -> None:
+        """An answer's frame did not decode: note why, and end the request waiting for it now.
+
+        pymodbus decodes answers inside the connection's ``data_received``; a frame that does
+        not decode (a byte count past its end, an unknown function code, too few bytes for its
+        function) raises there. asyncio then logs it with a traceback and, on TCP, drops the
+        connection. The framer is wrapped (:func:`_guard`) to call this instead.
+        """
+        self.malformed = "does not decode" if isinstance(exc, ModbusException) else f"does not decode ({exc})"
+        # pymodbus makes a request's future before sending it, so once sent, this one is the request's.
+        waiting = self.client.ctx.response_future
+        if self._waiting and not waiting.done():
+            waiting.set_exception(ModbusIOException(MALFORMED))  # type: ignore[no-untyped-call]
 
     async def read(self, table: str, address: int, count: int, unit: int) -> list[int] | list[bool]:
         """Registers (or bits) read from ``unit``.
@@ -152,15 +174,20 @@ class Bus:
                 response = await send()
             except ModbusException as exc:
                 raise_if_cancelling()
+                reason = _describe(exc)
+                if self.malformed is not None:
+                    raise error(MALFORMED, garbled=_shown(self.received, self.malformed)) from exc
+                if reason == "timeout" and self.received:
+                    # Bytes came back but never a valid frame: noise, a bad CRC, a cut frame,
+                    # or (typically, when commissioning) the wrong baud rate or parity. Also
+                    # when pymodbus, after a few of those in a row, closes the connection (the
+                    # next request opens it again).
+                    raise error(GARBLED if self.rtu else MALFORMED, garbled=_shown(self.received)) from exc
                 if not self.client.connected:
                     raise error("connection lost", link=True) from exc
-                reason = _describe(exc)
-                if reason == "timeout" and self.heard:
-                    # Bytes came back but never a valid frame: noise, a bad CRC, a cut frame,
-                    # or (typically, when commissioning) the wrong baud rate or parity.
-                    reason = GARBLED
                 raise error(reason) from exc
             finally:
+                self._waiting = False
                 self._quiet_at = time.monotonic() + self.gap
         raise_if_cancelling()
         if response.isError():
@@ -178,6 +205,32 @@ class Bus:
     def close(self) -> None:
         """Close the connection; safe to call twice."""
         self.client.close()
+
+
+def _shown(data: bytes, note: str = "no valid frame in them") -> str:
+    """A garbled answer for its log line: ``9 bytes, no valid frame in them: 01 04 04 ...``."""
+    shown = " ".join(f"{b:02x}" for b in data[:SHOWN_BYTES]) + (" ..." if len(data) > SHOWN_BYTES else "")
+    return f"{len(data)} bytes, {note}: {shown}"
+
+
+def _guard(bus: Bus) -> None:
+    """Route a frame that does not decode to :meth:`Bus.discard` instead of out of the protocol.
+
+    Its bytes are dropped from the receive buffer, the connection stays, and the request
+    waiting for the answer fails at once as a garbled answer (not after its timeout).
+    """
+    framer = bus.client.ctx.framer
+    handle = framer.handleFrame
+
+    def tolerant(data: bytes, device_id: int, tid: int) -> tuple[int, Any]:
+        try:
+            used, pdu = handle(data, device_id, tid)
+        except Exception as exc:  # anything a decoder raises on received bytes means they are garbled
+            bus.discard(exc)
+            return len(data), None
+        return int(used), pdu
+
+    framer.handleFrame = tolerant
 
 
 def _describe(exc: ModbusException) -> str:
@@ -206,8 +259,9 @@ class BusPool:
         key = config.bus_key()
         bus = self._buses.get(key)
         if bus is None:
-            bus = Bus(key, None, gap=_gap(config))
+            bus = Bus(key, None, gap=_gap(config), rtu=config.transport != "tcp")
             bus.client = _client(config, bus.trace)
+            _guard(bus)
             self._buses[key] = bus
             self._settings[key] = config
         elif config.serial is not None and config.serial != self._settings[key].serial:

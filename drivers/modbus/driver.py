@@ -300,6 +300,8 @@ class ModbusDriver(Driver):
             values = await self._bus.read(read.table, read.address, read.count, self.config.unit)
         except ModbusReadError as exc:
             self.stats["failed_requests"] += 1
+            if exc.garbled is not None:
+                self._garbled(exc)
             failure = exc.reason if exc.link or exc.reason == "timeout" else None
             parts = split(read) if exc.exception_code in _SPLIT_ON else [read]
             if len(parts) > 1:
@@ -345,6 +347,17 @@ class ModbusDriver(Driver):
             ):
                 read.block = codec.compile_block([(p.address - read.address, p.type) for p in read.points], read.count)
         return reads
+
+    def _garbled(self, exc: ModbusReadError) -> None:
+        """One line per garbled answer, with what came in; the log folds the repeats per device.
+
+        agent/logs.py writes the first at once, then one per window (EDGE_AGENT_LOG_REPEAT_WINDOW,
+        60 s) that counts the others: ``... (repeated 57 times in the last 60 s)``. A poll that
+        got nothing else fails with the answer's reason, and the runtime counts it in
+        ``edge_agent_device_poll_failures_total`` (``bad_checksum``, ``bad_frames``).
+        """
+        log.warning("device %s: %s from unit %d: %s", self.config.id, exc.reason, self.config.unit, exc.garbled,
+                    extra={"device": self.config.id})  # fmt: skip
 
     def _refused(self, read: Request, parts: list[Request], reason: str) -> None:
         self.stats["splits"] += 1
