@@ -107,7 +107,7 @@ class WritablePoint(StrictModel):
 
 
 class OpcUaServerConfig(StrictModel):
-    """The gateway's own OPC UA server (``uplink.opcua_server`` in the site file, when wired)."""
+    """The gateway's own OPC UA server (``uplink.opcua`` in the site file)."""
 
     enabled: bool = Field(default=False, description="Serve the devices' values over OPC UA.")
     listen: str = Field(
