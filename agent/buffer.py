@@ -95,7 +95,7 @@ _SEP: Final = "\x1e"
 _PEEK_PACKED: Final = (
     "SELECT group_concat(id, ','), group_concat(seq, ','), group_concat(created, ','),"
     " group_concat(device, char(30)), group_concat(type, char(30)), group_concat(topic, char(30)),"
-    " group_concat(CAST(payload AS TEXT), char(30))"
+    " group_concat(CAST(payload AS TEXT), char(30)), group_concat(crc, ',')"
     " FROM (SELECT * FROM outbox WHERE priority = ? AND id > ? ORDER BY id LIMIT ?)"
 )
 # Ids, priorities and sizes of the oldest-lowest-class prefix of a given length.
@@ -256,7 +256,7 @@ def _peek(conn: sqlite3.Connection, priority: int, after_id: int, limit: int) ->
     row = conn.execute(_PEEK_PACKED, (priority, after_id, limit)).fetchone()
     if not row or row[0] is None:
         return []
-    ids, seqs, createds, devices, types, topics, payloads = row
+    ids, seqs, createds, devices, types, topics, payloads, crcs = row
     try:
         stored = [
             Stored(int(i), priority, d, t, int(q), tp, p.encode(), float(c))
@@ -271,9 +271,13 @@ def _peek(conn: sqlite3.Connection, priority: int, after_id: int, limit: int) ->
                 strict=True,
             )
         ]
+        # A page cut short can still parse: only a payload matching its CRC-32 is published.
+        intact = all(zlib.crc32(s.payload) == int(c) for s, c in zip(stored, crcs.split(","), strict=True))
     except (ValueError, AttributeError) as exc:
         # Columns of the wrong type or garbled text: a damaged page SQLite did not notice.
         raise _CheckFailed(f"unreadable rows ({exc})") from exc
+    if not intact:
+        raise _CheckFailed("an event's payload does not match its CRC-32")
     stored.sort(key=lambda r: r.id)  # group_concat's order is not promised; the alignment is
     return stored
 
@@ -382,6 +386,7 @@ class Outbox:
         self._pending_counts: Counter[str] = Counter()
         self._pending_rows: Counter[str] = Counter()
         self._evicted_inflight: dict[int, str] = {}
+        self._unexplained: dict[int, None] = {}  # acknowledged ids a lookup did not find
         self._corrupt_credit = (0, 0)  # (ids below, how many): absent ids that were lost, maybe delivered
         self._committed_seqs: dict[str, int] = {}
         self._high_id = 0
@@ -856,6 +861,12 @@ class Outbox:
             if reason is not None:
                 self._bump(f"dropped_{reason}", -1)
                 credited += 1
+            else:
+                # Not found, nothing explains it: a damaged page can hide a row from a lookup
+                # without an error. Remembered, so a later replacement counts it as delivered.
+                self._unexplained[row_id] = None
+                if len(self._unexplained) > EVICTED_MEMORY:
+                    del self._unexplained[next(iter(self._unexplained))]
         self._corrupt_credit = (below, uncredited)
         return credited
 
@@ -986,6 +997,7 @@ class Outbox:
         self._conn = self._open_checked()
         self._broken = False
         self._load_mirror()
+        self.generation += 1
 
     def _prepare_file(self) -> None:
         """Create the directory (0700) and the file (0600): events are nobody else's business."""
@@ -1101,13 +1113,13 @@ class Outbox:
             target,
         )
         self.quarantined = target
-        self.generation += 1
         self._pending_counts.clear()
         self._pending_rows.clear()
         try:
             self._conn = self._open_checked()
         except sqlite3.Error:
             self._broken = True  # e.g. the disk is full: the next operation tries again
+            self.generation += 1
             raise
         self._broken = False
         found = salvage(target)
@@ -1121,6 +1133,8 @@ class Outbox:
         except sqlite3.Error as exc2:
             found.problems.append(f"writing the salvage: {exc2}")
         self._load_mirror()
+        # Last: other threads look at the epoch and the drops once they see a new generation.
+        self.generation += 1
         log.log(
             logging.WARNING if found.problems else logging.INFO,
             "salvaged %d events and %d device sequences from %s%s",
@@ -1160,6 +1174,11 @@ class Outbox:
             )
             conn.executemany(_UPSERT_SEQS.format("(?, ?)"), seqs.items())
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?)", (self.epoch,))
+            # Ids are never given twice: one lost with the damaged file may still be in flight,
+            # and its PUBACK must not delete the new event that would otherwise get its id.
+            high_id = max(found.high_id, before.high_id if before is not None else 0, *(r[0] for r in rows))
+            conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (high_id,))
             saved = len(sized)
             counts = before.counts if before is not None else found.counters
             if counts is None:
@@ -1172,6 +1191,11 @@ class Outbox:
                 )
             else:
                 counts = {name: int(counts.get(name, 0)) for name in COUNTERS}
+                if before is not None:
+                    # Acknowledged while the damaged file hid them, and not salvaged: delivered.
+                    saved_ids = {row[0] for row in rows}
+                    counts["delivered"] += sum(1 for i in self._unexplained if i not in saved_ids)
+                    self._unexplained.clear()
                 held = counts["accepted"] - counts["delivered"] - sum(counts[f"dropped_{r}"] for r in DROP_REASONS)
                 lost = held - saved
                 if lost < 0:  # more came back than the counters knew of: accept them

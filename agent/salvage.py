@@ -112,6 +112,7 @@ class Salvaged:
     epoch: str | None = None
     complete_sequences: bool = False
     counters: dict[str, int] | None = None
+    high_id: int = 0  # the highest row id the file ever gave, as far as can be read
     problems: list[str] = field(default_factory=list)
 
 
@@ -141,6 +142,9 @@ def salvage(source: Path) -> Salvaged:
         with suppress(sqlite3.Error):
             row = src.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             found.epoch = row[0] if row and isinstance(row[0], str) else None
+        with suppress(sqlite3.Error):
+            row = src.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            found.high_id = row[0] if row and isinstance(row[0], int) else 0
         try:
             counters = dict(src.execute("SELECT name, value FROM counters"))
             if all(isinstance(v, int) for v in counters.values()) and "accepted" in counters:
@@ -156,6 +160,7 @@ def salvage(source: Path) -> Salvaged:
         found.problems.append(f"{len(rows) - len(found.rows)} damaged events left behind")
     for row in found.rows:
         found.seqs[row[2]] = max(row[4], found.seqs.get(row[2], row[4]))
+        found.high_id = max(found.high_id, row[0])
     return found
 
 

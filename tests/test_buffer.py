@@ -23,7 +23,6 @@ from agent.buffer import (
     DISK_FULL_MIN_EVICT,
     SCHEMA_VERSION,
     BufferFullError,
-    BufferPathError,
     BufferSchemaError,
     BufferStats,
     Dropped,
