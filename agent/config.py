@@ -7,9 +7,10 @@ is wrong, so a technician fixes them all in one pass (``edge-agent validate``).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -30,9 +31,12 @@ from agent.events import GATEWAY_STREAM
 from agent.registry import load_plugins
 from agent.units import parse_size
 from agent.uplink.opcua_server import OpcUaServerConfig
+from agent.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yaml, read_text
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+
+log = logging.getLogger(__name__)
 
 
 class GatewayConfig(StrictModel):
@@ -293,13 +297,17 @@ class AgentConfigBase(StrictModel):
 def device_id_problems(ids: list[object]) -> list[str]:
     """Duplicate or reserved device ids, as ``devices[i].id: message``."""
     problems = []
-    seen: dict[object, int] = {}
+    seen: dict[str, int] = {}
     for index, device_id in enumerate(ids):
+        if not isinstance(device_id, str):
+            continue  # missing, or not a string: the id's own check says so
         if device_id == GATEWAY_STREAM:
             problems.append(f"devices[{index}].id: '{GATEWAY_STREAM}' is reserved for gateway events")
         elif device_id in seen:
-            problems.append(f"devices[{index}].id: duplicate device id '{device_id}' (also devices[{seen[device_id]}])")
-        elif device_id is not None:
+            problems.append(
+                f"devices[{index}].id: duplicate device id {clip(device_id)} (also devices[{seen[device_id]}])"
+            )
+        else:
             seen[device_id] = index
     return problems
 
@@ -324,64 +332,90 @@ def json_schema() -> dict[str, Any]:
     schema = config_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "edge-agent site configuration"
+    schema["patternProperties"] = {f"^{EXTENSION_PREFIX}": {"description": "Ignored: anchors for merge keys."}}
     return schema
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+MAX_PROBLEMS = 100  # listed at most; the rest are counted
+MESSAGE_CHARS = 400  # one problem's message at most (values in it are clipped to 80 characters)
+EXTENSION_PREFIX = "x-"  # top-level keys ignored by validation (anchors to merge from)
+CHECK_FAILED = "the agent could not check this file"  # a bug: never a hostile file's fault
 
 
 def load_config(path: Path) -> AgentConfigBase:
-    """Read and validate a site file.
+    """Read and validate a site file (at most 1 MiB; see agent/yaml_load.py for the parser's bounds).
 
     Raises:
         ConfigError: listing every problem as ``file:line: field.path: message``.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except YamlLoadError as exc:
+        raise ConfigError([f"{_where(path, exc.line)}: {exc.message}"]) from None
     return parse_config(text, path)
 
 
 def parse_config(text: str, path: Path) -> AgentConfigBase:
-    """Validate YAML text as a site file; ``path`` names it in errors and anchors relative paths."""
+    """Validate YAML text as a site file; ``path`` names it in errors and anchors relative paths.
+
+    Whatever the text, the outcome is the config or a ConfigError: never another exception, and
+    never a message that repeats more than a few dozen characters of what was written.
+    """
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: not valid YAML: {problem}"]) from exc
+        data, root = load_yaml(text)
+    except YamlLoadError as exc:
+        what = "" if exc.bound else "not valid YAML: "
+        raise ConfigError([f"{_where(path, exc.line)}: {what}{exc.message}"]) from None
+    try:
+        return _validate(data, _Lines(root), path)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a validator's bug; refuse the file rather than crash a reload
+        log.debug("validating %s failed", path, exc_info=True)
+        detail = clip_text(f"{type(exc).__name__}: {exc}", 200)
+        raise ConfigError([f"{path}: {CHECK_FAILED} ({detail}); please report it (-v logs where)"]) from exc
+
+
+def _where(path: Path, line: int | None) -> str:
+    return f"{path}:{line}" if line else str(path)
+
+
+def _validate(data: Any, lines: _Lines, path: Path) -> AgentConfigBase:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping with gateway, uplink, buffer, devices"])
+    # Top-level x-... keys are the file's own: a place for anchors that devices merge (<<: *name).
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
     # Cross-device checks run on the raw data too, so they are reported alongside field errors.
     devices = data.get("devices")
     raw_devices: list[Any] = devices if isinstance(devices, list) else []
     raw_ids = [d.get("id") if isinstance(d, dict) else None for d in raw_devices]
-    early = [
-        _located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1]) for p in device_id_problems(raw_ids)
-    ]
+    early = [_located(lines, path, *_split(p)) for p in device_id_problems(raw_ids)]
     try:
         config = config_model().model_validate(data, context={"base_dir": path.parent.absolute()})
     except ValidationError as exc:
-        found = dict.fromkeys([*_each_problem(exc, data, root, path), *early])  # dedupe, keep order
-        raise ConfigError([text for _, text in sorted(found, key=lambda p: p[0])]) from exc
-    late = [_located(root, path, _parse_path(p.split(": ", 1)[0]), p.split(": ", 1)[1])
-            for p in cross_device_problems(config.devices)]  # fmt: skip
+        found = dict.fromkeys([*_each_problem(exc, data, lines, path), *early])  # dedupe, keep order
+        raise ConfigError(_listed(found, exc.error_count() - _MOST_ERRORS, path)) from exc
+    late = [_located(lines, path, *_split(p)) for p in cross_device_problems(config.devices)]
     if early or late:
-        raise ConfigError([text for _, text in sorted([*early, *late], key=lambda p: p[0])])
+        raise ConfigError(_listed([*early, *late], 0, path))
     return config
+
+
+def _split(problem: str) -> tuple[list[int | str], str]:
+    """``"devices[1].id: message"`` -> (["devices", 1, "id"], "message")."""
+    where, _, message = problem.partition(": ")
+    return _parse_path(where), message
+
+
+def _listed(found: Iterable[tuple[int, str]], unread: int, path: Path) -> list[str]:
+    """Problems by line, at most MAX_PROBLEMS of them, and how many more there are."""
+    problems = [text for _, text in sorted(found, key=lambda p: p[0])]
+    more = len(problems) - MAX_PROBLEMS + max(unread, 0)
+    if more > 0:
+        problems = [*problems[:MAX_PROBLEMS], f"{path}: ... and {more} more problem(s): fix the ones above first"]
+    return problems
 
 
 def cross_device_problems(devices: list[DeviceConfig]) -> list[str]:
@@ -396,17 +430,21 @@ def cross_device_problems(devices: list[DeviceConfig]) -> list[str]:
     return problems
 
 
-def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path: Path) -> Iterator[tuple[int, str]]:
+_MOST_ERRORS = 1000  # pydantic errors located at most (a hostile file can have hundreds of thousands)
+
+
+def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, path: Path) -> Iterator[tuple[int, str]]:
     plugins = load_plugins()
     drivers = ", ".join(sorted(plugins)) or "none installed"
     # A device whose driver is unknown gets one error, not one per key the union tried.
+    devices = data.get("devices")
     unknown = (
-        {i for i, d in enumerate(data.get("devices") or []) if isinstance(d, dict) and d.get("driver") not in plugins}
-        if isinstance(data.get("devices"), list)
+        {i for i, d in enumerate(devices) if isinstance(d, dict) and not _known_driver(d.get("driver"), plugins)}
+        if isinstance(devices, list)
         else set()
     )
-    for error in exc.errors(include_url=False):
-        keys = _data_path(error["loc"], data)
+    for error in exc.errors(include_url=False)[:_MOST_ERRORS]:
+        keys, beyond = _data_path(error["loc"], data)
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             keys = [*keys, "driver"]  # the union names the device; the problem is its driver key
         if len(keys) >= 2 and keys[0] == "devices" and keys[1] in unknown and keys[2:] != ["driver"]:
@@ -414,8 +452,7 @@ def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path:
         message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if message.startswith("devices[") and ": " in message:
             # Cross-field checks name their own path; use it so the line number is right.
-            own, message = message.split(": ", 1)
-            keys = _parse_path(own)
+            keys, message = _split(message)
         kind = error["type"]
         if kind == "extra_forbidden":
             message = "unknown key (check the spelling; see `edge-agent schema`)"
@@ -423,14 +460,20 @@ def _each_problem(exc: ValidationError, data: Any, root: yaml.Node | None, path:
             message = "required key is missing"
         elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":
             given = error["input"].get("driver") if isinstance(error["input"], dict) else error["input"]
-            message = f"unknown driver {given!r} (installed: {drivers})"
+            message = f"unknown driver {clip(given)} (installed: {drivers})"
         elif kind == "union_tag_not_found":
             message = f"missing 'driver' key (installed: {drivers})"
         elif kind in ("literal_error", "enum") or kind.startswith(("greater_than", "less_than")):
-            message = f"{message}, got {error['input']!r}"
+            message = f"{message}, got {clip(error['input'])}"
         elif kind == "string_pattern_mismatch":
-            message = _PATTERN_HELP.get(str(keys[-1]) if keys else "", message) + f", got {error['input']!r}"
-        yield _located(root, path, keys, message)
+            message = _PATTERN_HELP.get(str(keys[-1]) if keys else "", message) + f", got {clip(error['input'])}"
+        if beyond:
+            message = f"{_format_path(beyond)} (with the profile's): {message}"
+        yield _located(lines, path, keys, message)
+
+
+def _known_driver(name: object, plugins: dict[str, Any]) -> bool:
+    return isinstance(name, str) and name in plugins
 
 
 _PATTERN_HELP = {
@@ -439,28 +482,32 @@ _PATTERN_HELP = {
 }
 
 
-def _located(root: yaml.Node | None, path: Path, keys: list[int | str], message: str) -> tuple[int, str]:
+def _located(lines: _Lines, path: Path, keys: list[int | str], message: str) -> tuple[int, str]:
     """``(line, "file:line: field.path: message")`` for sorting and printing."""
-    line = _line_of(root, keys)
+    line = lines.line_of(keys)
     where = f"{path}:{line}" if line else str(path)
-    return line or 0, f"{where}: {_format_path(keys) or '(top level)'}: {message}"
+    return line or 0, f"{where}: {_format_path(keys) or '(top level)'}: {clip_text(message, MESSAGE_CHARS)}"
 
 
-def _data_path(loc: tuple[int | str, ...], data: Any) -> list[int | str]:
-    """Keep the parts of pydantic's location that exist in the data (drops union tags)."""
+def _data_path(loc: tuple[int | str, ...], data: Any) -> tuple[list[int | str], list[int | str]]:
+    """The parts of pydantic's location that exist in the data (union tags dropped), and the rest
+    when it goes on past the data's end (an item a driver added, as a modbus profile's points)."""
     keys: list[int | str] = []
     node = data
-    for part in loc:
+    plugins = load_plugins()
+    for at, part in enumerate(loc):
         if _has(node, part):
             node = node[part]
             keys.append(part)
-        elif isinstance(node, dict | list):
-            if isinstance(part, str) and part not in load_plugins():
+        elif isinstance(node, list):
+            return keys, [p for p in loc[at:] if not (isinstance(p, str) and p in plugins)]
+        elif isinstance(node, dict):
+            if isinstance(part, str) and part not in plugins:
                 keys.append(part)  # a missing key: name it
                 node = None
         else:
             break
-    return keys
+    return keys, []
 
 
 def _has(node: Any, part: int | str) -> bool:
@@ -480,25 +527,42 @@ def _parse_path(text: str) -> list[int | str]:
 def _format_path(keys: list[int | str]) -> str:
     out = ""
     for key in keys:
-        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else str(key))
+        name = key if isinstance(key, int) or len(key) <= ECHO_CHARS else clip(key)
+        out += f"[{name}]" if isinstance(name, int) else (f".{name}" if out else str(name))
     return out
 
 
-def _line_of(node: yaml.Node | None, keys: list[int | str]) -> int | None:
-    """1-based line of the deepest node along ``keys`` that exists in the YAML."""
-    if node is None:
-        return None
-    line = node.start_mark.line + 1
-    for key in keys:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == key), None)
-            if match is None:
+class _Lines:
+    """Line numbers of field paths in the parsed YAML, each mapping indexed once (a file with
+    100,000 keys would otherwise cost a scan of them per problem)."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.root = root
+        self._keys: dict[int, dict[str, tuple[int, yaml.Node]]] = {}
+
+    def line_of(self, keys: list[int | str]) -> int | None:
+        """1-based line of the deepest node along ``keys`` that exists in the YAML."""
+        node = self.root
+        if node is None:
+            return None
+        line: int = node.start_mark.line + 1
+        for key in keys:
+            if isinstance(node, yaml.MappingNode):
+                found = self._index(node).get(str(key))
+                if found is None:
+                    return line
+                line, node = found
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
                 return line
-            key_line = next(k.start_mark.line + 1 for k, v in node.value if k.value == key)
-            node, line = match, key_line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
+        return line
+
+    def _index(self, node: yaml.MappingNode) -> dict[str, tuple[int, yaml.Node]]:
+        index = self._keys.get(id(node))
+        if index is None:
+            # Merged keys come first and the mapping's own last, so the one that counts wins.
+            index = {str(k.value): (k.start_mark.line + 1, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+            self._keys[id(node)] = index
+        return index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
@@ -162,8 +163,8 @@ class ModbusConfig(DeviceConfig):
     @model_validator(mode="before")
     @classmethod
     def _profile(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, dict) or not data.get("profile"):
-            return data
+        if not isinstance(data, dict) or not data.get("profile") or not _mergeable(data):
+            return data  # nothing to merge, or keys of the wrong type that their own checks name
         base_dir = (info.context or {}).get("base_dir")
         try:
             return apply_profile(data, base_dir)
@@ -181,8 +182,7 @@ class ModbusConfig(DeviceConfig):
             raise ValueError(f"transport {self.transport} needs host")
         if not self.points:
             raise ValueError("no points: give a profile or a points list")
-        names = [p.name for p in self.points]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(n for n, count in Counter(p.name for p in self.points).items() if count > 1)
         if dupes:
             raise ValueError(f"duplicate point names: {', '.join(dupes)}")
         for point in self.points:
@@ -220,6 +220,18 @@ class ModbusConfig(DeviceConfig):
         if self.transport == "rtu" and self.serial is not None:
             return f"rtu:{self.serial.port}"
         return f"{self.transport}:{self.host}:{self.port}"
+
+
+def _mergeable(device: dict[str, Any]) -> bool:
+    """Whether a profile can be merged into these raw keys: a profile name, and points and exclude
+    that are lists (of mappings, of names) if given. Otherwise the keys' own checks report them."""
+    points, exclude = device.get("points") or [], device.get("exclude") or []
+    return (
+        isinstance(device["profile"], str)
+        and isinstance(points, list)
+        and isinstance(exclude, list)
+        and all(isinstance(name, str) for name in exclude)
+    )
 
 
 def parse_modicon(text: str) -> tuple[Table, int]:

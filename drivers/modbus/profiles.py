@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+from agent.yaml_load import YamlLoadError, clip, load_yaml, read_text
 
 # Searched in order: $EDGE_AGENT_PROFILES, next to the site file, the system's, then the ones
 # shipped with the agent.
@@ -52,13 +52,19 @@ def available(base_dir: str | Path | None = None) -> dict[str, Path]:
 def _read(path: Path, mtime_ns: int) -> dict[str, Any]:
     del mtime_ns  # part of the cache key: an edited profile is read again on reload
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ProfileError(f"profile file {path}: cannot read: {exc}") from exc
+        data, _ = load_yaml(read_text(path))  # bounded like the site file: it may sit next to it
+    except OSError as exc:
+        raise ProfileError(f"profile file {path}: cannot read: {exc.strerror or exc}") from exc
+    except YamlLoadError as exc:
+        raise ProfileError(f"profile file {path}:{exc.line or ''}: {exc.message}") from None
     if not isinstance(data, dict) or not isinstance(data.get("points"), list):
         raise ProfileError(f"profile file {path}: expected a mapping with a points list")
+    if not all(isinstance(p, dict) for p in data["points"]):
+        raise ProfileError(f"profile file {path}: each point is a mapping (name, table, address, ...)")
     if data.get("profile") != path.stem:
-        raise ProfileError(f"profile file {path}: 'profile: {data.get('profile')}' must equal the file name")
+        raise ProfileError(f"profile file {path}: 'profile: {clip(data.get('profile'))}' must equal the file name")
+    if not isinstance(data.get("defaults") or {}, dict):
+        raise ProfileError(f"profile file {path}: defaults is a mapping of device keys")
     unknown = set(data.get("defaults") or {}) - _DEVICE_KEYS
     if unknown:
         raise ProfileError(f"profile file {path}: unknown defaults {sorted(unknown)}")
@@ -69,7 +75,7 @@ def load(name: str, base_dir: str | Path | None = None) -> dict[str, Any]:
     """The profile's parsed file (``profile``, ``vendor``, ``model``, ``manual``, ``defaults``, ``points``)."""
     files = available(base_dir)
     if name not in files:
-        raise ProfileError(f"unknown profile {name!r} (available: {', '.join(sorted(files)) or 'none'})")
+        raise ProfileError(f"unknown profile {clip(name)} (available: {', '.join(sorted(files)) or 'none'})")
     path = files[name]
     return _read(path, path.stat().st_mtime_ns)
 
@@ -81,23 +87,29 @@ def apply_profile(device: dict[str, Any], base_dir: str | Path | None = None) ->
     for key, value in (profile.get("defaults") or {}).items():
         if key == "serial":
             # The site names the port; the profile gives the line settings. A TCP device has none.
-            if isinstance(merged.get("serial"), dict):
+            if isinstance(merged.get("serial"), dict) and isinstance(value, dict):
                 merged["serial"] = {**value, **merged["serial"]}
         else:
             merged.setdefault(key, value)
     if "kind" in profile:
         merged.setdefault("kind", profile["kind"])
     excluded = set(device.get("exclude") or [])
-    known = {p.get("name") for p in profile["points"] if isinstance(p, dict)}
+    known = {p["name"] for p in profile["points"] if isinstance(p, dict) and _named(p)}
     missing = excluded - known
     if missing:
         raise ProfileError(f"exclude names points the profile {device['profile']!r} lacks: {sorted(missing)}")
-    overrides = {p.get("name"): p for p in device.get("points") or [] if isinstance(p, dict)}
+    # A site point overrides the profile's of the same name; a name that is not a string is its
+    # own (invalid) point, for the point's checks to report.
+    overrides = {p["name"]: p for p in device.get("points") or [] if isinstance(p, dict) and _named(p)}
     points = []
     for point in profile["points"]:
         if point.get("name") in excluded:
             continue
         points.append({**point, **overrides.pop(point.get("name"), {})})
-    points += [p for p in device.get("points") or [] if not (isinstance(p, dict) and p.get("name") in known)]
+    points += [p for p in device.get("points") or [] if not (isinstance(p, dict) and _named(p) and p["name"] in known)]
     merged["points"] = points
     return merged
+
+
+def _named(point: dict[str, Any]) -> bool:
+    return isinstance(point.get("name"), str)

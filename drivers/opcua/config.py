@@ -7,6 +7,7 @@ reads a config, and asyncua takes about a second to import).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -184,8 +185,7 @@ class OpcUaConfig(DeviceConfig):
                 raise ValueError(
                     f"percent deadband needs mode: subscribe (the EURange is read then); points: {', '.join(percent)}"
                 )
-        names = [p.name for p in self.points]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(n for n, count in Counter(p.name for p in self.points).items() if count > 1)
         if dupes:
             raise ValueError(f"duplicate point names: {', '.join(dupes)}")
         return self

@@ -9,12 +9,14 @@ from __future__ import annotations
 import codecs
 import re
 import struct
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agent.driver_api import DeviceConfig, Duration, StrictModel
 from agent.vocabulary import QUANTITY_UNITS
+from agent.yaml_load import clip
 from drivers.serial.checksums import SIZES, ChecksumName
 
 EmitsName = Literal["meter", "parking", "crosswalk"]
@@ -27,6 +29,7 @@ EVENT_QUANTITIES: dict[str, tuple[str, ...]] = {
 REQUIRED_QUANTITY = {"parking": "occupied", "crosswalk": "count"}
 LINE_KEYS = ("pattern", "terminator", "encoding", "max_line", "resync")
 BINARY_KEYS = ("sync", "layout", "length", "checksum", "checksum_over", "checksum_byteorder")
+MAX_PAYLOAD = 4096  # bytes of a binary frame's payload (sensors send tens)
 
 
 class FramingConfig(StrictModel):
@@ -164,9 +167,12 @@ class FramingConfig(StrictModel):
                 "without one, struct uses this machine's padding and sizes"
             )
         try:
-            items = struct.unpack(value, bytes(struct.calcsize(value)))
-        except struct.error as exc:
-            raise ValueError(f"not a valid struct format {value!r}: {exc}") from None
+            size = struct.calcsize(value)
+            if size > MAX_PAYLOAD:
+                raise ValueError(f"layout {clip(value)} is {size} bytes; a frame's payload is at most {MAX_PAYLOAD}")
+            items = struct.unpack(value, bytes(size))
+        except (struct.error, OverflowError) as exc:
+            raise ValueError(f"not a valid struct format {clip(value)}: {exc}") from None
         if not items:
             raise ValueError(f"layout {value!r} has no values (only pad bytes)")
         if any(isinstance(item, bytes) for item in items):
@@ -356,7 +362,7 @@ class SerialConfig(DeviceConfig):
                 f"emits: {self.emits} carries only quantities {', '.join(allowed)}; "
                 f"{', '.join(map(repr, unknown))} would be dropped (use emits: meter for other values)"
             )
-        duplicated = sorted({q for q in quantities if quantities.count(q) > 1})
+        duplicated = sorted(q for q, count in Counter(quantities).items() if count > 1)
         if duplicated:
             raise ValueError(f"emits: {self.emits}: quantity {', '.join(duplicated)} given by more than one field")
         return self
