@@ -190,7 +190,10 @@ class EventStore:
         self.committed.set()  # the uplink may have stalled on the damaged file: let it look again
 
     def _untaken(self) -> list[Stored]:
-        """Committed events still in memory, not yet handed out (called on the buffer's thread).
+        """Committed events in memory never handed out, in any session (on the buffer's thread).
+
+        Never handed out means never acknowledged: putting them back into a replaced file
+        cannot resurrect an event already delivered.
 
         list() of a deque or of dict values is one C call under the GIL: a consistent copy.
         """
@@ -246,8 +249,14 @@ class EventStore:
                     need -= 1
             else:
                 loop = asyncio.get_running_loop()
-                rows += await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
+                got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
                 self._check_replaced()
+                tail = self._tail.get(priority)
+                # Taken from the file: out of memory at once, so the tail holds only events
+                # never handed out (a damaged file is repaired from it: see _untaken).
+                while got and tail and tail[0].id <= got[-1].id:
+                    tail.popleft()
+                rows += got
         if self._outbox is not None:
             self._outbox.taken = cursors  # evicting what the consumer holds is remembered (see Outbox.ack)
         return rows
@@ -267,9 +276,14 @@ class EventStore:
             try:
                 return self._reader.peek(priority, after_id, limit)
             except sqlite3.DatabaseError as exc:
-                if attempt == 2 or not is_corruption(exc):
+                if attempt == 2:
                     raise
+                # Through the buffer's thread even when it is not corruption: if the writer is
+                # replacing the file right now (this reader then sees an I/O error on the moved
+                # file), this waits for it to finish.
                 self._db.submit(outbox.recover, exc, self._reader_generation).result()
+                if not is_corruption(exc) and outbox.generation == self._reader_generation:
+                    raise
         raise AssertionError("unreachable")
 
     async def ack(self, ids: Sequence[int]) -> int:

@@ -668,7 +668,7 @@ def losses(recs: list[Rec], db: Path) -> dict[str, Any]:
     c = pl.read_counters(db) or {}
     return {"received": len(recs), "duplicates": len(recs) - unique, "lost": lost, "devices_with_gaps": gappy,
             "undrained": rows, "accepted": c.get("accepted", 0), "delivered": c.get("delivered", 0),
-            "dropped": c.get("dropped_capacity", 0) + c.get("dropped_disk_full", 0)}
+            "dropped": sum(v for k, v in c.items() if k.startswith("dropped_"))}
 
 
 # Where a py-spy sample's time goes: the innermost frame that belongs to one of these (file path

@@ -165,9 +165,8 @@ def read_counters(db: Path) -> dict[str, int] | None:
         return None
     if "accepted" not in counters:
         return None
-    counters["rows"] = (counters["accepted"] - counters["delivered"]
-                        - counters["dropped_capacity"] - counters["dropped_disk_full"]
-                        - counters.get("dropped_media_quota", 0))
+    dropped = sum(v for k, v in counters.items() if k.startswith("dropped_"))  # every reason, new ones too
+    counters["rows"] = counters["accepted"] - counters["delivered"] - dropped
     return counters
 
 

@@ -53,7 +53,10 @@ def test_live_truncation_during_an_outage_is_recovered_without_a_restart(
     wait_for(lambda: len(sub.seqs("meter-1")) >= 50, 20, "first events")
 
     broker.stop()
-    time.sleep(5)  # a backlog of several MB, most of it checkpointed into the main file
+    time.sleep(5)  # a backlog of several MB
+    db = sqlite3.connect(buffer)
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # in the main file, as it is after a while
+    db.close()
     os.truncate(buffer, buffer.stat().st_size // 3)
     time.sleep(0.5)
     back = datetime.now(UTC)
@@ -95,13 +98,7 @@ def test_live_truncation_during_an_outage_is_recovered_without_a_restart(
         missing += len(gone)
     assert c["dropped_corrupt"] > 0
     assert not sub.garbage  # a damaged event is never published
-    health = [e for e in sub.snapshot() if e["type"] == "city.gateway.health"]
-    print([d for e in health for d in e["data"]["dropped_since_last_report"]], c)
-    print("not_accepted", max((e["data"]["accounting"]["not_accepted"] for e in health), default=None))
-    for device in DEVICES:
-        got = sorted(next(iter(by_epoch(sub, device).values())))
-        print(device, "received around the hole", [s for s in got if 1250 < s < 1400][-12:], got[-3:])
-    assert missing == c["dropped_corrupt"] + buffered, (missing, c, log[-3000:])
+    assert missing == c["dropped_corrupt"] + buffered, (missing, c)
     health = [e for e in sub.snapshot() if e["type"] == "city.gateway.health"]
     assert any(e["data"]["accounting"]["dropped"].get("corrupt") for e in health)
     reported = [d for e in health for d in e["data"]["dropped_since_last_report"] if d["reason"] == "corrupt"]
