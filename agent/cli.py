@@ -44,10 +44,16 @@ def _load(path: Path, refusal: str = "") -> AgentConfigBase | None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from agent.config import config_warnings
+
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    print(f"ok: {args.config} (gateway {config.gateway.id}, {len(config.devices)} devices)")
+    warnings = config_warnings(config)
+    print(f"ok: {args.config} (gateway {config.gateway.id}, {len(config.devices)} devices)", end="")
+    print(f", {len(warnings)} warning(s):" if warnings else "")
+    for warning in warnings:
+        print(f"  warning: {warning}")
     return 0
 
 
@@ -77,6 +83,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config, "refusing to start, ")
     if config is None:
         return EXIT_CONFIG
+    from agent.config import config_warnings
+
+    for warning in config_warnings(config):
+        logging.getLogger("agent").warning("%s: %s", args.config, warning)
     try:
         asyncio.run(run_agent(config, config_path=args.config))
     except DeviceFailedError:

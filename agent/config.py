@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import stat
 from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -36,6 +38,8 @@ from agent.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yam
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 
+PLAIN_PORT, TLS_PORT = 1883, 8883
+
 log = logging.getLogger(__name__)
 
 
@@ -50,9 +54,13 @@ class GatewayConfig(StrictModel):
 
 
 class TlsConfig(StrictModel):
-    """TLS to the broker. On as soon as any file is given or ``enabled: true``; always verified."""
+    """TLS to the broker, always verified. On unless the broker is loopback (or ``enabled: false``)."""
 
-    enabled: bool | None = Field(default=None, description="Force TLS on or off; default: on if a file is set.")
+    enabled: bool | None = Field(
+        default=None,
+        description="TLS on or off. null: on, unless the broker is loopback (127.0.0.1, ::1, localhost) and no "
+        "TLS file is set. Plain MQTT to another host needs false, and validate and doctor warn about it.",
+    )
     ca_file: Path | None = Field(
         default=None, description="CA bundle that signed the broker's certificate; default: system CAs."
     )
@@ -72,12 +80,15 @@ class TlsConfig(StrictModel):
             raise ValueError("cert_file and key_file go together: set both or neither")
         return self
 
+    # Set by MqttConfig from its host: whether the default (enabled: null) is on.
+    _remote_broker: bool = PrivateAttr(default=False)
+
     @property
     def active(self) -> bool:
         """Whether TLS is used."""
         if self.enabled is not None:
             return self.enabled
-        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+        return self._remote_broker or any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
 
     def apply_to(self, client: Any) -> None:
         """Set up a paho client's TLS: the broker's certificate and host name always verified.
@@ -110,7 +121,9 @@ class MqttConfig(StrictModel):
     """The MQTT uplink to the operations centre's broker."""
 
     host: str = Field(default="127.0.0.1", min_length=1, description="Broker host name or address.")
-    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (1883 plain, 8883 TLS).")
+    port: int = Field(
+        default=PLAIN_PORT, ge=1, le=65535, description="Broker port; default 8883 when TLS is on, else 1883."
+    )
     topic_prefix: str = Field(
         default="ioc/v1",
         pattern=r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$",
@@ -141,12 +154,18 @@ class MqttConfig(StrictModel):
     @classmethod
     def _password_file(cls, value: Path | None) -> Path | None:
         value = readable_file(value)
-        if value is not None and not value.read_text().strip():
+        if value is not None and not _read_secret(value):
             raise ValueError(f"password file is empty: {value}")
         return value
 
     @model_validator(mode="after")
     def _secure(self) -> MqttConfig:
+        # Frozen models: the defaults that follow from other keys are set once, here.
+        tls = self.tls.model_copy()
+        tls._remote_broker = not _is_loopback(self.host)
+        object.__setattr__(self, "tls", tls)
+        if "port" not in self.model_fields_set:
+            object.__setattr__(self, "port", TLS_PORT if tls.active else PLAIN_PORT)
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
         sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
@@ -159,12 +178,24 @@ class MqttConfig(StrictModel):
     def password(self) -> str | None:
         """Read the secret at connect time (never kept in the config, never logged)."""
         if self.password_file is not None:
-            return self.password_file.read_text().strip()
+            return _read_secret(self.password_file)
         return os.environ.get(PASSWORD_ENV) or None
 
 
+MAX_SECRET_BYTES = 4096
+
+
+def _read_secret(path: Path) -> str:
+    """A password file's text, stripped; a ValueError if it is larger than a password can be."""
+    with path.open("rb") as file:
+        data = file.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise ValueError(f"not a password file (larger than {MAX_SECRET_BYTES} bytes): {path}")
+    return data.decode("utf-8").strip()
+
+
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -416,6 +447,55 @@ def _listed(found: Iterable[tuple[int, str]], unread: int, path: Path) -> list[s
     if more > 0:
         problems = [*problems[:MAX_PROBLEMS], f"{path}: ... and {more} more problem(s): fix the ones above first"]
     return problems
+
+
+def config_warnings(config: AgentConfigBase) -> list[str]:
+    """What a valid config allows but should not: ``field.path: finding; fix`` lines.
+
+    ``edge-agent validate`` prints them (and exits 0), ``edge-agent doctor`` shows each as a
+    warn row, and ``edge-agent run`` logs them at start.
+    """
+    warnings = []
+    mqtt = config.uplink.mqtt
+    if mqtt.tls.enabled is False and not _is_loopback(mqtt.host):
+        warnings.append(
+            f"uplink.mqtt.tls.enabled: plain MQTT to {clip_text(mqtt.host, ECHO_CHARS)}: events travel unencrypted "
+            f"and unauthenticated; remove 'enabled: false' (TLS is the default) and use the broker's TLS port "
+            f"({TLS_PORT})"
+        )
+    for field, path in secret_files(config):
+        problem = open_permissions(path)
+        if problem is not None:
+            warnings.append(f"{field}: {problem}")
+    return warnings
+
+
+def secret_files(config: AgentConfigBase) -> list[tuple[str, Path]]:
+    """(field path, file) of every password, users and private key file the config names."""
+    mqtt, opcua = config.uplink.mqtt, config.uplink.opcua
+    files: list[tuple[str, object]] = [
+        ("uplink.mqtt.password_file", mqtt.password_file),
+        ("uplink.mqtt.tls.key_file", mqtt.tls.key_file),
+        ("uplink.opcua.users_file", opcua.users_file),
+        ("uplink.opcua.password_file", opcua.password_file),
+    ]
+    for index, device in enumerate(config.devices):
+        files += [(f"devices[{index}].{key}", getattr(device, key, None)) for key in _DEVICE_SECRET_KEYS]
+    return [(field, path) for field, path in files if isinstance(path, Path)]
+
+
+_DEVICE_SECRET_KEYS = ("password_file", "user_private_key")  # of the drivers that log in (opcua)
+
+
+def open_permissions(path: Path) -> str | None:
+    """``"permissions 0644 for 'x' are too open; chmod 600 x"`` if group or others may use the file."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None  # gone since it was validated: the agent says so when it reads it
+    if mode & 0o077 == 0:
+        return None
+    return f"permissions {mode:04o} for '{path}' are too open; chmod 600 {path}"
 
 
 def cross_device_problems(devices: list[DeviceConfig]) -> list[str]:

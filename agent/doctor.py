@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config import AgentConfigBase, MqttConfig, load_config
+from agent.config import AgentConfigBase, MqttConfig, config_warnings, load_config
 from agent.driver_api import DeviceConfig, Driver, DriverContext
 from agent.errors import ConfigError
 from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
@@ -186,6 +186,8 @@ def _group_fix(d: Denied, user: ServiceUser) -> str | None:
 
 def access_fix(d: Denied, user: ServiceUser, *, secret: bool = False, home: str = "") -> str:
     """A command that gives ``user`` the access it lacks (``home``: where such files belong)."""
+    if secret and d.want != X:  # its owner alone may read it (validate and run warn about anything wider)
+        return f"chown {user.name} {d.path} && chmod 600 {d.path}"
     by_group = _group_fix(d, user)
     if by_group is not None:
         return by_group
@@ -199,7 +201,7 @@ def access_fix(d: Denied, user: ServiceUser, *, secret: bool = False, home: str 
         )
     if stat.S_ISDIR(d.st.st_mode):
         return f"chown -R {user.name}:{user.group_name} {d.path}"
-    if secret or d.want == R:
+    if d.want == R:
         return f"chgrp {user.group_name} {d.path} && chmod g+r {d.path}"
     return f"chown {user.name}:{user.group_name} {d.path}"
 
@@ -225,7 +227,12 @@ def check_config(path: Path) -> tuple[AgentConfigBase | None, list[Row]]:
     drivers = ", ".join(sorted({d.driver for d in config.devices})) or "none"
     count = f"{len(config.devices)} devices ({len(enabled)} enabled)"
     finding = f"valid: gateway {config.gateway.id}, {count}, drivers: {drivers}"
-    return config, [Row("config", str(path), "ok", finding)]
+    rows = [Row("config", str(path), "ok", finding)]
+    for warning in config_warnings(config):
+        field, _, text = warning.partition(": ")
+        problem, _, fix = text.rpartition("; ")
+        rows.append(Row("config", field, "warn", problem or text, fix if problem else None))
+    return config, rows
 
 
 def check_files(path: Path, config: AgentConfigBase, user: ServiceUser) -> list[Row]:
@@ -252,7 +259,7 @@ def check_files(path: Path, config: AgentConfigBase, user: ServiceUser) -> list[
         if problem is None:
             rows.append(Row("files", str(file), "ok", f"{what} readable by {user.name}"))
         else:
-            fix = access_fix(problem, user, secret=what != "site file")
+            fix = access_fix(problem, user, secret=what in ("password_file", "tls.key_file"))
             rows.append(Row("files", str(file), "FAIL", f"{what}: {problem.finding}", fix))
     return rows
 

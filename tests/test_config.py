@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, parse_config
+from agent.config import MqttConfig, config_warnings, load_config, parse_config
 from agent.errors import ConfigError
 from agent.units import parse_duration, parse_size
 
@@ -74,7 +74,7 @@ BAD: list[tuple[str, str, list[str]]] = [
         "password in clear to a remote host",
         GOOD.replace(
             "host: 127.0.0.1, port: 1883}",
-            "host: broker.example.org, port: 1883, username: u, password_file: __FILE__}",
+            "host: broker.example.org, port: 1883, username: u, password_file: __FILE__, tls: {enabled: false}}",
         ),
         ["uplink.mqtt", "clear text", "enable tls"],
     ),
@@ -210,3 +210,113 @@ def test_docs_configuration_md_lists_every_key() -> None:
     assert config_reference.render_markdown() in doc, (
         "docs/configuration.md is stale: run python -m agent.config_reference"
     )
+
+
+# ---- secure defaults ---------------------------------------------------------------------------
+
+
+def _mqtt(tmp_path: Path, mqtt: str) -> MqttConfig:
+    return parse_config(GOOD.replace("{host: 127.0.0.1, port: 1883}", mqtt), tmp_path / "site.yaml").uplink.mqtt
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "tls", "port"),
+    [
+        ("{host: broker.example.org}", True, 8883),  # remote: TLS unless told otherwise, on its port
+        ("{host: 10.1.2.3, port: 1884}", True, 1884),  # an explicit port is kept
+        ("{host: broker.example.org, tls: {enabled: false}}", False, 1883),  # plain only when asked (warned)
+        ("{host: 127.0.0.1}", False, 1883),  # loopback: plain
+        ("{host: localhost}", False, 1883),
+        ("{host: '::1'}", False, 1883),
+        ("{}", False, 1883),  # the default broker is 127.0.0.1
+        ("{host: localhost, tls: {enabled: true}}", True, 8883),
+        ("{host: localhost, tls: {ca_file: __CA__}}", True, 8883),  # a TLS file turns it on, as before
+    ],
+)
+def test_tls_is_the_default_for_any_broker_but_loopback(tmp_path: Path, mqtt: str, tls: bool, port: int) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = _mqtt(tmp_path, mqtt.replace("__CA__", str(ca)))
+    assert (config.tls.active, config.port) == (tls, port)
+
+
+def test_a_password_to_a_remote_broker_goes_over_tls_by_default(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    config = _mqtt(tmp_path, f"{{host: broker.example.org, username: gw, password_file: {secret}}}")
+    assert config.tls.active and config.port == 8883
+
+
+def test_plain_mqtt_to_a_remote_broker_is_a_warning(tmp_path: Path) -> None:
+    text = GOOD.replace("{host: 127.0.0.1, port: 1883}", "{host: broker.example.org, tls: {enabled: false}}")
+    assert config_warnings(parse_config(text, tmp_path / "site.yaml")) == [
+        "uplink.mqtt.tls.enabled: plain MQTT to broker.example.org: events travel unencrypted and unauthenticated; "
+        "remove 'enabled: false' (TLS is the default) and use the broker's TLS port (8883)"
+    ]
+    assert config_warnings(parse_config(text.replace("broker.example.org", "127.0.0.1"), tmp_path / "s.yaml")) == []
+
+
+def _secrets_site(tmp_path: Path, mode: int) -> Path:
+    """A site file naming every kind of secret file, each with permissions ``mode``."""
+    files = {name: tmp_path / name for name in ("mqtt-pw", "client.key", "client.crt", "users", "ua-pw", "plc-pw")}
+    for file in files.values():
+        file.write_text("secret\n")
+        file.chmod(mode)
+    files["client.crt"].chmod(0o644)  # a certificate is public
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        GOOD.replace(
+            "{host: 127.0.0.1, port: 1883}",
+            "{host: 127.0.0.1, username: gw, password_file: mqtt-pw,"
+            " tls: {cert_file: client.crt, key_file: client.key}}"
+            "\n  opcua: {users_file: users, user: op, password_file: ua-pw}",
+        )
+        + "  - {id: plc, driver: opcua, endpoint: 'opc.tcp://127.0.0.1:4840', username: u, password_file: plc-pw,"
+        " points: [{name: flow, node: 'ns=2;s=F', quantity: flow}]}\n"
+    )
+    return site
+
+
+def test_secret_files_others_may_read_are_warned_about_as_ssh_does(tmp_path: Path) -> None:
+    site = _secrets_site(tmp_path, 0o644)
+    assert config_warnings(load_config(site)) == [
+        f"{field}: permissions 0644 for '{tmp_path / name}' are too open; chmod 600 {tmp_path / name}"
+        for field, name in (
+            ("uplink.mqtt.password_file", "mqtt-pw"),
+            ("uplink.mqtt.tls.key_file", "client.key"),
+            ("uplink.opcua.users_file", "users"),
+            ("uplink.opcua.password_file", "ua-pw"),
+            ("devices[1].password_file", "plc-pw"),
+        )
+    ]
+    (tmp_path / "users").chmod(0o640)  # group-readable is too open as well
+    assert "uplink.opcua.users_file: permissions 0640" in "\n".join(config_warnings(load_config(site)))
+
+
+def test_secret_files_only_their_owner_may_read_are_fine(tmp_path: Path) -> None:
+    assert config_warnings(load_config(_secrets_site(tmp_path, 0o600))) == []
+    assert config_warnings(load_config(_secrets_site(tmp_path, 0o400))) == []
+
+
+def test_cli_validate_prints_warnings_and_exits_0(tmp_path: Path) -> None:
+    site = _secrets_site(tmp_path, 0o644)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "validate", "-c", str(site)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"ok: {site} (gateway gw-1, 2 devices), 5 warning(s):"
+    assert lines[1] == f"  warning: uplink.mqtt.password_file: permissions 0644 for '{tmp_path / 'mqtt-pw'}' are too " \
+                       f"open; chmod 600 {tmp_path / 'mqtt-pw'}"  # fmt: skip
+    assert len(lines) == 6
+
+
+def test_a_password_file_is_read_no_further_than_a_password_can_be(tmp_path: Path) -> None:
+    big = tmp_path / "not-a-password"
+    big.write_bytes(b"x" * 10_000_000)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(GOOD.replace("port: 1883}", f"port: 1883, username: u, password_file: {big}}}"), tmp_path / "s")
+    assert caught.value.problems == [
+        f"{tmp_path / 's'}:3: uplink.mqtt.password_file: not a password file (larger than 4096 bytes): {big}"
+    ]

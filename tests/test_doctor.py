@@ -25,10 +25,14 @@ import trustme
 from agent.buffer import Outbox, Record
 from agent.doctor import (
     MIN_FREE_BYTES,
+    Denied,
+    Row,
     ServiceUser,
+    access_fix,
     certificate_row,
     check_buffer_file,
     check_clock,
+    check_config,
     check_device_file,
     check_model_manifest,
     clock_row,
@@ -204,6 +208,67 @@ def test_a_bad_config_lists_every_problem_and_skips_the_rest(tmp_path: Path) -> 
     needs_config = [r for r in rows if r["check"] not in ("config", "clock")]
     assert needs_config and all(r["verdict"] == "skip" for r in needs_config)
     assert only(rows, "clock")["verdict"] in ("ok", "warn")
+
+
+def test_secret_files_others_may_read_are_warnings_with_the_chmod(tmp_path: Path, broker) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=VIRTUAL)
+    config.write_text(
+        config.read_text().replace("keepalive: 5s", f"keepalive: 5s, username: gw, password_file: {secret}")
+    )
+    code, rows = doctor_json(config, "--user", ME)
+    assert code == 0, fails(rows)  # a warning, not a failure
+    assert only(rows, "config", "uplink.mqtt.password_file") == {
+        "check": "config",
+        "target": "uplink.mqtt.password_file",
+        "verdict": "warn",
+        "finding": f"permissions 0644 for '{secret}' are too open",
+        "fix": f"chmod 600 {secret}",
+    }
+    table = doctor(config, "--user", ME)
+    assert re.search(r"^all checks passed, [12] warnings$", table.stdout.splitlines()[-1]), table.stdout
+
+    secret.chmod(0o600)
+    _, rows = doctor_json(config, "--user", ME)
+    assert [r for r in rows if r["check"] == "config" and r["verdict"] != "ok"] == []
+
+
+def test_plain_mqtt_to_a_remote_broker_is_a_warning(tmp_path: Path) -> None:
+    site = write_config(tmp_path / "site.yaml", port=1883, devices=VIRTUAL)
+    site.write_text(site.read_text().replace("host: 127.0.0.1", "host: broker.example.org, tls: {enabled: false}"))
+    config, rows = check_config(site)
+    assert config is not None
+    assert rows[1:] == [
+        Row(
+            "config",
+            "uplink.mqtt.tls.enabled",
+            "warn",
+            "plain MQTT to broker.example.org: events travel unencrypted and unauthenticated",
+            "remove 'enabled: false' (TLS is the default) and use the broker's TLS port (8883)",
+        )
+    ]
+    site.write_text(site.read_text().replace(", tls: {enabled: false}", ""))  # the default: TLS, no warning
+    config, rows = check_config(site)
+    assert config is not None and config.uplink.mqtt.tls.active and config.uplink.mqtt.port == 1883
+    assert [r.verdict for r in rows] == ["ok"]
+
+
+def test_an_unreadable_secret_is_fixed_for_its_owner_alone(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o640)  # its group may read it: the fix must not widen that to the service user's group
+    user = ServiceUser("edge-agent", 4242, 4242, frozenset({4242, secret.stat().st_gid}))
+    problem = Denied(secret, secret.stat(), 4, "cannot read it")
+    assert access_fix(problem, user, secret=True) == f"chown edge-agent {secret} && chmod 600 {secret}"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    ca.chmod(0o600)
+    public = Denied(ca, ca.stat(), 4, "cannot read it")
+    assert access_fix(public, ServiceUser("edge-agent", 4242, 4242, frozenset({4242})), secret=False).startswith(
+        "chgrp"
+    )
 
 
 class ExpiringBroker(SecureBroker):

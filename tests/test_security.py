@@ -141,3 +141,20 @@ def test_password_auth_and_the_password_never_reaches_the_log(tmp_path: Path, ag
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_run_logs_the_config_warnings_at_start(tmp_path: Path, agent_factory) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o644)
+    agent = agent_factory(_site(tmp_path, free_port(), f"username: gw-test, password_file: {secret}", "127.0.0.1"))
+    wait_for(lambda: "running" in agent.output(), 15, "the agent running")
+    warning = next(line for line in agent.output().splitlines() if "permissions" in line)
+    assert "WARNING" in warning
+    assert warning.endswith(
+        f"{tmp_path / 'site.yaml'}: uplink.mqtt.password_file: permissions 0644 for '{secret}' are too open; "
+        f"chmod 600 {secret}"
+    )
+    assert PASSWORD not in agent.output()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(5) == 0
