@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import CHECK_FAILED, MAX_PROBLEMS, config_model, load_config, parse_config
+from agent.config import CHECK_FAILED, MAX_PROBLEMS, config_model, json_schema, load_config, parse_config
 from agent.errors import ConfigError
 from agent.yaml_load import MAX_BYTES, MAX_DEPTH, MAX_NODES, YamlLoadError, load_yaml
 from tests.conftest import wait_for, write_config
@@ -62,7 +62,7 @@ def _assert_clean(problems: list[str], path: Path) -> None:
         assert CHECK_FAILED not in problem, problem[:300]  # a validator crashed: fix it, do not catch it
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def traced() -> Iterator[None]:
     config_model()  # build the drivers' union once, outside any case's budget
     tracemalloc.start()
@@ -229,7 +229,12 @@ def test_the_shipped_configs_are_all_found() -> None:
 @settings(
     max_examples=300,
     deadline=None,  # measured per case below, with the memory
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,  # tracemalloc on for the whole test: nothing to reset
+    ],
 )
 @given(case=_mutants())
 def test_mutated_shipped_configs_end_in_a_clean_error_or_acceptance(traced: None, case: tuple[Path, str]) -> None:
@@ -359,6 +364,7 @@ devices:
 
 
 def test_merge_keys_and_x_keys_hold_shared_settings(tmp_path: Path) -> None:
+    assert "^x-" in json_schema()["patternProperties"]  # editors accept them too
     config = parse_config(MERGED, tmp_path / "site.yaml")
     assert [(d.id, d.driver, d.interval, d.offline_after) for d in config.devices] == [
         ("m1", "virtual", 5.0, 3),
