@@ -100,6 +100,7 @@ class ProxyStats:
     reset_calls: int = 0
     last_down_at: float = 0.0  # time.monotonic() of the last packet forwarded broker->client
     pingreqs_at: list[float] = field(default_factory=list)  # time.monotonic() a client PINGREQ arrived
+    connects_at: list[float] = field(default_factory=list)  # time.monotonic() a client connection was accepted
 
 
 @dataclass(eq=False)
@@ -233,6 +234,7 @@ class MqttProxy:
         def snap() -> ProxyStats:
             d = dict(vars(self._stats))
             d["pingreqs_at"] = list(self._stats.pingreqs_at)
+            d["connects_at"] = list(self._stats.connects_at)
             return ProxyStats(**d)
 
         return self._call(snap)
@@ -283,6 +285,7 @@ class MqttProxy:
         link = _Link(client=writer)
         self._links.add(link)
         self._stats.connections += 1
+        self._stats.connects_at.append(time.monotonic())
         try:
             await self._flowing.wait()  # blackholed: accept, then hold
             if link.closed:
@@ -301,6 +304,10 @@ class MqttProxy:
             down = asyncio.create_task(self._pump(link, up_reader, writer, upstream=False))
             link.tasks = {up, down}
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # stop() cancels every handler; ending normally keeps asyncio from logging each one
+            # as "Exception in callback" at teardown.
+            pass
         finally:
             link.close(client_rst=False, upstream_rst=False)
             for t in link.tasks:
