@@ -210,7 +210,11 @@ def load_yaml(
         check_nodes(root, max_depth=max_depth, max_nodes=max_nodes)
         return loader.construct_document(root), root
     except yaml.YAMLError as exc:
-        raise _located(exc) from None
+        error = _located(exc)
+        position = getattr(exc, "position", None)  # a ReaderError (a control character) has no mark
+        if error.line is None and isinstance(position, int):
+            error.line = text.count("\n", 0, position) + 1
+        raise error from None
     except RecursionError:  # pragma: no cover - the depth bounds come first
         raise YamlLoadError(f"nested deeper than {max_depth} levels", bound=True) from None
     finally:

@@ -316,6 +316,7 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
         ("a: !!python/object:os.system x\n", 1, "could not determine a constructor"),
         ("a: {<<: 1}\n", 1, "expected a mapping or list of mappings for merging"),
         ("a: {<<: {b: 1}, <<: {c: 1}}\n", 1, "duplicate key '<<'"),
+        ("a: 1\nb: x\x01\n", 2, "control characters are not allowed"),
     ],
 )
 def test_yaml_problems_are_located_errors(text: str, line: int, message: str) -> None:
