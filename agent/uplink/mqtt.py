@@ -5,6 +5,12 @@ technique as aiomqtt) so publishing, PUBACK handling and the store share one thr
 messages are in flight at once. The store, not paho's in-memory session, is the source of
 truth: every connection is a fresh clean session, and on reconnect every unacknowledged row
 is sent again (at-least-once).
+
+The uplink watches the link itself instead of waiting out paho's keepalive (see
+docs/delivery.md, "Reconnecting"): a PUBACK that a later PUBACK overtook is missing (brokers
+acknowledge QoS 1 in order), and the messages it stood for are sent again over a new
+connection within a few seconds; silence from the broker while an answer is due means the
+link is dead; waits between connection attempts are jittered for a whole fleet's sake.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import random
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +35,23 @@ from agent.store import EventStore
 
 log = logging.getLogger(__name__)
 
-# Seconds over which PUBACKed events are gathered before one DELETE. A crash resends at most this
-# much of what was already delivered (duplicates, same seq); each transaction costs an fsync.
-ACK_FLUSH_INTERVAL = 0.1
+# PUBACKed rows are deleted in groups: at once when this many messages wait, else after at most
+# ACK_FLUSH_DELAY, one delete in flight at a time. A crash resends what was acknowledged but not
+# yet deleted (duplicates, same seq); the window counts those messages, so a crash resends at
+# most max_inflight messages whatever the drain rate.
+ACK_FLUSH_MESSAGES = 16
+ACK_FLUSH_DELAY = 0.005
+# An answer (PUBACK, PINGRESP) overdue this long, without a byte from the broker meanwhile,
+# means the link is dead: at least ANSWER_FLOOR, more when the observed round trip is slow
+# (RFC 6298's srtt + 4 rttvar), at most half the keepalive.
+ANSWER_FLOOR = 4.0
+# A message whose PUBACK a later one overtook gets this long for a late PUBACK; then (or once
+# half the window is missing) the uplink reconnects to send it again.
+RESEND_AFTER = 2.0
+DRAIN_FLOOR = 0.25  # before such a reconnect, wait this long (or a round trip) for PUBACKs in flight
+CONNACK_TIMEOUT = 10.0
+HOLD_MIN = 10.0  # a connection "held" once it lasted this long (or reconnect_max, if longer)
+TICK = 1.0  # seconds between paho's housekeeping (loop_misc) calls
 ONLINE = b"online"
 OFFLINE = b"offline"
 
@@ -52,6 +73,68 @@ class ConnectionLost(Exception):
     """The broker connection ended; the publish loop restarts after backoff."""
 
 
+class Resend(ConnectionLost):
+    """The uplink ends the connection itself to send messages whose PUBACK went missing."""
+
+
+@dataclass(slots=True)
+class _Sent:
+    ids: list[int]  # buffer rows the message carries
+    at: float  # monotonic time it was handed to paho
+    n: int  # its place in this connection's publish order
+
+
+class Backoff:
+    """When to try the broker again: a random phase, then one attempt per ``cap`` seconds.
+
+    A broker restart drops every gateway of a fleet at the same instant, and a power cut boots
+    them together. After such a moment (a connection that had held ends, or the first attempt
+    since start fails) the wait is full jitter over the cap, U(0, cap): a fleet of N comes back
+    at about N / cap per second. While the broker stays away (failed attempts, or connections
+    that end before they held) each gateway keeps that random phase and tries once per cap,
+    counted from the start of its previous attempt: the fleet stays evenly spread, still N / cap
+    attempts per second, and each gateway finds the broker back within one cap (half of it on
+    average). Only a connection that held draws a new phase; a CONNACK alone changes nothing,
+    so a broker that accepts and then drops the connection is retried once per cap, not in a
+    fast loop. Attempts are never closer than ``floor`` seconds.
+    """
+
+    def __init__(self, floor: float, cap: float, hold: float, rng: random.Random | None = None) -> None:
+        """``floor``: least time between two attempts; ``cap``: the period; ``hold``: see class doc."""
+        self.floor = floor
+        self.cap = cap
+        self.hold = hold
+        self._rng = rng or random.Random()
+        self._last_attempt = -float("inf")
+        self._connected_at: float | None = None
+        self._in_step = True  # the fleet may be in lockstep: draw a random phase
+
+    def attempt(self, now: float) -> None:
+        """A connection attempt starts."""
+        self._last_attempt = now
+
+    def connected(self, now: float) -> None:
+        """The broker accepted the connection (a reconnect to resend continues the same run)."""
+        if self._connected_at is None:
+            self._connected_at = now
+
+    def next_wait(self, now: float, *, resend: bool = False) -> float:
+        """Seconds to wait after a failed attempt or an ended connection."""
+        connected_at = self._connected_at
+        if resend and connected_at is not None:
+            wait = 0.0  # one gateway's own decision, not a fleet event: go at once
+        else:
+            self._connected_at = None
+            if connected_at is not None:
+                self._in_step = now - connected_at >= self.hold  # only a connection that held resets
+            if self._in_step:
+                self._in_step = False
+                wait = self._rng.uniform(0.0, self.cap)
+            else:
+                wait = self._last_attempt + self.cap - now
+        return max(0.0, wait, self._last_attempt + self.floor - now)
+
+
 class MqttUplink:
     """Keeps one connection to the broker and publishes the store's events through it."""
 
@@ -65,11 +148,25 @@ class MqttUplink:
         self._batch_topic = batch_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
         self._lost: asyncio.Future[str] | None = None
-        self._inflight: dict[int, tuple[list[int], float]] = {}  # mid -> (row ids, sent at); publish order
-        self._last_inbound = 0.0
-        self._acked: list[int] = []
+        # The window: messages in flight (publish order), PUBACKs overtaken by later ones, and
+        # acknowledged messages whose rows are not deleted yet. All count against max_inflight.
+        self._inflight: OrderedDict[int, _Sent] = OrderedDict()  # mid -> message
+        self._missing: dict[int, _Sent] = {}
+        self._missing_since: float | None = None
+        self._sent = 0  # messages published on this connection
+        self._acked: list[int] = []  # rows to delete
+        self._acked_messages = 0  # messages those rows came in
+        self._flushing_messages = 0  # messages of the delete in progress
         self._acks_waiting = asyncio.Event()
+        self._flusher_stop = False
+        self._refill_at = config.max_inflight // 2
         self._wake = asyncio.Event()
+        # The link: last byte from the broker, our own PINGREQ, round-trip estimate.
+        self._last_inbound = 0.0
+        self._ping_at: float | None = None
+        self._checked_at = 0.0
+        self._srtt: float | None = None
+        self._rttvar = 0.0
 
     # ---- connection ---------------------------------------------------------------
     def _new_client(self, loop: asyncio.AbstractEventLoop) -> paho.Client:
@@ -82,7 +179,9 @@ class MqttUplink:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.max_inflight_messages_set(cfg.max_inflight)
+        # The window is ours (it also counts missing and not yet deleted messages); paho only
+        # must never hold one back: room for the window and the two status messages.
+        client.max_inflight_messages_set(cfg.max_inflight + 2)
         client.max_queued_messages_set(0)
         client.will_set(self._status_topic, OFFLINE, qos=1, retain=True)
         if cfg.username is not None:
@@ -91,7 +190,6 @@ class MqttUplink:
             cfg.tls.apply_to(client)
         lost: asyncio.Future[str] = loop.create_future()
         connected: asyncio.Future[None] = loop.create_future()
-        refill_at = cfg.max_inflight // 2
         self._lost = lost
 
         def settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
@@ -122,10 +220,18 @@ class MqttUplink:
         def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
             sent = self._inflight.pop(mid, None)
             if sent is not None:
-                self._delivered(sent[0])
-                self.state.acked += len(sent[0])
-            # Refill in bulk: waking per PUBACK would cost a loop turn per message.
-            if len(self._inflight) <= refill_at:
+                self._sample_rtt(self._last_inbound - sent.at)
+                if cfg.qos == 1 and self._inflight:
+                    self._pass_over(sent.n)
+            else:
+                sent = self._missing.pop(mid, None)  # its PUBACK came late after all
+                if sent is None:
+                    return  # a status message
+                if not self._missing:
+                    self._missing_since = None
+            self._delivered(sent.ids)
+            self.state.acked += len(sent.ids)
+            if not self._inflight:
                 self._wake.set()
 
         def on_socket_open(_c: paho.Client, _u: Any, sock: Any) -> None:
@@ -146,6 +252,7 @@ class MqttUplink:
 
     def _read(self) -> None:
         self._last_inbound = time.monotonic()
+        self._ping_at = None  # any byte from the broker answers our question
         if self._client is not None:
             self._client.loop_read()
             self._flush_writes()
@@ -183,7 +290,7 @@ class MqttUplink:
         await asyncio.sleep(0)  # let the reader registration scheduled above run
         self._flush_writes()
         try:
-            await asyncio.wait_for(connected, timeout=max(10.0, cfg.keepalive))
+            await asyncio.wait_for(connected, timeout=CONNACK_TIMEOUT)
         except TimeoutError as exc:
             raise ConnectionLost(f"no CONNACK from {cfg.host}:{cfg.port}") from exc
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
@@ -201,22 +308,30 @@ class MqttUplink:
             client.disconnect()
             client._sock_close()
         self._inflight.clear()
+        self._missing.clear()
+        self._missing_since = None
+        self._ping_at = None
+        self._sent = 0
 
     # ---- main loop ----------------------------------------------------------------
     async def run(self) -> None:
-        """Connect, publish, reconnect with capped exponential backoff and full jitter; forever."""
-        attempt = 0
+        """Connect, publish, reconnect after a wait from :class:`Backoff`; forever."""
         cfg = self.config
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(HOLD_MIN, cfg.reconnect_max))
         while True:
+            resend = False
+            backoff.attempt(time.monotonic())
             try:
                 await self._connect()
-                attempt = 0
+                backoff.connected(time.monotonic())
                 self.state.connected = True
                 self.state.connects += 1
                 self.state.since = time.time()
                 self.state.last_error = None
                 log.info("uplink connected to %s:%d", cfg.host, cfg.port)
                 await self._publish_until_lost()
+            except Resend as exc:
+                reason, resend = str(exc), True
             except ConnectionLost as exc:
                 reason = str(exc)
             except Exception as exc:
@@ -234,13 +349,14 @@ class MqttUplink:
             if was_connected:
                 self.state.disconnects += 1
                 self.state.since = time.time()
+            if resend:
+                log.info("uplink: %s", reason)
+            elif was_connected:
                 log.warning("uplink lost: %s; buffering until it is back", reason)
             elif reason != self.state.last_error:
                 log.warning("uplink down: %s; retrying with backoff", reason)
             self.state.last_error = reason
-            attempt += 1
-            delay = random.uniform(cfg.reconnect_min, min(cfg.reconnect_max, cfg.reconnect_min * 2**attempt))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=resend))
 
     async def _publish_until_lost(self) -> None:
         client, lost = self._client, self._lost
@@ -250,14 +366,32 @@ class MqttUplink:
         window = self.config.max_inflight
         batch = self.config.batch
         per_message = batch.max_events if batch.enabled else 1
-        misc_at = time.monotonic() + 1.0
+        misc_at = time.monotonic() + TICK
+        self._checked_at = time.monotonic()
+        draining_since: float | None = None
+        self._flusher_stop = False
         flusher = asyncio.create_task(self._ack_flusher(), name="uplink-ack-flusher")
         try:
             while not lost.done():
                 # Clear before looking, so a commit or PUBACK during the look still wakes us.
                 self._wake.clear()
                 self.store.committed.clear()
-                room = window - len(self._inflight)
+                if flusher.done():
+                    flusher.result()  # raises what stopped it
+                    raise ConnectionLost("the PUBACK recorder stopped")
+                now = time.monotonic()
+                self._check_link(client, now)
+                if draining_since is None and self._resend_due(now, window):
+                    draining_since = now  # stop publishing; let the PUBACKs in flight arrive
+                wait: float = TICK
+                if draining_since is not None:
+                    drain = max(DRAIN_FLOOR, self._srtt or 0.0)
+                    if not self._inflight or now - draining_since >= drain:
+                        raise Resend(f"{len(self._missing)} PUBACK(s) missing; reconnecting to send them again")
+                    room = 0
+                    wait = draining_since + drain - now
+                else:
+                    room = window - self._unconfirmed()
                 rows = await self.store.next_batch(cursors, room * per_message) if room > 0 else []
                 if lost.done():
                     break
@@ -269,15 +403,20 @@ class MqttUplink:
                     cursors[row.priority] = row.id
                 self.state.published += len(rows)
                 self._flush_writes()
-                if time.monotonic() >= misc_at:
-                    client.loop_misc()  # keepalive pings and their timeout
-                    self._check_link()
-                    misc_at = time.monotonic() + 1.0
+                if now >= misc_at:
+                    client.loop_misc()  # paho's own keepalive; ours is in _check_link
+                    misc_at = now + TICK
                 if not rows or room - sent <= 0:
-                    await self._wait_for_work(lost)
+                    await self._wait_for_work(lost, flusher, wait)
             raise ConnectionLost(lost.result())
         finally:
-            flusher.cancel()
+            # Let a delete in progress finish (the next connection must not read its rows
+            # again), unless the whole uplink is being cancelled.
+            self._flusher_stop = True
+            self._acks_waiting.set()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
 
     def _publish_each(self, client: paho.Client, rows: list[Stored]) -> int:
@@ -313,54 +452,115 @@ class MqttUplink:
         if self.config.qos == 0:
             self._delivered(ids)  # at-most-once: written is as good as it gets
         else:
-            self._inflight[info.mid] = (ids, time.monotonic())
+            self._sent += 1
+            self._inflight[info.mid] = _Sent(ids, time.monotonic(), self._sent)
 
-    def _check_link(self) -> None:
-        """Detect a dead link sooner than paho would, and a PUBACK that never comes.
+    # ---- the link -----------------------------------------------------------------
+    def _unconfirmed(self) -> int:
+        """Messages that a crash now would send again: the window's occupancy."""
+        return len(self._inflight) + len(self._missing) + self._acked_messages + self._flushing_messages
 
-        paho pings only after a keepalive of silence in both directions and then waits a
-        second keepalive, so a half-open link (no RST, no FIN) under steady publishing takes
-        about twice the keepalive to notice. The broker answers every QoS 1 publish and
-        every ping, so silence from it for 1.5 keepalives means the link is gone. (With QoS 0
-        nothing is acknowledged, so there only paho's keepalive applies.)
+    def _pass_over(self, n: int) -> None:
+        """Messages published before message ``n`` and still unacknowledged lost their PUBACK.
+
+        A broker sends QoS 1 PUBACKs in the order the PUBLISHes came (MQTT 3.1.1 4.6, MQTT 5
+        4.6), and nothing on a TCP connection reorders them: a PUBACK that a later one
+        overtook is not coming. Such messages leave the in-flight list (they no longer count as
+        awaiting an answer) but keep their place in the window until they are sent again.
         """
-        now = time.monotonic()
-        keepalive = self.config.keepalive
-        if self.config.qos > 0 and now - self._last_inbound > 1.5 * keepalive:
-            raise ConnectionLost(f"nothing from the broker for {now - self._last_inbound:.0f} s (link dead?)")
-        if self._inflight:
-            _row, sent_at = next(iter(self._inflight.values()))
-            if now - sent_at > 2 * keepalive:
-                raise ConnectionLost(f"no PUBACK for {now - sent_at:.0f} s; reconnecting to resend")
+        inflight = self._inflight
+        moved = False
+        while inflight:
+            mid, first = next(iter(inflight.items()))
+            if first.n > n:
+                break
+            inflight.popitem(last=False)
+            self._missing[mid] = first
+            moved = True
+        if moved:
+            if self._missing_since is None:
+                self._missing_since = self._last_inbound
+            self._wake.set()
 
-    async def _wait_for_work(self, lost: asyncio.Future[str]) -> None:
-        """Sleep until a PUBACK frees room, new events are committed, or the link drops."""
+    def _resend_due(self, now: float, window: int) -> bool:
+        since = self._missing_since
+        return since is not None and (now - since >= RESEND_AFTER or 2 * len(self._missing) >= window)
+
+    def _sample_rtt(self, rtt: float) -> None:
+        """RFC 6298's smoothed round trip and its variation, from publish to PUBACK."""
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar += 0.25 * (abs(self._srtt - rtt) - self._rttvar)
+            self._srtt += 0.125 * (rtt - self._srtt)
+
+    def _answer_timeout(self) -> float:
+        rto = self._srtt + 4 * self._rttvar if self._srtt is not None else 0.0
+        return min(self.config.keepalive / 2, max(ANSWER_FLOOR, rto))
+
+    def _check_link(self, client: paho.Client, now: float) -> None:
+        """Notice a dead link well within the keepalive, busy or idle.
+
+        paho pings only after a keepalive of silence and then waits another keepalive, so a
+        half-open link (no RST, no FIN) takes it twice the keepalive to notice. Here the
+        broker must answer: when a PUBACK or our PINGREQ is due and not one byte has come
+        from the broker for the answer timeout (a few seconds, at most half the keepalive),
+        the link is dead. An idle link is pinged after half a keepalive of silence, so a dead
+        link is noticed within one keepalive (plus a second for this check's tick) either way.
+        """
+        stalled = now - self._checked_at > 2 * TICK  # the loop itself was held up: reads may be pending
+        self._checked_at = now
+        awaited = self._ping_at
+        if self._inflight:
+            oldest = next(iter(self._inflight.values())).at
+            awaited = oldest if awaited is None else min(awaited, oldest)
+        if awaited is not None and not stalled:
+            silent = now - max(self._last_inbound, awaited)
+            if silent > self._answer_timeout():
+                raise ConnectionLost(f"no answer from the broker for {silent:.1f} s (link dead?)")
+        if self._ping_at is None and now - self._last_inbound >= self.config.keepalive / 2:
+            client._send_pingreq()
+            self._ping_at = now
+            self._flush_writes()
+
+    async def _wait_for_work(self, lost: asyncio.Future[str], flusher: asyncio.Task[None], timeout: float) -> None:
+        """Sleep until a PUBACK or delete frees room, new events are committed, or the link drops."""
         waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._wake.wait()),
             asyncio.ensure_future(self.store.committed.wait()),
         ]
         try:
-            await asyncio.wait([*waits, lost], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*waits, lost, flusher], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
 
+    # ---- deleting what was delivered ----------------------------------------------
     def _delivered(self, ids: list[int]) -> None:
-        """Queue delivered rows for the next grouped delete."""
+        """Queue one delivered message's rows for the next grouped delete."""
         self._acked += ids
+        self._acked_messages += 1
         self._acks_waiting.set()
 
     async def _ack_flusher(self) -> None:
-        while True:
+        """Delete delivered rows soon after their PUBACK, one delete at a time."""
+        while not self._flusher_stop:
             await self._acks_waiting.wait()  # an idle link costs no wake-ups
-            await asyncio.sleep(ACK_FLUSH_INTERVAL)
+            if self._acked_messages < ACK_FLUSH_MESSAGES and not self._flusher_stop:
+                await asyncio.sleep(ACK_FLUSH_DELAY)
             self._acks_waiting.clear()
             await self._flush_acks()
+            if self._unconfirmed() <= self._refill_at:
+                self._wake.set()
 
     async def _flush_acks(self) -> None:
         if self._acked:
             ids, self._acked = self._acked, []
-            await self.store.ack(ids)
+            self._flushing_messages, self._acked_messages = self._acked_messages, 0
+            try:
+                await self.store.ack(ids)
+            finally:
+                self._flushing_messages = 0
 
     async def say_offline(self) -> None:
         """Publish the retained ``offline`` ourselves: a clean disconnect sends no last will.
