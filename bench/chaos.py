@@ -736,7 +736,7 @@ class Sizes:
 
 FULL = Sizes(kills=200, run=(0.3, 2.0), up=(4, 10), short=(0.5, 3), long=(6, 10), long_every=3, puback_s=30,
              puback_wait=75, p3_pre=15, p3_hold=15, p4_pre=8, recover_cap=30, drain_cap=30, warmup=3)  # fmt: skip
-QUICK = Sizes(kills=40, run=(0.3, 2.0), up=(3, 6), short=(0.5, 2), long=(5, 7), long_every=2, puback_s=10,
+QUICK = Sizes(kills=40, run=(0.3, 2.0), up=(3, 6), short=(0.5, 2), long=(5, 7), long_every=2, puback_s=15,
               puback_wait=25, p3_pre=8, p3_hold=6, p4_pre=4, recover_cap=20, drain_cap=20, warmup=2)  # fmt: skip
 
 
@@ -1350,7 +1350,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (40 kills ...), about 2 minutes")
     parser.add_argument("--only", help="comma-separated phases to run, e.g. 1,4 (default 1,2,3,4)")
     parser.add_argument("--kills", type=int, help="SIGKILLs in phase 1 (default 200, quick 40)")
-    parser.add_argument("--puback-seconds", type=float, help="seconds of 5 %% lost PUBACKs (default 30, quick 10)")
+    parser.add_argument("--puback-seconds", type=float, help="seconds of 5 %% lost PUBACKs (default 30, quick 15)")
     parser.add_argument("--rate", type=int, default=200, help="telemetry ev/s of the meters (default 200)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of kill times, flaps, PUBACK drops")
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
