@@ -501,7 +501,10 @@ class Outbox:
         short = _reserve(volume) + 2 * batch_bytes - free
         if short > 0 and self._total > 0:
             try:
-                early = self._evict_for_disk(short + batch_bytes)
+                # At most about the batch's own size again: enough that the file stops growing
+                # into the reserve, never a purge. When another program took the reserve,
+                # evicting cannot win its room back, and must not empty the buffer trying.
+                early = self._evict_for_disk(min(short, batch_bytes) + batch_bytes)
             except sqlite3.OperationalError as exc:
                 if not _is_disk_full(exc):
                     raise

@@ -353,3 +353,22 @@ def test_a_disk_filled_by_another_program_still_takes_alarms_and_events(small_vo
         assert stats.dropped_disk_full > 0
         assert stats.rows_by_priority.get(0, 0) < telemetry
         assert box._conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_keeping_the_disk_reserve_never_costs_the_alarms(small_volume: Path) -> None:
+    """Less buffered than the 2 MiB reserve wants, and another file takes the disk: the
+    precautionary eviction takes telemetry only; buffered alarms and events all stay."""
+    path = small_volume / "buffer.db"
+    with Outbox(path, 1 << 30) as box:
+        box.append([rec(n, 2, device="gateway", payload=b"a" * 1000) for n in range(1, 101)])
+        box.append([rec(n, 1, device="bay", payload=b"e" * 1000) for n in range(1, 101)])
+        box.append([rec(n, 0, payload=b"t" * 2000) for n in range(1, 301)])
+        fill_disk(small_volume)
+        for n in range(101, 111):
+            result = box.append([rec(n, 2, device="gateway", payload=b"a" * 1000)])
+            assert result.accepted == 1
+        stats = box.stats()
+        assert stats.rows_by_priority[2] == 110
+        assert stats.rows_by_priority[1] == 100
+        assert stats.dropped_disk_full > 0
+        assert balanced(stats)
