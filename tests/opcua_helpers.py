@@ -1,16 +1,24 @@
 """OPC UA test parts: a simulated PLC on its own event loop thread, a PLC that only accepts login
-certificates, user certificates, and a recording DriverContext."""
+certificates, user certificates, a recording DriverContext, and node-opcua scripts as subprocesses."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
+import shutil
+import subprocess
 import threading
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from asyncua import ua
 from asyncua.server.user_managers import CertificateUserManager
 from cryptography import x509
@@ -22,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.uanames import Server, node_id
-from tests.conftest import Recorder  # noqa: F401 - re-exported for the OPC UA tests
+from tests.conftest import ROOT, Recorder  # noqa: F401 - Recorder re-exported for the OPC UA tests
 
 
 class ThreadedPlc:
@@ -124,3 +132,122 @@ class CertificateLoginPlc:
         if self.server is not None:
             server, self.server = self.server, None
             await server.stop()
+
+
+# ---- node-opcua: an independent OPC UA implementation (tests/interop/opcua) ----------------------
+
+INTEROP = ROOT / "tests" / "interop" / "opcua"
+NODE_HINT = "on Debian: apt-get install nodejs npm (the tests run npm ci in tests/interop/opcua themselves)"
+
+
+def node_opcua() -> str:
+    """The ``node`` executable, with the pinned node-opcua installed by ``npm ci`` if missing or out of date.
+
+    Fails (never skips) without node or npm: these tests are the suite's only independent OPC UA peer.
+    """
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.fail(f"node is not installed: the OPC UA interop tests run node-opcua; {NODE_HINT}")
+    lock = INTEROP / "package-lock.json"
+    installed = INTEROP / "node_modules" / ".package-lock.json"  # npm writes it on every install
+    with (INTEROP / ".npm-ci.lock").open("w") as guard:  # pytest-xdist workers or parallel runs: one npm ci
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+            return node
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail(f"npm is not installed, so node-opcua cannot be: {NODE_HINT}")
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=INTEROP, capture_output=True, text=True,
+                              timeout=600, check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.fail(
+                f"npm ci in {INTEROP} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+            )
+    return node
+
+
+class NodeScript:
+    """A node-opcua script (client.js, server.js) as a subprocess speaking JSON lines.
+
+    Every stdout line is a JSON object: answers carry the ``id`` of the command they answer, the
+    rest are events (``{"event": ...}``). node-opcua's own logging goes to stderr, kept for messages.
+    """
+
+    def __init__(self, node: str, script: str, *args: str) -> None:
+        self.command = [node, str(INTEROP / script), *args]
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.stderr: deque[str] = deque(maxlen=200)
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> NodeScript:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command, cwd=INTEROP, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._tasks = [asyncio.create_task(self._read(self.proc.stdout, json_lines=True)),
+                       asyncio.create_task(self._read(self.proc.stderr, json_lines=False))]  # fmt: skip
+        return self
+
+    async def _read(self, stream: asyncio.StreamReader, *, json_lines: bool) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip()
+            if json_lines:
+                try:
+                    self.lines.append(json.loads(text))
+                except ValueError:
+                    self.stderr.append(f"(stdout, not JSON) {text}")
+                self._changed.set()
+            else:
+                self.stderr.append(text)
+        if json_lines:
+            self._changed.set()
+
+    def log(self) -> str:
+        return "\n".join(self.stderr)
+
+    async def wait(self, predicate: Callable[[dict[str, Any]], Any], what: str, timeout: float = 15) -> dict[str, Any]:
+        """The first line (answer or event) that satisfies ``predicate``; fails naming ``what``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = next((line for line in self.lines if predicate(line)), None)
+            if found is not None:
+                return found
+            exited = self.proc is not None and self.proc.returncode is not None
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or (exited and self._tasks[0].done()):
+                raise AssertionError(f"{self.command[1]}: no {what} ({'exited' if exited else 'timed out'}); "
+                                     f"lines: {self.lines[-5:]}\nstderr:\n{self.log()[-3000:]}")  # fmt: skip
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    async def request(self, op: str, timeout: float = 15, **fields: Any) -> dict[str, Any]:
+        """Send one command; its answer (``ok`` true or false)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        ident = next(self._ids)
+        self.proc.stdin.write((json.dumps({"id": ident, "op": op, **fields}) + "\n").encode())
+        await self.proc.stdin.drain()
+        return await self.wait(lambda line: line.get("id") == ident, f"answer to {op}", timeout)
+
+    async def close(self) -> None:
+        """Ask it to stop (end of stdin), then kill it if it did not within 5 s."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.kill()
+                await self.proc.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()

@@ -1,0 +1,153 @@
+"""OPC UA against an implementation that is not the agent's own: node-opcua (npm, pinned in
+tests/interop/opcua/package-lock.json) as a client of the gateway's server, and as a PLC for the
+``opcua`` driver.
+
+node (Debian's ``nodejs``) and npm are needed; node-opcua is installed by ``npm ci`` on first use.
+A missing node or npm fails these tests, it never skips them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.events import DEVICE_STATUS, METER_READING
+from agent.uplink.opcua_server import NAMESPACE, UNECE_URI, OpcUaServer, OpcUaServerConfig, unece_unit_id
+from tests.conftest import free_port
+from tests.opcua_helpers import NodeScript, node_opcua
+
+HMI_PASSWORD = "hmi-pass"  # noqa: S105 - the test server's user
+T0 = datetime(2026, 3, 1, 8, 0, 0, 123000, tzinfo=UTC)
+READ_ONLY, READ_WRITE = 1, 3  # AccessLevel bits: CurrentRead, CurrentRead | CurrentWrite
+
+
+def run(coro: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(coro(), timeout))
+
+
+def gw(device: str, name: str) -> str:
+    """A gateway variable's NodeId, its namespace named by URI as a SCADA configuration does."""
+    return f"nsu={NAMESPACE};s=Devices.{device}.{name}"
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    return node_opcua()
+
+
+@pytest.fixture(scope="module")
+def client_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """node-opcua's own PKI folder: its application certificate is made once for the module."""
+    return tmp_path_factory.mktemp("node-opcua-client-pki")
+
+
+def server_config(tmp_path: Path, policies: list[str], **keys: Any) -> OpcUaServerConfig:
+    (tmp_path / "users").write_text(f"scada:{HMI_PASSWORD}\n")
+    return OpcUaServerConfig.model_validate({
+        "enabled": True, "listen": f"opc.tcp://127.0.0.1:{free_port()}", "security_policies": policies,
+        "users_file": "users", "publish_interval": "50ms", **keys,
+    }, context={"base_dir": tmp_path})  # fmt: skip
+
+
+async def feed(server: OpcUaServer) -> None:
+    """What a pump's driver reports, as the runtime hands it to the server; returns once it is served."""
+    server.update("pump-1", DEVICE_STATUS, {"status": "online"}, T0)
+    server.update("pump-1", METER_READING, {"measurements": [
+        {"quantity": "voltage", "value": 231.5, "unit": "V", "quality": "good", "phase": "L1"},
+        {"quantity": "flow", "value": 10.0, "unit": "m3/h", "quality": "good", "point": "setpoint"},
+        {"quantity": "pressure", "value": 4.2, "unit": "bar", "quality": "stale", "point": "p"},
+        {"quantity": "counter", "value": None, "unit": "", "quality": "bad", "reason": "BadSensorFailure",
+         "point": "c"},
+    ]}, T0)  # fmt: skip
+    flushes = server.stats["flushes"]
+    for _ in range(100):
+        if server.stats["flushes"] > flushes and not server._pending:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the server never published the values")
+
+
+@asynccontextmanager
+async def node_client(node: str, pki: Path, endpoint: str, *, policy: str = "None", mode: str = "None",
+                      user: str | None = None, password: str = HMI_PASSWORD) -> AsyncIterator[NodeScript]:  # fmt: skip
+    """A node-opcua client session (anonymous unless ``user``); its connect answer is ``lines`` id 0."""
+    args = ["--endpoint", endpoint, "--pki", str(pki), "--policy", policy, "--mode", mode]
+    if user is not None:
+        args += ["--user", user, "--password", password]
+    client = await NodeScript(node, "client.js", *args).start()
+    try:
+        await client.wait(lambda line: line.get("id") == 0, "connect answer", timeout=30)
+        yield client
+    finally:
+        await client.close()
+
+
+def connected(client: NodeScript) -> dict[str, Any]:
+    answer = next(line for line in client.lines if line.get("id") == 0)
+    assert answer["ok"], f"node-opcua could not connect: {answer}\n{client.log()[-2000:]}"
+    return answer
+
+
+def refused(client: NodeScript) -> str:
+    answer = next(line for line in client.lines if line.get("id") == 0)
+    assert not answer["ok"], f"node-opcua connected where it should have been refused: {answer}"
+    return str(answer["code"])
+
+
+# ---- node-opcua as a client of the gateway's server -----------------------------------------
+
+
+def test_node_opcua_browses_reads_units_timestamps_and_status_and_subscribes(
+    node: str, client_pki: Path, tmp_path: Path
+) -> None:
+    config = server_config(tmp_path, ["None"])
+
+    async def body() -> None:
+        server = OpcUaServer(config)
+        await server.start()
+        try:
+            await feed(server)
+            async with node_client(node, client_pki, config.listen, user="scada") as client:
+                connected(client)
+                tree = await client.request("browse", path=["Gateway", "Devices", "pump-1"])
+                assert tree["ok"], tree
+                types = {c["name"]: (c["nodeClass"], c.get("dataType")) for c in tree["children"]}
+                assert types == {"status": ("Variable", "String"), "voltage_L1": ("Variable", "Double"),
+                                 "setpoint": ("Variable", "Double"), "p": ("Variable", "Double"),
+                                 "c": ("Variable", "Double")}, types  # fmt: skip
+                read = await client.request("read", nodes=[gw("pump-1", n) for n in ("voltage_L1", "p", "c", "status")],
+                                            properties=True)  # fmt: skip
+                assert read["ok"], read
+                volt, p, c, status = read["results"]
+                assert (volt["value"], volt["dataType"], volt["status"]) == (231.5, "Double", "Good")
+                assert volt["sourceTimestamp"] == "2026-03-01T08:00:00.123Z", "the reading's time is the source time"
+                assert volt["serverTimestamp"] is not None
+                eu = volt["properties"]["EngineeringUnits"]
+                assert (eu["namespaceUri"], eu["unitId"], eu["displayName"]) == (UNECE_URI, unece_unit_id("VLT"), "V")
+                assert eu["qualifiedNamespace"] == 0, "the standard property's browse name is in namespace 0"
+                assert (p["value"], p["status"]) == (4.2, "UncertainLastUsableValue")
+                assert (c["value"], c["status"]) == (None, "BadSensorFailure")
+                assert (status["value"], status["dataType"]) == ("online", "String")
+                sub = await client.request("subscribe", nodes=[gw("pump-1", "voltage_L1")], interval=50)
+                assert sub["ok"], sub
+                await client.wait(lambda line: line.get("event") == "change" and line["value"] == 231.5, "first value")
+                server.update("pump-1", METER_READING, {"measurements": [
+                    {"quantity": "voltage", "value": 229.0, "unit": "V", "quality": "good", "phase": "L1"}]},
+                    T0 + timedelta(seconds=1))  # fmt: skip
+                change = await client.wait(lambda line: line.get("event") == "change" and line["value"] == 229.0,
+                                           "the new value")  # fmt: skip
+                assert (change["status"], change["sourceTimestamp"]) == ("Good", "2026-03-01T08:00:01.123Z")
+                server.update("pump-1", DEVICE_STATUS, {"status": "offline"}, T0 + timedelta(seconds=2))
+                stale = await client.wait(lambda line: line.get("event") == "change" and line["status"] != "Good",
+                                          "the value turning uncertain")  # fmt: skip
+                assert (stale["value"], stale["status"]) == (229.0, "UncertainLastUsableValue")
+        finally:
+            await server.stop()
+
+    run(body)
