@@ -6,10 +6,11 @@ import contextlib
 import itertools
 import math
 import struct
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.config import parse_config
@@ -95,7 +96,10 @@ def test_encode_decode_round_trip(type_: str, byte_order: str, word_order: str, 
     registers = codec.encode(value, type_, byte_order=byte_order, word_order=word_order)
     assert len(registers) == bits // 16 and all(0 <= r <= 0xFFFF for r in registers)
     back = codec.decode(registers, type_, byte_order=byte_order, word_order=word_order)
-    assert back == value or (math.isclose(back, value) if isinstance(value, float) else False)
+    if type_ == "float32":  # the shortest decimal that is the same float32, written back as the same registers
+        assert codec.encode(back, type_, byte_order=byte_order, word_order=word_order) == registers
+    else:
+        assert back == value
 
 
 # Scales and offsets as profiles use them: 0.1 V, 0.001 kW per W, m3/s shown as m3/h, a -40 degC origin.
@@ -189,6 +193,98 @@ def test_encode_scaled_refuses_what_a_register_cannot_hold() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             codec.encode_scaled(value, type_, **keys)
+
+
+# ---- float32 values: the shortest decimal that is the register's value (issue 13) --------------
+def _f32(bits: int) -> float:
+    return float(struct.unpack(">f", bits.to_bytes(4, "big"))[0])
+
+
+def _reads_back_as(candidate: Decimal, bits: bytes) -> bool:
+    """Whether the decimal, parsed as a Python float and narrowed to float32, has those bits."""
+    try:
+        return struct.pack(">f", float(candidate)) == bits
+    except OverflowError:  # rounds past the largest float32
+        return False
+
+
+def _check_shortest(register: float, published: float) -> None:
+    """``published`` gives ``register``'s float32 bits back, and no decimal with fewer digits does.
+
+    The decimals that read back as one float32 form an interval around it, so if any with
+    ``k`` significant digits did, the nearest ``k``-digit one below or above the register's exact
+    value would: checking those two, in exact decimal arithmetic, covers them all.
+    """
+    bits = struct.pack(">f", register)
+    assert struct.pack(">f", published) == bits, (register, published)
+    if register == 0:
+        assert published == 0 and math.copysign(1, published) == math.copysign(1, register)
+        return
+    digits = len(Decimal(repr(published)).normalize().as_tuple().digits)
+    assert digits <= 9, (register, published)  # nine always suffice for a float32
+    if digits == 1:
+        return
+    exact = Decimal(register)  # the register's value, exactly
+    step = Decimal(1).scaleb(exact.adjusted() - (digits - 2))  # one unit in the last of digits - 1 places
+    for rounding in (ROUND_FLOOR, ROUND_CEILING):
+        shorter = exact.quantize(step, rounding=rounding)
+        assert len(shorter.normalize().as_tuple().digits) < digits
+        assert not _reads_back_as(shorter, bits), f"{register!r} published as {published!r}, yet {shorter} reads back"
+
+
+@example(bits=0x4366199A)  # 230.1, the issue's voltage: 230.10000610351562 when widened
+@example(bits=0x3F800000)  # 1.0
+@example(bits=0x00000001)  # the smallest subnormal, 1e-45
+@example(bits=0x7F7FFFFF)  # the largest float32, 3.4028235e38
+@example(bits=0x80000000)  # -0.0
+@given(st.integers(0, 2**32 - 1))
+def test_a_float32_is_published_as_the_shortest_decimal_that_reads_back_as_its_bits(bits: int) -> None:
+    register = _f32(bits)
+    if not math.isfinite(register):
+        assert codec.shortest_float32(register) is register or math.isnan(register)  # NaN and inf: not numbers
+        return
+    _check_shortest(register, codec.shortest_float32(register))
+
+
+def test_shortest_float32_at_every_power_of_two_and_of_ten_and_their_neighbours() -> None:
+    """Where the gap below a float32 is half the gap above (a power of two), and around powers of ten.
+
+    The fast path (1e-4 <= |value| < 1e6) takes its digit count from log10 and treats powers of
+    two like any value: every one of those cases is checked here, not sampled.
+    """
+    patterns = [exponent << 23 | mantissa for exponent in range(256)
+                for mantissa in (0, 1, 2, 0x7FFFFF, 0x7FFFFE, 0x400000, 0x4CCCCD)]  # fmt: skip
+    for k in range(-45, 39):
+        (nearest,) = struct.unpack(">I", struct.pack(">f", float(f"1e{k}")))
+        patterns += [nearest + delta for delta in range(-3, 4)]
+    for pattern in patterns:
+        for sign in (0, 1 << 31):
+            register = _f32((pattern | sign) & 0xFFFFFFFF)
+            if math.isfinite(register):
+                _check_shortest(register, codec.shortest_float32(register))
+
+
+def test_every_decode_path_publishes_float32_registers_as_their_shortest_decimal() -> None:
+    """230.1 in a float32 register is 230.1, not 230.10000610351562, whichever path decodes it."""
+    registers = [0x4366, 0x199A]  # float32 230.1, big/big
+    buffer = struct.pack(">4H", 0xDEAD, *registers, 0xBEEF)
+    for value in (
+        codec.decode(registers, "float32"),
+        codec.decode(registers[::-1], "float32", word_order="little"),
+        codec.compile_decoder("float32")(buffer, 2),
+        codec.compile_decoder("float32", word_order="little")(struct.pack(">2H", *registers[::-1]), 0),
+        codec.compile_decoder("float32", byte_order="little")(struct.pack("<2H", *registers), 0),
+    ):
+        assert repr(value) == "230.1"
+    block = codec.compile_block([(1, "float32"), (3, "uint16")], 4)
+    assert block is not None
+    assert [repr(v) for v in block(buffer)] == ["230.1", "48879"]
+    # Scaled: 270.7 W read as kW is 0.2707, not 0.270700012.
+    assert codec.compile_decoder("float32", scale=0.001)(struct.pack(">f", 270.7), 0) == 0.2707
+    # A float64 keeps all it has: the device sent those digits.
+    assert codec.decode(list(struct.unpack(">4H", struct.pack(">d", 230.10000610351562))), "float64") == (
+        230.10000610351562
+    )
 
 
 @given(st.lists(st.integers(0, 0xFFFF), min_size=0, max_size=6), st.sampled_from(list(codec._FORMATS)))
