@@ -15,6 +15,11 @@
   ``burst`` times per window (default once per 60 s; ``EDGE_AGENT_LOG_REPEAT_WINDOW`` and
   ``EDGE_AGENT_LOG_REPEAT_BURST``); the repeats in between are counted and the next line
   written says ``(repeated N times in the last T s)``. DEBUG lines are never suppressed.
+- **States.** A line that announces a subject's state (the uplink connected or down, a device
+  online or offline) is always written when that state differs from the subject's last one, and
+  its fold starts afresh: the log never ends on a state the subject has left. Only repeats of
+  the same state are folded. Which lines are states: :data:`STATE_LINES` (the uplink's and the
+  device runner's), or any record given ``extra={"state": ..., "subject": ...}``.
 """
 
 from __future__ import annotations
@@ -138,11 +143,43 @@ class _Seen:
     suppressed: int
 
 
+# Lines that announce a state: (logger, template) -> (subject, state) from the record's args.
+# The templates are the uplink's (agent/uplink/mqtt.py) and the device runner's (agent/devices.py).
+STATE_LINES: dict[tuple[str, str], Callable[[tuple[Any, ...]], tuple[str, str]]] = {
+    ("agent.uplink.mqtt", "uplink connected to %s:%d"): lambda _: ("uplink", "connected"),
+    ("agent.uplink.mqtt", "uplink lost: %s; buffering until it is back"): lambda _: ("uplink", "down"),
+    ("agent.uplink.mqtt", "uplink down: %s; retrying with backoff"): lambda _: ("uplink", "down"),
+    ("agent.uplink.mqtt", "uplink: %s"): lambda _: ("uplink", "reconnecting"),  # to resend unacknowledged events
+    ("agent.devices", "device %s offline: %s"): lambda args: (f"device {args[0]}", "offline"),
+    ("agent.devices", "device %s %s"): lambda args: (f"device {args[0]}", str(args[1])),
+}
+
+
+def state_of(record: logging.LogRecord) -> tuple[str, str] | None:
+    """(subject, state) if ``record`` announces one (see the module docstring), else None."""
+    state = getattr(record, "state", None)
+    if state is not None:
+        subject = getattr(record, "subject", None)
+        if subject is None:
+            subject = f"{record.name} {getattr(record, 'device', '')}"
+        return str(subject), str(state)
+    rule = STATE_LINES.get((record.name, str(record.msg)))
+    if rule is None:
+        return None
+    args = record.args if isinstance(record.args, tuple) else ()
+    try:
+        return rule(args)
+    except IndexError:  # a call with fewer arguments than the template: logging reports that itself
+        return None
+
+
 class RepeatFilter(logging.Filter):
     """Write the same (logger, level, template, device) at most ``burst`` times per ``window`` s.
 
     Suppressed repeats are counted; the next line written for that key after the window says
-    how many there were. DEBUG records pass untouched.
+    how many there were. A line announcing a state other than its subject's last one (see
+    :func:`state_of`) is always written and starts its key's window afresh. DEBUG records pass
+    untouched.
     """
 
     def __init__(
@@ -156,6 +193,7 @@ class RepeatFilter(logging.Filter):
         self.burst = max(1, burst)
         self._clock = clock
         self._seen: dict[tuple[str, int, str, str | None], _Seen] = {}
+        self._states: dict[str, str] = {}  # last state announced per subject
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -163,8 +201,15 @@ class RepeatFilter(logging.Filter):
             return True
         device = getattr(record, "device", None)
         key = (record.name, record.levelno, str(record.msg), None if device is None else str(device))
+        state = state_of(record)
         now = self._clock()
         with self._lock:
+            # A change of state is written whatever the window, and its line's fold starts again.
+            changed = state is not None and self._states.get(state[0]) != state[1]
+            if state is not None and changed:
+                if len(self._states) >= MAX_REPEAT_KEYS and state[0] not in self._states:
+                    self._states.clear()  # a forgotten subject's next line passes: nothing hidden
+                self._states[state[0]] = state[1]
             seen = self._seen.get(key)
             if seen is None:
                 if len(self._seen) >= MAX_REPEAT_KEYS:
@@ -172,7 +217,7 @@ class RepeatFilter(logging.Filter):
                 self._seen[key] = _Seen(now, 1, 0)
                 return True
             elapsed = now - seen.window_start
-            if elapsed >= self.window:
+            if changed or elapsed >= self.window:
                 suppressed = seen.suppressed
                 seen.window_start, seen.written, seen.suppressed = now, 1, 0
                 if suppressed:

@@ -9,6 +9,7 @@ test-only plugin installed for the agent process through ``PYTHONPATH`` (a packa
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -29,7 +30,17 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.logs import JsonFormatter, Redactor, RepeatFilter, TextFormatter, choose_format
+from agent.logs import (
+    REPEAT_BURST_ENV,
+    REPEAT_WINDOW_ENV,
+    JsonFormatter,
+    Redactor,
+    RepeatFilter,
+    TextFormatter,
+    bound,
+    choose_format,
+    setup_logging,
+)
 from agent.metrics import normalise_reason, temperature_c
 from agent.schemas import GatewayHealth
 from agent.service import Notifier
@@ -286,30 +297,39 @@ def test_the_mqtt_password_never_reaches_the_log_even_at_debug(
     assert secret not in out
 
 
-def test_repeated_fault_lines_are_rate_limited_with_a_count(
-    tmp_path: Path, broker: Mosquitto, agent_factory, monkeypatch: pytest.MonkeyPatch
+def test_a_flapping_device_logs_each_change_of_state_and_its_last_line_is_its_state(
+    tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("EDGE_AGENT_LOG_REPEAT_WINDOW", "2s")
-    monkeypatch.setenv("EDGE_AGENT_LOG_REPEAT_BURST", "1")
+    """Issue 13: with the repeat folding as shipped (one line per 60 s), a flapping device's later
+    "online" lines were folded away, so its last line said offline while it was online."""
+    monkeypatch.setenv("EDGE_AGENT_LOG_REPEAT_BURST", "1")  # the production folding, not the suite's
+    monkeypatch.delenv("EDGE_AGENT_LOG_REPEAT_WINDOW", raising=False)
     monkeypatch.delenv("EDGE_AGENT_LOG_FORMAT", raising=False)
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
-    # offline and online again every 100 ms: about 10 identical fault lines a second
+    sub = subscriber_factory(broker.port)
+    # offline and online again every 100 ms
     flapping = "  - {id: flap-1, driver: virtual, kind: meter, interval: 50ms, fail_every: 2, offline_after: 1}\n"
     config = write_config(tmp_path / "site.yaml", port=broker.port, devices=flapping)
     agent = agent_factory(config)
-    wait_for(lambda: "repeated" in agent.output(), 15, "a line reporting suppressed repeats")
-    time.sleep(2.5)
+
+    def statuses() -> list[str]:
+        events = sorted((e for e in sub.snapshot() if e["device"] == "flap-1" and e["type"] == "city.device.status"),
+                        key=lambda e: e["seq"])  # fmt: skip
+        return [e["data"]["status"] for e in events]
+
+    wait_for(lambda: len(statuses()) >= 20, 20, "the device flapping 20 times")
+    # It stops flapping: reloaded without faults, it stays online.
+    config.write_text(config.read_text().replace("fail_every: 2, ", ""))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in agent.output(), 15, "the reload")
+    time.sleep(1.0)  # online for ten polls
     agent.signal(signal.SIGTERM)
-    assert agent.wait(5) == 0
-    offline = [line for line in agent.output().splitlines() if "device flap-1 offline" in line]
-    assert offline, agent.output()
-    # ~10 a second for 4+ s, written at most once per 2 s window: a handful, not dozens.
-    assert len(offline) <= 5, offline
-    counts = [
-        int(m.group(1)) for line in offline if (m := re.search(r"\(repeated (\d+) times in the last 2 s\)", line))
-    ]
-    assert counts, offline
-    assert all(c >= 8 for c in counts), counts
+    assert agent.wait(10) == 0
+    lines = [line for line in agent.output().splitlines() if re.search(r"device flap-1 (online|offline)", line)]
+    states = [re.search(r"device flap-1 (online|offline)", line).group(1) for line in lines]  # type: ignore[union-attr]
+    assert len(states) >= 20, lines  # every change is written, none folded
+    assert all(a != b for a, b in itertools.pairwise(states)), lines  # so they alternate, as the device did
+    assert states[-1] == "online" == statuses()[-1], (lines[-3:], statuses()[-3:])
 
 
 # ---- systemd ---------------------------------------------------------------------------------
@@ -480,6 +500,57 @@ def test_repeat_filter_counts_suppressed_lines_per_key() -> None:
     assert not limiter.filter(_record("device %s offline: %s", "m1", "timeout", device="m1"))
     burst = RepeatFilter(window=60, burst=3, clock=lambda: now[0])
     assert [burst.filter(_record("uplink lost")) for _ in range(5)] == [True, True, True, False, False]
+
+
+def test_a_change_of_state_is_never_folded_only_repeats_of_the_same_state_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 13: after a quick broker restart the log ended on "uplink down ... retrying" while
+    delivery had resumed: the second "uplink connected" fell in the first one's 60 s window.
+
+    The lines go through the real logging setup (setup_logging, production folding) from the
+    uplink's and the device runner's loggers, with their templates.
+    """
+    monkeypatch.delenv(REPEAT_WINDOW_ENV, raising=False)
+    monkeypatch.setenv(REPEAT_BURST_ENV, "1")
+    out = io.StringIO()
+    handler = setup_logging(stream=out, fmt="text")
+    uplink, devices = logging.getLogger("agent.uplink.mqtt"), logging.getLogger("agent.devices")
+    try:
+        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
+        for _ in range(3):  # a broker restarted three times within the minute
+            uplink.warning("uplink lost: %s; buffering until it is back", "connection lost")
+            uplink.warning("uplink down: %s; retrying with backoff", "cannot connect to 127.0.0.1:1883: refused")
+            uplink.warning("uplink down: %s; retrying with backoff", "no CONNACK from 127.0.0.1:1883")
+            uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
+        uplink.info("uplink: %s", "2 PUBACK(s) missing; reconnecting to send them again")
+        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
+        with bound(device="flap-1", driver="virtual"):
+            for _ in range(5):
+                devices.info("device %s %s", "flap-1", "online")
+                devices.warning("device %s offline: %s", "flap-1", "simulated timeout")
+            with bound(device="meter-2"):  # another device's changes are its own
+                devices.warning("device %s offline: %s", "meter-2", "timeout")
+            devices.info("device %s %s", "flap-1", "online")
+            devices.info("device %s %s", "flap-1", "online")  # the same state again: a repeat, folded
+        for state in ("open", "closed", "open", "open"):  # any line can say it announces a state
+            logging.getLogger("agent.test").info("valve %s", state, extra={"subject": "valve-1", "state": state})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    said = [re.sub(r"^.*? (agent\.\S+): ", "", line) for line in lines]
+    uplink_lines = [line for line in said if line.startswith("uplink")]
+    assert uplink_lines[-2:] == ["uplink: 2 PUBACK(s) missing; reconnecting to send them again",
+                                 "uplink connected to 127.0.0.1:1883"], said  # fmt: skip
+    assert uplink_lines.count("uplink connected to 127.0.0.1:1883") == 5, said  # each reconnection
+    # Each "lost" follows "connected": a change, written. "down" repeats the state "lost" began:
+    # folded as before, once a minute (the first one is written, a line not seen before).
+    assert sum(line.startswith("uplink lost") for line in uplink_lines) == 3, said
+    assert sum(line.startswith("uplink down") for line in uplink_lines) == 1, said
+    flap = [line for line in said if "flap-1" in line]
+    assert len(flap) == 11 and flap[-1] == "device flap-1 online", said
+    assert "device meter-2 offline: timeout" in said
+    assert [line for line in said if line.startswith("valve")] == ["valve open", "valve closed", "valve open"]
 
 
 def test_log_format_choice(tmp_path: Path) -> None:
