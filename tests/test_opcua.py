@@ -752,12 +752,12 @@ def test_server_accepts_only_trusted_client_certificates(
         "points": [{"name": "v", "node": "ns=2;s=Devices.pump-1.voltage_L1", "quantity": "voltage"}],
     })  # fmt: skip
 
-    async def intruder_connects(presents: bytes | None) -> None:
-        """A client whose secure channel uses the intruder's certificate, naming another in CreateSession."""
+    async def lying_client(presents: bytes | None, channel: Any = intruder) -> None:
+        """A client whose secure channel uses ``channel``'s certificate, naming another in CreateSession."""
         client = Client(config.listen, timeout=2)
-        await client.set_security(SecurityPolicyBasic256Sha256, str(intruder.cert_path), str(intruder.key_path),
+        await client.set_security(SecurityPolicyBasic256Sha256, str(channel.cert_path), str(channel.key_path),
                                   mode=ua.MessageSecurityMode.SignAndEncrypt)  # fmt: skip
-        client.application_uri = intruder.application_uri
+        client.application_uri = channel.application_uri
         client.set_user("op")
         client.set_password(PASSWORD)
         create_session = client.uaclient.create_session
@@ -797,13 +797,15 @@ def test_server_accepts_only_trusted_client_certificates(
                 assert [(s.value, s.quality) for s in samples] == [(231.5, "good")]
             finally:
                 await driver.stop()
-            # An untrusted channel certificate is refused whatever CreateSession names: another client's
-            # (trusted) certificate, or none at all (asyncua skips its validator then).
-            for presents in (gateway_der, None):
-                with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
-                    await intruder_connects(presents)
-            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUntrusted"):
-                await intruder_connects(intruder.cert_path.read_bytes())
+            # An untrusted channel certificate is refused whatever CreateSession names: its own, another
+            # client's (trusted) certificate, or none at all (asyncua skips its validator then).
+            for presents in (intruder.cert_path.read_bytes(), gateway_der, None):
+                with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUntrusted"):
+                    await lying_client(presents)
+            # A trusted channel naming another certificate in CreateSession (Part 4, 5.7.2: it must be the same)
+            gateway = ensure_certificate(pki["gateway"])
+            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateInvalid"):
+                await lying_client(intruder.cert_path.read_bytes(), channel=gateway)
         finally:
             await server.stop()
 
@@ -814,6 +816,42 @@ def test_server_accepts_only_trusted_client_certificates(
     assert f"thumbprint {thumb}; saved as {tmp_path / 'server-pki' / 'rejected-clients' / thumb}.der" in caplog.text
     assert "1 trusted client certificate(s) in" in caplog.text
     assert "session refused: the secure channel's client certificate is not trusted" in caplog.text
+    assert "CreateSession names another certificate than the one the secure channel was opened with" in caplog.text
+
+
+def test_none_endpoint_offered_with_a_secure_one_takes_sessions_without_a_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13: with [None, Basic256Sha256_SignAndEncrypt], the None endpoint took nobody (an
+    asyncua client sends no certificate there; the empty one was refused and saved)."""
+    config = _secure_server_config(tmp_path, security_policies=["None", "Basic256Sha256_SignAndEncrypt"],
+                                   allow_anonymous=True)  # fmt: skip
+
+    async def body() -> None:
+        server = OpcUaServer(config)
+        await server.start()
+        server.update("pump-1", METER_READING, {"measurements": [
+            {"quantity": "voltage", "value": 231.5, "unit": "V", "quality": "good", "phase": "L1"}]},
+            datetime.now(UTC))  # fmt: skip
+        await asyncio.sleep(0.3)
+        try:
+            for user in (None, "op"):
+                client = Client(config.listen, timeout=5)
+                if user is not None:
+                    client.set_user(user)
+                    client.set_password(PASSWORD)
+                async with client:
+                    assert client.security_policy.Mode == ua.MessageSecurityMode.None_
+                    ns = await client.get_namespace_index(NAMESPACE)
+                    assert await client.get_node(f"ns={ns};s=Devices.pump-1.voltage_L1").read_value() == 231.5
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="agent.uplink.opcua_server"):
+        run(body)
+    rejected = tmp_path / "server-pki" / "rejected-clients"
+    assert not rejected.exists() or not list(rejected.iterdir()), list(rejected.iterdir())
+    assert "client certificate refused" not in caplog.text and "session refused" not in caplog.text
 
 
 def test_server_write_answers_only_after_the_device_applied_it(

@@ -9,6 +9,7 @@ A missing node or npm fails these tests, it never skips them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -147,6 +148,60 @@ def test_node_opcua_browses_reads_units_timestamps_and_status_and_subscribes(
                 stale = await client.wait(lambda line: line.get("event") == "change" and line["status"] != "Good",
                                           "the value turning uncertain")  # fmt: skip
                 assert (stale["value"], stale["status"]) == (229.0, "UncertainLastUsableValue")
+        finally:
+            await server.stop()
+
+    run(body)
+
+
+def test_none_endpoint_next_to_a_secure_one_takes_clients_and_the_secure_one_only_trusted_ones(
+    node: str, client_pki: Path, tmp_path: Path
+) -> None:
+    """Both policies offered at once. node-opcua sends its application certificate in CreateSession
+    even on the None endpoint: there it plays no part (Part 4, 5.7.2: the Server shall ignore it),
+    so it is neither refused nor saved as a rejected client. On the secure endpoint it is the
+    client's identity: refused until trusted, then accepted with a user login."""
+    config = server_config(tmp_path, ["None", "Basic256Sha256_SignAndEncrypt"], allow_anonymous=True,
+                           cert_dir="pki", writable=[{"device": "pump-1", "point": "setpoint"}])  # fmt: skip
+    writes: list[tuple[str, str, Any]] = []
+    rejected = tmp_path / "pki" / "rejected-clients"
+
+    async def on_write(device: str, point: str, value: Any) -> None:
+        writes.append((device, point, value))
+
+    async def body() -> None:
+        server = OpcUaServer(config, on_write=on_write)
+        await server.start()
+        try:
+            await feed(server)
+            for user in (None, "scada"):
+                async with node_client(node, client_pki, config.listen, user=user) as client:
+                    assert connected(client)["mode"] == "None"
+                    read = await client.request("read", nodes=[gw("pump-1", "voltage_L1")])
+                    assert read["ok"] and read["results"][0]["value"] == 231.5, read
+                    if user is not None:
+                        wrote = await client.request("write", items=[
+                            {"node": gw("pump-1", "setpoint"), "type": "Double", "value": 12.5}])  # fmt: skip
+                        assert wrote["results"] == ["Good"], wrote
+            assert writes == [("pump-1", "setpoint", 12.5)]
+            assert not rejected.exists() or not list(rejected.iterdir()), "nothing is rejected on the None endpoint"
+
+            secure = {"policy": "Basic256Sha256", "mode": "SignAndEncrypt", "user": "scada"}
+            async with node_client(node, client_pki, config.listen, **secure) as client:
+                assert refused(client) == "BadCertificateUntrusted"
+                cert = next(line for line in client.lines if line.get("event") == "certificate")
+            saved = rejected / f"{cert['thumbprint']}.der"
+            assert saved.is_file(), list(rejected.iterdir())
+            assert hashlib.sha1(saved.read_bytes(), usedforsecurity=False).hexdigest().upper() == cert["thumbprint"]
+            saved.rename(tmp_path / "pki" / "trusted-clients" / saved.name)  # what the operator does
+            async with node_client(node, client_pki, config.listen, **secure) as client:
+                assert connected(client)["mode"] == "SignAndEncrypt"
+                read = await client.request("read", nodes=[gw("pump-1", "voltage_L1")])
+                assert read["results"][0]["value"] == 231.5, read
+                wrote = await client.request("write", items=[
+                    {"node": gw("pump-1", "setpoint"), "type": "Double", "value": 13.0}])  # fmt: skip
+                assert wrote["results"] == ["Good"], wrote
+            assert writes[-1] == ("pump-1", "setpoint", 13.0)
         finally:
             await server.stop()
 

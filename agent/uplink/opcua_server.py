@@ -31,12 +31,16 @@ BadCommunicationError...) and the variable keeps its value. Either way a log lin
 user, the point, the value and the outcome. While a write waits for its device, that client
 connection's other requests wait too (asyncua serves a connection's requests in order).
 
-Client certificates: with a security policy other than None, only the client application
-certificates in ``trusted_clients_dir`` (default ``<cert_dir>/trusted-clients``, created empty)
-are accepted, or those issued by a CA certificate there; any other is refused with
+Client certificates: on a secure endpoint (a security policy other than None), only the client
+application certificates in ``trusted_clients_dir`` (default ``<cert_dir>/trusted-clients``,
+created empty) are accepted, or those issued by a CA certificate there; any other is refused with
 BadCertificateUntrusted, logged with its thumbprint and saved in ``<cert_dir>/rejected-clients``
-for the operator to move. The folder is read again when it changes. The None endpoint, when
-offered too, takes clients without a certificate.
+for the operator to move. The certificate checked is the one the secure channel was opened with
+(at CreateSession and again at ActivateSession); a CreateSession naming another is refused with
+BadCertificateInvalid. The folder is read again when it changes. The None endpoint, when offered
+too, takes any client: without security the certificate plays no part, and the one a client
+names in CreateSession (node-opcua always names one) is ignored, as OPC UA Part 4 (5.7.2) says,
+so it is neither checked nor saved.
 
 The core never imports a driver, so the small certificate helper here mirrors
 ``drivers/opcua/certs.py`` rather than importing it.
@@ -53,6 +57,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -264,15 +269,17 @@ class OpcUaServer:
                                 self.config.cert_dir / "rejected-clients",
                                 create=self.config.trusted_clients_dir is None)  # fmt: skip
             await asyncio.to_thread(trust.refresh)
-            # Checked twice: at CreateSession, on the certificate the client names there (asyncua's
-            # validator hook, which answers BadCertificateUntrusted), and at ActivateSession, on the
-            # secure channel's own certificate, which the session's may differ from or omit.
+            # On a secure channel the client's certificate is checked twice: at CreateSession (asyncua's
+            # validator hook, run only when the client names a certificate there), and at
+            # ActivateSession (the user manager), in case it named none. Both check the channel's
+            # own certificate; on a None channel neither checks anything (_ChannelPolicy tells them).
             server.set_certificate_validator(trust.validate)
             user_manager.trust = trust
             self.trust = trust
             if "None" in self.config.security_policies:
-                log.warning("OPC UA server: the None endpoint takes clients without a certificate; %s applies to "
-                            "the secure endpoints only", trust.folder)  # fmt: skip
+                log.warning("OPC UA server: the None endpoint takes any client, with or without a certificate (no "
+                            "certificate is checked without security); %s applies to the secure endpoints only",
+                            trust.folder)  # fmt: skip
         names = {"None": "NoSecurity"}
         policies = [getattr(ua.SecurityPolicyType, names.get(p, p)) for p in self.config.security_policies]
         server.set_security_policy(policies, permission_ruleset=_Rules())  # type: ignore[arg-type]
@@ -291,6 +298,10 @@ class OpcUaServer:
         iserver = server.iserver
         iserver.attribute_service = _DeviceWrites(iserver.attribute_service, self)  # type: ignore[assignment]
         await server.start()
+        # asyncua's one list of endpoint policy factories, read when a client opens a channel (no
+        # await since start(): no channel was opened yet): each channel now notes what it is.
+        factories: list[Any] = server._policies
+        factories[:] = [_ChannelPolicy(f) for f in factories]
         self.server = server
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._flush_loop())
@@ -728,7 +739,7 @@ class ClientTrust:
 
     def check(self, der: bytes | None, app_uri: str | None = None) -> bool:
         """Refresh, then :meth:`trusted`; a refused certificate is logged once and saved for review."""
-        if der is None:
+        if not der:
             return False
         self.refresh()
         if self.trusted(der):
@@ -737,14 +748,27 @@ class ClientTrust:
         return False
 
     async def validate(self, cert: Any, app: Any) -> None:
-        """asyncua's certificate validator hook (CreateSession): raise BadCertificateUntrusted."""
+        """asyncua's certificate validator hook, called at CreateSession when the client names a certificate.
+
+        On a None channel the certificate is ignored (OPC UA Part 4, 5.7.2: the Server shall ignore
+        it if the securityPolicyUri is None). On a secure channel, the channel's certificate must be
+        trusted (else BadCertificateUntrusted) and be the one named here (else BadCertificateInvalid).
+        """
         from asyncua.common.utils import ServiceError
         from asyncua.ua.status_codes import StatusCodes
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        der = cert.public_bytes(Encoding.DER)
+        channel = _CHANNEL.get()
+        if channel is not None and not channel.secure:
+            return
+        named = cert.public_bytes(Encoding.DER)
+        der = channel.certificate if channel is not None else named
         if not await asyncio.to_thread(self.check, der, getattr(app, "ApplicationUri", None)):
             raise ServiceError(StatusCodes.BadCertificateUntrusted)
+        if named != der:
+            log.warning("OPC UA server: session refused: CreateSession names another certificate than the one "
+                        "the secure channel was opened with")  # fmt: skip
+            raise ServiceError(StatusCodes.BadCertificateInvalid)
 
     def _reject(self, der: bytes, app_uri: str | None) -> None:
         from cryptography import x509
@@ -779,12 +803,52 @@ def _load_certificate(data: bytes) -> Any:
     return x509.load_der_x509_certificate(data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Channel:
+    """The channel a client's requests come over: secured or not, and the client certificate it was opened with."""
+
+    secure: bool
+    certificate: bytes | None
+
+
+# The channel of the connection being served. asyncua serves each connection in its own task and
+# opens its channel there, so the value set then is the one its CreateSession and ActivateSession
+# see; asyncua's validator and user manager are told nothing about the channel themselves.
+_CHANNEL: ContextVar[_Channel | None] = ContextVar("opcua_server_channel", default=None)
+
+
+class _ChannelPolicy:
+    """asyncua's security policy factory for one endpoint, noting each channel it opens in ``_CHANNEL``.
+
+    A None channel has no client certificate, whatever the client put in its OpenSecureChannel
+    header: without security, certificates are neither provided nor verified (Part 4, 5.6.2).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        from asyncua.ua import MessageSecurityMode
+
+        self.inner = inner
+        self.secure = inner.mode != MessageSecurityMode.None_
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def matches(self, uri: str, mode: Any = None) -> bool:
+        return bool(self.inner.matches(uri, mode))
+
+    def create(self, peer_certificate: bytes | None) -> Any:
+        if not self.secure:
+            peer_certificate = None
+        _CHANNEL.set(_Channel(self.secure, peer_certificate or None))
+        return self.inner.create(peer_certificate)
+
+
 class _Users:
     """asyncua user manager: the configured users are role User; anonymous (if offered) is role Anonymous.
 
-    With a trust list, the secure channel's certificate must be trusted too: asyncua's validator
-    hook sees only the certificate named in CreateSession, which a client may leave out or set
-    to another than the one its channel was opened with.
+    With a trust list, a secure channel's certificate must be trusted (BadCertificateUntrusted):
+    asyncua's validator hook runs only when the client names a certificate in CreateSession,
+    which it may leave out. A None channel's session is never refused for a certificate.
     """
 
     def __init__(self, users: dict[str, str]) -> None:
@@ -793,15 +857,19 @@ class _Users:
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                  certificate: Any = None) -> Any:  # fmt: skip
+        from asyncua.common.utils import ServiceError
         from asyncua.crypto.permission_rules import User, UserRole
+        from asyncua.ua.status_codes import StatusCodes
 
-        # asyncua passes the secure channel's certificate (None on the None endpoint) whatever the
+        # asyncua passes the channel's client certificate (empty on a None channel) whatever the
         # token, and user certificate tokens are not offered: no user name means an anonymous
         # token, which asyncua only lets through when allow_anonymous put it in the identity tokens.
         del iserver
-        if self.trust is not None and certificate is not None and not self.trust.check(certificate):
+        channel = _CHANNEL.get()
+        secure, der = (channel.secure, channel.certificate) if channel is not None else (bool(certificate), certificate)
+        if self.trust is not None and secure and not self.trust.check(der):
             log.warning("OPC UA server: session refused: the secure channel's client certificate is not trusted")
-            return None
+            raise ServiceError(StatusCodes.BadCertificateUntrusted)
         if username is None:
             return User(role=UserRole.Anonymous)
         expected = self.users.get(username)
