@@ -626,8 +626,8 @@ def test_server_exposes_latest_values_and_only_allowed_writes(tmp_path: Path) ->
                 t0 + timedelta(seconds=1))  # fmt: skip
             changed = await sub.next_event(5)
             assert changed is not None and changed.value == 229.0
-            # writes: refused on a read-only variable, delivered for the declared one
-            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+            # writes: refused on a read-only variable (BadNotWritable: no user may), delivered for the declared one
+            with pytest.raises(ua.UaStatusCodeError, match="BadNotWritable"):
                 await node("voltage_L1").write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
             await node("setpoint").write_value(ua.DataValue(ua.Variant(12.5, ua.VariantType.Double)))
             await asyncio.sleep(0.1)
@@ -1072,7 +1072,7 @@ def test_agent_serves_its_devices_over_opcua(tmp_path: Path, broker, subscriber_
                 if e.get("device") == "meter-1" and e["type"] == METER_READING
             ]
             assert first in published  # the very values the operations centre receives
-            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+            with pytest.raises(ua.UaStatusCodeError, match="BadNotWritable"):
                 await energy.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
             # A declared writable point goes to the device's driver; the virtual meter cannot write,
             # and the client is told so rather than acknowledged.

@@ -206,3 +206,75 @@ def test_none_endpoint_next_to_a_secure_one_takes_clients_and_the_secure_one_onl
             await server.stop()
 
     run(body)
+
+
+def test_anonymous_sessions_see_read_only_points_and_get_a_status_per_node(
+    node: str, client_pki: Path, tmp_path: Path
+) -> None:
+    """An anonymous session may read: UserAccessLevel says so, and a Write is answered per node."""
+    config = server_config(
+        tmp_path, ["None"], allow_anonymous=True, writable=[{"device": "pump-1", "point": "setpoint"}]
+    )
+    writes: list[tuple[str, str, Any]] = []
+
+    async def on_write(device: str, point: str, value: Any) -> None:
+        writes.append((device, point, value))
+
+    async def body() -> None:
+        server = OpcUaServer(config, on_write=on_write)
+        await server.start()
+        try:
+            await feed(server)
+            async with node_client(node, client_pki, config.listen) as anonymous:
+                connected(anonymous)
+                read = await anonymous.request("read", nodes=[gw("pump-1", "setpoint"), gw("pump-1", "voltage_L1")])
+                setpoint, volt = read["results"]
+                assert (setpoint["accessLevel"], setpoint["userAccessLevel"]) == (READ_WRITE, READ_ONLY), setpoint
+                assert (volt["accessLevel"], volt["userAccessLevel"]) == (READ_ONLY, READ_ONLY), volt
+                wrote = await anonymous.request("write", items=[
+                    {"node": gw("pump-1", "setpoint"), "type": "Double", "value": 12.5},
+                    {"node": gw("pump-1", "voltage_L1"), "type": "Double", "value": 1.0},
+                ])  # fmt: skip
+                assert wrote["ok"], f"the Write request failed as a whole: {wrote}"
+                assert wrote["results"] == ["BadUserAccessDenied", "BadNotWritable"]
+                again = await anonymous.request("read", nodes=[gw("pump-1", "setpoint")])
+                assert again["results"][0]["value"] == 10.0
+            async with node_client(node, client_pki, config.listen, user="scada") as user:
+                read = await user.request("read", nodes=[gw("pump-1", "setpoint"), gw("pump-1", "voltage_L1")])
+                assert [r["userAccessLevel"] for r in read["results"]] == [READ_WRITE, READ_ONLY]
+            assert writes == []
+            assert server.stats["refused_writes"] == 2
+        finally:
+            await server.stop()
+
+    run(body)
+
+
+def test_points_not_declared_writable_answer_bad_not_writable(node: str, client_pki: Path, tmp_path: Path) -> None:
+    """BadNotWritable (AccessLevel has no CurrentWrite) is what clients expect for a read-only value;
+    BadUserAccessDenied would tell the operator to log in as someone else."""
+    config = server_config(tmp_path, ["None"], writable=[{"device": "pump-1", "point": "setpoint"}])
+    writes: list[tuple[str, str, Any]] = []
+
+    async def on_write(device: str, point: str, value: Any) -> None:
+        writes.append((device, point, value))
+
+    async def body() -> None:
+        server = OpcUaServer(config, on_write=on_write)
+        await server.start()
+        try:
+            await feed(server)
+            async with node_client(node, client_pki, config.listen, user="scada") as client:
+                connected(client)
+                wrote = await client.request("write", items=[
+                    {"node": gw("pump-1", "voltage_L1"), "type": "Double", "value": 1.0},
+                    {"node": gw("pump-1", "setpoint"), "type": "Double", "value": 12.5},
+                    {"node": gw("pump-1", "status"), "type": "String", "value": "offline"},
+                    {"node": gw("pump-1", "nothing"), "type": "Double", "value": 1.0},
+                ])  # fmt: skip
+                assert wrote["results"] == ["BadNotWritable", "Good", "BadNotWritable", "BadNodeIdUnknown"], wrote
+            assert writes == [("pump-1", "setpoint", 12.5)]
+        finally:
+            await server.stop()
+
+    run(body)

@@ -20,8 +20,12 @@ Listening: on loopback (``opc.tcp://127.0.0.1:4840``) unless ``listen`` names an
 of the interface the SCADA network reaches, or 0.0.0.0 for every interface).
 
 Access: no anonymous session unless ``allow_anonymous`` (and then read-only); users from
-``users_file`` or ``user``/``password_file`` may write only the points listed in ``writable``;
-any other write is refused with BadUserAccessDenied. Nobody gets asyncua's admin role.
+``users_file`` or ``user``/``password_file`` may write only the points listed in ``writable``.
+As OPC UA clients expect: a point not listed has AccessLevel CurrentRead and any write to it is
+BadNotWritable; a listed one has AccessLevel CurrentRead|CurrentWrite, and UserAccessLevel says
+the same to a user login but CurrentRead to an anonymous session, whose writes get
+BadUserAccessDenied. A Write request is answered per node, anonymous or not. Nobody gets
+asyncua's admin role.
 
 Writes: a write to a writable point is answered only after ``on_write(device, point, value)``
 (the runtime hands it to the device's ``Driver.write``) returned: Good, and the variable shows
@@ -241,13 +245,14 @@ class OpcUaServer:
         self._devices: dict[str, Node] = {}
         self._variables: dict[tuple[str, str], tuple[ua.NodeId, ua.VariantType]] = {}
         self._writable = {(w.device, w.point) for w in config.writable}
-        self._by_node: dict[ua.NodeId, tuple[str, str]] = {}
+        self._by_node: dict[ua.NodeId, tuple[str, str]] = {}  # every device variable
         self.trust: ClientTrust | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         """Build the address space and listen. Raises OSError (port busy) or ValueError (certificates, users)."""
         from asyncua import ua
+        from asyncua.common.callback import CallbackType
         from asyncua.server.server import Server
 
         users = self.config.load_users()
@@ -297,6 +302,7 @@ class OpcUaServer:
         # pre/post-write callbacks cannot change a write's result, so its attribute service is wrapped.
         iserver = server.iserver
         iserver.attribute_service = _DeviceWrites(iserver.attribute_service, self)  # type: ignore[assignment]
+        server.subscribe_server_callback(CallbackType.PostRead, _session_access_levels)
         await server.start()
         # asyncua's one list of endpoint policy factories, read when a client opens a channel (no
         # await since start(): no channel was opened yet): each channel now notes what it is.
@@ -421,30 +427,34 @@ class OpcUaServer:
             await _add_unit(var, first.unit, ns, node_id)
         if (device, name) in self._writable:
             await var.set_writable()
-            self._by_node[node_id] = (device, name)
+        self._by_node[node_id] = (device, name)
         self._variables[device, name] = (node_id, variant)
         self.stats["variables"] += 1
         return node_id, variant
 
     # ---- writes from clients -------------------------------------------------------------
     async def device_write(self, target: tuple[str, str], item: ua.WriteValue, user: Any) -> ua.StatusCode:
-        """One client write to a writable device variable: Good only once the device applied it.
+        """One client write to a device variable's value: Good only once the device applied it.
 
-        The device's answer decides the result: the driver's write must succeed within
-        ``write_timeout``; otherwise the client gets a Bad code (:func:`write_failure_code`) and the
-        variable keeps its value. An applied value shows in the variable until the device's next
-        event says otherwise.
+        A point not in ``writable`` is BadNotWritable, and a session without a user login
+        BadUserAccessDenied, before anything reaches the device. Otherwise the device's answer
+        decides: the driver's write must succeed within ``write_timeout``, else the client gets a
+        Bad code (:func:`write_failure_code`) and the variable keeps its value. An applied value
+        shows in the variable until the device's next event says otherwise.
         """
         from asyncua import ua
         from asyncua.crypto.permission_rules import UserRole
 
         device, point = target
         node, variant = self._variables[target]
-        who = getattr(user, "name", None) or "?"
+        name = getattr(user, "name", None)
+        who = f"user {name!r}" if name else "an anonymous session"
         value = item.Value.Value.Value if item.Value is not None and item.Value.Value is not None else None
-        code, reason = "Good", ""
-        if getattr(user, "role", None) != UserRole.User:
-            code, reason = "BadUserAccessDenied", "not a user login"  # _Rules keeps anonymous sessions out already
+        code, reason, delivered = "Good", "", False
+        if target not in self._writable:
+            code, reason = "BadNotWritable", "not in uplink.opcua.writable (read-only)"
+        elif getattr(user, "role", None) != UserRole.User:
+            code, reason = "BadUserAccessDenied", "only user logins write"
         elif item.IndexRange:
             code, reason = "BadWriteNotSupported", "an index range (the variable is written whole)"
         elif item.Value is None or item.Value.Value is None or item.Value.Value.VariantType != variant \
@@ -453,6 +463,7 @@ class OpcUaServer:
         elif self.on_write is None:
             code, reason = "BadNotWritable", "no device path"
         else:
+            delivered = True
             try:
                 await asyncio.wait_for(self._deliver(device, point, value), self.config.write_timeout)
             except Exception as exc:
@@ -461,11 +472,13 @@ class OpcUaServer:
         status = int(getattr(_codes(), code))
         if code != "Good":
             self.stats["refused_writes"] += 1
-            log.warning("OPC UA write by user %r: %s/%s = %r not applied by the device, answered %s: %s",
-                        who, device, point, value, code, reason)  # fmt: skip
+            outcome = "not applied by the device" if delivered else "refused"
+            (log.warning if delivered or code != "BadNotWritable" else log.info)(
+                "OPC UA write by %s: %s/%s = %r %s, answered %s: %s", who, device, point, value, outcome, code, reason
+            )
             return _status(status)
         self.stats["writes"] += 1
-        log.info("OPC UA write by user %r: %s/%s = %r applied by the device", who, device, point, value)
+        log.info("OPC UA write by %s: %s/%s = %r applied by the device", who, device, point, value)
         if self.server is not None:
             now = datetime.now(UTC)
             source = item.Value.SourceTimestamp if item.Value is not None else None
@@ -531,10 +544,14 @@ def _codes_name(code: int) -> str:
 
 
 class _DeviceWrites:
-    """asyncua's attribute service with writes to device variables routed through the device.
+    """asyncua's attribute service, with client writes answered per node as OPC UA clients expect.
 
-    Everything else (reads, writes to any other node, asyncua's access checks) is the wrapped
-    service's; a request mixing both keeps its order of results.
+    A device variable's value goes through :meth:`OpcUaServer.device_write` (BadNotWritable unless
+    ``writable``, BadUserAccessDenied without a user login, else the device's answer). Any other
+    write is checked first: BadNodeIdUnknown, BadNotWritable (an attribute other than the value,
+    or a value whose AccessLevel has no CurrentWrite), BadUserAccessDenied (no user login, or a
+    UserAccessLevel without CurrentWrite); what passes goes to the wrapped service. Reads are the
+    wrapped service's. Results keep the request's order, one status code per node.
     """
 
     def __init__(self, inner: Any, owner: OpcUaServer) -> None:
@@ -552,22 +569,50 @@ class _DeviceWrites:
         from asyncua.crypto.permission_rules import UserRole
         from asyncua.ua.attribute_ids import AttributeIds
 
-        by_node = self.owner._by_node
         if user is None or getattr(user, "role", None) == UserRole.Admin:
             # asyncua's own session (no client is ever Admin here): the address space, not the device
             return await self._inner_write(params, user)
-        if not any(i.NodeId in by_node and i.AttributeId == AttributeIds.Value for i in params.NodesToWrite):
-            return self._count(await self._inner_write(params, user))
         results: list[ua.StatusCode] = []
         for item in params.NodesToWrite:
-            target = by_node.get(item.NodeId) if item.AttributeId == AttributeIds.Value else None
-            if target is not None:
+            target = self.owner._by_node.get(item.NodeId)
+            if target is not None and item.AttributeId == AttributeIds.Value:
                 results.append(await self.owner.device_write(target, item, user))
-            else:
+                continue
+            refusal = self._refusal(item, user)
+            if refusal is None:
                 one = ua.WriteParameters()
                 one.NodesToWrite = [item]
                 results += self._count(await self._inner_write(one, user))
+            else:
+                self.owner.stats["refused_writes"] += 1
+                results.append(refusal)
         return results
+
+    def _refusal(self, item: ua.WriteValue, user: Any) -> ua.StatusCode | None:
+        """The status code refusing a write to a node that is not a device variable's value, or None."""
+        from asyncua import ua
+        from asyncua.crypto.permission_rules import UserRole
+        from asyncua.ua.attribute_ids import AttributeIds
+
+        read = ua.ReadParameters()
+        read.NodesToRead = [
+            ua.ReadValueId(NodeId=item.NodeId, AttributeId=a)
+            for a in (AttributeIds.NodeId, AttributeIds.AccessLevel, AttributeIds.UserAccessLevel)
+        ]
+        exists, access, user_access = self.inner.read(read)
+        codes = _codes()
+        if exists.StatusCode is None or not exists.StatusCode.is_good():
+            return _status(codes.BadNodeIdUnknown)
+        if item.AttributeId != AttributeIds.Value:
+            return _status(codes.BadNotWritable)  # no node here has WriteMask bits
+        if access.StatusCode is None or not access.StatusCode.is_good() or access.Value is None:
+            return access.StatusCode or _status(codes.BadAttributeIdInvalid)  # not a variable
+        if not access.Value.Value & ua.AccessLevel.CurrentWrite.mask:
+            return _status(codes.BadNotWritable)
+        if getattr(user, "role", None) != UserRole.User or user_access.Value is None \
+                or not user_access.Value.Value & ua.AccessLevel.CurrentWrite.mask:  # fmt: skip
+            return _status(codes.BadUserAccessDenied)
+        return None
 
     async def _inner_write(self, params: ua.WriteParameters, user: Any) -> list[ua.StatusCode]:
         result: list[ua.StatusCode] = await (self.inner.write(params) if user is None
@@ -577,6 +622,35 @@ class _DeviceWrites:
     def _count(self, results: list[ua.StatusCode]) -> list[ua.StatusCode]:
         self.owner.stats["refused_writes"] += sum(1 for r in results if not r.is_good())
         return results
+
+
+# AccessLevel bits that allow a change: CurrentWrite, HistoryWrite, StatusWrite, TimestampWrite (Part 3, 8.57).
+WRITE_ACCESS_BITS = 0x02 | 0x08 | 0x20 | 0x40
+
+
+def _session_access_levels(event: Any, _dispatcher: Any) -> None:
+    """asyncua's post-read callback: what UserAccessLevel tells the session reading it.
+
+    asyncua keeps one UserAccessLevel per variable; it is what a user login may do (CurrentWrite
+    on the ``writable`` points). Sessions without a login never write, so they are shown the
+    level without its write bits, as clients grey out what they cannot change.
+    """
+    from dataclasses import replace
+
+    from asyncua import ua
+    from asyncua.crypto.permission_rules import UserRole
+    from asyncua.ua.attribute_ids import AttributeIds
+
+    if getattr(event.user, "role", None) in (UserRole.User, UserRole.Admin):
+        return
+    results: list[ua.DataValue] = event.response_params
+    for n, item in enumerate(event.request_params.NodesToRead):
+        if item.AttributeId != AttributeIds.UserAccessLevel:
+            continue
+        found = results[n]
+        if found.Value is not None and isinstance(found.Value.Value, int) and found.Value.Value & WRITE_ACCESS_BITS:
+            level = found.Value.Value & ~WRITE_ACCESS_BITS
+            results[n] = replace(found, Value=ua.Variant(level, found.Value.VariantType))
 
 
 def _coerce(value: Any, variant: ua.VariantType) -> Any:
@@ -880,10 +954,12 @@ class _Users:
 
 
 class _Rules:
-    """Which services each role may call: anonymous reads, browses and subscribes; users may also write.
+    """Which services each role may call: anonymous reads, browses and subscribes; users may also call methods.
 
-    asyncua's default ruleset refuses anonymous sessions everything and lets its admin role edit
-    the address space; nobody here is admin.
+    Both may send Write requests: :class:`_DeviceWrites` answers each node (an anonymous session
+    gets BadUserAccessDenied or BadNotWritable per node, not a refused request). asyncua's default
+    ruleset refuses anonymous sessions everything and lets its admin role edit the address space;
+    nobody here is admin.
     """
 
     def __init__(self) -> None:
@@ -891,8 +967,7 @@ class _Rules:
         from asyncua.ua.object_ids import ObjectIds
 
         user = {_node_id(t) for t in USER_TYPES}
-        changing = {_node_id(t) for t in (ObjectIds.WriteRequest_Encoding_DefaultBinary,
-                                          ObjectIds.CallRequest_Encoding_DefaultBinary,
+        changing = {_node_id(t) for t in (ObjectIds.CallRequest_Encoding_DefaultBinary,
                                           ObjectIds.HistoryUpdateRequest_Encoding_DefaultBinary)}  # fmt: skip
         self._allowed = {UserRole.User: user, UserRole.Anonymous: user - changing}
 
