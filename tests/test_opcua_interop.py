@@ -20,7 +20,9 @@ import pytest
 
 from agent.events import DEVICE_STATUS, METER_READING
 from agent.uplink.opcua_server import NAMESPACE, UNECE_URI, OpcUaServer, OpcUaServerConfig, unece_unit_id
+from drivers.modbus.config import ModbusConfig
 from tests.conftest import free_port
+from tests.modbus_helpers import tcp_unit
 from tests.opcua_helpers import NodeScript, node_opcua
 
 HMI_PASSWORD = "hmi-pass"  # noqa: S105 - the test server's user
@@ -276,5 +278,57 @@ def test_points_not_declared_writable_answer_bad_not_writable(node: str, client_
             assert writes == [("pump-1", "setpoint", 12.5)]
         finally:
             await server.stop()
+
+    run(body)
+
+
+def test_a_modbus_coil_is_a_boolean_that_node_opcua_writes_as_one(node: str, client_pki: Path, tmp_path: Path) -> None:
+    """A real coil: the Modbus driver polls a simulated unit, the server serves its events, and the
+    operator's Boolean write goes back through the driver as function 05."""
+    coil = {"name": "run", "table": "coil", "address": 5, "type": "bool", "quantity": "digital_input", "writable": True}
+    volts = {"name": "volts", "table": "holding", "address": 10, "type": "uint16", "scale": 0.1, "quantity": "voltage"}
+    config = server_config(tmp_path, ["None"], writable=[{"device": "relay-1", "point": "run"}])
+
+    def modbus(port: int) -> ModbusConfig:
+        return ModbusConfig.model_validate({"id": "relay-1", "driver": "modbus", "host": "127.0.0.1", "port": port,
+                                            "timeout": "300ms", "points": [coil, volts]})  # fmt: skip
+
+    async def body() -> None:
+        async with tcp_unit(modbus) as (driver, unit, _sim):
+            unit.set(driver.config.points[0], 1)
+
+            async def poll() -> None:
+                for reading in await driver.poll(driver.requests) or []:
+                    server.update("relay-1", reading.type, reading.data, reading.time)
+
+            async def on_write(device: str, point: str, value: Any) -> None:
+                assert device == "relay-1"
+                await driver.write(point, value)
+                await poll()
+
+            server = OpcUaServer(config, on_write=on_write)
+            await server.start()
+            try:
+                await poll()
+                await asyncio.sleep(0.2)
+                async with node_client(node, client_pki, config.listen, user="scada") as client:
+                    connected(client)
+                    tree = await client.request("browse", path=["Gateway", "Devices", "relay-1"])
+                    types = {c["name"]: c["dataType"] for c in tree["children"]}
+                    assert types == {"run": "Boolean", "volts": "Double"}, types
+                    read = await client.request("read", nodes=[gw("relay-1", "run")])
+                    assert (read["results"][0]["value"], read["results"][0]["dataType"]) == (True, "Boolean")
+                    wrote = await client.request("write", items=[
+                        {"node": gw("relay-1", "run"), "type": "Boolean", "value": False}])  # fmt: skip
+                    assert wrote["results"] == ["Good"], wrote
+                    assert unit.writes == [(5, 5, [False])], "function 05 switched the coil off"
+                    await asyncio.sleep(0.2)
+                    read = await client.request("read", nodes=[gw("relay-1", "run")])
+                    assert read["results"][0]["value"] is False
+                    wrong = await client.request("write", items=[
+                        {"node": gw("relay-1", "run"), "type": "Double", "value": 1.0}])  # fmt: skip
+                    assert wrong["results"] == ["BadTypeMismatch"], "a variable takes its own data type"
+            finally:
+                await server.stop()
 
     run(body)

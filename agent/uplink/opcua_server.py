@@ -3,6 +3,7 @@
 SCADA systems and HMIs next to the gateway read it as they would a PLC::
 
     Objects/Gateway/Devices/<device_id>/<point, or quantity[_phase]>   Double, with EngineeringUnits
+                                                                       (Boolean for digital_input: coils, bits)
                                        /<point, or bay_<bay>>          Boolean (parking: occupied)
                                        /<point, or area_<area>>        Int64 (crosswalk: people waiting)
                                        /status                         String: online / offline
@@ -106,6 +107,10 @@ VALUE_CODES = frozenset({
     "BadSensorFailure", "BadDeviceFailure", "BadOutOfService", "BadConfigurationError", "BadNotConnected",
     "BadCommunicationError", "BadWaitingForInitialData", "BadOutOfRange", "BadNoCommunication",
 })  # fmt: skip
+
+
+# Quantities whose values are 0/1 states (coils, discrete inputs, bits): Boolean variables, written as Booleans.
+BOOLEAN_QUANTITIES = frozenset({"digital_input"})
 
 
 class WritablePoint(StrictModel):
@@ -219,6 +224,7 @@ class _Pending:
     reason: str | None
     unit: str | None
     time: datetime
+    quantity: str | None = None
 
 
 WriteCallback = Callable[[str, str, Any], Awaitable[None] | None]
@@ -340,7 +346,7 @@ class OpcUaServer:
             for m in data.get("measurements", ()):
                 key = m.get("point") or (f"{m['quantity']}_{m['phase']}" if m.get("phase") else m["quantity"])
                 pending[device, key] = _Pending(m.get("value"), m.get("quality", "good"), m.get("reason"),
-                                                m.get("unit"), time)  # fmt: skip
+                                                m.get("unit"), time, m.get("quantity"))  # fmt: skip
         elif event_type == PARKING_OCCUPANCY:
             key = data.get("point") or f"bay_{data['bay']}"
             pending[device, key] = _Pending(bool(data["occupied"]), "good", None, None, time)
@@ -417,7 +423,7 @@ class OpcUaServer:
                                                            ua.QualifiedName(device, ns))  # fmt: skip
             self._devices[device] = folder
         variant = (ua.VariantType.String if name == "status"
-                   else ua.VariantType.Boolean if isinstance(first.value, bool)
+                   else ua.VariantType.Boolean if isinstance(first.value, bool) or first.quantity in BOOLEAN_QUANTITIES
                    else ua.VariantType.Int64 if isinstance(first.value, int) and first.unit is None
                    else ua.VariantType.Double)  # fmt: skip
         node_id = _node_id(f"Devices.{device}.{name}", ns)
