@@ -69,6 +69,7 @@ class UplinkState:
     since: float = field(default_factory=time.time)
     published: int = 0
     acked: int = 0
+    refused: int = 0  # events the broker answered with a failure reason (MQTT 5)
 
 
 class ConnectionLost(Exception):
@@ -219,7 +220,27 @@ class MqttUplink:
             settle(lost, text)
             self._wake.set()
 
-        def on_publish(_c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
+        def on_publish(_c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+            if getattr(reason, "is_failure", False):
+                # MQTT 5: the broker answered but did not take the message (not authorised,
+                # quota exceeded, bad topic). Not delivered: the rows stay in the buffer and
+                # go again on the next connection; never deleted as if the IOC had them.
+                refused = self._inflight.pop(mid, None)
+                if refused is None:
+                    refused = self._missing.pop(mid, None)
+                    if not self._missing:
+                        self._missing_since = None
+                if refused is not None:
+                    self.state.refused += len(refused.ids)
+                    log.warning(
+                        "broker refused %d event(s) (%s); they stay buffered and are sent again on the next"
+                        " connection: check the broker's ACL and quotas for this client",
+                        len(refused.ids),
+                        reason,
+                    )
+                if not self._inflight:
+                    self._wake.set()
+                return
             sent = self._inflight.pop(mid, None)
             if sent is not None:
                 self._sample_rtt(self._last_inbound - sent.at)
