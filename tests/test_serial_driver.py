@@ -35,7 +35,7 @@ from drivers.serial.checksums import FUNCTIONS, checksum_bytes
 from drivers.serial.config import FramingConfig, SerialConfig
 from drivers.serial.driver import SerialDriver, make_parser
 from drivers.serial.faults import FaultLog
-from drivers.serial.framing import BadFrame, BinaryParser, Frame, LineParser
+from drivers.serial.framing import BadFrame, BinaryParser, Frame, LineParser, float32_fields
 from drivers.serial.mapping import scaled
 from drivers.serial.simulator import PtySink, Simulator
 from tests.conftest import ROOT, Mosquitto, wait_for, write_config
@@ -724,3 +724,15 @@ def test_an_unplugged_adapter_goes_offline_and_comes_back_online(
     after = _events(sub, "cross-1", "city.crosswalk.presence")[before:]
     assert [{"count": float(e["data"]["count"])} for e in after] == sim.truth
     feeder.stop()
+
+
+def test_binary_float32_fields_are_published_as_their_shortest_decimal() -> None:
+    # A float32 holding 230.1 widens to 230.10000610351562; the frame's own precision is 230.1.
+    framing = FramingConfig(kind="binary", sync="AA55", layout="<2fxhd", checksum="sum8")
+    payload = struct.pack("<2fxhd", 230.1, -0.3, 7, 0.1)
+    (frame,) = BinaryParser(framing).feed(_frame(b"\xaa\x55", payload, "sum8"))
+    assert isinstance(frame, Frame)
+    assert frame.values == {0: 230.1, 1: -0.3, 2: 7, 3: 0.1}  # float64 (d) keeps every digit it has
+    assert repr(frame.values[0]) == "230.1"
+    assert float32_fields("<2fxhd") == (0, 1)
+    assert float32_fields(">4s3f?") == (1, 2, 3)

@@ -31,6 +31,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from agent.floats import shortest_float32
 from drivers.serial.checksums import FUNCTIONS, SIZES
 from drivers.serial.config import FramingConfig
 
@@ -85,6 +86,30 @@ def _show(data: bytes, limit: int = 24) -> str:
     return text + (" ..." if len(data) > limit else "")
 
 
+def float32_fields(layout: str) -> tuple[int, ...]:
+    """Indexes of the values a struct layout unpacks from ``f`` (float32) items.
+
+    ``x`` pads give no value, ``s``/``p`` one value whatever their count, others one per count.
+    """
+    found: list[int] = []
+    index, count = 0, ""
+    for char in layout.lstrip("@=<>!"):
+        if char.isdigit():
+            count += char
+            continue
+        n = int(count) if count else 1
+        count = ""
+        if char == "x":
+            continue
+        if char in "sp":
+            index += 1
+            continue
+        if char == "f":
+            found += range(index, index + n)
+        index += n
+    return tuple(found)
+
+
 class BinaryParser:
     """Fixed-length frames: ``sync + payload (struct layout) + checksum``."""
 
@@ -94,6 +119,7 @@ class BinaryParser:
         assert framing.checksum is not None, "kind: binary framing expected"
         self._sync = framing.sync_bytes
         self._layout = struct.Struct(framing.layout)
+        self._float32 = float32_fields(framing.layout)
         self._length = framing.frame_length
         self._check = FUNCTIONS[framing.checksum]
         self._check_size = SIZES[framing.checksum]
@@ -153,6 +179,12 @@ class BinaryParser:
             if frame[payload_end:] != expected:
                 return None
         values: tuple[int | float | bool, ...] = self._layout.unpack(frame[sync_len:payload_end])
+        if self._float32:
+            # 230.1, not 230.10000610351562: the digits a float32 holds (agent/floats.py).
+            listed = list(values)
+            for i in self._float32:
+                listed[i] = shortest_float32(float(listed[i]))
+            values = tuple(listed)
         return values
 
     def _skip(self, count: int, out: list[Result]) -> None:
