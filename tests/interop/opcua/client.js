@@ -222,14 +222,17 @@ async function subscribe(cmd) {
 }
 
 async function close() {
-    for (const s of subscriptions) {
+    // Once: the subscriptions, the session, then the channel, as a client leaving politely does.
+    const [closing, leaving, ending] = [subscriptions.splice(0), session, client];
+    session = client = null;
+    for (const s of closing) {
         await s.terminate().catch(() => undefined);
     }
-    if (session) {
-        await session.close().catch(() => undefined);
+    if (leaving) {
+        await leaving.close().catch(() => undefined);
     }
-    if (client) {
-        await client.disconnect().catch(() => undefined);
+    if (ending) {
+        await ending.disconnect().catch(() => undefined);
     }
     return {};
 }
