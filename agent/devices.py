@@ -86,9 +86,16 @@ class DeviceRunner(DriverContext):
     def _set_status(self, status: str, reason: str | None) -> None:
         self.status, self.reason = status, reason
         if status == "offline":
-            log.warning("device %s offline: %s", self.device_id, reason)
+            log.warning(
+                "device %s offline: %s",
+                self.device_id,
+                reason,
+                extra={"subject": f"device {self.device_id}", "state": "offline"},
+            )
         else:
-            log.info("device %s %s", self.device_id, status)
+            log.info(
+                "device %s %s", self.device_id, status, extra={"subject": f"device {self.device_id}", "state": status}
+            )
         data = {
             "status": status,
             "reason": reason,

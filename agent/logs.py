@@ -18,8 +18,8 @@
 - **States.** A line that announces a subject's state (the uplink connected or down, a device
   online or offline) is always written when that state differs from the subject's last one, and
   its fold starts afresh: the log never ends on a state the subject has left. Only repeats of
-  the same state are folded. Which lines are states: :data:`STATE_LINES` (the uplink's and the
-  device runner's), or any record given ``extra={"state": ..., "subject": ...}``.
+  the same state are folded. A line is a state when it is logged with
+  ``extra={"subject": ..., "state": ...}`` (the uplink's and the device runner's are).
 """
 
 from __future__ import annotations
@@ -143,18 +143,6 @@ class _Seen:
     suppressed: int
 
 
-# Lines that announce a state: (logger, template) -> (subject, state) from the record's args.
-# The templates are the uplink's (agent/uplink/mqtt.py) and the device runner's (agent/devices.py).
-STATE_LINES: dict[tuple[str, str], Callable[[tuple[Any, ...]], tuple[str, str]]] = {
-    ("agent.uplink.mqtt", "uplink connected to %s:%d"): lambda _: ("uplink", "connected"),
-    ("agent.uplink.mqtt", "uplink lost: %s; buffering until it is back"): lambda _: ("uplink", "down"),
-    ("agent.uplink.mqtt", "uplink down: %s; retrying with backoff"): lambda _: ("uplink", "down"),
-    ("agent.uplink.mqtt", "uplink: %s"): lambda _: ("uplink", "reconnecting"),  # to resend unacknowledged events
-    ("agent.devices", "device %s offline: %s"): lambda args: (f"device {args[0]}", "offline"),
-    ("agent.devices", "device %s %s"): lambda args: (f"device {args[0]}", str(args[1])),
-}
-
-
 def state_of(record: logging.LogRecord) -> tuple[str, str] | None:
     """(subject, state) if ``record`` announces one (see the module docstring), else None."""
     state = getattr(record, "state", None)
@@ -163,14 +151,7 @@ def state_of(record: logging.LogRecord) -> tuple[str, str] | None:
         if subject is None:
             subject = f"{record.name} {getattr(record, 'device', '')}"
         return str(subject), str(state)
-    rule = STATE_LINES.get((record.name, str(record.msg)))
-    if rule is None:
-        return None
-    args = record.args if isinstance(record.args, tuple) else ()
-    try:
-        return rule(args)
-    except IndexError:  # a call with fewer arguments than the template: logging reports that itself
-        return None
+    return None
 
 
 class RepeatFilter(logging.Filter):

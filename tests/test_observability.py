@@ -509,30 +509,41 @@ def test_a_change_of_state_is_never_folded_only_repeats_of_the_same_state_are(
     delivery had resumed: the second "uplink connected" fell in the first one's 60 s window.
 
     The lines go through the real logging setup (setup_logging, production folding) from the
-    uplink's and the device runner's loggers, with their templates.
+    uplink's and the device runner's loggers, with their templates and the state each passes.
     """
     monkeypatch.delenv(REPEAT_WINDOW_ENV, raising=False)
     monkeypatch.setenv(REPEAT_BURST_ENV, "1")
     out = io.StringIO()
     handler = setup_logging(stream=out, fmt="text")
     uplink, devices = logging.getLogger("agent.uplink.mqtt"), logging.getLogger("agent.devices")
+
+    def up(state: str) -> dict[str, str]:  # what agent/uplink/mqtt.py passes
+        return {"subject": "uplink", "state": state}
+
+    def dev(name: str, state: str) -> dict[str, str]:  # what agent/devices.py passes
+        return {"subject": f"device {name}", "state": state}
+
     try:
-        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
+        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883, extra=up("connected"))
         for _ in range(3):  # a broker restarted three times within the minute
-            uplink.warning("uplink lost: %s; buffering until it is back", "connection lost")
-            uplink.warning("uplink down: %s; retrying with backoff", "cannot connect to 127.0.0.1:1883: refused")
-            uplink.warning("uplink down: %s; retrying with backoff", "no CONNACK from 127.0.0.1:1883")
-            uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
-        uplink.info("uplink: %s", "2 PUBACK(s) missing; reconnecting to send them again")
-        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883)
+            uplink.warning("uplink lost: %s; buffering until it is back", "connection lost", extra=up("down"))
+            uplink.warning(
+                "uplink down: %s; retrying with backoff", "cannot connect to 127.0.0.1:1883: refused", extra=up("down")
+            )
+            uplink.warning("uplink down: %s; retrying with backoff", "no CONNACK from 127.0.0.1:1883", extra=up("down"))
+            uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883, extra=up("connected"))
+        uplink.info("uplink: %s", "2 PUBACK(s) missing; reconnecting to send them again", extra=up("reconnecting"))
+        uplink.info("uplink connected to %s:%d", "127.0.0.1", 1883, extra=up("connected"))
         with bound(device="flap-1", driver="virtual"):
             for _ in range(5):
-                devices.info("device %s %s", "flap-1", "online")
-                devices.warning("device %s offline: %s", "flap-1", "simulated timeout")
+                devices.info("device %s %s", "flap-1", "online", extra=dev("flap-1", "online"))
+                devices.warning("device %s offline: %s", "flap-1", "simulated timeout", extra=dev("flap-1", "offline"))
             with bound(device="meter-2"):  # another device's changes are its own
-                devices.warning("device %s offline: %s", "meter-2", "timeout")
-            devices.info("device %s %s", "flap-1", "online")
-            devices.info("device %s %s", "flap-1", "online")  # the same state again: a repeat, folded
+                devices.warning("device %s offline: %s", "meter-2", "timeout", extra=dev("meter-2", "offline"))
+            devices.info("device %s %s", "flap-1", "online", extra=dev("flap-1", "online"))
+            devices.info(
+                "device %s %s", "flap-1", "online", extra=dev("flap-1", "online")
+            )  # the same state again: a repeat, folded
         for state in ("open", "closed", "open", "open"):  # any line can say it announces a state
             logging.getLogger("agent.test").info("valve %s", state, extra={"subject": "valve-1", "state": state})
     finally:

@@ -72,6 +72,11 @@ class UplinkState:
     refused: int = 0  # events the broker answered with a failure reason (MQTT 5)
 
 
+def _state(state: str) -> dict[str, str]:
+    """A log record's ``extra`` saying it announces the uplink's state (agent/logs.py never folds it away)."""
+    return {"subject": "uplink", "state": state}
+
+
 class ConnectionLost(Exception):
     """The broker connection ended; the publish loop restarts after backoff."""
 
@@ -361,7 +366,7 @@ class MqttUplink:
                 self.state.connects += 1
                 self.state.since = time.time()
                 self.state.last_error = None
-                log.info("uplink connected to %s:%d", cfg.host, cfg.port)
+                log.info("uplink connected to %s:%d", cfg.host, cfg.port, extra=_state("connected"))
                 await self._publish_until_lost()
             except Resend as exc:
                 reason, resend = str(exc), True
@@ -383,11 +388,11 @@ class MqttUplink:
                 self.state.disconnects += 1
                 self.state.since = time.time()
             if resend:
-                log.info("uplink: %s", reason)
+                log.info("uplink: %s", reason, extra=_state("reconnecting"))
             elif was_connected:
-                log.warning("uplink lost: %s; buffering until it is back", reason)
+                log.warning("uplink lost: %s; buffering until it is back", reason, extra=_state("down"))
             elif reason != self.state.last_error:
-                log.warning("uplink down: %s; retrying with backoff", reason)
+                log.warning("uplink down: %s; retrying with backoff", reason, extra=_state("down"))
             self.state.last_error = reason
             await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=resend))
 
