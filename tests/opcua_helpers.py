@@ -149,7 +149,7 @@ def node_opcua() -> str:
     if node is None:
         pytest.fail(f"node is not installed: the OPC UA interop tests run node-opcua; {NODE_HINT}")
     lock = INTEROP / "package-lock.json"
-    installed = INTEROP / "node_modules" / ".package-lock.json"  # npm writes it on every install
+    installed = INTEROP / "node_modules" / ".edge-agent-npm-ci"  # touched once npm ci succeeded
     with (INTEROP / ".npm-ci.lock").open("w") as guard:  # pytest-xdist workers or parallel runs: one npm ci
         fcntl.flock(guard, fcntl.LOCK_EX)
         if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
@@ -163,6 +163,7 @@ def node_opcua() -> str:
             pytest.fail(
                 f"npm ci in {INTEROP} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
             )
+        installed.touch()
     return node
 
 
