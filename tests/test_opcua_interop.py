@@ -21,7 +21,7 @@ import pytest
 from asyncua import ua
 
 from agent.devices import DeviceRunner
-from agent.events import DEVICE_STATUS, METER_READING, Reading
+from agent.events import CROSSWALK_PRESENCE, DEVICE_STATUS, METER_READING, Reading
 from agent.uplink.opcua_server import NAMESPACE, UNECE_URI, OpcUaServer, OpcUaServerConfig, unece_unit_id
 from drivers.modbus.config import ModbusConfig
 from drivers.opcua import PLUGIN
@@ -75,6 +75,7 @@ async def feed(server: OpcUaServer) -> None:
         {"quantity": "counter", "value": None, "unit": "", "quality": "bad", "reason": "BadSensorFailure",
          "point": "c"},
     ]}, T0)  # fmt: skip
+    server.update("pump-1", CROSSWALK_PRESENCE, {"area": "north", "count": 4, "max_count": 6}, T0)
     flushes = server.stats["flushes"]
     for _ in range(100):
         if server.stats["flushes"] > flushes and not server._pending:
@@ -130,11 +131,12 @@ def test_node_opcua_browses_reads_units_timestamps_and_status_and_subscribes(
                 types = {c["name"]: (c["nodeClass"], c.get("dataType")) for c in tree["children"]}
                 assert types == {"status": ("Variable", "String"), "voltage_L1": ("Variable", "Double"),
                                  "setpoint": ("Variable", "Double"), "p": ("Variable", "Double"),
-                                 "c": ("Variable", "Double")}, types  # fmt: skip
-                read = await client.request("read", nodes=[gw("pump-1", n) for n in ("voltage_L1", "p", "c", "status")],
-                                            properties=True)  # fmt: skip
+                                 "c": ("Variable", "Double"), "area_north": ("Variable", "Int64")}, types  # fmt: skip
+                names = ("voltage_L1", "p", "c", "status", "area_north")
+                read = await client.request("read", nodes=[gw("pump-1", n) for n in names], properties=True)
                 assert read["ok"], read
-                volt, p, c, status = read["results"]
+                volt, p, c, status, area = read["results"]
+                assert (area["value"], area["dataType"]) == (4, "Int64")
                 assert (volt["value"], volt["dataType"], volt["status"]) == (231.5, "Double", "Good")
                 assert volt["sourceTimestamp"] == "2026-03-01T08:00:00.123Z", "the reading's time is the source time"
                 assert volt["serverTimestamp"] is not None

@@ -76,11 +76,6 @@ function plain(value) {
     if (typeof value === "bigint") {
         return Number(value);
     }
-    if (Array.isArray(value) && value.length === 2 && typeof value[0] === "number" && typeof value[1] === "number"
-        && value[0] >= 0 && value[0] < 2 ** 32 && value[1] >= 0 && value[1] < 2 ** 32) {
-        // node-opcua gives Int64/UInt64 as [high, low]
-        return value[0] * 2 ** 32 + value[1];
-    }
     if (typeof value === "object" && typeof value.toJSON === "function") {
         return value.toJSON();
     }
@@ -88,8 +83,11 @@ function plain(value) {
 }
 
 function dataValue(dv) {
+    const v = dv.value ? dv.value.value : null;
+    const int64 = dv.value && (dv.value.dataType === DataType.Int64 || dv.value.dataType === DataType.UInt64);
     return {
-        value: dv.value ? plain(dv.value.value) : null,
+        // node-opcua gives Int64/UInt64 as [high, low] 32-bit words
+        value: int64 && Array.isArray(v) ? v[0] * 2 ** 32 + v[1] : plain(v),
         dataType: dv.value ? DataType[dv.value.dataType] : null,
         status: dv.statusCode.name,
         sourceTimestamp: dv.sourceTimestamp ? dv.sourceTimestamp.toISOString() : null,
