@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,8 +30,9 @@ from agent.schemas import EVENT_MODELS, CloudEvent
 from agent.uplink.opcua_server import NAMESPACE, OpcUaServer, OpcUaServerConfig, unece_unit_id, write_failure_code
 from drivers.opcua import PLUGIN
 from drivers.opcua.certs import ensure_certificate
-from drivers.opcua.config import OpcUaConfig
+from drivers.opcua.config import OpcUaConfig, PointConfig
 from drivers.opcua.driver import OpcUaDriver
+from drivers.opcua.mapping import sample_of
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.tools import browse_main
 from drivers.opcua.uanames import ObjectIds, node_id
@@ -1134,3 +1136,16 @@ def test_server_with_security_serves_our_own_driver_over_basic256sha256(tmp_path
             await server.stop()
 
     run(body)
+
+
+def test_a_float_variable_is_published_as_the_digits_it_holds() -> None:
+    """Issue 13: a PLC's Float (float32) holding 230.1 widens to 230.10000610351562; a Double keeps its digits."""
+    point = PointConfig(name="voltage_l1", node="ns=2;s=V1", quantity="voltage")
+    now = datetime.now(UTC)
+    widened = struct.unpack("<f", struct.pack("<f", 230.1))[0]
+    as_float = sample_of(point, ua.DataValue(ua.Variant(widened, ua.VariantType.Float)), now)
+    assert repr(as_float.value) == "230.1"
+    as_double = sample_of(point, ua.DataValue(ua.Variant(widened, ua.VariantType.Double)), now)
+    assert as_double.value == widened  # a Double is the device's own 64-bit value
+    scaled = PointConfig(name="power", node="ns=2;s=P", quantity="active_power", scale=0.001)
+    assert sample_of(scaled, ua.DataValue(ua.Variant(widened, ua.VariantType.Float)), now).value == 0.2301

@@ -23,6 +23,7 @@ from asyncua import ua
 from asyncua.ua import status_codes
 
 from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from agent.floats import shortest_float32
 from drivers.opcua.config import OpcUaConfig, PointConfig
 
 AREA_WINDOW = 300.0  # s: max_count of a crosswalk area is the most people seen in this window
@@ -57,8 +58,14 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def engineering(point: PointConfig, raw: Any) -> tuple[float | int | None, str | None]:
-    """(value, None) for a finite number (bools count as 0/1), else (None, why)."""
+def engineering(point: PointConfig, raw: Any, *, float32: bool = False) -> tuple[float | int | None, str | None]:
+    """(value, None) for a finite number (bools count as 0/1), else (None, why).
+
+    ``float32``: the variable is a Float, published as the digits it holds (230.1, not the
+    230.10000610351562 it widens to: agent/floats.py).
+    """
+    if float32 and isinstance(raw, float):
+        raw = shortest_float32(raw)
     if isinstance(raw, bool):
         raw = int(raw)
     elif not isinstance(raw, int | float):
@@ -79,7 +86,12 @@ def sample_of(point: PointConfig, dv: ua.DataValue, now: datetime) -> Sample:
     reason = None if quality == "good" else code_name(code)
     if quality == "bad":
         return Sample(point, None, "bad", reason, stamp)
-    value, problem = engineering(point, dv.Value.Value if dv.Value is not None else None)
+    variant = dv.Value
+    value, problem = engineering(
+        point,
+        variant.Value if variant is not None else None,
+        float32=variant is not None and variant.VariantType == ua.VariantType.Float,
+    )
     if problem is not None:
         return Sample(point, None, "bad", problem, stamp)
     return Sample(point, value, quality, reason, stamp)
