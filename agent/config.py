@@ -31,6 +31,7 @@ from agent.driver_api import DeviceConfig, Duration, PriorityName, Size, StrictM
 from agent.errors import ConfigError
 from agent.events import GATEWAY_STREAM
 from agent.registry import load_plugins
+from agent.salvage import buffer_path_problem
 from agent.units import parse_size
 from agent.uplink.opcua_server import OpcUaServerConfig
 from agent.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yaml, read_text
@@ -143,8 +144,13 @@ class MqttConfig(StrictModel):
     max_inflight: int = Field(
         default=100, ge=1, le=65535, description="QoS 1 messages in flight before waiting for PUBACKs."
     )
-    reconnect_min: Duration = Field(default=1.0, gt=0, description="First reconnect delay.")
-    reconnect_max: Duration = Field(default=30.0, gt=0, description="Reconnect delay cap (full jitter below it).")
+    reconnect_min: Duration = Field(default=1.0, gt=0, description="Least time between two connection attempts.")
+    reconnect_max: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Retry period while the broker is away; the first wait after a held connection drops is "
+        "random within it, so a fleet comes back spread over it (docs/delivery.md).",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching (off by default).")
 
@@ -249,6 +255,15 @@ class BufferConfig(StrictModel):
     )
 
     _paths = field_validator("path", mode="before")(resolve_path)
+
+    @field_validator("path")
+    @classmethod
+    def _can_be_a_buffer(cls, value: Path) -> Path:
+        # Refused before anything runs: the agent never moves or writes over someone else's file.
+        problem = buffer_path_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _media_within_total(self) -> BufferConfig:

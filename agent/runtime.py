@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.buffer import AppendResult, BufferStats, Dropped, Outbox, Record
-from agent.config import AgentConfigBase, load_config
+from agent.config import AgentConfigBase, config_warnings, load_config
 from agent.devices import DeviceFailedError, DeviceRunner
 from agent.driver_api import DeviceConfig
 from agent.errors import ConfigError, DriverWriteError
@@ -446,6 +446,8 @@ class Agent:
             if self._notifier is not None:
                 self._notifier.ready(self._status_line())
         log.info("config reloaded from %s: %s", self.config_path, ", ".join(changes) or "no changes")
+        for warning in config_warnings(new):  # as at start: the new file's weak spots are named
+            log.warning("config: %s", warning)
 
     async def _restart_uplink(self) -> None:
         if self._uplink_task is not None:

@@ -320,3 +320,39 @@ def test_a_password_file_is_read_no_further_than_a_password_can_be(tmp_path: Pat
     assert caught.value.problems == [
         f"{tmp_path / 's'}:3: uplink.mqtt.password_file: not a password file (larger than 4096 bytes): {big}"
     ]
+
+
+# ---- buffer.path and units past their range ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["site", "directory"])
+def test_buffer_path_at_someone_elses_file_is_refused_by_validate(tmp_path: Path, target: str) -> None:
+    site = tmp_path / "site.yaml"
+    buffer = site if target == "site" else tmp_path
+    site.write_text(GOOD.replace("buffer: {path: var/b.db,", f"buffer: {{path: {buffer},"))
+    before = site.read_bytes()
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "validate", "-c", str(site)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2, out.stdout
+    assert f"{site}:4: buffer.path: {buffer} " in out.stderr
+    assert ("is not a buffer file" if target == "site" else "is a directory") in out.stderr
+    assert site.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("parse", "value", "message"),
+    [
+        (parse_size, "9" * 400 + "TiB", "too large"),
+        (parse_size, 2**60, "too large"),
+        (parse_duration, 10**400, "too long"),
+        (parse_duration, "1" * 30 + "d", "too long"),
+        (parse_duration, float("nan"), "not a number"),
+    ],
+)
+def test_sizes_and_durations_past_any_sense_are_refused_clearly(parse: object, value: object, message: str) -> None:
+    assert callable(parse)
+    with pytest.raises(ValueError, match=message) as info:
+        parse(value)
+    assert len(str(info.value)) < 160  # the 400 digits are not echoed
