@@ -616,7 +616,7 @@ class Agent:
           (a disk that stopped answering);
         - ``uplink``: its task ended, or it is connected, events were committed since it last
           published or got an acknowledgement, and it has done neither for ``stall_after``
-          plus twice the keepalive (by then its own dead-link check should have fired).
+          plus twice the keepalive (its own dead-link check fires within one keepalive).
         """
         now = time.monotonic()
         limit = self.config.observability.stall_after
