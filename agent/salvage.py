@@ -82,6 +82,14 @@ def buffer_path_problem(path: Path) -> str | None:
     A missing file, an empty one, a SQLite file or a damaged buffer file (which the agent
     quarantines and salvages) is fine. A directory, or a file that is not a buffer, is not.
     """
+    try:
+        return _path_problem(path)
+    except OSError as exc:  # a name too long, a component that is a file, no permission
+        name = str(path) if len(str(path)) <= 120 else str(path)[:117] + "..."
+        return f"{name} cannot be used: {exc.strerror or exc}; point buffer.path at a file in a writable directory"
+
+
+def _path_problem(path: Path) -> str | None:
     if path.is_dir():
         return f"{path} is a directory; point buffer.path at a file, e.g. {path / 'buffer.db'}"
     if not path.exists():
