@@ -29,8 +29,8 @@ from tests.mqtt_proxy import MqttProxy
 from tests.test_faults import _max_outbox_id, _outbox_rows, _stop_and_check_delivery
 
 KEEPALIVE = 30.0  # the default
-# Reconnect settings asked of agent/config.py (reconnect_max 30 s -> 10 s); until then the
-# tests that need them set them.
+IDLE_KEEPALIVE = 10.0
+# The defaults (agent/config.py), spelled out so a change of default shows in these tests.
 RECONNECT = "reconnect_min: 1s, reconnect_max: 10s"
 CAP = 10.0
 
@@ -80,7 +80,7 @@ def _config(tmp_path: Path, port: int, devices: str, mqtt: str = "", health: str
     path = write_config(tmp_path / "site.yaml", port=port, devices=devices, health=health)
     tail = f", {mqtt}}}" if mqtt else "}"
     text = path.read_text().replace(", keepalive: 5s, reconnect_min: 200ms, reconnect_max: 1s}", tail)
-    assert "keepalive" not in text
+    assert "keepalive" not in text or "keepalive" in mqtt
     path.write_text(text)
     return path
 
@@ -191,22 +191,24 @@ def test_half_open_idle_link_is_noticed_within_one_keepalive(
 ) -> None:
     sub = timed_subscriber(broker.port, "reconnect-sub-idle")
     idle = "  - {id: bay-a1, driver: virtual, kind: parking, interval: 1h}\n"
-    config = _config(tmp_path, proxy.port, idle, RECONNECT, health="1h")
+    # A third of the default keepalive (the bounds scale with it) keeps this test short; the busy
+    # link's test above runs with the default 30 s.
+    config = _config(tmp_path, proxy.port, idle, f"{RECONNECT}, keepalive: {IDLE_KEEPALIVE:.0f}s", health="1h")
     agent = agent_factory(config)
     wait_for(lambda: len(sub.seqs("gateway")) >= 1, 20, "the first health event")  # then nothing for an hour
     time.sleep(0.5)
     proxy.blackhole(True)
     t0 = time.monotonic()
     try:
-        wait_for(lambda: "uplink lost" in agent.output(), 1.5 * KEEPALIVE + 2, "the agent to notice the dead link")
+        wait_for(lambda: "uplink lost" in agent.output(), 1.5 * IDLE_KEEPALIVE + 2, "the agent to notice the dead link")
         detected = time.monotonic() - t0
     except AssertionError:
         detected = float("inf")
     pings = [round(p - t0, 1) for p in proxy.stats().pingreqs_at if p > t0]
-    print(f"\nhalf-open, idle, keepalive {KEEPALIVE:.0f}s: detected after {detected:.2f}s; PINGREQs at {pings} s")
-    assert detected <= 1.5 * KEEPALIVE, f"R11: a dead idle link took {detected:.1f}s to notice (> 45 s)"
+    print(f"\nhalf-open, idle, keepalive {IDLE_KEEPALIVE:.0f}s: detected after {detected:.2f}s; PINGREQs at {pings} s")
+    assert detected <= 1.5 * IDLE_KEEPALIVE, f"R11: a dead idle link took {detected:.1f}s (> 1.5 keepalives)"
     # Ping after half a keepalive of silence, then at most half a keepalive for the answer.
-    assert detected <= KEEPALIVE + 2 * TICK, detected
+    assert detected <= IDLE_KEEPALIVE + 2 * TICK, detected
 
     connects = agent.output().count("uplink connected")
     proxy.blackhole(False)
@@ -221,7 +223,7 @@ def test_half_open_idle_link_is_noticed_within_one_keepalive(
 # With the cap at 10 s a cycle takes 10 s or more (one attempt per cap while connections do not
 # hold); the test keeps the same ratio with a 5 s cap: delivery resumes within one cap.
 OUTAGE_CAP = 5.0
-OUTAGES = (1.0, 2.0, 6.5, 1.5, 3.0)  # seconds; the third outlasts an attempt, which then fails
+OUTAGES = (1.0, 6.5, 2.0)  # seconds; the second outlasts an attempt, which then fails
 
 
 @pytest.mark.timeout(120)
