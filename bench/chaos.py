@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,29 +218,6 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
     Line: receive time, gateway, device, seqepoch ("" if absent), seq, id, time, type, the MQTT DUP flag of the
     message (set when the *broker* re-sends it to us after a reconnect), and for health events a JSON digest.
     """
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    lines: deque[str] = deque()
-    stop = threading.Event()
-
-    def writer() -> None:
-        with out.open("a", encoding="utf-8") as f:
-            while True:
-                done = stop.wait(0.05)
-                batch = [lines.popleft() for _ in range(len(lines))]
-                if batch:
-                    f.write("".join(batch))
-                    f.flush()
-                if done:
-                    return
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            c.subscribe(f"{TOPIC_PREFIX}/#", qos=1)
-
-    def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _r: Any, _p: Any) -> None:
-        ready.write_text("subscribed\n")
 
     def digest(e: dict[str, Any]) -> str:
         if e.get("type") != HEALTH or not isinstance(e.get("data"), dict):
@@ -256,40 +233,14 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
             separators=(",", ":"),
         )
 
-    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        now = time.time()
-        if msg.payload[:1] not in (b"{", b"["):
-            return  # the retained online/offline availability
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
-            return
-        dup = int(bool(msg.dup))
-        out_lines = []
-        for e in doc if isinstance(doc, list) else [doc]:
-            if not isinstance(e, dict):
-                continue
-            epoch = e.get("seqepoch")
-            out_lines.append(
-                f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{'' if epoch is None else epoch}\t{e.get('seq')}"
-                f"\t{e.get('id')}\t{e.get('time')}\t{e.get('type')}\t{dup}\t{digest(e)}\n"
-            )
-        lines.append("".join(out_lines))
+    def line(now: float, e: dict[str, Any], msg: Any) -> str:
+        epoch = e.get("seqepoch")
+        return (
+            f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{'' if epoch is None else epoch}\t{e.get('seq')}"
+            f"\t{e.get('id')}\t{e.get('time')}\t{e.get('type')}\t{int(bool(msg.dup))}\t{digest(e)}\n"
+        )
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.reconnect_delay_set(0.05, 0.25)  # type: ignore[arg-type] # floats work
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
-    client.connect_async("127.0.0.1", port, keepalive=30)
-    try:
-        client.loop_forever(retry_first_connection=True)
-    finally:
-        stop.set()
-        t.join(2)
+    pl.run_event_subscriber(port, out, client_id, ready, line)
 
 
 def filler_main(path: Path, ready: Path) -> None:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,64 +358,15 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
 
     ``recv  gateway  device  seq  time  type  measurements  status:reason``
     """
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
 
-    lines: deque[str] = deque()
-    stop = threading.Event()
+    def line(now: float, e: dict[str, Any], _msg: Any) -> str:
+        data = e.get("data") or {}
+        n = len(data.get("measurements") or ()) if e.get("type") == METER else 0
+        extra = f"{data.get('status')}:{data.get('reason') or ''}" if e.get("type") == STATUS else ""
+        return (f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}"
+                f"\t{e.get('time')}\t{e.get('type')}\t{n}\t{extra}\n")
 
-    def writer() -> None:
-        with out.open("a", encoding="utf-8") as f:
-            while True:
-                done = stop.wait(0.05)
-                batch = [lines.popleft() for _ in range(len(lines))]
-                if batch:
-                    f.write("".join(batch))
-                    f.flush()
-                if done:
-                    return
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            c.subscribe(f"{TOPIC_PREFIX}/#", qos=1)
-
-    def on_subscribe(_c: paho.Client, _u: Any, _mid: int, _r: Any, _p: Any) -> None:
-        ready.write_text("subscribed\n")
-
-    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        now = time.time()
-        payload = msg.payload
-        if payload[:1] not in (b"{", b"["):
-            return  # retained online/offline availability
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            return
-        out_lines = []
-        for e in doc if isinstance(doc, list) else [doc]:
-            if not isinstance(e, dict):
-                continue
-            data = e.get("data") or {}
-            n = len(data.get("measurements") or ()) if e.get("type") == METER else 0
-            extra = f"{data.get('status')}:{data.get('reason') or ''}" if e.get("type") == STATUS else ""
-            out_lines.append(f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}"
-                             f"\t{e.get('time')}\t{e.get('type')}\t{n}\t{extra}\n")
-        lines.append("".join(out_lines))
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.reconnect_delay_set(0.05, 0.25)  # type: ignore[arg-type] # floats work
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
-    client.connect_async("127.0.0.1", port, keepalive=30)
-    try:
-        client.loop_forever(retry_first_connection=True)
-    finally:
-        stop.set()
-        t.join(2)
+    pl.run_event_subscriber(port, out, client_id, ready, line)
 
 
 @dataclass(slots=True)

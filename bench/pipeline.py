@@ -223,8 +223,15 @@ def mb(n: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # the subscriber: its own process, logging one line per message
 # ---------------------------------------------------------------------------------------------
-def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
-    """Entry point of ``pipeline.py --subscriber``: subscribe to everything, log every event."""
+def run_event_subscriber(port: int, out: Path, client_id: str, ready: Path,
+                         line: Callable[[float, dict[str, Any], Any], str]) -> None:
+    """A subscriber process (the benches' ``--subscriber``): ``line(received, event, msg)`` per event.
+
+    Persistent session, QoS 1, everything under the topic prefix; a single event or a batch
+    (CloudEvents JSON batch format) gives one line per event, all with the message's receive
+    time; the retained availability and anything not JSON is skipped. Writes ``ready`` once
+    subscribed; SIGTERM disconnects.
+    """
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -251,21 +258,14 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
 
     def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         now = time.time()
-        payload = msg.payload
-        first = payload[:1]
-        if first != b"{" and first != b"[":
+        if msg.payload[:1] not in (b"{", b"["):
             return  # retained online/offline availability
         try:
-            doc = json.loads(payload)
+            doc = json.loads(msg.payload)
         except ValueError:
             return
-        # A single event, or a batch (CloudEvents JSON batch format: an array of events, on
-        # {prefix}/{gateway}/batch): one line per event either way, all with this receive time.
         events = doc if isinstance(doc, list) else [doc]
-        lines.append("".join(
-            f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}"
-            f"\t{e.get('time')}\t{e.get('type')}\n"
-            for e in events if isinstance(e, dict)))
+        lines.append("".join(line(now, e, msg) for e in events if isinstance(e, dict)))
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
     client.on_connect = on_connect
@@ -281,6 +281,15 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
     finally:
         stop.set()
         t.join(2)
+
+
+def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
+    """Entry point of ``pipeline.py --subscriber``: subscribe to everything, log every event."""
+
+    def line(now: float, e: dict[str, Any], _msg: Any) -> str:
+        return f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}\t{e.get('time')}\t{e.get('type')}\n"
+
+    run_event_subscriber(port, out, client_id, ready, line)
 
 
 # ---------------------------------------------------------------------------------------------
