@@ -318,15 +318,7 @@ class Subscriber:
 
     def settle(self, quiet: float = 0.8, timeout: float = 20.0) -> None:
         """Wait until the log has stopped growing for ``quiet`` seconds."""
-        deadline = time.monotonic() + timeout
-        last, since = self.out.stat().st_size, time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            now = self.out.stat().st_size
-            if now != last:
-                last, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet:
-                break
+        pl.wait_quiet(self.out, quiet, timeout)
         self.poll()
 
     def recs(self, gw: str) -> list[Rec]:

@@ -401,15 +401,7 @@ class Subscriber:
 
     def settle(self, quiet: float = 0.5, timeout: float = 20.0) -> None:
         """Until the log has stopped growing for ``quiet`` seconds."""
-        deadline = time.monotonic() + timeout
-        last, since = self.out.stat().st_size, time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            now = self.out.stat().st_size
-            if now != last:
-                last, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet:
-                return
+        pl.wait_quiet(self.out, quiet, timeout)
 
     def take(self, gateway: str) -> list[Rec]:
         """Every event logged since the last take, of one gateway."""

@@ -83,6 +83,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_quiet(path: Path, quiet: float, timeout: float) -> None:
+    """Wait until ``path`` has stopped growing for ``quiet`` seconds (a subscriber's log has settled)."""
+    deadline = time.monotonic() + timeout
+    last, since = path.stat().st_size, time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = path.stat().st_size
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -446,20 +459,9 @@ class Subscriber:
         self.offset = 0
         self.cpu = Proc(self.proc.pid)
 
-    def size(self) -> int:
-        return self.out.stat().st_size
-
     def settle(self, quiet: float = 0.4, timeout: float = 15.0) -> None:
         """Wait until the log has stopped growing for ``quiet`` seconds."""
-        deadline = time.monotonic() + timeout
-        last, since = self.size(), time.monotonic()
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            now = self.size()
-            if now != last:
-                last, since = now, time.monotonic()
-            elif time.monotonic() - since >= quiet:
-                return
+        wait_quiet(self.out, quiet, timeout)
 
     def take(self, gateway: str) -> list[Rec]:
         """Every event logged since the last take, of one gateway (others are discarded)."""

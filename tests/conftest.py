@@ -237,6 +237,15 @@ def last_seqs(buffer: Path) -> dict[str, int]:
         db.close()
 
 
+def buffer_counters(buffer: Path) -> dict[str, int]:
+    """The buffer's accounting counters, read without locking it."""
+    db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True, timeout=5)
+    try:
+        return dict(db.execute("SELECT name, value FROM counters").fetchall())
+    finally:
+        db.close()
+
+
 def write_config(
     path: Path,
     *,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.salvage import seq_ranges
-from tests.conftest import Mosquitto, Subscriber, wait_for, write_config
+from tests.conftest import Mosquitto, Subscriber, buffer_counters, last_seqs, wait_for, write_config
 
 BURSTY = (
     "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 8}\n"
@@ -23,14 +23,6 @@ BURSTY = (
     "  - {id: bay-a1, driver: virtual, kind: parking, interval: 50ms}\n"
 )
 DEVICES = ("meter-1", "meter-2", "bay-a1")
-
-
-def counters(buffer: Path) -> dict[str, int]:
-    db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True, timeout=5)
-    try:
-        return dict(db.execute("SELECT name, value FROM counters").fetchall())
-    finally:
-        db.close()
 
 
 def by_epoch(sub: Subscriber, device: str) -> dict[str, dict[int, set[str]]]:
@@ -77,13 +69,13 @@ def test_live_truncation_during_an_outage_is_recovered_without_a_restart(
     log = agent.output()
     assert "is corrupt" in log and "Traceback" not in log
 
-    c = counters(buffer)
+    c = buffer_counters(buffer)
     drops = sum(v for k, v in c.items() if k.startswith("dropped_"))
     buffered = c["accepted"] - c["delivered"] - drops
     assert buffered >= 0
     # Every seq handed out either arrived or is counted: lost uncounted = 0.
+    last = last_seqs(buffer)
     db = sqlite3.connect(f"file:{buffer}?mode=ro", uri=True)
-    last = dict(db.execute("SELECT device, seq FROM sequences"))
     still = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
     db.close()
     assert still == buffered
