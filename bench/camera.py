@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.camera [--seconds 20] [--fps 5] [--only latency,gating,realtime,rss]
 
 Needs the built models (python -m models.build) and the footage the tests fetch (opencv-doc's
-vtest.avi in the model cache: run tests/test_models.py once). Prints figures only.
+vtest.avi in the model cache: run tests/models/test_models.py once). Prints figures only.
 
 - latency: the detector alone on 30 frames, fp32 and int8, 1 and 2 threads.
 - gating: the whole of vtest.avi replayed at --fps through the driver's own analysis (motion
@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 import yaml
 
-from agent.driver_api import DriverContext
+from agent.devices.api import DriverContext
 from agent.inference import DetectionResult, Detector
 from drivers.camera.capture import Frame
 from drivers.camera.config import MODELS, CameraConfig
@@ -51,7 +51,7 @@ from models import build
 
 VTEST = build.default_cache() / "opencv-doc" / "vtest.avi"
 ROOT = Path(__file__).resolve().parent.parent
-# Zones on vtest.avi (768 x 576), as in tests/test_camera.py.
+# Zones on vtest.avi (768 x 576), as in tests/drivers/camera/test_camera.py.
 VAN_BAY = [[650, 60], [720, 60], [720, 100], [650, 100]]  # under the parked white van
 CAR_BAY = [[735, 62], [768, 62], [768, 92], [735, 92]]  # under the light-blue car cut by the right edge
 LAWN_BAY = [[50, 380], [250, 380], [250, 480], [50, 480]]  # grass: never a vehicle, people cross it

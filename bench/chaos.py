@@ -57,7 +57,7 @@ TOPIC_PREFIX = pl.TOPIC_PREFIX
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Delivery classes of the event types (agent/events.py DEFAULT_PRIORITIES) and of the priority numbers in the
+# Delivery classes of the event types (agent/contract/events.py DEFAULT_PRIORITIES) and of the priority numbers in the
 # buffer; the bench's crosswalk sensor is moved to class alarm per device (see DEVICE_CLASS).
 CLASS_OF_TYPE = {
     "city.meter.reading": "telemetry",

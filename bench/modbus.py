@@ -87,8 +87,9 @@ class Mosquitto(pl.Mosquitto):
     """pipeline.py's broker, spawned so that it too dies with the bench (even on SIGKILL)."""
 
     def start(self) -> None:
-        self.proc = spawn([pl.mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+        self.proc = spawn(
+            [pl.mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
         def accepting() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
@@ -167,11 +168,26 @@ def pymodbus_version() -> str:
 # the device model of scenario 1: N tags at adjacent input registers
 # ---------------------------------------------------------------------------------------------
 _QUANTITIES = [  # (quantity, phase) for the float32 tags, cycled
-    ("voltage", "L1"), ("voltage", "L2"), ("voltage", "L3"), ("current", "L1"), ("current", "L2"),
-    ("current", "L3"), ("active_power", "L1"), ("active_power", "L2"), ("active_power", "L3"),
-    ("reactive_power", None), ("apparent_power", None), ("power_factor", None), ("frequency", None),
-    ("active_energy", None), ("active_energy_export", None), ("reactive_energy", None),
-    ("flow", None), ("pressure", None), ("voltage", None), ("current", None),
+    ("voltage", "L1"),
+    ("voltage", "L2"),
+    ("voltage", "L3"),
+    ("current", "L1"),
+    ("current", "L2"),
+    ("current", "L3"),
+    ("active_power", "L1"),
+    ("active_power", "L2"),
+    ("active_power", "L3"),
+    ("reactive_power", None),
+    ("apparent_power", None),
+    ("power_factor", None),
+    ("frequency", None),
+    ("active_energy", None),
+    ("active_energy_export", None),
+    ("reactive_energy", None),
+    ("flow", None),
+    ("pressure", None),
+    ("voltage", None),
+    ("current", None),
 ]
 
 
@@ -193,16 +209,24 @@ def bench_points(tags: int) -> list[dict[str, Any]]:
             address += 2
         else:
             # alternately a temperature in 0.1 degC and an event counter
-            point |= ({"type": "uint16", "quantity": "temperature", "scale": 0.1} if i % 2 == 0
-                      else {"type": "uint16", "quantity": "counter"})
+            point |= (
+                {"type": "uint16", "quantity": "temperature", "scale": 0.1}
+                if i % 2 == 0
+                else {"type": "uint16", "quantity": "counter"}
+            )
             address += 1
         points.append(point)
     return points
 
 
 def tag_profile_yaml(tags: int) -> str:
-    lines = [f"profile: {TAG_PROFILE}", "vendor: bench", f"model: {tags} tags at adjacent input registers",
-             "kind: meter", "points:"]
+    lines = [
+        f"profile: {TAG_PROFILE}",
+        "vendor: bench",
+        f"model: {tags} tags at adjacent input registers",
+        "kind: meter",
+        "points:",
+    ]
     lines += [f"  - {json.dumps(p)}" for p in bench_points(tags)]
     return "\n".join(lines) + "\n"
 
@@ -278,8 +302,9 @@ async def _sim_rtu(spec: dict[str, Any]) -> None:
     from drivers.modbus.simulator import SimulatedUnit, Simulator
 
     points = [PointConfig.model_validate(p) for p in spec["points"]]
-    units = [SimulatedUnit(u, points, byte_order=spec["byte_order"], word_order=spec["word_order"])
-             for u in spec["units"]]
+    units = [
+        SimulatedUnit(u, points, byte_order=spec["byte_order"], word_order=spec["word_order"]) for u in spec["units"]
+    ]
     for unit in units:
         # The kernel does not pace a pty at its baudrate: the answer would come back in
         # microseconds. The unit waits for the frames' time on a real 9600 baud line instead.
@@ -363,8 +388,10 @@ def subscriber_main(port: int, out: Path, client_id: str, ready: Path) -> None:
         data = e.get("data") or {}
         n = len(data.get("measurements") or ()) if e.get("type") == METER else 0
         extra = f"{data.get('status')}:{data.get('reason') or ''}" if e.get("type") == STATUS else ""
-        return (f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}"
-                f"\t{e.get('time')}\t{e.get('type')}\t{n}\t{extra}\n")
+        return (
+            f"{now:.6f}\t{e.get('gateway')}\t{e.get('device')}\t{e.get('seq')}"
+            f"\t{e.get('time')}\t{e.get('type')}\t{n}\t{extra}\n"
+        )
 
     pl.run_event_subscriber(port, out, client_id, ready, line)
 
@@ -387,8 +414,17 @@ class Subscriber:
         self.out = work / "sub.log"
         self.ready = work / "sub.ready"
         self.out.touch()
-        self.proc = spawn([sys.executable, str(HERE), "--subscriber", str(port), str(self.out),
-                           f"bench-modbus-sub-{os.getpid()}", str(self.ready)])
+        self.proc = spawn(
+            [
+                sys.executable,
+                str(HERE),
+                "--subscriber",
+                str(port),
+                str(self.out),
+                f"bench-modbus-sub-{os.getpid()}",
+                str(self.ready),
+            ]
+        )
 
         def subscribed() -> bool:
             if self.proc.poll() is not None:
@@ -427,8 +463,9 @@ class Subscriber:
 class Agent:
     """``python -m agent run -c site.yaml`` with its own directory, buffer file and log."""
 
-    def __init__(self, work: Path, gateway: str, broker_port: int, devices_yaml: str,
-                 profiles: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, work: Path, gateway: str, broker_port: int, devices_yaml: str, profiles: dict[str, str] | None = None
+    ) -> None:
         self.dir = work / gateway
         (self.dir / "profiles").mkdir(parents=True, exist_ok=True)
         for name, text in (profiles or {}).items():
@@ -439,18 +476,20 @@ class Agent:
         self.log = self.dir / "agent.log"
         self.config.write_text(self._site(devices_yaml))
         with self.log.open("ab") as log:
-            self.proc = spawn([sys.executable, "-m", "agent", "run", "-c", str(self.config)],
-                              stdout=log, stderr=subprocess.STDOUT)
+            self.proc = spawn(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
         self.ps = pl.Proc(self.proc.pid)
 
     def _site(self, devices_yaml: str) -> str:
         # The default buffer (max_bytes 256MiB), no batching, default max_inflight: as shipped.
-        return (f"gateway: {{id: {self.gateway}, site: bench, health_interval: 60s}}\n"
-                "uplink:\n"
-                f"  mqtt: {{host: 127.0.0.1, port: {self.broker_port}, topic_prefix: {TOPIC_PREFIX},"
-                " reconnect_min: 200ms, reconnect_max: 1s}\n"
-                f"buffer: {{path: {self.db}}}\n"
-                + (f"devices:\n{devices_yaml}" if devices_yaml else "devices: []\n"))
+        return (
+            f"gateway: {{id: {self.gateway}, site: bench, health_interval: 60s}}\n"
+            "uplink:\n"
+            f"  mqtt: {{host: 127.0.0.1, port: {self.broker_port}, topic_prefix: {TOPIC_PREFIX},"
+            " reconnect_min: 200ms, reconnect_max: 1s}\n"
+            f"buffer: {{path: {self.db}}}\n" + (f"devices:\n{devices_yaml}" if devices_yaml else "devices: []\n")
+        )
 
     def counters(self) -> dict[str, int] | None:
         return pl.read_counters(self.db)
@@ -463,8 +502,9 @@ class Agent:
 
         def ready() -> bool:
             if not self.alive():
-                raise RuntimeError(f"agent {self.gateway} exited with {self.proc.returncode}; its log:\n"
-                                   f"{tail(self.log, 25)}")
+                raise RuntimeError(
+                    f"agent {self.gateway} exited with {self.proc.returncode}; its log:\n{tail(self.log, 25)}"
+                )
             c = self.counters()
             return c is not None and c["delivered"] > 0
 
@@ -479,6 +519,7 @@ class Agent:
         """Reload a config without devices (SIGHUP) and wait until the reload is done: polling
         stops, delivery goes on. (A SIGTERM during a reload would race the reload.) Seconds the
         reload took, or None if the agent did not say "config reloaded" within ``timeout``."""
+
         def reloads() -> int:
             with contextlib.suppress(OSError):
                 text = self.log.read_text(errors="replace")
@@ -558,8 +599,9 @@ class WindowSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             c = self.agent.counters()
-            self.samples.append(Sample(time.time(), self.agent.ps.rss(), c["delivered"] if c else None,
-                                       c["rows"] if c else None))
+            self.samples.append(
+                Sample(time.time(), self.agent.ps.rss(), c["delivered"] if c else None, c["rows"] if c else None)
+            )
             self._stop.wait(0.5)
 
     def __enter__(self) -> WindowSampler:
@@ -609,9 +651,16 @@ def losses(recs: list[Rec], db: Path) -> dict[str, Any]:
         gappy += missing > 0
     unique = sum(len(s) for s in got.values())
     c = pl.read_counters(db) or {}
-    return {"received": len(recs), "duplicates": len(recs) - unique, "lost": lost, "devices_with_gaps": gappy,
-            "undrained": rows, "accepted": c.get("accepted", 0), "delivered": c.get("delivered", 0),
-            "dropped": sum(v for k, v in c.items() if k.startswith("dropped_"))}
+    return {
+        "received": len(recs),
+        "duplicates": len(recs) - unique,
+        "lost": lost,
+        "devices_with_gaps": gappy,
+        "undrained": rows,
+        "accepted": c.get("accepted", 0),
+        "delivered": c.get("delivered", 0),
+        "dropped": sum(v for k, v in c.items() if k.startswith("dropped_")),
+    }
 
 
 # Where a py-spy sample's time goes: the innermost frame that belongs to one of these (file path
@@ -620,11 +669,14 @@ _AREAS = [
     ("pymodbus client (framing, transactions, transport)", ("pymodbus/",)),
     ("driver: decoding registers (codec, decode_point)", ("drivers/modbus/codec.py", "decode_point (")),
     ("driver: poll bookkeeping, event data (driver.py)", ("drivers/modbus/",)),
-    ("event envelope + JSON (agent/events.py)", ("agent/events.py",)),
-    ("SQLite outbox: commit, read back, delete (agent/buffer.py)", ("agent/buffer.py",)),
-    ("event store: sequencing, queues (agent/store.py)", ("agent/store.py",)),
-    ("MQTT uplink + paho (agent/uplink, paho)", ("agent/uplink/", "paho/")),
-    ("device runner, runtime (agent/devices.py, runtime.py)", ("agent/devices.py", "agent/runtime.py")),
+    ("event envelope + JSON (agent/contract/events.py)", ("agent/contract/events.py",)),
+    ("SQLite outbox: commit, read back, delete (agent/store/outbox.py)", ("agent/store/outbox.py",)),
+    ("event store: sequencing, queues (agent/store/event_store.py)", ("agent/store/event_store.py",)),
+    ("MQTT uplink + paho (agent/uplink, paho)", ("agent/uplinks/", "paho/")),
+    (
+        "device runner, runtime (agent/devices/runner.py, runtime.py)",
+        ("agent/devices/runner.py", "agent/runtime/agent.py"),
+    ),
     ("thread pools waiting for work", ("concurrent/futures/thread.py", "threading.py")),
 ]
 
@@ -635,9 +687,26 @@ def py_spy_top(agent: Agent, seconds: float, out: Path, n: int = 10) -> list[str
     if not exe.exists():
         return "py-spy is not installed in the venv"
     try:
-        done = subprocess.run([str(exe), "record", "-d", str(max(1, round(seconds))), "-r", "100", "-f", "raw",
-                               "-o", str(out), "--pid", str(agent.proc.pid)],
-                              capture_output=True, text=True, timeout=seconds + 60, check=False)
+        done = subprocess.run(
+            [
+                str(exe),
+                "record",
+                "-d",
+                str(max(1, round(seconds))),
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--pid",
+                str(agent.proc.pid),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"py-spy failed: {exc}"
     if done.returncode != 0 or not out.exists():
@@ -663,8 +732,10 @@ def py_spy_top(agent: Agent, seconds: float, out: Path, n: int = 10) -> list[str
         areas[area] += k
     if not total:
         return "py-spy recorded no samples"
-    lines = [f"{total:,} non-idle samples at 100 Hz over {seconds:.0f} s (all threads; shares of those samples);"
-             " by area (innermost matching frame):"]
+    lines = [
+        f"{total:,} non-idle samples at 100 Hz over {seconds:.0f} s (all threads; shares of those samples);"
+        " by area (innermost matching frame):"
+    ]
     lines += [f"      {100 * k / total:5.1f}%  {a}" for a, k in areas.most_common()]
     lines.append("    hottest frames (self time):")
     lines += [f"      {100 * k / total:5.1f}%  {f}" for f, k in own.most_common(n)]
@@ -704,39 +775,64 @@ def phase_window(times: list[float], period: float = INTERVAL) -> float:
     return percentile(rotated, 99) - percentile(rotated, 1)
 
 
-def scenario_tcp(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes, profile_s: float,
-                 spread: float = 0.0) -> dict[str, Any]:
+def scenario_tcp(
+    work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes, profile_s: float, spread: float = 0.0
+) -> dict[str, Any]:
     from drivers.modbus.config import ModbusConfig
     from drivers.modbus.plan import plan
 
     gw = "mb-tcp"
     try:  # the same points as the profile the agent gets: what plan() makes of them
-        planned = plan(ModbusConfig.model_validate({"id": "d0000", "driver": "modbus", "host": "127.0.0.1",
-                                                    "points": bench_points(sz.tags)}))
+        planned = plan(
+            ModbusConfig.model_validate(
+                {"id": "d0000", "driver": "modbus", "host": "127.0.0.1", "points": bench_points(sz.tags)}
+            )
+        )
     except ValueError as exc:
         raise RuntimeError(f"scenario 1: {sz.tags} tags make no valid device: {exc}") from exc
     nproc = sim_processes(sz.devices)
     per = [sz.devices // nproc + (1 if i < sz.devices % nproc else 0) for i in range(nproc)]
-    print(f"   starting {nproc} simulator process(es): {', '.join(map(str, per))} ports, one pymodbus"
-          f" ModbusTcpServer and one unit per port, {sz.tags} tags each", flush=True)
+    print(
+        f"   starting {nproc} simulator process(es): {', '.join(map(str, per))} ports, one pymodbus"
+        f" ModbusTcpServer and one unit per port, {sz.tags} tags each",
+        flush=True,
+    )
     sims: list[SimProcess] = []
     seed = 0
     for i, count in enumerate(per):
-        sims.append(SimProcess(work, f"sim-tcp-{i}", "--sim-tcp",
-                               {"count": count, "host": "127.0.0.1", "points": bench_points(sz.tags),
-                                "period": INTERVAL, "seed": seed, "total": sz.devices, "spread": spread}))
+        sims.append(
+            SimProcess(
+                work,
+                f"sim-tcp-{i}",
+                "--sim-tcp",
+                {
+                    "count": count,
+                    "host": "127.0.0.1",
+                    "points": bench_points(sz.tags),
+                    "period": INTERVAL,
+                    "seed": seed,
+                    "total": sz.devices,
+                    "spread": spread,
+                },
+            )
+        )
         seed += count
     ports = [p for s in sims for p in s.ready["ports"]]
-    devices_yaml = "".join(f"  - {{id: d{i:04d}, driver: modbus, host: 127.0.0.1, port: {port},"
-                           f" profile: {TAG_PROFILE}, interval: 1s}}\n" for i, port in enumerate(ports))
+    devices_yaml = "".join(
+        f"  - {{id: d{i:04d}, driver: modbus, host: 127.0.0.1, port: {port}, profile: {TAG_PROFILE}, interval: 1s}}\n"
+        for i, port in enumerate(ports)
+    )
     agent = Agent(work, gw, broker.port, devices_yaml, {TAG_PROFILE: tag_profile_yaml(sz.tags)})
     mosq = pl.Proc(broker.pid)
     profile: list[str] | str | None = None
     try:
         t_start = time.monotonic()
         agent.wait_ready(90)
-        print(f"   agent delivering {time.monotonic() - t_start:.1f} s after start; warm-up {sz.warmup:.0f} s,"
-              f" then {sz.window:.0f} s measured", flush=True)
+        print(
+            f"   agent delivering {time.monotonic() - t_start:.1f} s after start; warm-up {sz.warmup:.0f} s,"
+            f" then {sz.window:.0f} s measured",
+            flush=True,
+        )
         time.sleep(sz.warmup)
         with WindowSampler(agent) as smp:
             c0, t0 = agent.counters(), time.time()
@@ -755,8 +851,10 @@ def scenario_tcp(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes, p
         if dead:
             raise RuntimeError(f"simulator(s) {', '.join(dead)} exited; log:\n{tail(work / f'{dead[0]}.log')}")
         if profile_s > 0:
-            print(f"   profiling the agent with py-spy for {profile_s:.0f} s (after the window, not in the"
-                  " figures)", flush=True)
+            print(
+                f"   profiling the agent with py-spy for {profile_s:.0f} s (after the window, not in the figures)",
+                flush=True,
+            )
             profile = py_spy_top(agent, profile_s, work / "agent-profile.txt")
         reload_s: float | None = agent.stop_producing()
         drained = agent.drain(20)
@@ -780,29 +878,52 @@ def scenario_tcp(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes, p
     polls = len(taken) / dt
     acked_1s = smp.acked_per_second()
     res: dict[str, Any] = {
-        "devices": sz.devices, "tags": sz.tags, "window": dt, "sim_procs": nproc,
-        "offered_polls": sz.devices / INTERVAL, "offered_tags": sz.devices * sz.tags / INTERVAL,
-        "polls": polls, "tags_taken": sum(r.n for r in taken) / dt,
-        "tags_delivered": sum(r.n for r in recv_in) / dt, "readings_delivered": len(recv_in) / dt,
+        "devices": sz.devices,
+        "tags": sz.tags,
+        "window": dt,
+        "sim_procs": nproc,
+        "offered_polls": sz.devices / INTERVAL,
+        "offered_tags": sz.devices * sz.tags / INTERVAL,
+        "polls": polls,
+        "tags_taken": sum(r.n for r in taken) / dt,
+        "tags_delivered": sum(r.n for r in recv_in) / dt,
+        "readings_delivered": len(recv_in) / dt,
         "tags_per_reading": (sum(r.n for r in taken) / len(taken)) if taken else float("nan"),
-        "planned": len(planned), "plan": [(q.table, q.address, q.count, len(q.points)) for q in planned],
-        "served": served, "served_total": served_total, "readings_total": len(readings),
+        "planned": len(planned),
+        "plan": [(q.table, q.address, q.count, len(q.points)) for q in planned],
+        "served": served,
+        "served_total": served_total,
+        "readings_total": len(readings),
         "req_per_poll": served_total / len(readings) if readings else float("nan"),
-        "acked_min_1s": min(acked_1s, default=float("nan")), "acked_max_1s": max(acked_1s, default=float("nan")),
-        "rows_max": smp.rows_max(), "steal": smp.steal_pct(), "spread": spread,
-        "cpu": (cpu1 - cpu0) / dt * 100, "rss_end": rss_end, "rss_peak": max(smp.peak, rss_end), "hwm": hwm,
-        "mosq_cpu": (m1 - m0) / dt * 100, "sub_cpu": (s1 - s0) / dt * 100,
+        "acked_min_1s": min(acked_1s, default=float("nan")),
+        "acked_max_1s": max(acked_1s, default=float("nan")),
+        "rows_max": smp.rows_max(),
+        "steal": smp.steal_pct(),
+        "spread": spread,
+        "cpu": (cpu1 - cpu0) / dt * 100,
+        "rss_end": rss_end,
+        "rss_peak": max(smp.peak, rss_end),
+        "hwm": hwm,
+        "mosq_cpu": (m1 - m0) / dt * 100,
+        "sub_cpu": (s1 - s0) / dt * 100,
         "sim_cpu": sum(b - a for a, b in zip(sim_cpu0, sim_cpu1, strict=True)) / dt * 100,
         "accepted_rate": (c1["accepted"] - c0["accepted"]) / dt,
         "acked_rate": (c1["delivered"] - c0["delivered"]) / dt,
         "backlog": (c0["rows"], c1["rows"]),
-        "n_lat": len(lat), "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
+        "n_lat": len(lat),
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
         "max": lat[-1] if lat else float("nan"),
         "phase": phase_window([r.time for r in taken]),
         "short_devices": sum(1 for i in range(sz.devices) if per_device.get(f"d{i:04d}", 0) < expected * 0.9),
         "silent_devices": sum(1 for i in range(sz.devices) if per_device.get(f"d{i:04d}", 0) == 0),
-        "not_online": len(statuses), "status_sample": [f"{r.device} {r.extra}" for r in statuses[:3]],
-        "drained": drained, **losses(recs, agent.db), "problems": agent.problems(), "profile": profile,
+        "not_online": len(statuses),
+        "status_sample": [f"{r.device} {r.extra}" for r in statuses[:3]],
+        "drained": drained,
+        **losses(recs, agent.db),
+        "problems": agent.problems(),
+        "profile": profile,
         "stop": agent.stop_note(reload_s, stopped),
         "stop_ok": reload_s is not None and "killed" not in stopped,
     }
@@ -811,46 +932,71 @@ def scenario_tcp(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes, p
 
 def print_tcp(r: dict[str, Any]) -> None:
     full = r["devices"] * r["tags"] >= TARGET_TAGS
-    print(f"   offered    : {r['devices']} devices x {r['tags']} tags every {INTERVAL:.0f} s = {r['offered_tags']:,.0f}"
-          f" tags/s ({r['offered_polls']:,.0f} polls/s); window {r['window']:.1f} s"
-          + (f"; device k of N answers after k/N x {r['spread'] * 1000:.0f} ms (--response-spread)"
-             if r["spread"] else "; every simulator answers at once"))
-    print(f"   polls/s    : {r['polls']:,.1f} readings taken/s ({100 * r['polls'] / r['offered_polls']:.1f}% of"
-          f" offered); {r['tags_per_reading']:.1f} tags per reading; devices below 90% of their polls:"
-          f" {r['short_devices']} (none at all: {r['silent_devices']})")
+    print(
+        f"   offered    : {r['devices']} devices x {r['tags']} tags every {INTERVAL:.0f} s = {r['offered_tags']:,.0f}"
+        f" tags/s ({r['offered_polls']:,.0f} polls/s); window {r['window']:.1f} s"
+        + (
+            f"; device k of N answers after k/N x {r['spread'] * 1000:.0f} ms (--response-spread)"
+            if r["spread"]
+            else "; every simulator answers at once"
+        )
+    )
+    print(
+        f"   polls/s    : {r['polls']:,.1f} readings taken/s ({100 * r['polls'] / r['offered_polls']:.1f}% of"
+        f" offered); {r['tags_per_reading']:.1f} tags per reading; devices below 90% of their polls:"
+        f" {r['short_devices']} (none at all: {r['silent_devices']})"
+    )
     verdict = ("met" if r["tags_delivered"] >= 0.99 * TARGET_TAGS else "NOT met") if full else "n/a at this size"
-    print(f"   tags/s     : {r['tags_delivered']:,.0f} delivered to MQTT (received in the window;"
-          f" {r['tags_taken']:,.0f} taken) -- target all {TARGET_TAGS:,} tags/s: {verdict}")
-    print(f"   requests   : {r['planned']} planned per device per poll by plan() (table, address, count, points):"
-          f" {r['plan']}; measured {r['req_per_poll']:.2f} per poll ({r['served_total']:,} requests served by the"
-          f" simulators / {r['readings_total']:,} readings over the whole run; {r['served']:,.0f} requests/s in"
-          " the window)")
+    print(
+        f"   tags/s     : {r['tags_delivered']:,.0f} delivered to MQTT (received in the window;"
+        f" {r['tags_taken']:,.0f} taken) -- target all {TARGET_TAGS:,} tags/s: {verdict}"
+    )
+    print(
+        f"   requests   : {r['planned']} planned per device per poll by plan() (table, address, count, points):"
+        f" {r['plan']}; measured {r['req_per_poll']:.2f} per poll ({r['served_total']:,} requests served by the"
+        f" simulators / {r['readings_total']:,} readings over the whole run; {r['served']:,.0f} requests/s in"
+        " the window)"
+    )
     if full:
         cpu_note = f"target <= {TARGET_CPU:.0f}%: {'met' if r['cpu'] <= TARGET_CPU else 'NOT met'}"
     elif r["offered_tags"] >= TARGET_TAGS / 10:
-        cpu_note = (f"~{r['cpu'] * TARGET_TAGS / max(1.0, r['tags_delivered']):.0f}% at {TARGET_TAGS:,} tags/s"
-                    " if linear (extrapolated, not measured)")
+        cpu_note = (
+            f"~{r['cpu'] * TARGET_TAGS / max(1.0, r['tags_delivered']):.0f}% at {TARGET_TAGS:,} tags/s"
+            " if linear (extrapolated, not measured)"
+        )
     else:
         cpu_note = f"target <= {TARGET_CPU:.0f}% at {TARGET_TAGS:,} tags/s: n/a at this size"
-    print(f"   agent CPU  : {r['cpu']:.1f}% of one core ({cpu_note}; {NEURON});"
-          f" {r['cpu'] / 100 * 1e6 / max(1.0, r['tags_delivered']):.1f} µs per tag,"
-          f" {r['cpu'] / 100 * 1e3 / max(1.0, r['polls']):.2f} ms per poll")
-    print(f"   agent RSS  : {pl.mb(r['rss_end']):.1f} MB at the end, peak sampled {pl.mb(r['rss_peak']):.1f} MB,"
-          f" VmHWM {pl.mb(r['hwm']):.1f} MB")
+    print(
+        f"   agent CPU  : {r['cpu']:.1f}% of one core ({cpu_note}; {NEURON});"
+        f" {r['cpu'] / 100 * 1e6 / max(1.0, r['tags_delivered']):.1f} µs per tag,"
+        f" {r['cpu'] / 100 * 1e3 / max(1.0, r['polls']):.2f} ms per poll"
+    )
+    print(
+        f"   agent RSS  : {pl.mb(r['rss_end']):.1f} MB at the end, peak sampled {pl.mb(r['rss_peak']):.1f} MB,"
+        f" VmHWM {pl.mb(r['hwm']):.1f} MB"
+    )
     verdict = ("met" if r["p99"] <= TARGET_P99 else "NOT met") if full else "n/a at this size"
-    print(f"   latency    : read -> subscriber p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms,"
-          f" max {r['max']:.1f} ms over {r['n_lat']:,} readings (target p99 <= {TARGET_P99:.0f} ms: {verdict});"
-          f" 98% of readings are taken within a {1000 * r['phase']:.0f} ms slice of each second")
-    print(f"   uplink     : PUBACKed per ~1 s span in the window: min {fmt(r['acked_min_1s'])}, max"
-          f" {fmt(r['acked_max_1s'])} ev/s (a min far below {r['offered_polls']:,.0f} means a stall); most buffered"
-          f" rows sampled {r['rows_max']:,}; machine CPU steal {fmt(r['steal'], '.1f')}%")
-    print(f"   others     : mosquitto {r['mosq_cpu']:.0f}%, subscriber {r['sub_cpu']:.0f}%, simulators"
-          f" {r['sim_cpu']:.0f}% ({r['sim_procs']} processes) of one core; buffer accepted {r['accepted_rate']:,.0f}"
-          f" ev/s, acked {r['acked_rate']:,.0f} ev/s, backlog {r['backlog'][0]:,} > {r['backlog'][1]:,} rows")
-    print(f"   losses     : lost {r['lost']} (devices with seq gaps: {r['devices_with_gaps']}), duplicates"
-          f" {r['duplicates']}, dropped by the buffer {r['dropped']}, undrained {r['undrained']};"
-          f" {r['received']:,} events received; status events other than online: {r['not_online']}"
-          + (f" e.g. {'; '.join(r['status_sample'])}" if r["status_sample"] else ""))
+    print(
+        f"   latency    : read -> subscriber p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms,"
+        f" max {r['max']:.1f} ms over {r['n_lat']:,} readings (target p99 <= {TARGET_P99:.0f} ms: {verdict});"
+        f" 98% of readings are taken within a {1000 * r['phase']:.0f} ms slice of each second"
+    )
+    print(
+        f"   uplink     : PUBACKed per ~1 s span in the window: min {fmt(r['acked_min_1s'])}, max"
+        f" {fmt(r['acked_max_1s'])} ev/s (a min far below {r['offered_polls']:,.0f} means a stall); most buffered"
+        f" rows sampled {r['rows_max']:,}; machine CPU steal {fmt(r['steal'], '.1f')}%"
+    )
+    print(
+        f"   others     : mosquitto {r['mosq_cpu']:.0f}%, subscriber {r['sub_cpu']:.0f}%, simulators"
+        f" {r['sim_cpu']:.0f}% ({r['sim_procs']} processes) of one core; buffer accepted {r['accepted_rate']:,.0f}"
+        f" ev/s, acked {r['acked_rate']:,.0f} ev/s, backlog {r['backlog'][0]:,} > {r['backlog'][1]:,} rows"
+    )
+    print(
+        f"   losses     : lost {r['lost']} (devices with seq gaps: {r['devices_with_gaps']}), duplicates"
+        f" {r['duplicates']}, dropped by the buffer {r['dropped']}, undrained {r['undrained']};"
+        f" {r['received']:,} events received; status events other than online: {r['not_online']}"
+        + (f" e.g. {'; '.join(r['status_sample'])}" if r["status_sample"] else "")
+    )
     print(f"   stopping   : {r['stop']}")
     for p in r["problems"][:5]:
         print(f"    agent log: {p}")
@@ -877,9 +1023,15 @@ def rtu_devices(port: str) -> tuple[str, Any, list[dict[str, Any]], dict[str, An
     points = list(prof["points"])
     keep = {p["name"] for p in sorted(points, key=lambda p: (p.get("table", "holding"), p["address"]))[:RTU_POINTS]}
     exclude = sorted(p["name"] for p in points if p["name"] not in keep)
-    raw = {"driver": "modbus", "transport": "rtu", "serial": {"port": port, "baudrate": RTU_BAUD},
-           "profile": RTU_PROFILE, "exclude": exclude, "timeout": f"{RTU_TIMEOUT * 1000:.0f}ms",
-           "interval": "1s"}
+    raw = {
+        "driver": "modbus",
+        "transport": "rtu",
+        "serial": {"port": port, "baudrate": RTU_BAUD},
+        "profile": RTU_PROFILE,
+        "exclude": exclude,
+        "timeout": f"{RTU_TIMEOUT * 1000:.0f}ms",
+        "interval": "1s",
+    }
     yaml = "".join(f"  - {json.dumps({'id': f'rs485-u{u}', **raw, 'unit': u})}\n" for u in range(1, RTU_UNITS + 1))
     config = ModbusConfig.model_validate({"id": "rs485-u1", **raw, "unit": 1})
     return yaml, config, points, prof.get("defaults") or {}
@@ -896,10 +1048,20 @@ def scenario_rtu(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes) -
     frame_bytes = [8 + 5 + 2 * q.count for q in requests]  # request 8 B; answer: unit fc n data crc
     wire = [b * RTU_BITS_PER_CHAR / RTU_BAUD for b in frame_bytes]
     gap = inter_frame_gap(RTU_BAUD, RTU_BITS_PER_CHAR)
-    sim = SimProcess(work, "sim-rtu", "--sim-rtu",
-                     {"units": list(range(1, RTU_UNITS)), "points": points, "baudrate": RTU_BAUD,
-                      "byte_order": defaults.get("byte_order", "big"), "word_order": defaults.get("word_order", "big"),
-                      "wire_delay": sum(wire) / len(wire), "period": INTERVAL})
+    sim = SimProcess(
+        work,
+        "sim-rtu",
+        "--sim-rtu",
+        {
+            "units": list(range(1, RTU_UNITS)),
+            "points": points,
+            "baudrate": RTU_BAUD,
+            "byte_order": defaults.get("byte_order", "big"),
+            "word_order": defaults.get("word_order", "big"),
+            "wire_delay": sum(wire) / len(wire),
+            "period": INTERVAL,
+        },
+    )
     port = sim.ready["port"]
     devices_yaml, _, _, _ = rtu_devices(port)
     agent = Agent(work, gw, broker.port, devices_yaml)
@@ -933,30 +1095,45 @@ def scenario_rtu(work: Path, broker: pl.Mosquitto, sub: Subscriber, sz: Sizes) -
         status = [r for r in recs if r.device == dev and r.type == STATUS and r.time < t1]
         after = [r for r in recs if r.device == dev and r.time >= t1]  # while the agent was being stopped
         last = status[-1] if status else None
-        units.append({
-            "device": dev, "unit": u, "readings": len(inside),
-            "mean": sum(periods) / len(periods) if periods else float("nan"),
-            "min": min(periods, default=float("nan")), "max": max(periods, default=float("nan")),
-            "missed": sum(1 for p in periods if p > 1.5 * INTERVAL),
-            "status": last.extra if last else "-",
-            "status_at": (last.time - first) if last else float("nan"),
-            "status_events": [r.extra for r in status],
-            "after_status": [r.extra for r in after if r.type == STATUS],
-            "readings_all": sum(1 for r in recs if r.device == dev and r.type == METER),
-            "readings_after": sum(1 for r in after if r.type == METER),
-        })
+        units.append(
+            {
+                "device": dev,
+                "unit": u,
+                "readings": len(inside),
+                "mean": sum(periods) / len(periods) if periods else float("nan"),
+                "min": min(periods, default=float("nan")),
+                "max": max(periods, default=float("nan")),
+                "missed": sum(1 for p in periods if p > 1.5 * INTERVAL),
+                "status": last.extra if last else "-",
+                "status_at": (last.time - first) if last else float("nan"),
+                "status_events": [r.extra for r in status],
+                "after_status": [r.extra for r in after if r.type == STATUS],
+                "readings_all": sum(1 for r in recs if r.device == dev and r.type == METER),
+                "readings_after": sum(1 for r in after if r.type == METER),
+            }
+        )
     good = units[:-1]
     per_poll_busy = sum(w + 2 * gap for w in wire)  # one good unit's poll on the line
     return {
-        "window": dt, "units": units, "frame_bytes": frame_bytes, "wire_ms": [1000 * w for w in wire],
-        "gap_ms": 1000 * gap, "points": len(config.points), "requests": len(requests),
+        "window": dt,
+        "units": units,
+        "frame_bytes": frame_bytes,
+        "wire_ms": [1000 * w for w in wire],
+        "gap_ms": 1000 * gap,
+        "points": len(config.points),
+        "requests": len(requests),
         "busy": (RTU_UNITS - 1) * per_poll_busy + RTU_TIMEOUT + 8 * RTU_BITS_PER_CHAR / RTU_BAUD,
         "served": (req1[1] - req0[1]) / (req1[0] - req0[0]) if req1[0] > req0[0] else float("nan"),
-        "cpu": (cpu1 - cpu0) / dt * 100, "rss": rss,
+        "cpu": (cpu1 - cpu0) / dt * 100,
+        "rss": rss,
         "good_mean": sum(u["mean"] for u in good) / len(good),
-        "good_max": max(u["max"] for u in good), "good_min": min(u["min"] for u in good),
-        "good_missed": sum(u["missed"] for u in good), **losses(recs, agent.db), "problems": agent.problems(),
-        "stop": agent.stop_note(reload_s, stopped), "stop_ok": reload_s is not None and "killed" not in stopped,
+        "good_max": max(u["max"] for u in good),
+        "good_min": min(u["min"] for u in good),
+        "good_missed": sum(u["missed"] for u in good),
+        **losses(recs, agent.db),
+        "problems": agent.problems(),
+        "stop": agent.stop_note(reload_s, stopped),
+        "stop_ok": reload_s is not None and "killed" not in stopped,
     }
 
 
@@ -967,35 +1144,55 @@ def show_status(extra: str) -> str:
 
 
 def print_rtu(r: dict[str, Any]) -> None:
-    print(f"   bus        : {RTU_UNITS} units on one pty at {RTU_BAUD} baud 8N1, {r['points']} points each from"
-          f" {RTU_PROFILE} ({r['requests']} request of {r['frame_bytes']} bytes incl. the answer), timeout"
-          f" {RTU_TIMEOUT * 1000:.0f} ms, interval {INTERVAL:.0f} s; units 1-{RTU_UNITS - 1} present,"
-          f" unit {RTU_UNITS} absent (never answers)")
-    print(f"   note       : the kernel does not enforce a pty's baudrate; the simulator delays each answer by"
-          f" the frames' time on a real {RTU_BAUD} baud line ({', '.join(f'{w:.1f}' for w in r['wire_ms'])} ms"
-          f" per request) and the driver adds its 3.5-character gap ({r['gap_ms']:.1f} ms)")
-    print(f"   line budget: ~{1000 * r['busy']:.0f} ms busy per second ({RTU_UNITS - 1} answered polls + one"
-          f" {RTU_TIMEOUT * 1000:.0f} ms timeout): {100 * r['busy']:.0f}% of the line; the simulator saw"
-          f" {fmt(r['served'], '.1f')} requests/s on the line (the absent unit's included)")
+    print(
+        f"   bus        : {RTU_UNITS} units on one pty at {RTU_BAUD} baud 8N1, {r['points']} points each from"
+        f" {RTU_PROFILE} ({r['requests']} request of {r['frame_bytes']} bytes incl. the answer), timeout"
+        f" {RTU_TIMEOUT * 1000:.0f} ms, interval {INTERVAL:.0f} s; units 1-{RTU_UNITS - 1} present,"
+        f" unit {RTU_UNITS} absent (never answers)"
+    )
+    print(
+        f"   note       : the kernel does not enforce a pty's baudrate; the simulator delays each answer by"
+        f" the frames' time on a real {RTU_BAUD} baud line ({', '.join(f'{w:.1f}' for w in r['wire_ms'])} ms"
+        f" per request) and the driver adds its 3.5-character gap ({r['gap_ms']:.1f} ms)"
+    )
+    print(
+        f"   line budget: ~{1000 * r['busy']:.0f} ms busy per second ({RTU_UNITS - 1} answered polls + one"
+        f" {RTU_TIMEOUT * 1000:.0f} ms timeout): {100 * r['busy']:.0f}% of the line; the simulator saw"
+        f" {fmt(r['served'], '.1f')} requests/s on the line (the absent unit's included)"
+    )
     print(f"   {'device':<10} {'readings':>8} {'period mean':>11} {'min':>7} {'max':>7} {'missed':>6}  status")
     for u in r["units"]:
-        print(f"   {u['device']:<10} {u['readings']:>8} {fmt(u['mean'], '.3f'):>9} s {fmt(u['min'], '.3f'):>7}"
-              f" {fmt(u['max'], '.3f'):>7} {u['missed']:>6}  {show_status(u['status'])}"
-              + (f", {fmt(u['status_at'], '.1f')} s after the bus's first reading; status events:"
-                 f" {' -> '.join(map(show_status, u['status_events'])) or 'none'}" if u["unit"] == RTU_UNITS else ""))
+        print(
+            f"   {u['device']:<10} {u['readings']:>8} {fmt(u['mean'], '.3f'):>9} s {fmt(u['min'], '.3f'):>7}"
+            f" {fmt(u['max'], '.3f'):>7} {u['missed']:>6}  {show_status(u['status'])}"
+            + (
+                f", {fmt(u['status_at'], '.1f')} s after the bus's first reading; status events:"
+                f" {' -> '.join(map(show_status, u['status_events'])) or 'none'}"
+                if u["unit"] == RTU_UNITS
+                else ""
+            )
+        )
     absent = r["units"][-1]
-    ok = (abs(r["good_mean"] - INTERVAL) < 0.02 and r["good_missed"] == 0)
-    print(f"-> units 1-{RTU_UNITS - 1}: mean period {r['good_mean']:.3f} s (min {r['good_min']:.3f}, max"
-          f" {r['good_max']:.3f}), missed slots {r['good_missed']}: "
-          f"{'they keep their 1 s period' if ok else 'they do NOT keep their 1 s period'};"
-          f" unit {RTU_UNITS}: {show_status(absent['status'])} ({absent['readings']} readings); agent CPU"
-          f" {r['cpu']:.1f}%, RSS {pl.mb(r['rss']):.1f} MB; lost {r['lost']}, duplicates {r['duplicates']}")
+    ok = abs(r["good_mean"] - INTERVAL) < 0.02 and r["good_missed"] == 0
+    print(
+        f"-> units 1-{RTU_UNITS - 1}: mean period {r['good_mean']:.3f} s (min {r['good_min']:.3f}, max"
+        f" {r['good_max']:.3f}), missed slots {r['good_missed']}: "
+        f"{'they keep their 1 s period' if ok else 'they do NOT keep their 1 s period'};"
+        f" unit {RTU_UNITS}: {show_status(absent['status'])} ({absent['readings']} readings); agent CPU"
+        f" {r['cpu']:.1f}%, RSS {pl.mb(r['rss']):.1f} MB; lost {r['lost']}, duplicates {r['duplicates']}"
+    )
     stray = absent["readings_all"]
-    print(f"   stopping   : {r['stop']}; after the window the absent unit {RTU_UNITS} reported"
-          f" {' -> '.join(map(show_status, absent['after_status'])) or 'no status change'} and"
-          f" {absent['readings_after']} reading(s)"
-          + (f" -- {stray} reading(s) in all were attributed to a unit that does not exist (see bench/README.md,"
-             " 'Known effects')" if stray else ""))
+    print(
+        f"   stopping   : {r['stop']}; after the window the absent unit {RTU_UNITS} reported"
+        f" {' -> '.join(map(show_status, absent['after_status'])) or 'no status change'} and"
+        f" {absent['readings_after']} reading(s)"
+        + (
+            f" -- {stray} reading(s) in all were attributed to a unit that does not exist (see bench/README.md,"
+            " 'Known effects')"
+            if stray
+            else ""
+        )
+    )
     for p in r["problems"][:4]:
         print(f"    agent log: {p}")
     print(flush=True)
@@ -1021,31 +1218,50 @@ def scenario_coalescing() -> dict[str, Any]:
         except Exception as exc:
             rows.append({"profile": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]})
             continue
-        rows.append({"profile": name, "points": len(cfg.points), "requests": len(reqs), "strict": len(strict),
-                     "max_registers": cfg.max_registers, "max_gap": cfg.max_gap})
+        rows.append(
+            {
+                "profile": name,
+                "points": len(cfg.points),
+                "requests": len(reqs),
+                "strict": len(strict),
+                "max_registers": cfg.max_registers,
+                "max_gap": cfg.max_gap,
+            }
+        )
     ok = [r for r in rows if "error" not in r]
     points = sum(r["points"] for r in ok)
     requests = sum(r["requests"] for r in ok)
-    return {"rows": rows, "points": points, "requests": requests,
-            "ratio": points / requests if requests else float("nan"),
-            "strict_ratio": points / sum(r["strict"] for r in ok) if ok else float("nan"),
-            "dir": str(profiles.BUILTIN_DIR)}
+    return {
+        "rows": rows,
+        "points": points,
+        "requests": requests,
+        "ratio": points / requests if requests else float("nan"),
+        "strict_ratio": points / sum(r["strict"] for r in ok) if ok else float("nan"),
+        "dir": str(profiles.BUILTIN_DIR),
+    }
 
 
 def print_coalescing(r: dict[str, Any]) -> None:
-    print(f"   {'profile':<22} {'points':>6} {'requests':>8} {'ratio':>6}   limits (max_registers, max_gap)"
-          "   requests if holes are refused")
+    print(
+        f"   {'profile':<22} {'points':>6} {'requests':>8} {'ratio':>6}   limits (max_registers, max_gap)"
+        "   requests if holes are refused"
+    )
     for row in r["rows"]:
         if "error" in row:
             print(f"   {row['profile']:<22} cannot plan: {row['error']}")
             continue
         ratio = row["points"] / row["requests"]
-        print(f"   {row['profile']:<22} {row['points']:>6} {row['requests']:>8} {ratio:>5.1f}x"
-              f"   {row['max_registers']:>3}, {row['max_gap']:<27} {row['strict']:>3}")
+        print(
+            f"   {row['profile']:<22} {row['points']:>6} {row['requests']:>8} {ratio:>5.1f}x"
+            f"   {row['max_registers']:>3}, {row['max_gap']:<27} {row['strict']:>3}"
+        )
     verdict = "met" if r["ratio"] >= COALESCE_TARGET else "NOT met"
-    print(f"-> total {r['points']} points in {r['requests']} requests: {r['ratio']:.1f}x (target >="
-          f" {COALESCE_TARGET:.0f}x: {verdict}); {r['strict_ratio']:.1f}x on units that refuse every read through"
-          " unlisted registers (the driver splits those reads at the first poll)\n", flush=True)
+    print(
+        f"-> total {r['points']} points in {r['requests']} requests: {r['ratio']:.1f}x (target >="
+        f" {COALESCE_TARGET:.0f}x: {verdict}); {r['strict_ratio']:.1f}x on units that refuse every read through"
+        " unlisted registers (the driver splits those reads at the first poll)\n",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1068,8 +1284,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     info = [*pl.machine_info(work), f"modbus    : {pymodbus_version()}"]
     print("\n".join(info), flush=True)
-    print(f"mode      : {'quick' if args.quick else 'full'}; scenario 1: {sz.devices} devices x {sz.tags} tags,"
-          f" {sz.window:.0f} s window; scenario 2: {sz.rtu_window:.0f} s window\n", flush=True)
+    print(
+        f"mode      : {'quick' if args.quick else 'full'}; scenario 1: {sz.devices} devices x {sz.tags} tags,"
+        f" {sz.window:.0f} s window; scenario 2: {sz.rtu_window:.0f} s window\n",
+        flush=True,
+    )
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     broker: pl.Mosquitto | None = None
@@ -1082,16 +1301,22 @@ def run(args: argparse.Namespace) -> int:
             sub = Subscriber(work, broker.port)
         if "1" in only and broker is not None and sub is not None:
             mark = time.monotonic()
-            print(f"== 1. Neuron's workload: {sz.devices} Modbus TCP devices x {sz.tags} tags every 1 s"
-                  f" ({sz.devices * sz.tags:,} tags/s); deadband unset, default buffer; each device its own"
-                  " port (its own connection)", flush=True)
+            print(
+                f"== 1. Neuron's workload: {sz.devices} Modbus TCP devices x {sz.tags} tags every 1 s"
+                f" ({sz.devices * sz.tags:,} tags/s); deadband unset, default buffer; each device its own"
+                " port (its own connection)",
+                flush=True,
+            )
             results["1"] = scenario_tcp(work, broker, sub, sz, args.profile, args.response_spread / 1000)
             print_tcp(results["1"])
             timings["1"] = time.monotonic() - mark
         if "2" in only and broker is not None and sub is not None:
             mark = time.monotonic()
-            print(f"== 2. one RS-485 bus: {RTU_UNITS} units at {RTU_BAUD} baud on a pseudo-terminal, one"
-                  f" absent; {sz.rtu_window:.0f} s measured after {sz.rtu_warmup:.0f} s", flush=True)
+            print(
+                f"== 2. one RS-485 bus: {RTU_UNITS} units at {RTU_BAUD} baud on a pseudo-terminal, one"
+                f" absent; {sz.rtu_window:.0f} s measured after {sz.rtu_warmup:.0f} s",
+                flush=True,
+            )
             results["2"] = scenario_rtu(work, broker, sub, sz)
             print_rtu(results["2"])
             timings["2"] = time.monotonic() - mark
@@ -1104,8 +1329,11 @@ def run(args: argparse.Namespace) -> int:
         if "3" in only:
             mark = time.monotonic()
             results["3"] = scenario_coalescing()
-            print("== 3. coalescing: requests planned (drivers.modbus.plan.plan) for every shipped profile"
-                  f" ({results['3']['dir']})", flush=True)
+            print(
+                "== 3. coalescing: requests planned (drivers.modbus.plan.plan) for every shipped profile"
+                f" ({results['3']['dir']})",
+                flush=True,
+            )
             print_coalescing(results["3"])
             timings["3"] = time.monotonic() - mark
         failed = False
@@ -1162,16 +1390,21 @@ def summary(results: dict[str, Any], info: list[str], elapsed: float, timings: d
             f" window; agent CPU {r['cpu']:.1f}%; lost {r['lost']}",
         ]
         if absent["readings_all"]:
-            lines.append(f"   ABSENT UNIT {RTU_UNITS} PUBLISHED {absent['readings_all']} READING(S) (another unit's"
-                         f" answer), {absent['readings_after']} of them while the agent was being stopped")
+            lines.append(
+                f"   ABSENT UNIT {RTU_UNITS} PUBLISHED {absent['readings_all']} READING(S) (another unit's"
+                f" answer), {absent['readings_after']} of them while the agent was being stopped"
+            )
         if not r["stop_ok"]:
             lines.append(f"   STOP PROBLEM: {r['stop']}")
     if "3" in results:
         r = results["3"]
-        each = ", ".join(f"{row['profile']} {row['points']}/{row['requests']}"
-                         for row in r["rows"] if "error" not in row)
-        lines += [f"3. coalescing: {r['points']} points / {r['requests']} requests = {r['ratio']:.1f}x"
-                  f" (target >= {COALESCE_TARGET:.0f}x)   [{each}]"]
+        each = ", ".join(
+            f"{row['profile']} {row['points']}/{row['requests']}" for row in r["rows"] if "error" not in row
+        )
+        lines += [
+            f"3. coalescing: {r['points']} points / {r['requests']} requests = {r['ratio']:.1f}x"
+            f" (target >= {COALESCE_TARGET:.0f}x)   [{each}]"
+        ]
     print("\n".join(lines), flush=True)
 
 
@@ -1201,14 +1434,24 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated scenarios to run: 1, 2, 3 (default all)")
     parser.add_argument("--devices", type=positive(int), help="scenario 1: Modbus TCP devices (default 500; quick 100)")
     parser.add_argument("--tags", type=positive(int), help="scenario 1: tags (registers) per device (default 30)")
-    parser.add_argument("--seconds", type=positive(float),
-                        help="measured window of scenarios 1 and 2 (default 25 and 20 s)")
-    parser.add_argument("--profile", type=float, default=0, metavar="S",
-                        help="scenario 1: after the window, sample the agent with py-spy for S seconds and print"
-                        " the hottest frames")
-    parser.add_argument("--response-spread", type=float, default=0, metavar="MS",
-                        help="scenario 1: device k of N answers k/N x MS milliseconds late (spreads the agent's work"
-                        " over the second instead of one burst; read-to-publish latency starts after the answer)")
+    parser.add_argument(
+        "--seconds", type=positive(float), help="measured window of scenarios 1 and 2 (default 25 and 20 s)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0,
+        metavar="S",
+        help="scenario 1: after the window, sample the agent with py-spy for S seconds and print the hottest frames",
+    )
+    parser.add_argument(
+        "--response-spread",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="scenario 1: device k of N answers k/N x MS milliseconds late (spreads the agent's work"
+        " over the second instead of one burst; read-to-publish latency starts after the answer)",
+    )
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buffers, profiles)")
     args = parser.parse_args()

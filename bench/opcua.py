@@ -284,8 +284,10 @@ def print_accounting(a: Accounting, span: float, queue_size: int) -> None:
     print(f"  made            {a.made:>9,} changes ({a.made / span:,.0f}/s)")
     print(f"  delivered       {a.delivered:>9,} ({pct(a.delivered)}; duplicates {a.duplicates}, "
           f"arrivals matching no change {a.unmatched})")  # fmt: skip
-    print(f"  coalesced       {a.coalesced:>9,} ({pct(a.coalesced)}) by the server: discarded from the item's queue "
-          f"(queue_size {queue_size}, DiscardOldest) for a newer value of the same variable; OPC UA semantics")
+    print(
+        f"  coalesced       {a.coalesced:>9,} ({pct(a.coalesced)}) by the server: discarded from the item's queue "
+        f"(queue_size {queue_size}, DiscardOldest) for a newer value of the same variable; OPC UA semantics"
+    )
     print(f"  lost            {a.lost:>9,} ({pct(a.lost)}) after the server: driver, agent, broker or subscriber")
     if a.short:
         worst = ", ".join(f"{name} {c} coalesced/{lost} lost of {made}" for name, made, c, lost in a.short[:4])
@@ -301,7 +303,7 @@ def print_accounting(a: Accounting, span: float, queue_size: int) -> None:
 # ---- driver only ---------------------------------------------------------------------------------
 def driver_only(args: argparse.Namespace, work: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    from agent.driver_api import DriverContext
+    from agent.devices.api import DriverContext
     from drivers.opcua.config import OpcUaConfig
     from drivers.opcua.driver import OpcUaDriver
 

@@ -107,9 +107,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     if found is None:
         sys.exit("bench: mosquitto is not installed (apt-get install mosquitto, or ./dev bench)")
     return found
@@ -143,8 +141,9 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = _spawn([mosquitto_binary(), "-c", str(self.conf)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = _spawn(
+            [mosquitto_binary(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
         def accepting() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
@@ -236,8 +235,9 @@ def mb(n: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # the subscriber: its own process, logging one line per message
 # ---------------------------------------------------------------------------------------------
-def run_event_subscriber(port: int, out: Path, client_id: str, ready: Path,
-                         line: Callable[[float, dict[str, Any], Any], str]) -> None:
+def run_event_subscriber(
+    port: int, out: Path, client_id: str, ready: Path, line: Callable[[float, dict[str, Any], Any], str]
+) -> None:
     """A subscriber process (the benches' ``--subscriber``): ``line(received, event, msg)`` per event.
 
     Persistent session, QoS 1, everything under the topic prefix; a single event or a batch
@@ -344,8 +344,7 @@ def paho_baseline_main(port: int, size: int, seconds: float, window: int) -> Non
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-paho-{os.getpid()}",
-                         clean_session=True)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-paho-{os.getpid()}", clean_session=True)
     client.max_inflight_messages_set(window)
     client.max_queued_messages_set(0)
     client.on_connect = on_connect
@@ -378,8 +377,7 @@ def paho_baseline_main(port: int, size: int, seconds: float, window: int) -> Non
             raise RuntimeError(f"loop failed: {paho.error_string(rc)}")
     a1, c1, t1 = acked, cpu(), time.monotonic()
     client.disconnect()
-    print(json.dumps({"size": size, "acked": a1 - a0, "seconds": t1 - t0, "cpu": c1 - c0}),
-          flush=True)
+    print(json.dumps({"size": size, "acked": a1 - a0, "seconds": t1 - t0, "cpu": c1 - c0}), flush=True)
 
 
 def meter_event_size() -> int:
@@ -388,8 +386,8 @@ def meter_event_size() -> int:
         import asyncio
 
         sys.path.insert(0, str(ROOT))
-        from agent.driver_api import DriverContext
-        from agent.events import make_event
+        from agent.contract.events import make_event
+        from agent.devices.api import DriverContext
         from drivers.virtual.config import VirtualConfig
         from drivers.virtual.driver import VirtualDriver
 
@@ -402,11 +400,13 @@ def meter_event_size() -> int:
             def poll_failed(self, reason: str) -> None:
                 pass
 
-        cfg = VirtualConfig.model_validate({"id": "m00", "driver": "virtual", "kind": "meter",
-                                            "interval": f"{INTERVAL_MS}ms", "seed": 0})
+        cfg = VirtualConfig.model_validate(
+            {"id": "m00", "driver": "virtual", "kind": "meter", "interval": f"{INTERVAL_MS}ms", "seed": 0}
+        )
         reading = asyncio.run(VirtualDriver(cfg, _Ctx()).read())[0]
-        return len(make_event(gateway="s1-10000", device="m00", seq=123_456, reading=reading,
-                              now=datetime.now().astimezone()))
+        return len(
+            make_event(gateway="s1-10000", device="m00", seq=123_456, reading=reading, now=datetime.now().astimezone())
+        )
     except Exception:  # the yardstick must not depend on agent internals staying put
         return 560
 
@@ -414,9 +414,19 @@ def meter_event_size() -> int:
 def scenario_baseline(broker: Mosquitto, size: int, seconds: float) -> dict[str, Any]:
     mosq = Proc(broker.pid)
     m0, w0 = mosq.cpu(), time.monotonic()
-    proc = _spawn([sys.executable, str(Path(__file__).resolve()), "--paho-baseline",
-                   str(broker.port), str(size), str(seconds), str(BASELINE_WINDOW)],
-                  cwd=ROOT, stdout=subprocess.PIPE)
+    proc = _spawn(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--paho-baseline",
+            str(broker.port),
+            str(size),
+            str(seconds),
+            str(BASELINE_WINDOW),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
     out, _ = proc.communicate(timeout=seconds + 30)
     m1, w1 = mosq.cpu(), time.monotonic()
     if proc.returncode != 0:
@@ -452,9 +462,18 @@ class Subscriber:
         self.out = workdir / f"sub-{name}.log"
         self.ready = workdir / f"sub-{name}.ready"
         self.out.touch()
-        self.proc = _spawn([sys.executable, str(Path(__file__).resolve()), "--subscriber", str(port),
-                            str(self.out), f"bench-sub-{name}-{os.getpid()}", str(self.ready)],
-                           cwd=ROOT)
+        self.proc = _spawn(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--subscriber",
+                str(port),
+                str(self.out),
+                f"bench-sub-{name}-{os.getpid()}",
+                str(self.ready),
+            ],
+            cwd=ROOT,
+        )
         wait_for(self.ready.exists, 15, "the subscriber to subscribe")
         self.offset = 0
         self.cpu = Proc(self.proc.pid)
@@ -498,9 +517,17 @@ def _parse_time(text: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # the agent under test
 # ---------------------------------------------------------------------------------------------
-def site_yaml(*, gateway: str, port: int, db: Path, devices: int, burst: int,
-              max_bytes: str = "1GiB", max_inflight: int | None = None,
-              batch: int | None = None) -> str:
+def site_yaml(
+    *,
+    gateway: str,
+    port: int,
+    db: Path,
+    devices: int,
+    burst: int,
+    max_bytes: str = "1GiB",
+    max_inflight: int | None = None,
+    batch: int | None = None,
+) -> str:
     """The agent's config; ``batch`` = N turns on ``uplink.mqtt.batch`` with ``max_events: N``."""
     inflight = f", max_inflight: {max_inflight}" if max_inflight else ""
     if batch:
@@ -515,8 +542,7 @@ def site_yaml(*, gateway: str, port: int, db: Path, devices: int, burst: int,
     if devices == 0:
         return head + "devices: []\n"
     body = "".join(
-        f"  - {{id: m{i:02d}, driver: virtual, kind: meter, interval: {INTERVAL_MS}ms,"
-        f" burst: {burst}, seed: {i}}}\n"
+        f"  - {{id: m{i:02d}, driver: virtual, kind: meter, interval: {INTERVAL_MS}ms, burst: {burst}, seed: {i}}}\n"
         for i in range(devices)
     )
     return head + "devices:\n" + body
@@ -525,9 +551,17 @@ def site_yaml(*, gateway: str, port: int, db: Path, devices: int, burst: int,
 class Agent:
     """``python -m agent run -c site.yaml`` as a subprocess, with its own buffer file."""
 
-    def __init__(self, workdir: Path, gateway: str, port: int, devices: int, burst: int,
-                 max_bytes: str = "1GiB", max_inflight: int | None = None,
-                 batch: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        gateway: str,
+        port: int,
+        devices: int,
+        burst: int,
+        max_bytes: str = "1GiB",
+        max_inflight: int | None = None,
+        batch: int | None = None,
+    ) -> None:
         self.dir = workdir / gateway
         self.dir.mkdir(parents=True, exist_ok=True)
         self.gateway, self.port, self.max_bytes = gateway, port, max_bytes
@@ -535,12 +569,25 @@ class Agent:
         self.db = self.dir / "buffer.db"
         self.config = self.dir / "site.yaml"
         self.log = self.dir / "agent.log"
-        self.config.write_text(site_yaml(gateway=gateway, port=port, db=self.db, devices=devices,
-                                         burst=burst, max_bytes=max_bytes,
-                                         max_inflight=max_inflight, batch=batch))
+        self.config.write_text(
+            site_yaml(
+                gateway=gateway,
+                port=port,
+                db=self.db,
+                devices=devices,
+                burst=burst,
+                max_bytes=max_bytes,
+                max_inflight=max_inflight,
+                batch=batch,
+            )
+        )
         with self.log.open("ab") as log:
-            self.proc = _spawn([sys.executable, "-m", "agent", "run", "-c", str(self.config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = _spawn(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
         self.ps = Proc(self.proc.pid)
         self.started = time.time()
 
@@ -552,6 +599,7 @@ class Agent:
 
     def wait_ready(self, key: str | None = "delivered", timeout: float = 30) -> None:
         """Until ``key`` counter is positive (with None: until the buffer file is readable)."""
+
         def ready() -> bool:
             if not self.alive():
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.tail()}")
@@ -562,9 +610,18 @@ class Agent:
 
     def stop_producing(self) -> None:
         """Reload a config without devices (SIGHUP): production stops, delivery goes on."""
-        self.config.write_text(site_yaml(gateway=self.gateway, port=self.port, db=self.db,
-                                         devices=0, burst=1, max_bytes=self.max_bytes,
-                                         max_inflight=self.max_inflight, batch=self.batch))
+        self.config.write_text(
+            site_yaml(
+                gateway=self.gateway,
+                port=self.port,
+                db=self.db,
+                devices=0,
+                burst=1,
+                max_bytes=self.max_bytes,
+                max_inflight=self.max_inflight,
+                batch=self.batch,
+            )
+        )
         self.proc.send_signal(signal.SIGHUP)
 
     def drain(self, timeout: float) -> float | None:
@@ -649,8 +706,7 @@ def loss_report(recs: list[Rec], db: Path) -> dict[str, int]:
     for device, last in seqs.items():
         have = got.get(device, set())
         lost += sum(1 for s in range(1, last + 1) if s not in have and (device, s) not in left)
-    return {"received": len(recs), "unique": unique, "duplicates": len(recs) - unique,
-            "lost": lost, "undrained": rows}
+    return {"received": len(recs), "unique": unique, "duplicates": len(recs) - unique, "lost": lost, "undrained": rows}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -678,21 +734,47 @@ class Sizes:
     batch_rates: list[int]  # scenario 5: offered rates, batched uplink
 
 
-FULL = Sizes(rates=[1000, 2000, 3000, 5000, 10000, 20000], window=10, warmup=2, drain=8,
-             latency_window=20, outage=60, backlog_target=1_000_000, backlog_cap=150,
-             overload_s=15, baseline_s=5, batch_rates=[5000, 10000, 20000, 40000])
-QUICK = Sizes(rates=[1000, 10000], window=3, warmup=1, drain=4,
-              latency_window=5, outage=15, backlog_target=200_000, backlog_cap=35, overload_s=5,
-              baseline_s=3, batch_rates=[10000, 40000])
+FULL = Sizes(
+    rates=[1000, 2000, 3000, 5000, 10000, 20000],
+    window=10,
+    warmup=2,
+    drain=8,
+    latency_window=20,
+    outage=60,
+    backlog_target=1_000_000,
+    backlog_cap=150,
+    overload_s=15,
+    baseline_s=5,
+    batch_rates=[5000, 10000, 20000, 40000],
+)
+QUICK = Sizes(
+    rates=[1000, 10000],
+    window=3,
+    warmup=1,
+    drain=4,
+    latency_window=5,
+    outage=15,
+    backlog_target=200_000,
+    backlog_cap=35,
+    overload_s=5,
+    baseline_s=3,
+    batch_rates=[10000, 40000],
+)
 BATCH_EVENTS = 100  # scenario 5: uplink.mqtt.batch.max_events
 FILL = (10, 8)  # scenario 4 fill run: 10 meters x burst 8 / 10 ms = 8,000 ev/s, below the ceiling
 OVERLOAD = (4, 500)  # scenario 4 overload run: 4 meters x burst 500 / 10 ms = 200,000 ev/s
 DEVICES = 10  # scenarios 1-3: ten meters at 10 ms; burst = rate / 1000
 
 
-def scenario_throughput(work: Path, broker: Mosquitto, sub: Subscriber, rate: int,
-                        sz: Sizes, max_inflight: int | None = None,
-                        batch: int | None = None) -> dict[str, Any]:
+def scenario_throughput(
+    work: Path,
+    broker: Mosquitto,
+    sub: Subscriber,
+    rate: int,
+    sz: Sizes,
+    max_inflight: int | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
     """Scenario 1 (one MQTT message per event) and, with ``batch``, scenario 5 (batches)."""
     burst = max(1, rate // (DEVICES * 1000 // INTERVAL_MS))
     offered = DEVICES * burst * 1000 / INTERVAL_MS
@@ -725,25 +807,35 @@ def scenario_throughput(work: Path, broker: Mosquitto, sub: Subscriber, rate: in
     messages = len(set(window_recv))
     loss = loss_report(recs, agent.db)
     res: dict[str, Any] = {
-        "rate": rate, "offered": offered, "max_inflight": max_inflight or 100,
+        "rate": rate,
+        "offered": offered,
+        "max_inflight": max_inflight or 100,
         "generated": (c1["accepted"] - c0["accepted"]) / dt,
         "acked": (c1["delivered"] - c0["delivered"]) / dt,
-        "delivered": in_window / dt, "batch": batch,
+        "delivered": in_window / dt,
+        "batch": batch,
         "ev_per_msg": in_window / messages if messages else float("nan"),
         "cpu": (cpu1 - cpu0) / dt * 100,
         "cpu_per_10k": (cpu1 - cpu0) / max(1, in_window) * 10_000,
-        "mosq_cpu": (m1 - m0) / dt * 100, "sub_cpu": (s1 - s0) / dt * 100,
-        "rss_peak": max(smp.rss_peak(), rss_end), "rss_hwm": rss_hwm, "rss_end": rss_end,
-        "backlog_start": c0["rows"], "backlog_end": c1["rows"], "backlog_slope": smp.rows_slope(),
-        "drain_s": drained, **loss, "problems": agent.problems(),
+        "mosq_cpu": (m1 - m0) / dt * 100,
+        "sub_cpu": (s1 - s0) / dt * 100,
+        "rss_peak": max(smp.rss_peak(), rss_end),
+        "rss_hwm": rss_hwm,
+        "rss_end": rss_end,
+        "backlog_start": c0["rows"],
+        "backlog_end": c1["rows"],
+        "backlog_slope": smp.rows_slope(),
+        "drain_s": drained,
+        **loss,
+        "problems": agent.problems(),
     }
-    res["sustained"] = (res["delivered"] >= 0.98 * offered
-                        and res["backlog_slope"] <= max(50.0, 0.02 * offered))
+    res["sustained"] = res["delivered"] >= 0.98 * offered and res["backlog_slope"] <= max(50.0, 0.02 * offered)
     return res
 
 
-def scenario_latency(work: Path, broker: Mosquitto, sub: Subscriber, sz: Sizes,
-                     max_inflight: int | None = None) -> dict[str, Any]:
+def scenario_latency(
+    work: Path, broker: Mosquitto, sub: Subscriber, sz: Sizes, max_inflight: int | None = None
+) -> dict[str, Any]:
     gw = "s2-latency"
     agent = Agent(work, gw, broker.port, DEVICES, 1, max_inflight=max_inflight)
     try:
@@ -761,11 +853,19 @@ def scenario_latency(work: Path, broker: Mosquitto, sub: Subscriber, sz: Sizes,
     recs = sub.take(gw)
     lat = sorted((r.recv - r.time) * 1000 for r in recs if t0 <= r.time < t1)
     loss = loss_report(recs, agent.db)
-    return {"n": len(lat), "rate": len(lat) / (t1 - t0),
-            "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
-            "max": lat[-1] if lat else float("nan"), "min": lat[0] if lat else float("nan"),
-            "cpu": (cpu1 - cpu0) / (t1 - t0) * 100, "rss": rss, **loss,
-            "problems": agent.problems()}
+    return {
+        "n": len(lat),
+        "rate": len(lat) / (t1 - t0),
+        "p50": percentile(lat, 50),
+        "p95": percentile(lat, 95),
+        "p99": percentile(lat, 99),
+        "max": lat[-1] if lat else float("nan"),
+        "min": lat[0] if lat else float("nan"),
+        "cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
+        "rss": rss,
+        **loss,
+        "problems": agent.problems(),
+    }
 
 
 def scenario_drain(work: Path, sz: Sizes, max_inflight: int | None = None) -> dict[str, Any]:
@@ -819,24 +919,33 @@ def scenario_drain(work: Path, sz: Sizes, max_inflight: int | None = None) -> di
     span = t_last_b - t_first
     loss = loss_report(recs, agent.db)
     return {
-        "outage": t_up - t_down, "backlog_rows": c_up["rows"] if c_up else None,
+        "outage": t_up - t_down,
+        "backlog_rows": c_up["rows"] if c_up else None,
         "backlog_events": len(backlog),
         "reconnect_s": t_first - t_up,
         "backlog_delivered_s": t_last_b - t_up,
         "drain_rate": len(backlog) / span if span > 0 else float("nan"),
-        "gross_rate": sum(1 for r in recs if t_first <= r.recv <= t_last_b) / span if span > 0
-        else float("nan"),
+        "gross_rate": sum(1 for r in recs if t_first <= r.recv <= t_last_b) / span if span > 0 else float("nan"),
         "live_s": t_live - t_up,
         "caught_rows_s": (caught - t_up) if caught else None,
         "cpu_drain": (cpu1 - cpu0) / (t_cpu - t_up) * 100,
-        "rss_outage_peak": out_smp.rss_peak(), "rss_drain_peak": drain_smp.rss_peak(),
-        **loss, "problems": agent.problems(),
+        "rss_outage_peak": out_smp.rss_peak(),
+        "rss_drain_peak": drain_smp.rss_peak(),
+        **loss,
+        "problems": agent.problems(),
     }
 
 
-def scenario_backlog_rss(work: Path, *, devices: int, burst: int, target: int, cap: float,
-                         label: str, marks: tuple[int, ...] = (100_000, 250_000, 500_000,
-                                                                1_000_000)) -> dict[str, Any]:
+def scenario_backlog_rss(
+    work: Path,
+    *,
+    devices: int,
+    burst: int,
+    target: int,
+    cap: float,
+    label: str,
+    marks: tuple[int, ...] = (100_000, 250_000, 500_000, 1_000_000),
+) -> dict[str, Any]:
     """Broker down (nothing listens on the port); sample RSS and the committed backlog each second."""
     dead_port = free_port()
     gw = f"s4-{devices}x{burst}"
@@ -861,8 +970,10 @@ def scenario_backlog_rss(work: Path, *, devices: int, burst: int, target: int, c
             for m in marks:
                 if rows >= m and m not in at_mark:
                     at_mark[m] = (time.time() - t0, rss)
-                    print(f"   [{label}] backlog {rows:>9,} rows after {time.time() - t0:5.1f} s:"
-                          f" RSS {mb(rss):6.1f} MB", flush=True)
+                    print(
+                        f"   [{label}] backlog {rows:>9,} rows after {time.time() - t0:5.1f} s: RSS {mb(rss):6.1f} MB",
+                        flush=True,
+                    )
         cpu1, t1 = agent.ps.cpu(), time.time()
         hwm = agent.ps.hwm()
         rss_end = agent.ps.rss()
@@ -880,13 +991,23 @@ def scenario_backlog_rss(work: Path, *, devices: int, burst: int, target: int, c
         den = sum((r - mr) ** 2 for r, _ in pts)
         slope = sum((r - mr) * (m - mm) for r, m in pts) / den * 100_000 if den else 0.0
     return {
-        "label": label, "devices": devices, "burst": burst,
+        "label": label,
+        "devices": devices,
+        "burst": burst,
         "offered": devices * burst * 1000 / INTERVAL_MS,
-        "rows": rows, "seconds": t1 - t0, "rate": rows / (t1 - t0) if t1 > t0 else 0.0,
-        "marks": at_mark, "rss_first": samples[0][2] if samples else 0, "rss_end": rss_end,
-        "rss_hwm": hwm, "rss_per_100k": slope,
-        "cpu": (cpu1 - cpu0) / (t1 - t0) * 100, "db_bytes": db_bytes, "stop_s": stop_s,
-        "exit": agent.proc.returncode, "problems": agent.problems(),
+        "rows": rows,
+        "seconds": t1 - t0,
+        "rate": rows / (t1 - t0) if t1 > t0 else 0.0,
+        "marks": at_mark,
+        "rss_first": samples[0][2] if samples else 0,
+        "rss_end": rss_end,
+        "rss_hwm": hwm,
+        "rss_per_100k": slope,
+        "cpu": (cpu1 - cpu0) / (t1 - t0) * 100,
+        "db_bytes": db_bytes,
+        "stop_s": stop_s,
+        "exit": agent.proc.returncode,
+        "problems": agent.problems(),
     }
 
 
@@ -903,14 +1024,18 @@ def machine_info(work: Path) -> list[str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     try:
-        mosq = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True,
-                              timeout=5, check=False).stdout.splitlines()[0]
+        mosq = subprocess.run(
+            [mosquitto_binary(), "-h"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.splitlines()[0]
     except (OSError, IndexError, subprocess.TimeoutExpired):
         mosq = "mosquitto ?"
     fs = "?"
     with contextlib.suppress(OSError, IndexError, subprocess.SubprocessError):
-        fs = subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5,
-                            check=False).stdout.splitlines()[1].split()[1]
+        fs = (
+            subprocess.run(["df", "-T", str(work)], capture_output=True, text=True, timeout=5, check=False)
+            .stdout.splitlines()[1]
+            .split()[1]
+        )
     return [
         f"command   : {' '.join([sys.executable, *sys.argv])}",
         f"machine   : {platform.node()} {platform.machine()}, nproc {os.cpu_count()}"
@@ -944,9 +1069,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     info = machine_info(work)
     print("\n".join(info), flush=True)
-    print(f"mode      : {'quick' if args.quick else 'full'}; devices: virtual meters polled every"
-          f" {INTERVAL_MS} ms, rate = devices x burst / interval; uplink.mqtt.max_inflight"
-          f" {args.max_inflight or 'default (100)'}\n", flush=True)
+    print(
+        f"mode      : {'quick' if args.quick else 'full'}; devices: virtual meters polled every"
+        f" {INTERVAL_MS} ms, rate = devices x burst / interval; uplink.mqtt.max_inflight"
+        f" {args.max_inflight or 'default (100)'}\n",
+        flush=True,
+    )
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     mark = time.monotonic()
@@ -964,26 +1092,32 @@ def run(args: argparse.Namespace) -> int:
         b = results.get("0")
         return float(b["meter"]["rate"]) if b else None
 
-    def throughput_steps(name: str, broker: Mosquitto, sub: Subscriber, rates: list[int],
-                         batch: int | None) -> None:
+    def throughput_steps(name: str, broker: Mosquitto, sub: Subscriber, rates: list[int], batch: int | None) -> None:
         """Scenarios 1 and 5: one fresh agent per offered rate, a table row each."""
-        head = (f"{'offered':>8} {'generated':>9} {'delivered':>9} {'xpaho':>6} {'acked':>8}"
-                f" {'agentCPU':>8} {'CPUs/10k':>8} {'RSSpeak':>7} {'backlog':>15} {'grow/s':>7}"
-                f" {'lost':>5} {'dup':>5} {'undrnd':>6} {'mosqCPU':>7} {'subCPU':>6}"
-                + (f" {'ev/msg':>6}" if batch else "") + "  ok")
+        head = (
+            f"{'offered':>8} {'generated':>9} {'delivered':>9} {'xpaho':>6} {'acked':>8}"
+            f" {'agentCPU':>8} {'CPUs/10k':>8} {'RSSpeak':>7} {'backlog':>15} {'grow/s':>7}"
+            f" {'lost':>5} {'dup':>5} {'undrnd':>6} {'mosqCPU':>7} {'subCPU':>6}"
+            + (f" {'ev/msg':>6}" if batch else "")
+            + "  ok"
+        )
         print(head, flush=True)
         steps = []
         for rate in rates:
             r = scenario_throughput(work, broker, sub, rate, sz, args.max_inflight, batch)
             r["x_paho"] = r["delivered"] / b if (b := base()) else None
             steps.append(r)
-            print(f"{r['offered']:>8,.0f} {r['generated']:>9,.0f} {r['delivered']:>9,.0f}"
-                  f" {ratio(r['delivered'], base()):>6} {r['acked']:>8,.0f} {r['cpu']:>7.0f}%"
-                  f" {r['cpu_per_10k']:>8.2f} {mb(r['rss_peak']):>5.1f}MB"
-                  f" {r['backlog_start']:>7,}>{r['backlog_end']:<7,} {r['backlog_slope']:>7,.0f}"
-                  f" {r['lost']:>5} {r['duplicates']:>5} {r['undrained']:>6} {r['mosq_cpu']:>6.0f}%"
-                  f" {r['sub_cpu']:>5.0f}%" + (f" {fmt(r['ev_per_msg'], '.1f'):>6}" if batch else "")
-                  + f"  {'yes' if r['sustained'] else 'NO'}", flush=True)
+            print(
+                f"{r['offered']:>8,.0f} {r['generated']:>9,.0f} {r['delivered']:>9,.0f}"
+                f" {ratio(r['delivered'], base()):>6} {r['acked']:>8,.0f} {r['cpu']:>7.0f}%"
+                f" {r['cpu_per_10k']:>8.2f} {mb(r['rss_peak']):>5.1f}MB"
+                f" {r['backlog_start']:>7,}>{r['backlog_end']:<7,} {r['backlog_slope']:>7,.0f}"
+                f" {r['lost']:>5} {r['duplicates']:>5} {r['undrained']:>6} {r['mosq_cpu']:>6.0f}%"
+                f" {r['sub_cpu']:>5.0f}%"
+                + (f" {fmt(r['ev_per_msg'], '.1f'):>6}" if batch else "")
+                + f"  {'yes' if r['sustained'] else 'NO'}",
+                flush=True,
+            )
             for p in r["problems"][:3]:
                 print(f"    agent log: {p}")
         ok = [s for s in steps if s["sustained"]]
@@ -991,12 +1125,15 @@ def run(args: argparse.Namespace) -> int:
         top = max(steps, key=lambda s: s["delivered"])
         results[name] = steps
         results[f"{name}_best"] = best["offered"] if best else None
-        print(f"-> highest offered rate sustained (delivered >= 98% of offered, backlog not"
-              f" growing): {fmt(best['offered'] if best else None)} ev/s"
-              f" (delivered {fmt(best['delivered'] if best else None)} ev/s ="
-              f" {ratio(best['delivered'] if best else None, base())} bare paho);"
-              f" highest delivered {fmt(top['delivered'])} ev/s = {ratio(top['delivered'], base())}"
-              " bare paho\n", flush=True)
+        print(
+            f"-> highest offered rate sustained (delivered >= 98% of offered, backlog not"
+            f" growing): {fmt(best['offered'] if best else None)} ev/s"
+            f" (delivered {fmt(best['delivered'] if best else None)} ev/s ="
+            f" {ratio(best['delivered'] if best else None, base())} bare paho);"
+            f" highest delivered {fmt(top['delivered'])} ev/s = {ratio(top['delivered'], base())}"
+            " bare paho\n",
+            flush=True,
+        )
 
     try:
         if only & {"0", "1", "2", "5"}:
@@ -1004,44 +1141,64 @@ def run(args: argparse.Namespace) -> int:
             broker.start()
         if "0" in only and broker is not None:
             meter = meter_event_size()
-            print(f"== 0. bare paho-mqtt baseline: one paho {BASELINE_WINDOW}-in-flight QoS 1"
-                  f" publisher, one thread (client.loop), its own process, same broker, no"
-                  f" subscriber for its topic; {sz.baseline_s:.0f} s per payload size", flush=True)
+            print(
+                f"== 0. bare paho-mqtt baseline: one paho {BASELINE_WINDOW}-in-flight QoS 1"
+                f" publisher, one thread (client.loop), its own process, same broker, no"
+                f" subscriber for its topic; {sz.baseline_s:.0f} s per payload size",
+                flush=True,
+            )
             base0: dict[str, Any] = {}
             for key, size in (("small", BASELINE_SMALL), ("meter", meter)):
                 r = scenario_baseline(broker, size, sz.baseline_s)
                 base0[key] = r
-                print(f"   {size:>4} B payload: {r['rate']:>8,.0f} msgs/s acked, {r['cpu_us']:5.1f} µs"
-                      f" CPU per message (paho process {r['cpu_pct']:.0f}% of a core), mosqCPU"
-                      f" {r['mosq_cpu']:.0f}%", flush=True)
+                print(
+                    f"   {size:>4} B payload: {r['rate']:>8,.0f} msgs/s acked, {r['cpu_us']:5.1f} µs"
+                    f" CPU per message (paho process {r['cpu_pct']:.0f}% of a core), mosqCPU"
+                    f" {r['mosq_cpu']:.0f}%",
+                    flush=True,
+                )
             results["0"] = base0
-            print(f"-> yardstick: {base0['meter']['rate']:,.0f} msgs/s with {meter} B payloads (the"
-                  " size of an agent meter event); every `xpaho` below is the agent's delivered"
-                  " ev/s divided by it\n", flush=True)
+            print(
+                f"-> yardstick: {base0['meter']['rate']:,.0f} msgs/s with {meter} B payloads (the"
+                " size of an agent meter event); every `xpaho` below is the agent's delivered"
+                " ev/s divided by it\n",
+                flush=True,
+            )
             lap("0")
         if only & {"1", "2", "5"} and broker is not None:
             sub = Subscriber(work, broker.port, "main")
         if "1" in only and broker is not None and sub is not None:
-            print(f"== 1. sustained throughput ({sz.window:.0f} s per step after"
-                  f" {sz.warmup:.0f} s warm-up; drain wait {sz.drain:.0f} s)", flush=True)
+            print(
+                f"== 1. sustained throughput ({sz.window:.0f} s per step after"
+                f" {sz.warmup:.0f} s warm-up; drain wait {sz.drain:.0f} s)",
+                flush=True,
+            )
             throughput_steps("1", broker, sub, sz.rates, None)
             lap("1")
         if "5" in only and broker is not None and sub is not None:
-            print(f"== 5. batched throughput (uplink.mqtt.batch: {{enabled: true, max_events:"
-                  f" {BATCH_EVENTS}}}: JSON arrays on {TOPIC_PREFIX}/<gateway>/batch; {sz.window:.0f} s"
-                  f" per step after {sz.warmup:.0f} s warm-up; drain wait {sz.drain:.0f} s)",
-                  flush=True)
+            print(
+                f"== 5. batched throughput (uplink.mqtt.batch: {{enabled: true, max_events:"
+                f" {BATCH_EVENTS}}}: JSON arrays on {TOPIC_PREFIX}/<gateway>/batch; {sz.window:.0f} s"
+                f" per step after {sz.warmup:.0f} s warm-up; drain wait {sz.drain:.0f} s)",
+                flush=True,
+            )
             throughput_steps("5", broker, sub, sz.batch_rates, BATCH_EVENTS)
             lap("5")
         if "2" in only and broker is not None and sub is not None:
-            print(f"== 2. latency at 1,000 ev/s for {sz.latency_window:.0f} s (event `time` ->"
-                  " subscriber receive, same clock; `time` has ms resolution)", flush=True)
+            print(
+                f"== 2. latency at 1,000 ev/s for {sz.latency_window:.0f} s (event `time` ->"
+                " subscriber receive, same clock; `time` has ms resolution)",
+                flush=True,
+            )
             r = scenario_latency(work, broker, sub, sz, args.max_inflight)
             results["2"] = r
-            print(f"   {r['n']:,} events ({r['rate']:,.0f} ev/s): p50 {r['p50']:.1f} ms, p95"
-                  f" {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms (min"
-                  f" {r['min']:.1f}); agent CPU {r['cpu']:.0f}%, RSS {mb(r['rss']):.1f} MB; lost"
-                  f" {r['lost']}, duplicates {r['duplicates']}\n", flush=True)
+            print(
+                f"   {r['n']:,} events ({r['rate']:,.0f} ev/s): p50 {r['p50']:.1f} ms, p95"
+                f" {r['p95']:.1f} ms, p99 {r['p99']:.1f} ms, max {r['max']:.1f} ms (min"
+                f" {r['min']:.1f}); agent CPU {r['cpu']:.0f}%, RSS {mb(r['rss']):.1f} MB; lost"
+                f" {r['lost']}, duplicates {r['duplicates']}\n",
+                flush=True,
+            )
             lap("2")
         if sub is not None:
             sub.close()
@@ -1050,45 +1207,65 @@ def run(args: argparse.Namespace) -> int:
             broker.stop()
             broker = None
         if "3" in only:
-            print(f"== 3. backlog drain after a {sz.outage:.0f} s broker outage at 1,000 ev/s"
-                  " (same port; broker persistence on so the subscriber's session survives)",
-                  flush=True)
+            print(
+                f"== 3. backlog drain after a {sz.outage:.0f} s broker outage at 1,000 ev/s"
+                " (same port; broker persistence on so the subscriber's session survives)",
+                flush=True,
+            )
             r = scenario_drain(work, sz, args.max_inflight)
             results["3"] = r
-            print(f"   outage {r['outage']:.1f} s, backlog at restart {fmt(r['backlog_rows'])} rows;"
-                  f" reconnect after {r['reconnect_s']:.2f} s", flush=True)
-            print(f"   backlog ({r['backlog_events']:,} events) delivered {r['backlog_delivered_s']:.1f}"
-                  f" s after restart: drain rate {fmt(r['drain_rate'])} ev/s net of live"
-                  f" ({fmt(r['gross_rate'])} ev/s gross at the subscriber)", flush=True)
-            print(f"   live again (lag < {LIVE_LAG * 1000:.0f} ms) {r['live_s']:.1f} s after restart;"
-                  f" buffer < 300 rows after {fmt(r['caught_rows_s'], '.1f')} s", flush=True)
-            print(f"   agent CPU while draining {r['cpu_drain']:.0f}%, RSS peak outage"
-                  f" {mb(r['rss_outage_peak']):.1f} MB / drain {mb(r['rss_drain_peak']):.1f} MB;"
-                  f" lost {r['lost']}, duplicates {r['duplicates']}, undrained {r['undrained']}\n",
-                  flush=True)
+            print(
+                f"   outage {r['outage']:.1f} s, backlog at restart {fmt(r['backlog_rows'])} rows;"
+                f" reconnect after {r['reconnect_s']:.2f} s",
+                flush=True,
+            )
+            print(
+                f"   backlog ({r['backlog_events']:,} events) delivered {r['backlog_delivered_s']:.1f}"
+                f" s after restart: drain rate {fmt(r['drain_rate'])} ev/s net of live"
+                f" ({fmt(r['gross_rate'])} ev/s gross at the subscriber)",
+                flush=True,
+            )
+            print(
+                f"   live again (lag < {LIVE_LAG * 1000:.0f} ms) {r['live_s']:.1f} s after restart;"
+                f" buffer < 300 rows after {fmt(r['caught_rows_s'], '.1f')} s",
+                flush=True,
+            )
+            print(
+                f"   agent CPU while draining {r['cpu_drain']:.0f}%, RSS peak outage"
+                f" {mb(r['rss_outage_peak']):.1f} MB / drain {mb(r['rss_drain_peak']):.1f} MB;"
+                f" lost {r['lost']}, duplicates {r['duplicates']}, undrained {r['undrained']}\n",
+                flush=True,
+            )
             for p in r["problems"][:3]:
                 print(f"    agent log: {p}")
             lap("3")
         if "4" in only:
-            print(f"== 4. RSS with a {sz.backlog_target:,}-event backlog (broker down: nothing listens"
-                  " on the agent's port; buffer max_bytes 2GiB)", flush=True)
+            print(
+                f"== 4. RSS with a {sz.backlog_target:,}-event backlog (broker down: nothing listens"
+                " on the agent's port; buffer max_bytes 2GiB)",
+                flush=True,
+            )
             runs = []
             for label, (dev, burst), target, cap in (
                 ("overload", OVERLOAD, 10**9, sz.overload_s),
                 ("fill", FILL, sz.backlog_target, sz.backlog_cap),
             ):
-                print(f"   [{label}] {dev} meters x burst {burst} / {INTERVAL_MS} ms ="
-                      f" {dev * burst * 1000 // INTERVAL_MS:,} ev/s offered, up to {cap:.0f} s",
-                      flush=True)
-                r = scenario_backlog_rss(work, devices=dev, burst=burst, target=target, cap=cap,
-                                         label=label)
+                print(
+                    f"   [{label}] {dev} meters x burst {burst} / {INTERVAL_MS} ms ="
+                    f" {dev * burst * 1000 // INTERVAL_MS:,} ev/s offered, up to {cap:.0f} s",
+                    flush=True,
+                )
+                r = scenario_backlog_rss(work, devices=dev, burst=burst, target=target, cap=cap, label=label)
                 runs.append(r)
-                print(f"   [{label}] {r['rows']:,} rows committed in {r['seconds']:.0f} s"
-                      f" ({r['rate']:,.0f} ev/s, agent CPU {r['cpu']:.0f}%); RSS first sample"
-                      f" {mb(r['rss_first']):.1f} MB, end {mb(r['rss_end']):.1f} MB, peak (VmHWM)"
-                      f" {mb(r['rss_hwm']):.1f} MB, growth {growth(r)} per 100k rows;"
-                      f" buffer file {mb(r['db_bytes']):,.0f} MB; SIGTERM->exit"
-                      f" {r['stop_s']:.1f} s (exit code {r['exit']})", flush=True)
+                print(
+                    f"   [{label}] {r['rows']:,} rows committed in {r['seconds']:.0f} s"
+                    f" ({r['rate']:,.0f} ev/s, agent CPU {r['cpu']:.0f}%); RSS first sample"
+                    f" {mb(r['rss_first']):.1f} MB, end {mb(r['rss_end']):.1f} MB, peak (VmHWM)"
+                    f" {mb(r['rss_hwm']):.1f} MB, growth {growth(r)} per 100k rows;"
+                    f" buffer file {mb(r['db_bytes']):,.0f} MB; SIGTERM->exit"
+                    f" {r['stop_s']:.1f} s (exit code {r['exit']})",
+                    flush=True,
+                )
                 for p in r["problems"][:3]:
                     print(f"    agent log: {p}")
             results["4"] = runs
@@ -1108,55 +1285,65 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(results: dict[str, Any], sz: Sizes, info: list[str], elapsed: float,
-            timings: dict[str, float]) -> None:
+def summary(results: dict[str, Any], sz: Sizes, info: list[str], elapsed: float, timings: dict[str, float]) -> None:
     per = ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items())
-    lines = ["", "=" * 100, "SUMMARY", "=" * 100, *info,
-             f"elapsed   : {elapsed:.0f} s ({per})", ""]
+    lines = ["", "=" * 100, "SUMMARY", "=" * 100, *info, f"elapsed   : {elapsed:.0f} s ({per})", ""]
     base = float(results["0"]["meter"]["rate"]) if "0" in results else None
     if "0" in results:
         for key in ("small", "meter"):
             r = results["0"][key]
-            lines.append(f"0. bare paho, QoS 1, {BASELINE_WINDOW} in flight, {r['size']:>3} B  "
-                         f"{r['rate']:>8,.0f} msgs/s acked, {r['cpu_us']:.1f} µs CPU/msg"
-                         + ("   <- yardstick (xpaho = agent delivered ev/s / this)"
-                            if key == "meter" else ""))
+            lines.append(
+                f"0. bare paho, QoS 1, {BASELINE_WINDOW} in flight, {r['size']:>3} B  "
+                f"{r['rate']:>8,.0f} msgs/s acked, {r['cpu_us']:.1f} µs CPU/msg"
+                + ("   <- yardstick (xpaho = agent delivered ev/s / this)" if key == "meter" else "")
+            )
     for name, title in (("1", "throughput"), ("5", f"batched x{BATCH_EVENTS}")):
         if name not in results:
             continue
-        lines.append(f"{name}. {title + f' ({sz.window:.0f} s windows)':<31} offered generated delivered"
-                     "  xpaho  CPU%  CPUs/10k  RSSpeak  lost  dup  ok")
+        lines.append(
+            f"{name}. {title + f' ({sz.window:.0f} s windows)':<31} offered generated delivered"
+            "  xpaho  CPU%  CPUs/10k  RSSpeak  lost  dup  ok"
+        )
         for r in results[name]:
-            lines.append(f"   {'':30}{r['offered']:>8,.0f} {r['generated']:>9,.0f}"
-                         f" {r['delivered']:>9,.0f} {ratio(r['delivered'], base):>6}"
-                         f" {r['cpu']:>5.0f} {r['cpu_per_10k']:>9.2f} {mb(r['rss_peak']):>6.1f}MB"
-                         f" {r['lost']:>5} {r['duplicates']:>4}  {'yes' if r['sustained'] else 'NO'}")
+            lines.append(
+                f"   {'':30}{r['offered']:>8,.0f} {r['generated']:>9,.0f}"
+                f" {r['delivered']:>9,.0f} {ratio(r['delivered'], base):>6}"
+                f" {r['cpu']:>5.0f} {r['cpu_per_10k']:>9.2f} {mb(r['rss_peak']):>6.1f}MB"
+                f" {r['lost']:>5} {r['duplicates']:>4}  {'yes' if r['sustained'] else 'NO'}"
+            )
         best = results[f"{name}_best"]
         top = max(results[name], key=lambda r: r["delivered"])
         best_del = next((r["delivered"] for r in results[name] if r["offered"] == best), None)
-        lines.append(f"   highest sustained offered rate: {fmt(best)} ev/s (delivered {fmt(best_del)}"
-                     f" ev/s = {ratio(best_del, base)} bare paho); highest delivered"
-                     f" {fmt(top['delivered'])} ev/s = {ratio(top['delivered'], base)} bare paho")
+        lines.append(
+            f"   highest sustained offered rate: {fmt(best)} ev/s (delivered {fmt(best_del)}"
+            f" ev/s = {ratio(best_del, base)} bare paho); highest delivered"
+            f" {fmt(top['delivered'])} ev/s = {ratio(top['delivered'], base)} bare paho"
+        )
     if "2" in results:
         r = results["2"]
-        lines.append(f"2. latency @1k ev/s ({r['n']:,} ev)     p50 {r['p50']:.1f} ms  p95"
-                     f" {r['p95']:.1f} ms  p99 {r['p99']:.1f} ms  max {r['max']:.1f} ms")
+        lines.append(
+            f"2. latency @1k ev/s ({r['n']:,} ev)     p50 {r['p50']:.1f} ms  p95"
+            f" {r['p95']:.1f} ms  p99 {r['p99']:.1f} ms  max {r['max']:.1f} ms"
+        )
     if "3" in results:
         r = results["3"]
-        lines.append(f"3. drain after {r['outage']:.0f} s outage        backlog {fmt(r['backlog_rows'])}"
-                     f" rows, drain {fmt(r['drain_rate'])} ev/s net, backlog delivered in"
-                     f" {r['backlog_delivered_s']:.1f} s, live again after {r['live_s']:.1f} s;"
-                     f" lost {r['lost']}, dup {r['duplicates']}")
+        lines.append(
+            f"3. drain after {r['outage']:.0f} s outage        backlog {fmt(r['backlog_rows'])}"
+            f" rows, drain {fmt(r['drain_rate'])} ev/s net, backlog delivered in"
+            f" {r['backlog_delivered_s']:.1f} s, live again after {r['live_s']:.1f} s;"
+            f" lost {r['lost']}, dup {r['duplicates']}"
+        )
     if "4" in results:
         for r in results["4"]:
-            marks = ", ".join(f"{m // 1000}k: {mb(rss):.1f} MB"
-                              for m, (_, rss) in sorted(r["marks"].items()))
+            marks = ", ".join(f"{m // 1000}k: {mb(rss):.1f} MB" for m, (_, rss) in sorted(r["marks"].items()))
             verdict = "OK" if r["rss_hwm"] <= 80e6 else "OVER 80 MB"
-            lines.append(f"4. RSS, backlog [{r['label']}: {r['offered']:,.0f} ev/s offered]"
-                         f" {r['rows']:,} rows committed at {r['rate']:,.0f} ev/s;"
-                         f" {marks + '; ' if marks else ''}peak {mb(r['rss_hwm']):.1f} MB,"
-                         f" {growth(r)}/100k rows -> {verdict}"
-                         " (target <= 80 MB, flat)")
+            lines.append(
+                f"4. RSS, backlog [{r['label']}: {r['offered']:,.0f} ev/s offered]"
+                f" {r['rows']:,} rows committed at {r['rate']:,.0f} ev/s;"
+                f" {marks + '; ' if marks else ''}peak {mb(r['rss_hwm']):.1f} MB,"
+                f" {growth(r)}/100k rows -> {verdict}"
+                " (target <= 80 MB, flat)"
+            )
     print("\n".join(lines), flush=True)
 
 
@@ -1171,13 +1358,16 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, about 100-120 s in all")
-    parser.add_argument("--only", help="comma-separated scenarios to run, e.g. 0,1,5 (default all,"
-                        " 0-5; without 0 no ratio to bare paho is printed)")
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenarios to run, e.g. 0,1,5 (default all,"
+        " 0-5; without 0 no ratio to bare paho is printed)",
+    )
     parser.add_argument("--rates", help="comma-separated offered rates for scenario 1 (ev/s)")
     parser.add_argument("--batch-rates", help="comma-separated offered rates for scenario 5 (ev/s)")
-    parser.add_argument("--max-inflight", type=int,
-                        help="uplink.mqtt.max_inflight for scenarios 1-3 and 5 (default: the agent's,"
-                        " 100)")
+    parser.add_argument(
+        "--max-inflight", type=int, help="uplink.mqtt.max_inflight for scenarios 1-3 and 5 (default: the agent's, 100)"
+    )
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buffers)")
     args = parser.parse_args()

@@ -362,7 +362,7 @@ fi
 # root: a secret kept root-only for LoadCredential= must not fail the check (whether the
 # service user can read its files is checked by the unit's ExecStartPre= at every start).
 VALID=1
-if ! (cd / && "$STAGE/bin/python" -m agent.cli validate -c "$SITE") >"$TMPD/validate.log" 2>&1; then
+if ! (cd / && "$STAGE/bin/python" -m agent.tools.cli validate -c "$SITE") >"$TMPD/validate.log" 2>&1; then
   VALID=0
   cat "$TMPD/validate.log" >&2
   if [ "$ROOT_MODE" = 1 ]; then

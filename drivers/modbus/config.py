@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from agent.driver_api import DeviceConfig, Duration, StrictModel
-from agent.vocabulary import QUANTITY_UNITS
+from agent.contract.vocabulary import QUANTITY_UNITS
+from agent.devices.api import DeviceConfig, Duration, StrictModel
 from drivers.modbus.profiles import ProfileError, apply_profile
 
 Table = Literal["holding", "input", "coil", "discrete"]

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.driver_api import Driver, DriverContext
+from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverFatalError, DriverWriteError, WriteFailure
-from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from drivers.modbus import codec
 from drivers.modbus.bus import POOL, Bus, ModbusReadError, ModbusWriteError, raise_if_cancelling
 from drivers.modbus.config import BIT_TABLES, UNWRITABLE_TYPES, WRITABLE_TABLES, ModbusConfig, PointConfig
@@ -351,7 +351,7 @@ class ModbusDriver(Driver):
     def _garbled(self, exc: ModbusReadError) -> None:
         """One line per garbled answer, with what came in; the log folds the repeats per device.
 
-        agent/logs.py writes the first at once, then one per window (EDGE_AGENT_LOG_REPEAT_WINDOW,
+        agent/observability/logs.py writes the first at once, then one per window (EDGE_AGENT_LOG_REPEAT_WINDOW,
         60 s) that counts the others: ``... (repeated 57 times in the last 60 s)``. A poll that
         got nothing else fails with the answer's reason, and the runtime counts it in
         ``edge_agent_device_poll_failures_total`` (``bad_checksum``, ``bad_frames``).

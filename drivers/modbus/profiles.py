@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from agent.yaml_load import YamlLoadError, clip, load_yaml, read_text
+from agent.config.yaml_load import YamlLoadError, clip, load_yaml, read_text
 
 # Searched in order: $EDGE_AGENT_PROFILES, next to the site file, the system's, then the ones
 # shipped with the agent.

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.driver_api import DeviceConfig, Duration, StrictModel, readable_file, resolve_path
-from agent.vocabulary import QUANTITY_UNITS
+from agent.contract.vocabulary import QUANTITY_UNITS
+from agent.devices.api import DeviceConfig, Duration, StrictModel, readable_file, resolve_path
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"]
 SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]

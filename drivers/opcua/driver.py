@@ -19,9 +19,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agent.driver_api import Driver, DriverContext
+from agent.contract.events import Reading
+from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverStartupError, DriverWriteError, WriteFailure
-from agent.events import Reading
 from drivers.opcua.certs import AppCertificate, UserIdentity, ensure_certificate, load_user_identity
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.mapping import EventMapper, Sample
@@ -54,7 +54,7 @@ async def load_credentials(config: OpcUaConfig) -> Credentials:
     except OSError as exc:
         raise DriverStartupError(f"cannot read password_file {config.password_file}: {exc.strerror}") from exc
     if password:
-        from agent.logs import add_secret
+        from agent.observability.logs import add_secret
 
         add_secret(password)
     cert: AppCertificate | None = None

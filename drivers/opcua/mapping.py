@@ -22,8 +22,8 @@ from typing import Any
 from asyncua import ua
 from asyncua.ua import status_codes
 
-from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
-from agent.floats import shortest_float32
+from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from agent.contract.floats import shortest_float32
 from drivers.opcua.config import OpcUaConfig, PointConfig
 
 AREA_WINDOW = 300.0  # s: max_count of a crosswalk area is the most people seen in this window
@@ -62,7 +62,7 @@ def engineering(point: PointConfig, raw: Any, *, float32: bool = False) -> tuple
     """(value, None) for a finite number (bools count as 0/1), else (None, why).
 
     ``float32``: the variable is a Float, published as the digits it holds (230.1, not the
-    230.10000610351562 it widens to: agent/floats.py).
+    230.10000610351562 it widens to: agent/contract/floats.py).
     """
     if float32 and isinstance(raw, float):
         raw = shortest_float32(raw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.driver_api import Driver, DriverPlugin, ToolMain
+from agent.devices.api import Driver, DriverPlugin, ToolMain
 from drivers.serial.config import SerialConfig
 
 

@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from agent.driver_api import DeviceConfig, Duration, StrictModel
-from agent.vocabulary import QUANTITY_UNITS
-from agent.yaml_load import clip
+from agent.config.yaml_load import clip
+from agent.contract.vocabulary import QUANTITY_UNITS
+from agent.devices.api import DeviceConfig, Duration, StrictModel
 from drivers.serial.checksums import SIZES, ChecksumName
 
 EmitsName = Literal["meter", "parking", "crosswalk"]

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 
 import serial
 
-from agent.driver_api import Driver, DriverContext
+from agent.contract.events import Reading
+from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverStartupError
-from agent.events import Reading
 from drivers.serial.config import SerialConfig
 from drivers.serial.faults import FaultLog
 from drivers.serial.framing import FAULT_REASONS, BadFrame, BinaryParser, FrameParser, LineParser

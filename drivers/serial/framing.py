@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from agent.floats import shortest_float32
+from agent.contract.floats import shortest_float32
 from drivers.serial.checksums import FUNCTIONS, SIZES
 from drivers.serial.config import FramingConfig
 
@@ -180,7 +180,7 @@ class BinaryParser:
                 return None
         values: tuple[int | float | bool, ...] = self._layout.unpack(frame[sync_len:payload_end])
         if self._float32:
-            # 230.1, not 230.10000610351562: the digits a float32 holds (agent/floats.py).
+            # 230.1, not 230.10000610351562: the digits a float32 holds (agent/contract/floats.py).
             listed = list(values)
             for i in self._float32:
                 listed[i] = shortest_float32(float(listed[i]))

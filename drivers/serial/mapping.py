@@ -7,8 +7,8 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
-from agent.vocabulary import QUANTITY_UNITS
+from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from agent.contract.vocabulary import QUANTITY_UNITS
 from drivers.serial.config import FieldConfig, SerialConfig
 from drivers.serial.framing import Frame, FrameValue
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.driver_api import DeviceConfig
+from agent.devices.api import DeviceConfig
 
 
 class VirtualConfig(DeviceConfig):

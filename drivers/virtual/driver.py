@@ -6,9 +6,9 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.driver_api import Driver, DriverContext
+from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
+from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverReadError
-from agent.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from drivers.virtual.config import VirtualConfig
 
 

@@ -1,0 +1,280 @@
+"""JSON Schemas of the event contract, as pydantic models.
+
+These are the documentation and the test oracle (docs/events.md is generated from them by
+``python -m agent.contract.schemas``); the hot path builds plain dicts and does not use them.
+Consumers must ignore fields they do not know: new optional fields are not a breaking change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.contract import events
+from agent.contract.vocabulary import QUANTITY_UNITS
+
+Quality = Literal["good", "stale", "bad"]
+
+
+class _Open(BaseModel):
+    """Consumers tolerate unknown fields; producers only add optional ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CloudEvent(_Open):
+    """The envelope: CloudEvents 1.0, JSON structured mode, with four extension attributes."""
+
+    specversion: Literal["1.0"]
+    id: str = Field(description="Unique per event; the same on every re-send of that event.")
+    source: str = Field(
+        pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$", description="/gateways/{gateway}/devices/{device}"
+    )
+    type: str = Field(description="city.meter.reading, city.parking.occupancy, ...")
+    time: str = Field(
+        pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
+        description="When the reading was taken: RFC 3339, UTC, milliseconds.",
+    )
+    datacontenttype: Literal["application/json"]
+    gateway: str = Field(description="Extension: gateway id.")
+    device: str = Field(description="Extension: device id ('gateway' for gateway-level events).")
+    seq: int = Field(
+        ge=1,
+        description="Extension: per-device sequence number, +1 per event, "
+        "persistent across restarts. (device, seqepoch, seq) is the idempotency key.",
+    )
+    seqepoch: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="Extension: the sequence epoch. It changes only when the gateway lost track of its "
+        "numbering (its buffer file was damaged, lost or replaced); seq is unique within one epoch. "
+        "Absent on events from agents before it was introduced (treat as '').",
+    )
+    data: dict[str, Any]
+
+
+class Measurement(_Open):
+    """One measured quantity of a meter."""
+
+    quantity: str = Field(
+        description="From a fixed vocabulary, each with one unit: "
+        + ", ".join(f"{q} {u or repr('')}" for q, u in QUANTITY_UNITS.items())
+        + ". New quantities may be added; existing ones keep their name and unit."
+    )
+    value: float | None = Field(description="Value in `unit`; null when quality is bad.")
+    unit: str = Field(description="kWh, kW, V, A, Hz, m3, m3/h, ... ('' for dimensionless).")
+    quality: Quality = Field(description="good, stale (last known value) or bad.")
+    reason: str | None = Field(default=None, description="Why quality is not good.")
+    phase: str | None = Field(default=None, description="L1, L2, L3, N when per phase.")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
+
+
+class MeterReading(_Open):
+    """``city.meter.reading`` (class telemetry): electricity, water or I/O module values."""
+
+    measurements: list[Measurement]
+
+
+class ParkingOccupancy(_Open):
+    """``city.parking.occupancy`` (class event): one bay's state."""
+
+    bay: str
+    occupied: bool
+    confidence: float = Field(ge=0, le=1)
+    since: str = Field(description="When the bay entered this state (RFC 3339 UTC).")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
+
+
+class CrosswalkPresence(_Open):
+    """``city.crosswalk.presence`` (class event): people waiting in an area."""
+
+    area: str
+    count: int = Field(ge=0, description="People waiting now.")
+    max_count: int = Field(ge=0, description="Most people waiting in the current window.")
+    point: str | None = Field(default=None, description="The device point it was read from (field drivers).")
+
+
+class DeviceStatus(_Open):
+    """``city.device.status`` (class alarm): a device went offline or came (back) online."""
+
+    status: Literal["online", "offline"]
+    reason: str | None = Field(description="Why offline (the last error); null when online.")
+    driver: str
+    consecutive_failures: int = Field(ge=0)
+    since: str
+
+
+class BlurredCounts(_Open):
+    """What was blurred in a snapshot."""
+
+    persons: int = Field(ge=0)
+    vehicles: int = Field(ge=0)
+    faces: int = Field(ge=0)
+
+
+class CameraSnapshot(_Open):
+    """``city.camera.snapshot`` (class media): a still for commissioning or an incident.
+
+    Only when the camera's ``snapshots.enabled`` is true (off by default). Every detected person
+    and vehicle box and every detected face is blurred before the image leaves the camera
+    driver; if the face model cannot run, no snapshot is taken at all.
+    """
+
+    reason: Literal["interval", "change"] = Field(
+        description="interval: the periodic commissioning still; change: a bay or waiting area changed."
+    )
+    trigger: str | None = Field(default=None, description="For reason change: what changed, e.g. 'bay P-07 occupied'.")
+    media_type: Literal["image/jpeg"]
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    image: str = Field(description="The blurred image, base64 (RFC 4648, with padding).")
+    blurred: BlurredCounts
+
+
+class BufferHealth(_Open):
+    """Depth of the store-and-forward buffer."""
+
+    events: int
+    bytes: int
+    max_bytes: int
+    oldest_age_s: float | None
+    by_class: dict[str, int]
+
+
+class Accounting(_Open):
+    """Always balances: accepted = delivered + buffered + sum(dropped)."""
+
+    accepted: int
+    delivered: int
+    buffered: int
+    dropped: dict[str, int] = Field(
+        description="By reason: capacity, disk_full, media_quota, corrupt (lost with a damaged buffer file)."
+    )
+    not_accepted: int = Field(description="Readings refused before reaching the buffer (disk stalled or failing).")
+
+
+class DropReport(_Open):
+    """Events dropped since the previous health event, per device, type and reason."""
+
+    device: str = Field(description="The device; '' when a damaged buffer file did not say whose events it held.")
+    type: str = Field(description="The event type; '' for reason corrupt (known per device only).")
+    reason: Literal["capacity", "disk_full", "media_quota", "corrupt"]
+    count: int
+    seqs: str | None = Field(
+        default=None, description="Reason corrupt: the seq ranges lost, e.g. '120-180, 184' (estimated)."
+    )
+
+
+class UplinkHealth(_Open):
+    """State of the MQTT uplink."""
+
+    connected: bool
+    connects: int
+    disconnects: int
+    last_error: str | None
+
+
+class DevicesHealth(_Open):
+    """How many devices run and which are offline."""
+
+    total: int
+    online: int
+    offline: list[str]
+
+
+class ProcessHealth(_Open):
+    """The agent process. Optional: gateways older than this field do not send it."""
+
+    cpu_percent: float | None = Field(
+        description="CPU time the agent used since the previous health event, in % of one core "
+        "(all threads; 200 = two cores busy)."
+    )
+    rss_bytes: int | None = Field(description="Resident memory of the agent process.")
+    threads: int = Field(ge=1, description="Threads in the agent process.")
+
+
+class HostHealth(_Open):
+    """The machine the agent runs on (optional, like ProcessHealth). null: not available there."""
+
+    load_avg: list[float] | None = Field(
+        min_length=3, max_length=3, description="System load average over 1, 5 and 15 minutes."
+    )
+    cpus: int | None = Field(description="CPU cores of the machine.")
+    mem_total_bytes: int | None = Field(description="Memory of the machine.")
+    mem_available_bytes: int | None = Field(
+        description="Memory available to new work (MemAvailable; free + buffers where /proc/meminfo is hidden)."
+    )
+    disk_free_bytes: int | None = Field(description="Free space on the file system holding the buffer.")
+    disk_total_bytes: int | None = Field(description="Size of the file system holding the buffer.")
+    temperature_c: float | None = Field(
+        description="SoC/CPU temperature in degrees Celsius from /sys/class/thermal (cpu-thermal on a "
+        "Raspberry Pi); null when the board exposes none."
+    )
+
+
+class GatewayHealth(_Open):
+    """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
+
+    uptime_s: float
+    site: str | None
+    buffer: BufferHealth
+    accounting: Accounting
+    dropped_since_last_report: list[DropReport]
+    uplink: UplinkHealth
+    devices: DevicesHealth
+    process: ProcessHealth | None = Field(default=None, description="The agent process (CPU, memory).")
+    host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    events.METER_READING: MeterReading,
+    events.PARKING_OCCUPANCY: ParkingOccupancy,
+    events.CROSSWALK_PRESENCE: CrosswalkPresence,
+    events.DEVICE_STATUS: DeviceStatus,
+    events.GATEWAY_HEALTH: GatewayHealth,
+    events.CAMERA_SNAPSHOT: CameraSnapshot,
+}
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of the envelope and of each type's ``data``."""
+    out = {"envelope": CloudEvent.model_json_schema()}
+    out.update({name: model.model_json_schema() for name, model in EVENT_MODELS.items()})
+    return out
+
+
+BEGIN, END = "<!-- schemas:begin -->", "<!-- schemas:end -->"
+
+
+def render_markdown() -> str:
+    """The generated block of docs/events.md: one JSON Schema per event type."""
+    parts = [BEGIN]
+    for name, schema in schemas().items():
+        title = "Envelope (every event)" if name == "envelope" else f"`{name}`: `data`"
+        parts += ["", f"### {title}", "", "```json", json.dumps(schema, indent=2), "```"]
+    parts += ["", END]
+    return "\n".join(parts)
+
+
+def update_doc(path: Path) -> bool:
+    """Rewrite the generated block in ``path``; returns whether it changed."""
+    text = path.read_text()
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    new = head + render_markdown() + tail
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--update-doc"]:
+        doc = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/events.md")
+        print(f"{doc}: {'updated' if update_doc(doc) else 'up to date'}")
+    else:
+        json.dump(schemas(), sys.stdout, indent=2)
+        sys.stdout.write("\n")

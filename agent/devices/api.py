@@ -1,0 +1,241 @@
+"""What a driver is: its config model, its lifecycle, and the context the runtime gives it.
+
+A driver lives in its own folder under ``drivers/`` and registers a :class:`DriverPlugin`
+under the ``edge_agent.drivers`` entry point group. The core never imports a driver.
+
+Lifecycle, in the runtime's order:
+
+1. ``config_model`` validates the device's YAML (pure, no I/O) when the config is loaded.
+2. ``start()`` connects. Raise :class:`~agent.errors.DriverStartupError` if the device is
+   unreachable; the runtime retries with backoff (per ``startup_error_behavior``).
+3. ``stream()`` yields batches of :class:`~agent.contract.events.Reading`. The default polls
+   ``read()`` every ``interval``; push-style drivers (serial streams, cameras) override it.
+4. ``stop()`` releases the device. It must not raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
+
+from agent.contract.events import Reading
+from agent.contract.units import parse_duration, parse_size
+from agent.errors import DriverWriteError
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "A duration: 500ms, 1s, 5m, 2h, 1d, or a number of seconds.",
+        }
+    ),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KMGTkmgt]i?[Bb]|[Bb])?\s*$"},
+                {"type": "integer", "minimum": 0},
+            ],
+            "description": "A size: 512KiB, 64MiB, 1GiB, or a number of bytes.",
+        }
+    ),
+]
+DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+PriorityName = Literal["alarm", "event", "telemetry", "media"]
+
+
+def resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """A pydantic "before" validator for path keys: relative paths are taken from the config
+    file's folder (the validation context's ``base_dir``), or from systemd's credentials folder
+    when the file is there (``LoadCredential=``)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / path).is_file():
+        return Path(creds) / path
+    base = (info.context or {}).get("base_dir")
+    return (Path(base) / path) if base else path.absolute()
+
+
+def readable_file(path: Path | None) -> Path | None:
+    """``path`` if it is a file this user can read; a ValueError naming it otherwise."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable by this user: {path}")
+    return path
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(StrictModel):
+    """Keys every device has, whatever its driver. Drivers subclass this.
+
+    A subclass must narrow ``driver`` to ``Literal["<its name>"]``.
+    """
+
+    id: str = Field(
+        pattern=DEVICE_ID_PATTERN,
+        description="Device id, unique on this gateway; used in topics and event sources.",
+    )
+    driver: str = Field(description="Which driver reads this device.")
+    interval: Duration = Field(default=1.0, gt=0, description="Poll or report interval.")
+    enabled: bool = Field(default=True, description="Set false to keep a device configured but idle.")
+    offline_after: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failed polls before a city.device.status offline event.",
+    )
+    startup_error_behavior: Literal["retry", "ignore", "error"] = Field(
+        default="retry",
+        description=(
+            "When the device cannot be started: retry with backoff (default), ignore it "
+            "(reported once, not retried), or error (the agent refuses to start)."
+        ),
+    )
+    priorities: dict[str, PriorityName] = Field(
+        default_factory=dict,
+        description="Per event type delivery class for this device, overriding the gateway's.",
+    )
+
+    def device_paths(self) -> list[str]:
+        """Local device files this device needs (serial ports, /dev/videoN); ``edge-agent doctor`` checks them."""
+        return []
+
+    def model_manifests(self) -> list[str]:
+        """Manifests (JSON/YAML with ``file`` and ``sha256``) of the model files this device loads.
+
+        ``edge-agent doctor`` verifies each file's checksum; relative paths are taken from the
+        config file's folder.
+        """
+        return []
+
+
+class DriverContext(ABC):
+    """What the runtime offers a running driver."""
+
+    device_id: str
+
+    @abstractmethod
+    def poll_ok(self) -> None:
+        """Report that the device answered (clears the failure count, may emit online)."""
+
+    @abstractmethod
+    def poll_failed(self, reason: str) -> None:
+        """Report a failed poll; after ``offline_after`` in a row the device goes offline."""
+
+    def observe_poll(self, seconds: float) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Report how long one poll took (the default ``stream()`` does it for ``read()``)."""
+
+    def observe_inference(self, model: str, seconds: float) -> None:  # noqa: B027 - optional hook
+        """Report how long one inference run of ``model`` took (drivers that run models)."""
+
+
+class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick which to override
+    """One running device. Subclasses implement ``start``/``read``/``stop`` or ``stream``."""
+
+    def __init__(self, config: DeviceConfig, context: DriverContext) -> None:
+        """Keep the validated config and the runtime context; do no I/O here."""
+        self.config = config
+        self.context = context
+
+    async def start(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Connect to the device. Raise DriverStartupError if it is not reachable."""
+
+    async def read(self) -> list[Reading]:
+        """Poll the device once and return its readings. Raise DriverReadError on failure."""
+        raise NotImplementedError
+
+    async def write(self, point: str, value: Any) -> None:
+        """Write ``value`` to ``point`` (a write from the OPC UA server, when allowed by config).
+
+        Raises:
+            DriverWriteError: the driver cannot write, or the device refused.
+        """
+        raise DriverWriteError(f"driver {self.config.driver} cannot write points", "not_writable")
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release the device. Must not raise."""
+
+    async def stream(self) -> AsyncIterator[list[Reading]]:
+        """Yield batches of readings until cancelled.
+
+        The default calls ``read()`` on a fixed schedule (``interval``), skipping slots it
+        overran rather than bunching polls up, and reports each poll's outcome. A failing
+        poll never ends the stream.
+        """
+        interval = self.config.interval
+        next_at = time.monotonic()
+        while True:
+            started = time.monotonic()
+            try:
+                readings = await self.read()
+            except Exception as exc:
+                self.context.observe_poll(time.monotonic() - started)
+                self.context.poll_failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            else:
+                self.context.observe_poll(time.monotonic() - started)
+                self.context.poll_ok()
+                if readings:
+                    yield readings
+            next_at += interval
+            now = time.monotonic()
+            if next_at < now:  # overran: skip missed slots, keep the phase
+                next_at += ((now - next_at) // interval + 1) * interval
+            await asyncio.sleep(next_at - now)
+
+
+# A technician command: gets the arguments after ``edge-agent <verb> <driver>``, returns an exit code.
+ToolMain = Callable[[list[str]], int]
+
+
+@dataclass(frozen=True)
+class DriverPlugin:
+    """The entry point object a driver package exposes (kept light: no heavy imports).
+
+    Attributes:
+        name: the ``driver:`` value in the config.
+        config_model: pydantic model of the device's keys (``driver: Literal[name]``).
+        factory: returns the Driver class; imported only when a device of this kind runs.
+        summary: one line for ``edge-agent drivers``.
+        tools: returns the driver's technician commands, verb -> ``main(argv) -> exit code``;
+            ``edge-agent <verb> <driver> ...`` runs one (e.g. ``scan``, ``read``, ``simulate``).
+            A verb the driver offers without a driver argument (``profiles``) is reached as
+            ``edge-agent <verb>`` when exactly that verb is named in ``global_verbs``.
+        check_devices: cross-device checks run when the config loads (e.g. two devices on one
+            RS-485 port with different baud rates); gets ``(index, config)`` of this driver's
+            devices, returns problems as ``devices[i].field: message``.
+    """
+
+    name: str
+    config_model: type[DeviceConfig]
+    factory: Callable[[], type[Driver]]
+    summary: str = ""
+    tools: Callable[[], dict[str, ToolMain]] | None = None
+    global_verbs: tuple[str, ...] = ()
+    check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None

@@ -1,1 +1,0 @@
-"""Upstream connections: where accepted events go."""
