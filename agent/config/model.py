@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import ssl
 import stat
 from collections.abc import Iterable, Iterator
 from functools import cache
@@ -19,7 +17,6 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     Field,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -30,16 +27,15 @@ from pydantic import (
 from agent.config.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yaml, read_text
 from agent.contract.events import GATEWAY_STREAM
 from agent.contract.units import parse_size
-from agent.devices.api import DeviceConfig, Duration, PriorityName, Size, StrictModel, readable_file, resolve_path
+from agent.devices.api import DeviceConfig, Duration, PriorityName, Size, StrictModel, resolve_path
 from agent.devices.registry import load_plugins
 from agent.errors import ConfigError
 from agent.store.salvage import buffer_path_problem
-from agent.uplinks.opcua_server.server import OpcUaServerConfig
+from agent.uplinks.api import UplinkSettings
+from agent.uplinks.registry import load_uplinks
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 
-PLAIN_PORT, TLS_PORT = 1883, 8883
 
 log = logging.getLogger(__name__)
 
@@ -54,153 +50,8 @@ class GatewayConfig(StrictModel):
     )
 
 
-class TlsConfig(StrictModel):
-    """TLS to the broker, always verified. On unless the broker is loopback (or ``enabled: false``)."""
-
-    enabled: bool | None = Field(
-        default=None,
-        description="TLS on or off. null: on, unless the broker is loopback (127.0.0.1, ::1, localhost) and no "
-        "TLS file is set. Plain MQTT to another host needs false, and validate and doctor warn about it.",
-    )
-    ca_file: Path | None = Field(
-        default=None, description="CA bundle that signed the broker's certificate; default: system CAs."
-    )
-    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
-    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
-
-    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(resolve_path)
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _exists(cls, value: Path | None) -> Path | None:
-        return readable_file(value)
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together: set both or neither")
-        return self
-
-    # Set by MqttConfig from its host: whether the default (enabled: null) is on.
-    _remote_broker: bool = PrivateAttr(default=False)
-
-    @property
-    def active(self) -> bool:
-        """Whether TLS is used."""
-        if self.enabled is not None:
-            return self.enabled
-        return self._remote_broker or any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
-
-    def apply_to(self, client: Any) -> None:
-        """Set up a paho client's TLS: the broker's certificate and host name always verified.
-
-        The uplink and ``edge-agent doctor`` both use it, so the doctor tests what the agent does.
-        """
-        client.tls_set(
-            ca_certs=str(self.ca_file) if self.ca_file else None,
-            certfile=str(self.cert_file) if self.cert_file else None,
-            keyfile=str(self.key_file) if self.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
-
-
-class BatchConfig(StrictModel):
-    """Several events per MQTT message, for links that pay per message."""
-
-    enabled: bool = Field(
-        default=False,
-        description="Publish JSON arrays of events (CloudEvents batch format) on {prefix}/{gateway}/batch.",
-    )
-    max_events: int = Field(default=100, ge=1, le=10000, description="Events per message at most.")
-    max_bytes: Size = Field(
-        default=parse_size("128KiB"), ge=1024, description="Message size at most (one event may exceed it alone)."
-    )
-
-
-class MqttConfig(StrictModel):
-    """The MQTT uplink to the operations centre's broker."""
-
-    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host name or address.")
-    port: int = Field(
-        default=PLAIN_PORT, ge=1, le=65535, description="Broker port; default 8883 when TLS is on, else 1883."
-    )
-    topic_prefix: str = Field(
-        default="ioc/v1",
-        pattern=r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$",
-        description="Topic root; events go to {prefix}/{gateway}/{device}/{kind}.",
-    )
-    qos: Literal[0, 1, 2] = Field(
-        default=1, description="1: at-least-once (events leave the buffer only after PUBACK)."
-    )
-    client_id: str | None = Field(default=None, description="MQTT client id; default edge-agent-{gateway id}.")
-    username: str | None = Field(default=None, description="Broker user name.")
-    password_file: Path | None = Field(
-        default=None,
-        description=f"File holding the broker password (or set ${PASSWORD_ENV}). Never inline.",
-    )
-    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version.")
-    keepalive: Duration = Field(default=30.0, ge=5, le=3600, description="MQTT keepalive.")
-    max_inflight: int = Field(
-        default=100, ge=1, le=65535, description="QoS 1 messages in flight before waiting for PUBACKs."
-    )
-    reconnect_min: Duration = Field(default=1.0, gt=0, description="Least time between two connection attempts.")
-    reconnect_max: Duration = Field(
-        default=10.0,
-        gt=0,
-        description="Retry period while the broker is away; the first wait after a held connection drops is "
-        "random within it, so a fleet comes back spread over it (docs/delivery.md).",
-    )
-    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
-    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching (off by default).")
-
-    _paths = field_validator("password_file", mode="before")(resolve_path)
-
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: Path | None) -> Path | None:
-        value = readable_file(value)
-        if value is not None and not _read_secret(value):
-            raise ValueError(f"password file is empty: {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _secure(self) -> MqttConfig:
-        # Frozen models: the defaults that follow from other keys are set once, here.
-        tls = self.tls.model_copy()
-        tls._remote_broker = not _is_loopback(self.host)
-        object.__setattr__(self, "tls", tls)
-        if "port" not in self.model_fields_set:
-            object.__setattr__(self, "port", TLS_PORT if tls.active else PLAIN_PORT)
-        if self.reconnect_min > self.reconnect_max:
-            raise ValueError("reconnect_min must not exceed reconnect_max")
-        sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
-        if sends_password and not self.tls.active and not _is_loopback(self.host):
-            raise ValueError(f"refusing to send a password in clear text to {self.host}: enable tls")
-        if sends_password and self.username is None:
-            raise ValueError("a password is set but no username")
-        return self
-
-    def password(self) -> str | None:
-        """Read the secret at connect time (never kept in the config, never logged)."""
-        if self.password_file is not None:
-            return _read_secret(self.password_file)
-        return os.environ.get(PASSWORD_ENV) or None
-
-
-MAX_SECRET_BYTES = 4096
-
-
-def _read_secret(path: Path) -> str:
-    """A password file's text, stripped; a ValueError if it is larger than a password can be."""
-    with path.open("rb") as file:
-        data = file.read(MAX_SECRET_BYTES + 1)
-    if len(data) > MAX_SECRET_BYTES:
-        raise ValueError(f"not a password file (larger than {MAX_SECRET_BYTES} bytes): {path}")
-    return data.decode("utf-8").strip()
-
-
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (localhost or a loopback address)."""
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
@@ -227,14 +78,17 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class UplinkConfig(StrictModel):
-    """Where events go."""
+class UplinkConfigBase(StrictModel):
+    """Where events go: one key per installed uplink plugin (see agent/uplinks/api.py)."""
 
-    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker of the operations centre.")
-    opcua: OpcUaServerConfig = Field(
-        default_factory=OpcUaServerConfig,
-        description="An OPC UA server exposing every device's latest values (off by default).",
-    )
+    def present(self) -> dict[str, UplinkSettings]:
+        """Every uplink the file configures (or that is on by default), by name, in name order."""
+        found = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: value for name, value in found.items() if isinstance(value, UplinkSettings)}
+
+    def active(self) -> dict[str, UplinkSettings]:
+        """The uplinks that run."""
+        return {name: value for name, value in self.present().items() if value.active()}
 
 
 class BufferConfig(StrictModel):
@@ -308,7 +162,7 @@ class ObservabilityConfig(StrictModel):
         if value is None:
             return None
         host, _port = parse_listen(value)
-        if not _is_loopback(host) and not info.data.get("allow_remote", False):
+        if not is_loopback(host) and not info.data.get("allow_remote", False):
             raise ValueError(
                 f"{value} is not a loopback address and the endpoints have no authentication: "
                 "listen on 127.0.0.1 (or [::1]), or set observability.allow_remote: true"
@@ -321,7 +175,7 @@ class AgentConfigBase(StrictModel):
 
     version: Literal[1] = Field(default=1, description="Config schema version.")
     gateway: GatewayConfig = Field(description="This gateway.")
-    uplink: UplinkConfig = Field(default_factory=UplinkConfig, description="Upstream connections.")
+    uplink: UplinkConfigBase = Field(default_factory=UplinkConfigBase, description="Upstream connections.")
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Store-and-forward buffer.")
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Metrics, health endpoints, stall detection."
@@ -360,16 +214,23 @@ def device_id_problems(ids: list[object]) -> list[str]:
 
 @cache
 def config_model() -> type[AgentConfigBase]:
-    """The full config model: ``devices`` is a union of the installed drivers' models."""
+    """The full config model: ``uplink`` has a key per installed uplink, ``devices`` is a union
+    of the installed drivers' models."""
+    uplinks: dict[str, Any] = {}
+    for name, up in load_uplinks().items():
+        if up.default_on:
+            uplinks[name] = (up.config_model, Field(default_factory=up.config_model, description=up.summary))
+        else:
+            uplinks[name] = (up.config_model | None, Field(default=None, description=up.summary))
+    uplink_model: Any = create_model("UplinkConfig", __base__=UplinkConfigBase, **uplinks)
+    fields: dict[str, Any] = {
+        "uplink": (uplink_model, Field(default_factory=uplink_model, description="Upstream connections."))
+    }
     models = tuple(p.config_model for p in load_plugins().values())
-    if not models:
-        return AgentConfigBase
-    union: Any = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="driver")]  # noqa: UP007
-    model: type[AgentConfigBase] = create_model(
-        "AgentConfig",
-        __base__=AgentConfigBase,
-        devices=(list[union], Field(default_factory=list, description="Field devices.")),
-    )
+    if models:
+        union: Any = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="driver")]  # noqa: UP007
+        fields["devices"] = (list[union], Field(default_factory=list, description="Field devices."))
+    model: type[AgentConfigBase] = create_model("AgentConfig", __base__=AgentConfigBase, **fields)
     return model
 
 
@@ -471,13 +332,8 @@ def config_warnings(config: AgentConfigBase) -> list[str]:
     warn row, and ``edge-agent run`` logs them at start.
     """
     warnings = []
-    mqtt = config.uplink.mqtt
-    if mqtt.tls.enabled is False and not _is_loopback(mqtt.host):
-        warnings.append(
-            f"uplink.mqtt.tls.enabled: plain MQTT to {clip_text(mqtt.host, ECHO_CHARS)}: events travel unencrypted "
-            f"and unauthenticated; remove 'enabled: false' (TLS is the default) and use the broker's TLS port "
-            f"({TLS_PORT})"
-        )
+    for name, settings in config.uplink.present().items():
+        warnings += settings.warnings(f"uplink.{name}")
     for field, path in secret_files(config):
         problem = open_permissions(path)
         if problem is not None:
@@ -487,13 +343,9 @@ def config_warnings(config: AgentConfigBase) -> list[str]:
 
 def secret_files(config: AgentConfigBase) -> list[tuple[str, Path]]:
     """(field path, file) of every password, users and private key file the config names."""
-    mqtt, opcua = config.uplink.mqtt, config.uplink.opcua
-    files: list[tuple[str, object]] = [
-        ("uplink.mqtt.password_file", mqtt.password_file),
-        ("uplink.mqtt.tls.key_file", mqtt.tls.key_file),
-        ("uplink.opcua.users_file", opcua.users_file),
-        ("uplink.opcua.password_file", opcua.password_file),
-    ]
+    files: list[tuple[str, object]] = []
+    for name, settings in config.uplink.present().items():
+        files += settings.secret_files(f"uplink.{name}")
     for index, device in enumerate(config.devices):
         files += [(f"devices[{index}].{key}", getattr(device, key, None)) for key in _DEVICE_SECRET_KEYS]
     return [(field, path) for field, path in files if isinstance(path, Path)]

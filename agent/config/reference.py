@@ -13,10 +13,10 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from agent.config.model import AgentConfigBase, BufferConfig, GatewayConfig, MqttConfig, ObservabilityConfig, TlsConfig
+from agent.config.model import AgentConfigBase, BufferConfig, GatewayConfig, ObservabilityConfig
 from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
-from agent.uplinks.opcua_server.server import OpcUaServerConfig
+from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
 
@@ -66,15 +66,27 @@ def _table(prefix: str, model: type[BaseModel], skip: tuple[str, ...] = ()) -> l
     return rows
 
 
+def _uplink_sections() -> list[tuple[str, str, type[BaseModel], tuple[str, ...]]]:
+    """A table per installed uplink (``uplink.<name>``), and one per settings group inside it."""
+    sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = []
+    for name, plugin in load_uplinks().items():
+        nested = {
+            key: field.annotation
+            for key, field in plugin.config_model.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        }
+        sections.append((f"uplink.{name}", f"uplink.{name}.", plugin.config_model, tuple(nested)))
+        sections += [(f"uplink.{name}.{key}", f"uplink.{name}.{key}.", model, ()) for key, model in nested.items()]
+    return sections
+
+
 def render_markdown() -> str:
     """The generated block: one table per section and per installed driver."""
     out = [BEGIN, ""]
     sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = [
         ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "devices")),
         ("gateway", "gateway.", GatewayConfig, ()),
-        ("uplink.mqtt", "uplink.mqtt.", MqttConfig, ("tls",)),
-        ("uplink.mqtt.tls", "uplink.mqtt.tls.", TlsConfig, ()),
-        ("uplink.opcua", "uplink.opcua.", OpcUaServerConfig, ()),
+        *_uplink_sections(),
         ("buffer", "buffer.", BufferConfig, ()),
         ("observability", "observability.", ObservabilityConfig, ()),
     ]

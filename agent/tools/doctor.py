@@ -43,11 +43,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.config.model import AgentConfigBase, MqttConfig, config_warnings, load_config
+from agent.config.model import AgentConfigBase, config_warnings, load_config
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.devices.api import DeviceConfig, Driver, DriverContext
 from agent.devices.registry import load_plugins
 from agent.errors import ConfigError
+from agent.uplinks.mqtt.config import MqttConfig, mqtt_settings
 
 Verdict = Literal["ok", "warn", "FAIL", "skip"]
 
@@ -237,7 +238,7 @@ def check_config(path: Path) -> tuple[AgentConfigBase | None, list[Row]]:
 
 def check_files(path: Path, config: AgentConfigBase, user: ServiceUser) -> list[Row]:
     """The site file, the password file and the TLS files must be readable by the service user."""
-    mqtt = config.uplink.mqtt
+    mqtt = mqtt_settings(config)
     files: list[tuple[str, Path | None]] = [
         ("site file", path),
         ("password_file", mqtt.password_file),
@@ -1107,7 +1108,7 @@ async def run_checks(config_path: Path, user: ServiceUser, timeout: float) -> li
     if config is None:
         skipped = [Row(check, "-", "skip", "not checked: the config is invalid") for check in _NEED_CONFIG]
         return [*rows, *skipped[:3], *await clock, *skipped[3:]]  # the order of a full run
-    mqtt = config.uplink.mqtt
+    mqtt = mqtt_settings(config)
     # Its own client id: the agent's, if it is running, would be thrown off the broker.
     client_id = f"{mqtt.client_id or f'edge-agent-{config.gateway.id}'}-doctor"
     rows += _guarded("files", lambda: check_files(config_path, config, user))

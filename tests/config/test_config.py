@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.model import MqttConfig, config_warnings, load_config, parse_config
+from agent.config.model import config_warnings, load_config, parse_config
 from agent.contract.units import parse_duration, parse_size
 from agent.errors import ConfigError
+from agent.uplinks.mqtt.config import MqttConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -640,33 +639,34 @@ def test_a_stuck_commit_thread_or_uplink_is_a_stall(tmp_path: Path) -> None:
         tmp_path / "site.yaml",
     )
     agent = Agent(config)
+    live = agent.liveness
     now = time.monotonic()
-    agent._beat = now
-    box = SimpleNamespace(busy_op="commit", busy_since=None, commits=10, last_commit_ok=True, last_commit_error=None)
-    agent._outbox = box  # type: ignore[assignment]
-    agent._running = True
-    assert agent.stalls() == {}
+    live.beat = now
+    db, feed = agent.store.db, agent.store.main
+    db.busy_op, feed.commits = "commit", 10
+    live.running = True
+    assert live.stalls() == {}
 
-    box.busy_since = now - 2.5  # one commit has been running for 2.5 s: the disk stopped answering
-    assert set(agent.stalls()) == {"buffer"}
-    ok, details = agent.readiness()
+    db.busy_since = now - 2.5  # one commit has been running for 2.5 s: the disk stopped answering
+    assert set(live.stalls()) == {"buffer"}
+    ok, details = live.readiness()
     assert not ok and details["checks"]["buffer_writable"] is False
-    box.busy_since = None
-    box.last_commit_ok, box.last_commit_error = False, "OperationalError: disk I/O error"
-    ok, details = agent.readiness()
+    db.busy_since = None
+    feed.last_commit_ok, feed.last_commit_error = False, "OperationalError: disk I/O error"
+    ok, details = live.readiness()
     assert not ok and details["buffer_error"] == "OperationalError: disk I/O error"
-    assert agent.stalls() == {}  # a failed commit is not a stuck one
-    box.last_commit_ok = True
+    assert live.stalls() == {}  # a failed commit is not a stuck one
+    feed.last_commit_ok = True
 
-    agent.uplink.state.connected = True
-    agent._uplink_progress_at = now - 20  # > stall_after + 2 x keepalive (12 s) without progress
-    agent._uplink_commits_at_progress = 10
-    assert agent.stalls() == {}  # nothing committed since: nothing to send, an idle link is fine
-    box.commits = 11
-    assert set(agent.stalls()) == {"uplink"}
-    agent._uplink_progress_at = now - 5
-    assert agent.stalls() == {}
-    agent._beat = now - 3
-    assert set(agent.stalls()) == {"event_loop"}
-    live, body = agent.liveness()
+    agent.uplinks.main.uplink.status.connected = True
+    live.progress_at["mqtt"] = now - 20  # > stall_after + 2 x keepalive (12 s) without progress
+    live.commits_at_progress["mqtt"] = 10
+    assert live.stalls() == {}  # nothing committed since: nothing to send, an idle link is fine
+    feed.commits = 11
+    assert set(live.stalls()) == {"uplink"}
+    live.progress_at["mqtt"] = now - 5
+    assert live.stalls() == {}
+    live.beat = now - 3
+    assert set(live.stalls()) == {"event_loop"}
+    live, body = agent.liveness.liveness()
     assert not live and "event_loop" in body["stalls"]

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from agent.contract.events import Priority, Reading
-from agent.store import event_store as store_module
+from agent.store import feed as feed_module
 from agent.store.event_store import EventStore
 from agent.store.outbox import Outbox
 
 
 def _store(path: Path, max_bytes: int = 1 << 30) -> EventStore:
-    return EventStore(lambda: Outbox(path, max_bytes), gateway="gw-1", topic_prefix="ioc/v1")
+    return EventStore({"mqtt": lambda: Outbox(path, max_bytes)}, gateway="gw-1")
 
 
 def _reading(n: int) -> Reading:
@@ -37,9 +37,9 @@ def test_seq_is_per_device_and_continues_after_reopen(tmp_path: Path) -> None:
                 store.submit("a", _reading(n), Priority.TELEMETRY)
                 store.submit("b", _reading(n), Priority.TELEMETRY)
             await store.flush()
-            rows = await store.next_batch({}, 100)
+            rows = await store.main.next_batch({}, 100)
             out = [(r.device, r.seq) for r in rows]
-            await store.ack([r.id for r in rows])
+            await store.main.ack([r.id for r in rows])
             await store.close()
         return out
 
@@ -54,7 +54,7 @@ def test_unencodable_reading_is_dropped_without_a_seq_gap(tmp_path: Path) -> Non
         store.submit("a", Reading("city.meter.reading", {"v": float("nan")}), Priority.TELEMETRY)
         store.submit("a", _reading(2), Priority.TELEMETRY)
         await store.flush()
-        rows = await store.next_batch({}, 10)
+        rows = await store.main.next_batch({}, 10)
         await store.close()
         return [json.loads(r.payload)["seq"] for r in rows], store.not_accepted
 
@@ -71,11 +71,11 @@ def test_next_batch_drains_highest_class_first_and_follows_cursors(tmp_path: Pat
             store.submit("m", _reading(n), Priority.TELEMETRY)
             store.submit("s", Reading("city.device.status", {"n": n}), Priority.ALARM)
         await store.flush()
-        first = await store.next_batch({}, 6)
+        first = await store.main.next_batch({}, 6)
         cursors: dict[int, int] = {}
         for row in first:
             cursors[row.priority] = row.id
-        second = await store.next_batch(cursors, 10)
+        second = await store.main.next_batch(cursors, 10)
         await store.close()
         return [r.priority for r in first], [r.priority for r in second]
 
@@ -130,7 +130,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1, 8))
     def take(self, limit: int) -> None:
-        rows = self.loop.run_until_complete(self.store.next_batch(self.cursors, limit))
+        rows = self.loop.run_until_complete(self.store.main.next_batch(self.cursors, limit))
         assert len(rows) <= limit
         assert [r.priority for r in rows] == sorted((r.priority for r in rows), reverse=True)
         for row in rows:
@@ -141,7 +141,7 @@ class StoreMachine(RuleBasedStateMachine):
     def ack(self, data: st.DataObject) -> None:
         pending = [(p, i, q) for p in range(3) for i, q in self.taken[p] if i not in self.acked_ids]
         chosen = data.draw(st.lists(st.sampled_from(pending), unique=True)) if pending else []
-        self.loop.run_until_complete(self.store.ack([i for _, i, _ in chosen]))
+        self.loop.run_until_complete(self.store.main.ack([i for _, i, _ in chosen]))
         for p, i, q in chosen:
             self.acked_ids.add(i)
             self.unacked[p].remove(q)
@@ -165,7 +165,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 @pytest.fixture(autouse=False)
 def _tiny_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "TAIL_MAX", 3)
+    monkeypatch.setattr(feed_module, "TAIL_MAX", 3)
 
 
 @pytest.mark.usefixtures("_tiny_tail")

@@ -18,21 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.config.model import MqttConfig
-from agent.contract.events import batch_topic, status_topic
-from agent.store.event_store import EventStore
+from agent.contract.events import batch_topic, status_topic, topic_for
 from agent.store.outbox import Stored
+from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
+from agent.uplinks.mqtt.backoff import Backoff
+from agent.uplinks.mqtt.config import MqttConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,6 @@ ONLINE = b"online"
 OFFLINE = b"offline"
 
 
-@dataclass
-class UplinkState:
-    """What the health report and metrics say about the uplink."""
-
-    connected: bool = False
-    connects: int = 0
-    disconnects: int = 0
-    last_error: str | None = None
-    since: float = field(default_factory=time.time)
-    published: int = 0
-    acked: int = 0
-    refused: int = 0  # events the broker answered with a failure reason (MQTT 5)
-
-
 def _state(state: str) -> dict[str, str]:
     """A log record's ``extra`` saying it announces the uplink's state (observability/logs.py never folds it)."""
     return {"subject": "uplink", "state": state}
@@ -92,66 +78,16 @@ class _Sent:
     n: int  # its place in this connection's publish order
 
 
-class Backoff:
-    """When to try the broker again: a random phase, then one attempt per ``cap`` seconds.
-
-    A broker restart drops every gateway of a fleet at the same instant, and a power cut boots
-    them together. After such a moment (a connection that had held ends, or the first attempt
-    since start fails) the wait is full jitter over the cap, U(0, cap): a fleet of N comes back
-    at about N / cap per second. While the broker stays away (failed attempts, or connections
-    that end before they held) each gateway keeps that random phase and tries once per cap,
-    counted from the start of its previous attempt: the fleet stays evenly spread, still N / cap
-    attempts per second, and each gateway finds the broker back within one cap (half of it on
-    average). Only a connection that held draws a new phase; a CONNACK alone changes nothing,
-    so a broker that accepts and then drops the connection is retried once per cap, not in a
-    fast loop. Attempts are never closer than ``floor`` seconds.
-    """
-
-    def __init__(self, floor: float, cap: float, hold: float, rng: random.Random | None = None) -> None:
-        """``floor``: least time between two attempts; ``cap``: the period; ``hold``: see class doc."""
-        self.floor = floor
-        self.cap = cap
-        self.hold = hold
-        self._rng = rng or random.Random()
-        self._last_attempt = -float("inf")
-        self._connected_at: float | None = None
-        self._in_step = True  # the fleet may be in lockstep: draw a random phase
-
-    def attempt(self, now: float) -> None:
-        """A connection attempt starts."""
-        self._last_attempt = now
-
-    def connected(self, now: float) -> None:
-        """The broker accepted the connection (a reconnect to resend continues the same run)."""
-        if self._connected_at is None:
-            self._connected_at = now
-
-    def next_wait(self, now: float, *, resend: bool = False) -> float:
-        """Seconds to wait after a failed attempt or an ended connection."""
-        connected_at = self._connected_at
-        if resend and connected_at is not None:
-            wait = 0.0  # one gateway's own decision, not a fleet event: go at once
-        else:
-            self._connected_at = None
-            if connected_at is not None:
-                self._in_step = now - connected_at >= self.hold  # only a connection that held resets
-            if self._in_step:
-                self._in_step = False
-                wait = self._rng.uniform(0.0, self.cap)
-            else:
-                wait = self._last_attempt + self.cap - now
-        return max(0.0, wait, self._last_attempt + self.floor - now)
-
-
 class MqttUplink:
     """Keeps one connection to the broker and publishes the store's events through it."""
 
-    def __init__(self, config: MqttConfig, store: EventStore, *, gateway: str) -> None:
+    def __init__(self, config: MqttConfig, *, gateway: str) -> None:
         """Configure; nothing connects until :meth:`run`."""
         self.config = config
-        self.store = store
         self.gateway = gateway
-        self.state = UplinkState()
+        self.feed: EventFeed | None = None
+        self._topics: dict[tuple[str, str], str] = {}
+        self.status = UplinkStatus(since=time.time())
         self._status_topic = status_topic(config.topic_prefix, gateway)
         self._batch_topic = batch_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
@@ -236,7 +172,7 @@ class MqttUplink:
                     if not self._missing:
                         self._missing_since = None
                 if refused is not None:
-                    self.state.refused += len(refused.ids)
+                    self.status.refused += len(refused.ids)
                     log.warning(
                         "broker refused %d event(s) (%s); they stay buffered and are sent again on the next"
                         " connection: check the broker's ACL and quotas for this client",
@@ -258,7 +194,7 @@ class MqttUplink:
                 if not self._missing:
                     self._missing_since = None
             self._delivered(sent.ids)
-            self.state.acked += len(sent.ids)
+            self.status.acked += len(sent.ids)
             if not self._inflight:
                 self._wake.set()
 
@@ -352,8 +288,18 @@ class MqttUplink:
         self._sent = 0
 
     # ---- main loop ----------------------------------------------------------------
-    async def run(self) -> None:
+    def _feed(self) -> EventFeed:
+        if self.feed is None:
+            raise RuntimeError("the uplink runs only with a feed")
+        return self.feed
+
+    def quiet_allowance(self) -> float:
+        """Our own dead-link check fires within a keepalive: allow two before calling it stalled."""
+        return 2 * self.config.keepalive
+
+    async def run(self, feed: EventFeed) -> None:
         """Connect, publish, reconnect after a wait from :class:`Backoff`; forever."""
+        self.feed = feed
         cfg = self.config
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(HOLD_MIN, cfg.reconnect_max))
         while True:
@@ -362,10 +308,10 @@ class MqttUplink:
             try:
                 await self._connect()
                 backoff.connected(time.monotonic())
-                self.state.connected = True
-                self.state.connects += 1
-                self.state.since = time.time()
-                self.state.last_error = None
+                self.status.connected = True
+                self.status.connects += 1
+                self.status.since = time.time()
+                self.status.last_error = None
                 log.info("uplink connected to %s:%d", cfg.host, cfg.port, extra=_state("connected"))
                 await self._publish_until_lost()
             except Resend as exc:
@@ -377,23 +323,23 @@ class MqttUplink:
                 log.exception("uplink error")
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
-                was_connected = self.state.connected
-                self.state.connected = False
+                was_connected = self.status.connected
+                self.status.connected = False
                 try:
                     await self._flush_acks()
                 except Exception:  # the rows stay buffered and are sent again: a duplicate, not a loss
                     log.exception("could not record delivered events")
                 self._drop_client()
             if was_connected:
-                self.state.disconnects += 1
-                self.state.since = time.time()
+                self.status.disconnects += 1
+                self.status.since = time.time()
             if resend:
                 log.info("uplink: %s", reason, extra=_state("reconnecting"))
             elif was_connected:
                 log.warning("uplink lost: %s; buffering until it is back", reason, extra=_state("down"))
-            elif reason != self.state.last_error:
+            elif reason != self.status.last_error:
                 log.warning("uplink down: %s; retrying with backoff", reason, extra=_state("down"))
-            self.state.last_error = reason
+            self.status.failed(reason)
             await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=resend))
 
     async def _publish_until_lost(self) -> None:
@@ -413,7 +359,7 @@ class MqttUplink:
             while not lost.done():
                 # Clear before looking, so a commit or PUBACK during the look still wakes us.
                 self._wake.clear()
-                self.store.committed.clear()
+                self._feed().committed.clear()
                 if flusher.done():
                     flusher.result()  # raises what stopped it
                     raise ConnectionLost("the PUBACK recorder stopped")
@@ -430,7 +376,7 @@ class MqttUplink:
                     wait = draining_since + drain - now
                 else:
                     room = window - self._unconfirmed()
-                rows = await self.store.next_batch(cursors, room * per_message) if room > 0 else []
+                rows = await self._feed().next_batch(cursors, room * per_message) if room > 0 else []
                 if lost.done():
                     break
                 if batch.enabled:
@@ -439,7 +385,7 @@ class MqttUplink:
                     sent = self._publish_each(client, rows)
                 for row in rows:
                     cursors[row.priority] = row.id
-                self.state.published += len(rows)
+                self.status.published += len(rows)
                 self._flush_writes()
                 if now >= misc_at:
                     client.loop_misc()  # paho's own keepalive; ours is in _check_link
@@ -460,7 +406,11 @@ class MqttUplink:
     def _publish_each(self, client: paho.Client, rows: list[Stored]) -> int:
         """One MQTT message per event, on the event's own topic."""
         for row in rows:
-            self._send(client, row.topic, row.payload, [row.id])
+            key = (row.device, row.type)
+            topic = self._topics.get(key)
+            if topic is None:
+                topic = self._topics[key] = topic_for(self.config.topic_prefix, self.gateway, row.device, row.type)
+            self._send(client, topic, row.payload, [row.id])
         return len(rows)
 
     def _publish_batches(self, client: paho.Client, rows: list[Stored], max_events: int, max_bytes: int) -> int:
@@ -565,7 +515,7 @@ class MqttUplink:
         """Sleep until a PUBACK or delete frees room, new events are committed, or the link drops."""
         waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(self.store.committed.wait()),
+            asyncio.ensure_future(self._feed().committed.wait()),
         ]
         try:
             await asyncio.wait([*waits, lost, flusher], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -596,19 +546,24 @@ class MqttUplink:
             ids, self._acked = self._acked, []
             self._flushing_messages, self._acked_messages = self._acked_messages, 0
             try:
-                await self.store.ack(ids)
+                await self._feed().ack(ids)
             finally:
                 self._flushing_messages = 0
 
-    async def say_offline(self) -> None:
+    async def goodbye(self) -> None:
         """Publish the retained ``offline`` ourselves: a clean disconnect sends no last will.
 
         Call before cancelling :meth:`run`, which then closes the connection.
         """
         client = self._client
-        if client is not None and self.state.connected:
+        if client is not None and self.status.connected:
             info = client.publish(self._status_topic, OFFLINE, qos=1, retain=True)
             self._flush_writes()
             deadline = time.monotonic() + 1.0
             while not info.is_published() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+
+
+def create(settings: MqttConfig, context: UplinkContext) -> MqttUplink:
+    """The plugin's factory."""
+    return MqttUplink(settings, gateway=context.gateway)

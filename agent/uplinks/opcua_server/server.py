@@ -74,6 +74,7 @@ from pydantic import Field, field_validator, model_validator
 from agent.contract.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METER_READING, PARKING_OCCUPANCY
 from agent.devices.api import Duration, StrictModel, resolve_path
 from agent.errors import DriverWriteError
+from agent.uplinks.api import UplinkSettings
 
 if TYPE_CHECKING:
     from asyncua import ua
@@ -120,7 +121,7 @@ class WritablePoint(StrictModel):
     point: str = Field(description="Variable name under the device (point, or quantity[_phase]).")
 
 
-class OpcUaServerConfig(StrictModel):
+class OpcUaServerConfig(UplinkSettings):
     """The gateway's own OPC UA server (``uplink.opcua`` in the site file)."""
 
     enabled: bool = Field(default=False, description="Serve the devices' values over OPC UA.")
@@ -191,6 +192,15 @@ class OpcUaServerConfig(StrictModel):
             raise ValueError("trusted_clients_dir needs a security policy other than None (without one, clients "
                              "present no certificate)")  # fmt: skip
         return self
+
+    def active(self) -> bool:
+        """Off unless ``enabled``."""
+        return self.enabled
+
+    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
+        """The users file and the single user's password file."""
+        files = [(f"{prefix}.users_file", self.users_file), (f"{prefix}.password_file", self.password_file)]
+        return [(name, path) for name, path in files if path is not None]
 
     @property
     def secure(self) -> bool:

@@ -1,0 +1,61 @@
+"""The inbound channel: what uplinks hand the core from the operations centre.
+
+Writes go to a device's driver; commands go to a handler by name. Commands run off the event
+path, a few at a time; each gets a :class:`~agent.uplinks.api.Reply`, never an exception.
+Handlers for remote configuration and fleet commands register here (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agent.devices.api import Driver
+from agent.errors import DriverWriteError
+from agent.uplinks.api import Command, Reply
+
+log = logging.getLogger(__name__)
+
+COMMANDS_AT_ONCE = 4  # commands running at the same time; the rest wait their turn
+Handler = Callable[[Command], Awaitable[Reply]]
+
+
+class InboundRouter:
+    """Implements :class:`~agent.uplinks.api.Inbound` for every uplink."""
+
+    def __init__(self, driver_of: Callable[[str], Driver | None]) -> None:
+        """``driver_of``: the running driver of a device id, or None."""
+        self._driver_of = driver_of
+        self._handlers: dict[str, Handler] = {}
+        self._slots = asyncio.Semaphore(COMMANDS_AT_ONCE)
+
+    def handle(self, name: str, handler: Handler) -> None:
+        """Route commands called ``name`` to ``handler``."""
+        self._handlers[name] = handler
+
+    async def write(self, device: str, point: str, value: Any, *, origin: str) -> None:
+        """A write an uplink allowed: handed to the device's driver, and logged either way."""
+        driver = self._driver_of(device)
+        if driver is None:
+            raise DriverWriteError(f"device {device} is not running", "unavailable")
+        try:
+            await driver.write(point, value)
+        except Exception as exc:
+            log.warning("%s write %s.%s = %r refused: %s", origin, device, point, value, exc)
+            raise
+        log.info("%s write %s.%s = %r done", origin, device, point, value)
+
+    async def command(self, command: Command) -> Reply:
+        """Run one command through its handler; an unknown name or a failure is a reply too."""
+        handler = self._handlers.get(command.name)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            return Reply("unsupported", error=f"no command {command.name!r} here; this agent runs: {known}")
+        async with self._slots:
+            try:
+                return await handler(command)
+            except Exception as exc:
+                log.warning("command %s from %s failed", command.name, command.origin, exc_info=True)
+                return Reply("failed", error=f"{type(exc).__name__}: {exc}")

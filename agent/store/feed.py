@@ -1,0 +1,252 @@
+"""One durable uplink's feed: its own outbox file, the committed events it has not taken yet,
+and the reads, acknowledgements and repairs of that file.
+
+Each durable uplink has one (as each Telegraf output owns its buffer), so one uplink's outage
+fills and evicts only its own file. All outbox calls run on the store's commit thread (see
+:class:`DbThread`); backlog reads run on the feed's own read thread, never behind a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from agent.contract.events import Priority
+from agent.store.outbox import AppendResult, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored, is_corruption
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see Feed._tail)
+TAIL_MAX_MEDIA = 16  # snapshots are ~100 KB each: keep few in memory, read the rest from the file
+
+
+class DbThread:
+    """The one thread every outbox call runs on, and what it is doing (for the stall checks).
+
+    ``busy_op``/``busy_since`` are plain attributes written on that thread and read from others
+    (single values, safe under the GIL): which operation runs since when.
+    """
+
+    def __init__(self) -> None:
+        """Start the thread pool of one."""
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-agent-db")
+        self.busy_op = ""
+        self.busy_since: float | None = None
+
+    async def call(self, op: str, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the thread, noting ``op`` while it runs."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, op, fn, *args)
+
+    def _timed(self, op: str, fn: Callable[..., T], *args: object) -> T:
+        self.busy_op, self.busy_since = op, time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_since = None
+
+    def shutdown(self) -> None:
+        """Wait for the call in progress, then stop the thread."""
+        self.executor.shutdown(wait=True)
+
+
+class Feed:
+    """Accepted events for one durable uplink, in class order, from memory or from its file."""
+
+    def __init__(
+        self,
+        name: str,
+        make_outbox: Callable[[], Outbox],
+        db: DbThread,
+        on_dropped: Callable[[str, list[Dropped]], None] | None = None,
+        on_replaced: Callable[[Outbox], None] | None = None,
+    ) -> None:
+        """Prepare; :meth:`open` opens the file on the commit thread."""
+        self.name = name
+        self._on_replaced = on_replaced
+        self._make_outbox = make_outbox
+        self._db = db
+        self._on_dropped = on_dropped
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-agent-read-{name}")
+        self._reader: OutboxReader | None = None
+        self._reader_generation = -1
+        self._outbox: Outbox | None = None
+        self._generation = 0  # the outbox's file generation this feed last saw
+        self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
+        self.not_accepted = 0  # readings that never reached this feed's file (overload, disk full)
+        self.commits = 0
+        self.last_commit_ok = True
+        self.last_commit_error: str | None = None
+        self.priorities: set[int] = {int(p) for p in Priority}
+        # The live path: events just committed, handed to the uplink without reading them
+        # back from SQLite. Invariant, per class: every stored event with id >= _tail_from
+        # that the uplink has not taken yet is in _tail. Older ones are read from the file.
+        self._tail: dict[int, deque[Stored]] = {}
+        self._tail_from: dict[int, int] = {}
+        self._next_id = 1
+
+    @property
+    def outbox(self) -> Outbox:
+        """The open outbox (only to be used on the commit thread)."""
+        if self._outbox is None:
+            raise RuntimeError(f"feed {self.name} is not open")
+        return self._outbox
+
+    async def open(self) -> None:
+        """Open (or quarantine and recreate) the file; learn its classes and next id."""
+        self._outbox = await self._db.call("open", self._make_outbox)
+        self._outbox.hints = self._untaken
+        self._generation = self._outbox.generation
+        self.priorities |= set(await self._db.call("open", self._outbox.priorities))
+        self._next_id = await self._db.call("open", self._outbox.next_id)
+
+    async def append(self, batch: list[Record]) -> AppendResult:
+        """Commit a batch to this feed's file (on the commit thread); the caller counts refusals."""
+        try:
+            result = await self._db.call("commit", self.outbox.append, batch)
+        except BaseException as exc:
+            self.last_commit_ok, self.last_commit_error = False, f"{type(exc).__name__}: {exc}"
+            self.check_replaced()
+            raise
+        self.last_commit_ok, self.last_commit_error = True, None
+        self.commits += 1
+        self.check_replaced()
+        self.priorities |= {r.priority for r in batch}
+        self._extend_tail(batch, result.first_id, result.accepted, evicted=bool(result.dropped or result.refused))
+        if result.dropped and self._on_dropped is not None:
+            self._on_dropped(self.name, result.dropped)
+        return result
+
+    def check_replaced(self) -> None:
+        """After the outbox replaced a damaged file: report what was lost, tell the store."""
+        outbox = self._outbox
+        if outbox is None or outbox.generation == self._generation:
+            return
+        self._generation = outbox.generation
+        if self._on_replaced is not None:
+            self._on_replaced(outbox)
+        if outbox.recovered_drops and self._on_dropped is not None:
+            self._on_dropped(self.name, outbox.recovered_drops)
+        self.committed.set()  # the uplink may have stalled on the damaged file: let it look again
+
+    def _untaken(self) -> list[Stored]:
+        """Committed events in memory never handed out, in any session (on the commit thread).
+
+        Never handed out means never acknowledged: putting them back into a replaced file
+        cannot resurrect an event already delivered.
+
+        list() of a deque or of dict values is one C call under the GIL: a consistent copy.
+        """
+        return [row for tail in list(self._tail.values()) for row in list(tail)]
+
+    def _extend_tail(self, batch: list[Record], first_id: int, accepted: int, *, evicted: bool) -> None:
+        next_id = first_id + accepted
+        if evicted:
+            # Evicted (or refused) events may sit in the tail: start afresh after this batch.
+            self._tail.clear()
+            self._tail_from = dict.fromkeys(self.priorities, next_id)
+            self._next_id = next_id
+            return
+        for offset, r in enumerate(batch):
+            tail = self._tail.setdefault(r.priority, deque())
+            tail.append(Stored(first_id + offset, r.priority, r.device, r.type, r.seq, r.topic, r.payload, r.created))
+        for priority, tail in self._tail.items():
+            most = TAIL_MAX_MEDIA if priority == Priority.MEDIA else TAIL_MAX
+            if len(tail) > most:  # the uplink is not taking them (link down): read them back later
+                tail.clear()
+                self._tail_from[priority] = next_id
+        self._next_id = next_id
+
+    async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
+        """Up to ``limit`` stored events after the cursors, highest class first.
+
+        ``cursors`` maps a class to the last id the caller took of it (absent: none yet).
+        Caught-up classes are served from memory; a backlog is read from the file.
+        """
+        rows: list[Stored] = []
+        for priority in sorted(self.priorities, reverse=True):
+            need = limit - len(rows)
+            if need <= 0:
+                break
+            cursor = cursors.get(priority, 0)
+            start = self._tail_from.get(priority, self._next_id)
+            if cursor >= start - 1:
+                tail = self._tail.get(priority)
+                while tail and tail[0].id <= cursor:  # already taken from the file
+                    tail.popleft()
+                # Caught up: from here on this class is served from memory.
+                self._tail_from[priority] = cursor + 1
+                while tail and need > 0:
+                    taken = tail.popleft()
+                    rows.append(taken)
+                    # Taken events leave memory; after a reconnect they are read from the file.
+                    self._tail_from[priority] = taken.id + 1
+                    need -= 1
+            else:
+                loop = asyncio.get_running_loop()
+                got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
+                self.check_replaced()
+                tail = self._tail.get(priority)
+                # Taken from the file: out of memory at once, so the tail holds only events
+                # never handed out (a damaged file is repaired from it: see _untaken).
+                while got and tail and tail[0].id <= got[-1].id:
+                    tail.popleft()
+                rows += got
+        if self._outbox is not None:
+            self._outbox.taken = cursors  # evicting what the consumer holds is remembered (see Outbox.ack)
+        return rows
+
+    def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
+        """On the read thread: peek through the reader, reopened if the file was replaced.
+
+        A damaged file found here is handed to the commit thread, which replaces it as it
+        would for damage found on a write, and the read is tried once more on the new file.
+        """
+        for attempt in (1, 2):
+            outbox = self.outbox
+            if self._reader is None or self._reader_generation != outbox.generation:
+                if self._reader is not None:
+                    self._reader.close()
+                self._reader, self._reader_generation = OutboxReader(outbox.path), outbox.generation
+            try:
+                return self._reader.peek(priority, after_id, limit)
+            except sqlite3.DatabaseError as exc:
+                if attempt == 2:
+                    raise
+                # Through the commit thread even when it is not corruption: if the writer is
+                # replacing the file right now (this reader then sees an I/O error on the moved
+                # file), this waits for it to finish.
+                self._db.executor.submit(outbox.recover, exc, self._reader_generation).result()
+                if not is_corruption(exc) and outbox.generation == self._reader_generation:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def ack(self, ids: Sequence[int]) -> int:
+        """Delete delivered events; returns how many were counted as delivered."""
+        try:
+            return await self._db.call("ack", self.outbox.ack, ids)
+        finally:
+            self.check_replaced()
+
+    async def stats(self) -> BufferStats:
+        """Counters and depth of this feed's file."""
+        try:
+            return await self._db.call("stats", self.outbox.stats)
+        finally:
+            self.check_replaced()
+
+    async def close(self) -> None:
+        """Close the reader and the file (the store has committed what was queued)."""
+        self._reads.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._outbox is not None:
+            await self._db.call("close", self._outbox.close)
+            self._outbox = None

@@ -1,0 +1,213 @@
+"""What an uplink is: its config model, its kind, and what the core gives it and expects back.
+
+An uplink lives in its own folder (``agent/uplinks/<name>/`` for the shipped ones, or any
+installed package) and registers an :class:`UplinkPlugin` under the ``edge_agent.uplinks``
+entry point group. The core never imports one; ``uplink.<name>`` in the site file is the
+plugin's :attr:`UplinkPlugin.config_model`.
+
+Two kinds, as Telegraf's outputs and Frigate's communicators suggest:
+
+- **durable** (:class:`DurableUplink`): consumes accepted events from an :class:`EventFeed` of
+  its own (its own outbox file, cursors and accounting) and acknowledges each once the far end
+  has it. One durable uplink's outage never evicts another's events.
+- **live** (:class:`LiveSink`): receives every reading's latest value as it is produced (the
+  OPC UA server); nothing is buffered for it.
+
+Either kind may take commands and documents *in* from the operations centre through the
+:class:`Inbound` channel in its :class:`UplinkContext` (a device write, a status request;
+remote configuration arrives this way too). The core answers every request with a
+:class:`Reply`; an uplink carries it back however its protocol does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from agent.devices.api import StrictModel
+from agent.observability.metrics import MAX_REASONS, normalise_reason
+from agent.store.outbox import Stored
+
+ENTRY_POINT_GROUP = "edge_agent.uplinks"
+
+
+class UplinkSettings(StrictModel):
+    """Base of every uplink's config model; the hooks let the core treat them alike."""
+
+    def active(self) -> bool:
+        """Whether this uplink runs (a plugin with an ``enabled`` key answers with it)."""
+        return True
+
+    def secrets(self) -> list[str]:
+        """Secret values the logs must redact (read now, as the uplink will at connect)."""
+        return []
+
+    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
+        """(field path, file) of every password, users or key file, for the permission check."""
+        return []
+
+    def warnings(self, prefix: str) -> list[str]:
+        """What these settings allow but should not, as ``field.path: finding; fix`` lines."""
+        return []
+
+
+@dataclass
+class UplinkStatus:
+    """What health, metrics and readiness say about one uplink; the uplink keeps it current."""
+
+    connected: bool = False
+    connects: int = 0
+    disconnects: int = 0
+    last_error: str | None = None
+    since: float = 0.0
+    published: int = 0
+    acked: int = 0
+    refused: int = 0  # events the far end answered with a failure (kept buffered)
+    errors: dict[str, int] = field(default_factory=dict)  # failures by normalised reason
+
+    def failed(self, reason: str) -> None:
+        """Record one failed attempt or lost connection (counted by reason for the metrics)."""
+        self.last_error = reason
+        key = normalise_reason(reason)
+        if key not in self.errors and len(self.errors) >= MAX_REASONS:
+            key = "other"
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
+class EventFeed(Protocol):
+    """A durable uplink's own stream of accepted events, in delivery order per class."""
+
+    @property
+    def committed(self) -> asyncio.Event:
+        """Set after every commit; the uplink clears it before it looks for work."""
+        ...
+
+    async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
+        """Up to ``limit`` events after ``cursors`` (class -> last id taken), highest class first."""
+        ...
+
+    async def ack(self, ids: Sequence[int]) -> int:
+        """The far end has these events: they leave the feed's buffer. Returns how many counted."""
+        ...
+
+
+@dataclass(frozen=True)
+class Command:
+    """A request from the operations centre: ``name`` with ``args``, arrived through ``origin``."""
+
+    name: str
+    args: dict[str, Any]
+    origin: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The core's answer to a :class:`Command`.
+
+    ``status``: ``ok``; ``rejected`` (bad or unauthorised request, nothing changed);
+    ``unsupported`` (no such command here); ``failed`` (accepted, but the action failed).
+    """
+
+    status: Literal["ok", "rejected", "unsupported", "failed"]
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Inbound(Protocol):
+    """How an uplink hands the core what comes in from the operations centre."""
+
+    async def write(self, device: str, point: str, value: Any, *, origin: str) -> None:
+        """Write ``value`` to a device's point through its driver.
+
+        Raises:
+            DriverWriteError: the device is not running or refused the value (its ``reason``
+                says why); the uplink maps it to its protocol's status.
+        """
+        ...
+
+    async def command(self, command: Command) -> Reply:
+        """Run one command (a few run at a time; never on the event path)."""
+        ...
+
+
+@dataclass(frozen=True)
+class UplinkContext:
+    """What the core gives an uplink when it creates one."""
+
+    name: str
+    title: str  # how logs name it ("OPC UA"): writes and commands from it are logged as its
+    gateway: str
+    inbound: Inbound
+    state_dir: Path  # where the uplink may keep small state files (beside the buffer, 0700)
+
+
+class DurableUplink(Protocol):
+    """Delivers every accepted event at least once, from its own feed."""
+
+    status: UplinkStatus
+
+    async def run(self, feed: EventFeed) -> None:
+        """Deliver forever: connect, send, acknowledge into ``feed``, reconnect. Cancelled to stop."""
+        ...
+
+    async def goodbye(self) -> None:
+        """Before a clean stop: say so to the far end (e.g. a retained ``offline``); bounded by the caller."""
+        ...
+
+    def quiet_allowance(self) -> float:
+        """Seconds the uplink may go without progress on a live link before it counts as stalled."""
+        ...
+
+
+class LiveSink(Protocol):
+    """Receives each reading's latest value as it is produced (nothing is buffered for it)."""
+
+    async def start(self) -> None:
+        """Start serving. Raise ``OSError`` or ``ValueError`` if it cannot; the rest keeps running."""
+        ...
+
+    def update(self, device: str, event_type: str, data: dict[str, Any], time: datetime) -> None:
+        """A new reading (on the event loop's hot path: must not block or await)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop serving; must not raise."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the log once started (address, certificate thumbprint)."""
+        ...
+
+
+UplinkFactory = Callable[[Any, UplinkContext], "DurableUplink | LiveSink"]
+
+
+@dataclass(frozen=True)
+class UplinkPlugin:
+    """The entry point object an uplink package exposes (kept light: no heavy imports).
+
+    Attributes:
+        name: the key under ``uplink:`` in the site file.
+        config_model: pydantic model of that key.
+        kind: ``durable`` or ``live``.
+        factory: returns the function that builds the uplink from its settings; imported only
+            when the uplink runs.
+        summary: one line for the docs and ``edge-agent uplinks``.
+        title: how logs name the uplink (default: its name).
+        default_on: an absent key means the model's defaults rather than "not configured".
+        owns_buffer_file: a durable uplink whose outbox is ``buffer.path`` itself (the main
+            buffer file, its counters and sequence epoch); others get ``<stem>.<name><suffix>``.
+    """
+
+    name: str
+    config_model: type[UplinkSettings]
+    kind: Literal["durable", "live"]
+    factory: Callable[[], UplinkFactory]
+    summary: str = ""
+    title: str = ""
+    default_on: bool = False
+    owns_buffer_file: bool = False
