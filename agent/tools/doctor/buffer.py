@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import sqlite3
-from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.config.model import AgentConfigBase
+from agent.store.inspect import disk_bytes, inspect_buffer
 from agent.tools.doctor.access import R, ServiceUser, W, X, access_fix, denied, describe
 from agent.tools.doctor.report import Row, human_size
 
@@ -49,8 +48,7 @@ def check_buffer(config: AgentConfigBase, user: ServiceUser) -> list[Row]:
 
 def _space_row(existing: Path, path: Path, max_bytes: int) -> Row:
     vfs = os.statvfs(existing)
-    used = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    return space_row(vfs.f_bavail * vfs.f_frsize, used, max_bytes, existing)
+    return space_row(vfs.f_bavail * vfs.f_frsize, disk_bytes(path), max_bytes, existing)
 
 
 def space_row(free: int, used: int, max_bytes: int, volume: Path = Path("/")) -> Row:
@@ -77,9 +75,7 @@ def space_row(free: int, used: int, max_bytes: int, volume: Path = Path("/")) ->
 
 
 def check_buffer_file(path: Path, user: ServiceUser) -> Row:
-    """Access for the service user, ``PRAGMA quick_check`` read-only, size and events buffered."""
-    from agent.store.outbox import SCHEMA_VERSION
-
+    """Access for the service user, the file checked read-only (quick_check), its size and events buffered."""
     for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if file.exists():
             problem = denied(file, user, R | W)
@@ -91,65 +87,26 @@ def check_buffer_file(path: Path, user: ServiceUser) -> Row:
                     f"{file.name}: {problem.finding}",
                     f"chown {user.name}:{user.group_name} {path}*",
                 )
-    try:
-        quick, version, count, oldest = read_buffer(path)
-    except sqlite3.DatabaseError as exc:
+    summary = inspect_buffer(path)
+    if summary.problem is not None:
         return Row(
             "buffer",
             str(path),
             "FAIL",
-            f"unreadable: {exc}",
+            summary.problem,
             "the agent quarantines a corrupt buffer at start and salvages what it can; "
             "or stop it and move the file away",
         )
-    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    if quick != ["ok"]:
+    if summary.newer_schema:
         return Row(
             "buffer",
             str(path),
             "FAIL",
-            f"quick_check: {'; '.join(quick[:2])}",
-            "the agent quarantines a corrupt buffer at start and salvages what it can; "
-            "or stop it and move the file away",
-        )
-    if version > SCHEMA_VERSION:
-        return Row(
-            "buffer",
-            str(path),
-            "FAIL",
-            f"schema version {version} is newer than this agent's",
+            f"schema version {summary.schema_version} is newer than this agent's",
             "run the newer agent, or stop and move the file away",
         )
-    events = f"{count} events buffered"
-    if count and oldest is not None:
-        events += f", oldest from {datetime.fromtimestamp(oldest, UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}"
-    return Row("buffer", str(path), "ok", f"quick_check ok, {human_size(size)}, {events}")
-
-
-def read_buffer(path: Path) -> tuple[list[str], int, int, float | None]:
-    """(quick_check lines, user_version, rows in outbox, oldest created) without writing anything.
-
-    A read-only WAL connection creates ``-wal``/``-shm`` files when they are missing, and
-    they would belong to whoever runs the doctor (root), locking the agent out. Without them
-    the file is complete, so it is opened immutable; with them SQLite only reads; files it
-    still creates are given the database's owner.
-    """
-    sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")]
-    existed = {p: p.exists() for p in sidecars}
-    mode = "mode=ro" if any(existed.values()) else "mode=ro&immutable=1"
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=5)
-    try:
-        quick = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        count, oldest = (
-            conn.execute("SELECT count(*), min(created) FROM outbox").fetchone() if "outbox" in tables else (0, None)
-        )
-    finally:
-        conn.close()
-        owner = path.stat()
-        for p in sidecars:
-            if not existed[p] and p.exists():
-                with suppress(OSError):
-                    os.chown(p, owner.st_uid, owner.st_gid)
-    return quick, version, int(count), oldest
+    events = f"{summary.rows} events buffered"
+    if summary.rows and summary.oldest_created is not None:
+        oldest = datetime.fromtimestamp(summary.oldest_created, UTC)
+        events += f", oldest from {oldest.strftime('%Y-%m-%d %H:%M:%S UTC')}"
+    return Row("buffer", str(path), "ok", f"quick_check ok, {human_size(summary.disk_bytes)}, {events}")
