@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -47,11 +46,12 @@ def check_model_manifest(path: Path) -> Row:
     expected = expected.strip().lower()
     model = Path(manifest["file"])
     model = model if model.is_absolute() else path.parent / model
-    digest = hashlib.sha256()
+    # Imported here: agent.inference loads OpenCV and onnxruntime (the vision extra), which
+    # only a gateway with models has, and which take a second to import.
+    from agent.inference.manifest import sha256_file
+
     try:
-        with model.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        actual = sha256_file(model)
     except OSError as exc:
         return Row(
             "models",
@@ -60,7 +60,6 @@ def check_model_manifest(path: Path) -> Row:
             f"model file {model}: {exc.strerror or exc}",
             "copy the model file next to its manifest",
         )
-    actual = digest.hexdigest()
     if actual != expected:
         return Row(
             "models",
