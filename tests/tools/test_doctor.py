@@ -368,6 +368,30 @@ def test_wrong_password_is_refused_and_never_printed(tmp_path: Path) -> None:
         proc.wait(5)
 
 
+def test_edge_agent_doctor_runs_without_loading_the_vision_stack(tmp_path: Path) -> None:
+    """The CLI reaches the doctor; without models it never imports OpenCV or onnxruntime (the vision extra)."""
+    config = write_config(tmp_path / "site.yaml", port=free_port(), devices=VIRTUAL)  # nothing listens there
+    script = (
+        "import sys; from agent.tools.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cv2', 'onnxruntime') "
+        "or m.startswith('agent.inference')), file=sys.stderr); sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "doctor", "-c", str(config), "--json", "--user", ME, "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    rows = json.loads(done.stdout)
+    assert only(rows, "broker", "tcp")["finding"] == "cannot connect: Connection refused"
+    assert only(rows, "models")["finding"] == "no models configured"
+    assert only(rows, "device", "meter-1")["verdict"] == "ok"
+    assert done.stderr.splitlines()[-1] == "[]", done.stderr
+
+
 # ---- single checks, in process ----------------------------------------------------------------
 
 
