@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from agent.contract.data import device_status
 from agent.contract.events import DEVICE_STATUS, Reading
 from agent.devices.api import DeviceConfig, Driver, DriverContext, DriverPlugin
 from agent.errors import AgentError, DriverFatalError, DriverStartupError
@@ -96,13 +97,7 @@ class DeviceRunner(DriverContext):
             log.info(
                 "device %s %s", self.device_id, status, extra={"subject": f"device {self.device_id}", "state": status}
             )
-        data = {
-            "status": status,
-            "reason": reason,
-            "driver": self.config.driver,
-            "consecutive_failures": self.failures,
-            "since": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
+        data = device_status(status, reason, self.config.driver, self.failures, datetime.now(UTC))
         self._emit(self.device_id, Reading(DEVICE_STATUS, data))
 
     # ---- lifecycle ----------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.contract.events import CAMERA_SNAPSHOT, CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading, format_time
+from agent.contract.data import crosswalk_presence, parking_occupancy
+from agent.contract.events import CAMERA_SNAPSHOT, CROSSWALK_PRESENCE, PARKING_OCCUPANCY, Reading
 from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverStartupError
 from agent.inference import Detection, Detector, ModelError, load_manifest
@@ -34,10 +35,6 @@ from drivers.camera.snapshot import Snapshotter
 
 log = logging.getLogger("drivers.camera")
 TIMING_WINDOW = 512  # detector runs kept for p50/p99
-
-
-def _iso(wall: float) -> str:
-    return format_time(datetime.fromtimestamp(wall, UTC))
 
 
 def _trigger(readings: list[Reading]) -> str:
@@ -288,13 +285,13 @@ class CameraDriver(Driver):
         return readings
 
     def _bay_reading(self, bay: str, state: BayState) -> Reading:
-        data = {"bay": bay, "occupied": bool(state.occupied), "confidence": round(float(state.confidence), 3),
-                "since": _iso(state.since)}  # fmt: skip
+        since = datetime.fromtimestamp(state.since, UTC)
+        data = parking_occupancy(bay, bool(state.occupied), round(float(state.confidence), 3), since)
         return Reading(PARKING_OCCUPANCY, data)
 
     def _area_reading(self, area: str) -> Reading:
-        return Reading(CROSSWALK_PRESENCE, {"area": area, "count": int(self._counts[area] or 0),
-                                            "max_count": int(self._max_counts[area])})  # fmt: skip
+        data = crosswalk_presence(area, int(self._counts[area] or 0), int(self._max_counts[area]))
+        return Reading(CROSSWALK_PRESENCE, data)
 
     def full_report(self) -> list[Reading]:
         """Every zone's current state (periodic); starts a new max_count window."""

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from agent.contract.data import camera_snapshot
 from agent.inference import Detection
 
 log = logging.getLogger("drivers.camera")
@@ -144,15 +145,8 @@ class Snapshotter:
         ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         if not ok:
             raise RuntimeError("OpenCV could not encode the JPEG")
-        return {
-            "reason": reason,
-            "trigger": trigger,
-            "media_type": "image/jpeg",
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "image": base64.b64encode(encoded.tobytes()).decode("ascii"),
-            "blurred": counts,
-        }
+        jpeg = base64.b64encode(encoded.tobytes()).decode("ascii")
+        return camera_snapshot(reason, trigger, int(image.shape[1]), int(image.shape[0]), jpeg, counts)
 
     def _failed(self, exc: Exception) -> None:
         self.failed += 1

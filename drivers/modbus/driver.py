@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.contract.data import crosswalk_presence, measurement, meter_reading, parking_occupancy
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverFatalError, DriverWriteError, WriteFailure
@@ -29,10 +30,6 @@ _Sample = tuple[PointConfig, float | int | str | None, str | None]
 
 
 MAX_PHASE_SPREAD = 2.0  # seconds over which devices' first polls are spread
-
-
-def _iso(ts: datetime) -> str:
-    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def decoder_for(point: PointConfig, config: ModbusConfig) -> codec.Decoder | None:
@@ -394,30 +391,25 @@ class ModbusDriver(Driver):
                 continue
             reported[name] = (value, quality)
             if quantity is not None:
-                m: dict[str, Any] = {"quantity": quantity, "value": value, "unit": unit, "quality": quality,
-                                     "point": name}  # fmt: skip
-                if reason is not None:
-                    m["reason"] = reason
-                if phase is not None:
-                    m["phase"] = phase
-                measurements.append(m)
+                measurements.append(measurement(quantity, value, unit, quality, point=name, reason=reason, phase=phase))
             elif quality != "bad" and p.bay is not None:
-                readings.append(Reading(PARKING_OCCUPANCY, self._bay(p, bool(value), quality, stamp, previous), stamp))
+                data = self._bay(p, p.bay, bool(value), quality, stamp, previous)
+                readings.append(Reading(PARKING_OCCUPANCY, data, stamp))
             elif quality != "bad" and p.area is not None and isinstance(value, int | float):
-                readings.append(Reading(CROSSWALK_PRESENCE, self._area(p, int(value), full), stamp))
+                readings.append(Reading(CROSSWALK_PRESENCE, self._area(p, p.area, int(value), full), stamp))
         if measurements:
-            readings.insert(0, Reading(METER_READING, {"measurements": measurements}, stamp))
+            readings.insert(0, Reading(METER_READING, meter_reading(measurements), stamp))
         return readings
 
     def _bay(
-        self, point: PointConfig, occupied: bool, quality: str, stamp: datetime, last: tuple[Any, str] | None
+        self, point: PointConfig, bay: str, occupied: bool, quality: str, stamp: datetime, last: tuple[Any, str] | None
     ) -> dict[str, Any]:
         if point.name not in self._since or (last is not None and bool(last[0]) != occupied):
             self._since[point.name] = stamp
-        return {"bay": point.bay, "occupied": occupied, "confidence": 1.0 if quality == "good" else 0.5,
-                "since": _iso(self._since[point.name]), "point": point.name}  # fmt: skip
+        confidence = 1.0 if quality == "good" else 0.5
+        return parking_occupancy(bay, occupied, confidence, self._since[point.name], point=point.name)
 
-    def _area(self, point: PointConfig, count: int, full: bool) -> dict[str, Any]:
+    def _area(self, point: PointConfig, area: str, count: int, full: bool) -> dict[str, Any]:
         window_max = max(self._window_max.get(point.name, 0), count)
         self._window_max[point.name] = count if full else window_max
-        return {"area": point.area, "count": count, "max_count": window_max, "point": point.name}
+        return crosswalk_presence(area, count, window_max, point=point.name)

@@ -22,6 +22,7 @@ from typing import Any
 from asyncua import ua
 from asyncua.ua import status_codes
 
+from agent.contract.data import crosswalk_presence, measurement, meter_reading, parking_occupancy
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.contract.floats import shortest_float32
 from drivers.opcua.config import OpcUaConfig, PointConfig
@@ -102,10 +103,6 @@ def bad_sample(point: PointConfig, reason: str, now: datetime) -> Sample:
     return Sample(point, None, "bad", reason, now)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class EventMapper:
     """Turns samples into readings; remembers what bays and areas need across batches."""
 
@@ -124,42 +121,39 @@ class EventMapper:
         for s in samples:
             p = s.point
             if p.quantity is not None:
-                m: dict[str, Any] = {"quantity": p.quantity, "value": s.value, "unit": p.event_unit,
-                                     "quality": s.quality, "point": p.name}  # fmt: skip
-                if s.reason is not None:
-                    m["reason"] = s.reason
-                if p.phase is not None:
-                    m["phase"] = p.phase
                 key = s.time.replace(microsecond=s.time.microsecond // 1000 * 1000)
+                m = measurement(
+                    p.quantity, s.value, p.event_unit, s.quality, point=p.name, reason=s.reason, phase=p.phase
+                )
                 groups.setdefault(key, []).append(m)
             elif s.quality == "bad" or s.value is None:
                 continue  # a bay or area without a value has no event to say so; the device status does
             elif p.bay is not None:
-                others.append(Reading(PARKING_OCCUPANCY, self._bay(p, bool(s.value), s), s.time))
+                others.append(Reading(PARKING_OCCUPANCY, self._bay(p, p.bay, bool(s.value), s), s.time))
             elif p.area is not None:
-                others.append(Reading(CROSSWALK_PRESENCE, self._area(p, int(s.value)), s.time))
+                others.append(Reading(CROSSWALK_PRESENCE, self._area(p, p.area, int(s.value)), s.time))
         out: list[Reading] = []
         limit = self.config.max_measurements
         for stamp, measurements in groups.items():
             for start in range(0, len(measurements), limit):
-                out.append(Reading(METER_READING, {"measurements": measurements[start : start + limit]}, stamp))
+                out.append(Reading(METER_READING, meter_reading(measurements[start : start + limit]), stamp))
         out += others
         if len(out) > 1:
             out.sort(key=lambda r: r.time or datetime.min.replace(tzinfo=UTC))
         return out
 
-    def _bay(self, point: PointConfig, occupied: bool, s: Sample) -> dict[str, Any]:
+    def _bay(self, point: PointConfig, bay: str, occupied: bool, s: Sample) -> dict[str, Any]:
         if self._occupied.get(point.name) != occupied:
             self._occupied[point.name] = occupied
             self._since[point.name] = s.time
-        return {"bay": point.bay, "occupied": occupied, "confidence": 1.0 if s.quality == "good" else 0.5,
-                "since": _iso(self._since[point.name]), "point": point.name}  # fmt: skip
+        confidence = 1.0 if s.quality == "good" else 0.5
+        return parking_occupancy(bay, occupied, confidence, self._since[point.name], point=point.name)
 
-    def _area(self, point: PointConfig, count: int) -> dict[str, Any]:
+    def _area(self, point: PointConfig, area: str, count: int) -> dict[str, Any]:
         now = time.monotonic()
         if now - self._window_start >= AREA_WINDOW:
             self._window_start = now
             self._window_max.clear()
         window_max = max(self._window_max.get(point.name, 0), count)
         self._window_max[point.name] = window_max
-        return {"area": point.area, "count": max(count, 0), "max_count": max(window_max, 0), "point": point.name}
+        return crosswalk_presence(area, max(count, 0), max(window_max, 0), point=point.name)

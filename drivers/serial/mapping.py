@@ -7,6 +7,7 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
+from agent.contract.data import crosswalk_presence, measurement, meter_reading, parking_occupancy
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.contract.vocabulary import QUANTITY_UNITS
 from drivers.serial.config import FieldConfig, SerialConfig
@@ -57,11 +58,6 @@ def scaled(raw: FrameValue, field: FieldConfig) -> float:
     return float(f"{value:.12g}")
 
 
-def iso(moment: datetime) -> str:
-    """RFC 3339 UTC with milliseconds, as the event contract writes times."""
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class EventMapper:
     """Builds one Reading per good frame; keeps the little state the events need across frames."""
 
@@ -70,6 +66,8 @@ class EventMapper:
         self.config = config
         self._fields = [(field, config.field_key(field)) for field in config.fields]
         self._by_quantity = {field.quantity: key for field, key in self._fields}
+        # The config requires bay for emits parking and area for emits crosswalk: "" is never sent.
+        self._bay, self._area = config.bay or "", config.area or ""
         self._occupied: bool | None = None
         self._since: datetime | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic-ish seconds, count)
@@ -84,17 +82,17 @@ class EventMapper:
             return Reading(PARKING_OCCUPANCY, self._parking(frame, at), time=at)
         if self.config.emits == "crosswalk":
             return Reading(CROSSWALK_PRESENCE, self._crosswalk(frame, at), time=at)
-        return Reading(METER_READING, {"measurements": [self._measurement(frame, f, k) for f, k in self._fields]}, at)
+        return Reading(METER_READING, meter_reading([self._measurement(frame, f, k) for f, k in self._fields]), at)
 
     def _measurement(self, frame: Frame, field: FieldConfig, key: str | int) -> dict[str, Any]:
         # One unusable value (a sensor printing ERR, a NaN float) must not cost the others:
         # it is reported with quality bad, as the meter contract allows.
         unit = QUANTITY_UNITS.get(field.quantity, field.unit or "")
         try:
-            value: float | None = scaled(frame.values.get(key), field)
+            value = scaled(frame.values.get(key), field)
         except BadValueError as exc:
-            return {"quantity": field.quantity, "value": None, "unit": unit, "quality": "bad", "reason": str(exc)}
-        return {"quantity": field.quantity, "value": value, "unit": unit, "quality": "good"}
+            return measurement(field.quantity, None, unit, "bad", reason=str(exc))
+        return measurement(field.quantity, value, unit)
 
     def _value(self, frame: Frame, quantity: str) -> float:
         field = next(f for f in self.config.fields if f.quantity == quantity)
@@ -111,18 +109,18 @@ class EventMapper:
         if occupied != self._occupied or self._since is None:
             # The first frame after start sets the state; the sensor knows no better "since".
             self._occupied, self._since = occupied, at
-        return {"bay": self.config.bay, "occupied": occupied, "confidence": confidence, "since": iso(self._since)}
+        return parking_occupancy(self._bay, occupied, confidence, self._since)
 
     def _crosswalk(self, frame: Frame, at: datetime) -> dict[str, Any]:
         count = self._count(self._value(frame, "count"), "count")
         if "max_count" in self._by_quantity:
             max_count = self._count(self._value(frame, "max_count"), "max_count")
-            return {"area": self.config.area, "count": count, "max_count": max_count}
+            return crosswalk_presence(self._area, count, max_count)
         now = at.timestamp()
         self._recent.append((now, count))
         while self._recent and self._recent[0][0] <= now - self.config.window:
             self._recent.popleft()
-        return {"area": self.config.area, "count": count, "max_count": max(c for _, c in self._recent)}
+        return crosswalk_presence(self._area, count, max(c for _, c in self._recent))
 
     @staticmethod
     def _count(value: float, quantity: str) -> int:

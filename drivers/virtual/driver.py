@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
-from typing import Any
 
+from agent.contract.data import crosswalk_presence, measurement, meter_reading, parking_occupancy
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverReadError
@@ -40,19 +40,14 @@ class VirtualDriver(Driver):
         power_kw = max(0.0, self._rng.gauss(42.0, 3.5))
         self._energy_kwh += power_kw * self.config.interval / 3600.0
         voltage = self._rng.gauss(230.0, 1.2)
-        data: dict[str, Any] = {
-            "measurements": [
-                {"quantity": "active_energy", "value": round(self._energy_kwh, 4), "unit": "kWh", "quality": "good"},
-                {"quantity": "active_power", "value": round(power_kw, 3), "unit": "kW", "quality": "good"},
-                {"quantity": "voltage", "value": round(voltage, 1), "unit": "V", "quality": "good"},
-                {
-                    "quantity": "frequency",
-                    "value": round(self._rng.gauss(50.0, 0.02), 3),
-                    "unit": "Hz",
-                    "quality": "good",
-                },
+        data = meter_reading(
+            [
+                measurement("active_energy", round(self._energy_kwh, 4), "kWh"),
+                measurement("active_power", round(power_kw, 3), "kW"),
+                measurement("voltage", round(voltage, 1), "V"),
+                measurement("frequency", round(self._rng.gauss(50.0, 0.02), 3), "Hz"),
             ]
-        }
+        )
         return Reading(METER_READING, data)
 
     def _parking(self) -> Reading:
@@ -60,18 +55,13 @@ class VirtualDriver(Driver):
         if self._rng.random() < 0.15:
             self._occupied = not self._occupied
             self._since = datetime.now(UTC)
-        data = {
-            "bay": self.config.bay,
-            "occupied": self._occupied,
-            "confidence": round(self._rng.uniform(0.85, 0.99), 2),
-            "since": self._since.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
+        data = parking_occupancy(self.config.bay, self._occupied, round(self._rng.uniform(0.85, 0.99), 2), self._since)
         return Reading(PARKING_OCCUPANCY, data)
 
     def _crosswalk(self) -> Reading:
         count = max(0, int(self._rng.gauss(2.0, 1.6)))
         self._window_max = max(self._window_max, count)
-        data = {"area": self.config.area, "count": count, "max_count": self._window_max}
+        data = crosswalk_presence(self.config.area, count, self._window_max)
         if self._polls % 10 == 0:
             self._window_max = 0
         return Reading(CROSSWALK_PRESENCE, data)
