@@ -178,6 +178,15 @@ class UplinkHealth(_Open):
     last_error: str | None
 
 
+class DurableUplinkHealth(_Open):
+    """One durable uplink with its own buffer file and accounting (docs/delivery.md, section 9)."""
+
+    connected: bool
+    last_error: str | None
+    buffer: BufferHealth
+    accounting: Accounting
+
+
 class DevicesHealth(_Open):
     """How many devices run and which are offline."""
 
@@ -228,6 +237,11 @@ class GatewayHealth(_Open):
     devices: DevicesHealth
     process: ProcessHealth | None = Field(default=None, description="The agent process (CPU, memory).")
     host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
+    uplinks: dict[str, DurableUplinkHealth] | None = Field(
+        default=None,
+        description="Only with two or more durable uplinks: each one's connection, buffer and accounting, by "
+        "name; buffer, accounting and uplink above describe the main (MQTT) one.",
+    )
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
