@@ -74,7 +74,7 @@ class HealthReporter:
 
     async def health(self) -> dict[str, Any]:
         """The health event's data now (drops since the last report included, not cleared)."""
-        return await self._status.health(self._drop_list())
+        return await self._status.health(self._drop_list)
 
     async def emit_health(self) -> None:
         """Publish one health event (drops reported in it are then cleared)."""

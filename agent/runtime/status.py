@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from agent import __version__
@@ -104,8 +105,12 @@ class StatusModel:
         }
 
     # ---- the health event ------------------------------------------------------------
-    async def health(self, drops: list[dict[str, Any]]) -> dict[str, Any]:
-        """The ``city.gateway.health`` data (see docs/events.md)."""
+    async def health(self, drops: Callable[[], list[dict[str, Any]]]) -> dict[str, Any]:
+        """The ``city.gateway.health`` data (see docs/events.md).
+
+        ``drops`` is read after the buffer figures: reading them may reveal a replaced file,
+        whose losses must be in this very report.
+        """
         all_stats = await self.refresh()
         main = self.uplinks.main
         stats = all_stats[main.name]
@@ -117,7 +122,7 @@ class StatusModel:
             "site": self.config.gateway.site,
             "buffer": _buffer(stats),
             "accounting": _accounting(stats, self.store.feeds[main.name].not_accepted),
-            "dropped_since_last_report": drops,
+            "dropped_since_last_report": drops(),
             "uplink": {
                 "connected": up.connected,
                 "connects": up.connects,
