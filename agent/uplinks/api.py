@@ -196,7 +196,7 @@ class UplinkPlugin:
         kind: ``durable`` or ``live``.
         factory: returns the function that builds the uplink from its settings; imported only
             when the uplink runs.
-        summary: one line for the docs and ``edge-agent uplinks``.
+        summary: one line for the generated config reference (docs/configuration.md).
         title: how logs name the uplink (default: its name).
         default_on: an absent key means the model's defaults rather than "not configured".
         owns_buffer_file: a durable uplink whose outbox is ``buffer.path`` itself (the main

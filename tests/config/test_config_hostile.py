@@ -35,6 +35,7 @@ SHIPPED = sorted(
         *(ROOT / "config" / "examples").glob("*.yaml"),
         ROOT / "systemd" / "site.example.yaml",
         *(ROOT / "drivers").glob("*/sample.yaml"),
+        *(ROOT / "agent" / "uplinks").glob("*/sample.yaml"),
     ]
 )
 CASE_SECONDS = 2.0  # per mutated config, validation included
@@ -160,7 +161,10 @@ def _structural(draw: st.DrawFn, data: Any) -> str:
     """A shipped config with values replaced, removed, added, wrapped or swapped."""
     data = copy.deepcopy(data)
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from([p for p in _paths(data) if p]))
+        paths = [p for p in _paths(data) if p]
+        if not paths:  # an earlier step left nothing to reach into
+            break
+        path = draw(st.sampled_from(paths))
         parent, key = _at(data, path[:-1]), path[-1]
         op = draw(st.sampled_from(["replace", "replace", "delete", "add", "wrap", "swap", "rename"]))
         if op == "replace":
@@ -170,7 +174,7 @@ def _structural(draw: st.DrawFn, data: Any) -> str:
         elif op == "add" and isinstance(parent, dict):
             parent[draw(st.sampled_from(KEYS))] = draw(VALUES)
         elif op == "add":
-            parent.append(copy.deepcopy(draw(st.sampled_from(parent))))
+            parent.append(copy.deepcopy(draw(st.sampled_from(parent))) if parent else draw(VALUES))
         elif op == "wrap":
             parent[key] = draw(st.sampled_from([[parent[key]], {"a": parent[key]}, {parent[key]: 1}
                                                 if isinstance(parent[key], str) else [[parent[key]]]]))  # fmt: skip
