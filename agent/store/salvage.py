@@ -1,6 +1,6 @@
 """Reading what is left of a damaged buffer file, and telling a damaged buffer from a foreign file.
 
-The outbox (agent/store/outbox.py) quarantines a corrupt file and salvages it through this module;
+The outbox (agent/store/repair.py) quarantines a corrupt file and salvages it through this module;
 ``edge-agent validate`` asks :func:`buffer_path_problem` before anything runs, so that a
 ``buffer.path`` pointing at some other file (the site file, a log) is refused by name instead
 of being moved aside and written over.
