@@ -670,7 +670,13 @@ _AREAS = [
     ("driver: decoding registers (codec, decode_point)", ("drivers/modbus/codec.py", "decode_point (")),
     ("driver: poll bookkeeping, event data (driver.py)", ("drivers/modbus/",)),
     ("event envelope + JSON (agent/contract/events.py)", ("agent/contract/events.py",)),
-    ("SQLite outbox: commit, read back, delete (agent/store/outbox.py)", ("agent/store/outbox.py",)),
+    (
+        "SQLite outbox: commit, read back, delete (agent/store/outbox.py and its parts)",
+        tuple(
+            f"agent/store/{m}.py"
+            for m in ("outbox", "records", "schema", "accounting", "writes", "evict", "disk", "repair")
+        ),
+    ),
     ("event store: sequencing, queues (agent/store/event_store.py)", ("agent/store/event_store.py",)),
     ("MQTT uplink + paho (agent/uplink, paho)", ("agent/uplinks/", "paho/")),
     (
