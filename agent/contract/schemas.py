@@ -167,6 +167,9 @@ class DropReport(_Open):
     seqs: str | None = Field(
         default=None, description="Reason corrupt: the seq ranges lost, e.g. '120-180, 184' (estimated)."
     )
+    uplink: str | None = Field(
+        default=None, description="The durable uplink whose own buffer dropped them; absent for the main (MQTT) one."
+    )
 
 
 class UplinkHealth(_Open):

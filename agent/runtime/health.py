@@ -29,8 +29,10 @@ class HealthReporter:
         self._status = status
         self._emit = emit
         self._main = main_feed
-        self._drops: Counter[tuple[str, str, str]] = Counter()  # of the main feed, since the last report
-        self._drop_seqs: dict[tuple[str, str, str], str] = {}  # seq ranges of events lost with a damaged file
+        # (feed, device, type, reason) -> count since the last report, and the seq ranges of
+        # events lost with a damaged file.
+        self._drops: Counter[tuple[str, str, str, str]] = Counter()
+        self._drop_seqs: dict[tuple[str, str, str, str], str] = {}
         self._report: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Every feed's drops since start, for the metrics: (feed, device, type, reason) -> count.
@@ -39,38 +41,45 @@ class HealthReporter:
     def dropped(self, feed: str, dropped: list[Dropped]) -> None:
         """A feed evicted or lost events (called on the loop after a commit)."""
         for d in dropped:
-            self.dropped_total[(feed, d.device, d.type, d.reason)] += d.count
-            if feed != self._main:
-                continue  # other feeds report through their own accounting
-            self._drops[(d.device, d.type, d.reason)] += d.count
+            key = (feed, d.device, d.type, d.reason)
+            self.dropped_total[key] += d.count
+            self._drops[key] += d.count
             if d.seqs:
-                self._drop_seqs[(d.device, d.type, d.reason)] = d.seqs
-        if self._report is None and feed == self._main:
+                self._drop_seqs[key] = d.seqs
+        if self._report is None:
             self._report = asyncio.get_running_loop().call_later(DROP_REPORT_DELAY, self._report_drops)
 
     def _report_drops(self) -> None:
         self._report = None
         if not self._drops:  # a health event in between already reported (and cleared) them
             return
-        by_reason: Counter[str] = Counter()
-        for (_device, _type, reason), count in self._drops.items():
-            by_reason[reason] += count
-        devices = sorted({device for device, _, _ in self._drops})
-        log.warning(
-            "buffer full: dropped the oldest events (%s) of %s",
-            ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())),
-            ", ".join(devices),
-        )
+        for feed in sorted({key[0] for key in self._drops}):
+            by_reason: Counter[str] = Counter()
+            for (_feed, _device, _type, reason), count in self._drops.items():
+                if _feed == feed:
+                    by_reason[reason] += count
+            devices = sorted({key[1] for key in self._drops if key[0] == feed})
+            log.warning(
+                "%sbuffer full: dropped the oldest events (%s) of %s",
+                "" if feed == self._main else f"uplink {feed}: ",
+                ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items())),
+                ", ".join(devices),
+            )
         task = asyncio.get_running_loop().create_task(self.emit_health(), name="health-after-drop")
         self._background.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._background.discard)
 
     def _drop_list(self) -> list[dict[str, Any]]:
-        return [
-            {"device": dev, "type": typ, "reason": reason, "count": count}
-            | ({"seqs": self._drop_seqs[dev, typ, reason]} if (dev, typ, reason) in self._drop_seqs else {})
-            for (dev, typ, reason), count in sorted(self._drops.items())
-        ]
+        out = []
+        for key, count in sorted(self._drops.items()):
+            feed, device, type_, reason = key
+            item: dict[str, Any] = {"device": device, "type": type_, "reason": reason, "count": count}
+            if key in self._drop_seqs:
+                item["seqs"] = self._drop_seqs[key]
+            if feed != self._main:
+                item["uplink"] = feed
+            out.append(item)
+        return out
 
     async def health(self) -> dict[str, Any]:
         """The health event's data now (drops since the last report included, not cleared)."""

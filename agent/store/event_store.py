@@ -112,11 +112,13 @@ class EventStore:
 
     def _refuse(self, device: str, why: str, count: int = 1, feeds: list[Feed] | None = None) -> None:
         """Count readings that never reached a feed; log the first and then every 10 s."""
-        for feed in feeds or self._feeds:
+        feeds = feeds or self._feeds
+        for feed in feeds:
             feed.not_accepted += count
         now = time.monotonic()
         if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL:
-            log.error("%d reading(s) (%s...) not stored: %s (%d in all)", count, device, why, self.not_accepted)
+            total = feeds[0].not_accepted
+            log.error("%d reading(s) (%s...) not stored: %s (%d in all)", count, device, why, total)
             self._refusal_logged_at = now
 
     async def run_writer(self) -> None:
@@ -143,19 +145,20 @@ class EventStore:
             self._has_pending.clear()
         failed = False
         for feed in self._feeds:
+            label = f"{feed.name}: " if len(self._feeds) > 1 else ""  # one file: its name says nothing
             try:
                 result = await feed.append(batch)
             except BufferFullError as exc:
-                self._refuse(batch[0].device, f"{feed.name}: {exc}", len(batch), [feed])
+                self._refuse(batch[0].device, f"{label}{exc}", len(batch), [feed])
             except Exception as exc:
                 # The disk or file failed in a way the buffer could not absorb: count the loss,
                 # keep the writer alive, and do not spin on a failing disk.
-                why = f"{feed.name}: buffer write failed: {type(exc).__name__}: {exc}"
+                why = f"{label}buffer write failed: {type(exc).__name__}: {exc}"
                 self._refuse(batch[0].device, why, len(batch), [feed])
                 failed = True
             else:
                 if result.refused:
-                    why = f"{feed.name}: the disk is full (lower classes refused first)"
+                    why = f"{label}the disk is full (lower classes refused first)"
                     self._refuse(batch[-1].device, why, result.refused, [feed])
             feed.committed.set()
         if failed:
