@@ -25,7 +25,10 @@ from agent.store.salvage import MAGIC, buffer_path_problem, header, looks_like_d
 # The outbox's own logger, whichever of its modules speaks: log lines keep their logger name.
 log = logging.getLogger("agent.store.outbox")
 
-SCHEMA_VERSION: Final = 2  # 2: meta (sequence epoch, running flag), counter dropped_corrupt
+# 2: meta (sequence epoch, running flag), counter dropped_corrupt. 3: new rows carry no topic (the
+# uplink chooses it when it sends), so an older agent, which would publish them to an empty topic,
+# must refuse the file; older rows keep theirs, unused.
+SCHEMA_VERSION: Final = 3
 SYNC_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 CHUNK: Final = 500  # stays far below SQLite's limit on bound parameters
 

@@ -550,6 +550,23 @@ def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_a_version_2_file_is_upgraded_with_its_rows(tmp_path: Path) -> None:
+    """Version 2 rows carry a topic; they stay, in order and counted, once the file is version 3."""
+    path = tmp_path / "buf.db"
+    with Outbox(path, 1 << 20) as box:
+        box.append([rec(n, device="m") for n in range(1, 4)])
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA user_version = 2")
+    raw.close()
+    with Outbox(path, 1 << 20) as box:
+        rows = box.peek(0, 0, 10)
+        assert [(r.seq, r.topic) for r in rows] == [(1, "site/m"), (2, "site/m"), (3, "site/m")]
+        assert box.stats().accepted == 3 and box.stats().rows == 3
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    raw.close()
+
+
 def test_fresh_file_is_wal_and_versioned(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "buf.db"
     Outbox(path, 1 << 20).close()
