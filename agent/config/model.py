@@ -34,7 +34,7 @@ from agent.devices.api import DeviceConfig, Duration, PriorityName, Size, Strict
 from agent.devices.registry import load_plugins
 from agent.errors import ConfigError
 from agent.store.salvage import buffer_path_problem
-from agent.uplinks.opcua_server.server import OpcUaServerConfig
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
 
 GATEWAY_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret

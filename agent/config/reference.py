@@ -16,7 +16,7 @@ from pydantic_core import PydanticUndefined
 from agent.config.model import AgentConfigBase, BufferConfig, GatewayConfig, MqttConfig, ObservabilityConfig, TlsConfig
 from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
-from agent.uplinks.opcua_server.server import OpcUaServerConfig
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
 

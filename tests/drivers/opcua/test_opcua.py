@@ -27,13 +27,10 @@ from agent.contract.events import DEVICE_STATUS, METER_READING, Reading
 from agent.contract.schemas import EVENT_MODELS, CloudEvent
 from agent.devices.runner import DeviceFailedError, DeviceRunner
 from agent.errors import DriverStartupError, DriverWriteError
-from agent.uplinks.opcua_server.server import (
-    NAMESPACE,
-    OpcUaServer,
-    OpcUaServerConfig,
-    unece_unit_id,
-    write_failure_code,
-)
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
+from agent.uplinks.opcua_server.nodes import NAMESPACE, unece_unit_id
+from agent.uplinks.opcua_server.server import OpcUaServer
+from agent.uplinks.opcua_server.writes import write_failure_code
 from drivers.opcua import PLUGIN
 from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.config import OpcUaConfig, PointConfig
@@ -701,7 +698,7 @@ def test_server_listens_on_loopback_unless_an_address_is_configured(caplog: pyte
             await server.stop()
 
     async def body() -> None:
-        caplog.set_level(logging.INFO, "agent.uplinks.opcua_server.server")
+        caplog.set_level(logging.INFO, "agent.uplinks.opcua_server")
         where, local, remote = await serving(default, 4840)
         assert where == {"127.0.0.1"} and local and remote in (None, False)
         assert default.listen == "opc.tcp://127.0.0.1:4840"
@@ -817,7 +814,7 @@ def test_server_accepts_only_trusted_client_certificates(
         finally:
             await server.stop()
 
-    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server.server"):
+    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server"):
         run(body)
     assert "0 trusted client certificate(s) in" in caplog.text
     assert "client certificate refused, not trusted: CN=edge-agent@" in caplog.text
@@ -855,7 +852,7 @@ def test_none_endpoint_offered_with_a_secure_one_takes_sessions_without_a_certif
         finally:
             await server.stop()
 
-    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server.server"):
+    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server"):
         run(body)
     rejected = tmp_path / "server-pki" / "rejected-clients"
     assert not rejected.exists() or not list(rejected.iterdir()), list(rejected.iterdir())
@@ -959,7 +956,7 @@ def test_server_write_answers_only_after_the_device_applied_it(
             await driver.stop()
         assert (server.stats["writes"], server.stats["refused_writes"]) == (1, 5)
 
-    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server.server"):
+    with caplog.at_level(logging.INFO, logger="agent.uplinks.opcua_server"):
         run(body)
     assert "OPC UA write by user 'scada': plc/flow = 21.0 applied by the device" in caplog.text
     assert ("OPC UA write by user 'scada': plc/pressure = 900.0 not applied by the device, answered BadNotWritable: "
