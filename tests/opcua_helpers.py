@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from drivers.opcua.certs import ensure_certificate
+from agent.protocols.opcua_certs import ensure_certificate
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.uanames import Server, node_id
 from tests.conftest import ROOT, Recorder  # noqa: F401 - Recorder re-exported for the OPC UA tests

@@ -30,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from agent.contract.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METER_READING, PARKING_OCCUPANCY
+from agent.protocols.opcua_certs import default_application_uri
 from agent.uplinks.opcua_server.access import Rules, Users, session_access_levels
 from agent.uplinks.opcua_server.nodes import (
     DeviceNodes,
@@ -89,7 +89,7 @@ class OpcUaServer:
         await server.init()
         server.set_endpoint(self.config.listen)
         server.set_server_name(self.name)
-        uri = f"urn:{socket.gethostname()}:edge-agent:server"
+        uri = f"{default_application_uri()}:server"
         await server.set_application_uri(uri)
         if self.config.cert_dir is not None and self.config.secure:
             self.thumbprint, self.trust = await secure(server, self.config, uri)

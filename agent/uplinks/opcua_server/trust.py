@@ -1,8 +1,7 @@
 """Secure endpoints: the server's own certificate, and the client certificates it accepts.
 
 The server's certificate is ``<cert_dir>/server-cert.der`` (key ``server-key.pem``), created on
-first start and reused while valid. The core never imports a driver, so the small certificate
-helper here mirrors ``drivers/opcua/certs.py`` rather than importing it.
+first start and reused while valid (:mod:`agent.protocols.opcua_certs`, shared with the driver).
 
 On a secure endpoint (a security policy other than None), only the client application
 certificates in ``trusted_clients_dir`` (default ``<cert_dir>/trusted-clients``, created empty)
@@ -19,15 +18,14 @@ so it is neither checked nor saved.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
-import socket
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent.protocols.opcua_certs import ensure_certificate, load_certificate, thumbprint
 
 if TYPE_CHECKING:
     from asyncua.server.server import Server
@@ -116,7 +114,7 @@ class ClientTrust:
         certs: list[x509.Certificate] = []
         for path in files:
             try:
-                certs.append(_load_certificate(path.read_bytes()))
+                certs.append(load_certificate(path))
             except ValueError:
                 log.warning("OPC UA server: %s is not a certificate (DER or PEM); ignored", path)
         self._pinned = {c.public_bytes(Encoding.DER) for c in certs}
@@ -185,7 +183,7 @@ class ClientTrust:
     def _reject(self, der: bytes, app_uri: str | None) -> None:
         from cryptography import x509
 
-        thumb = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+        thumb = thumbprint(der)
         if thumb in self._reported:
             return
         self._reported.add(thumb)
@@ -214,10 +212,14 @@ async def secure(server: Server, config: OpcUaServerConfig, uri: str) -> tuple[s
         ValueError: the certificate cannot be created or read.
     """
     assert config.cert_dir is not None
-    cert_path, key_path, thumb = await asyncio.to_thread(_server_certificate, config.cert_dir, uri)
-    await server.load_certificate(str(cert_path))
-    await server.load_private_key(str(key_path))
-    log.info("OPC UA server certificate %s: SHA-1 thumbprint %s", cert_path, thumb)
+    cert = await asyncio.to_thread(ensure_certificate, config.cert_dir, application_uri=uri, server=True,
+                                   cert_file=SERVER_CERT_FILE, key_file=SERVER_KEY_FILE,
+                                   name="edge-agent server")  # fmt: skip
+    if cert.created:
+        log.warning("OPC UA server certificate created: %s", cert.cert_path)
+    await server.load_certificate(str(cert.cert_path))
+    await server.load_private_key(str(cert.key_path))
+    log.info("OPC UA server certificate %s: SHA-1 thumbprint %s", cert.cert_path, cert.thumbprint)
     trust = ClientTrust(config.trusted_clients_dir or config.cert_dir / "trusted-clients",
                         config.cert_dir / "rejected-clients", create=config.trusted_clients_dir is None)  # fmt: skip
     await asyncio.to_thread(trust.refresh)
@@ -230,41 +232,4 @@ async def secure(server: Server, config: OpcUaServerConfig, uri: str) -> tuple[s
         log.warning("OPC UA server: the None endpoint takes any client, with or without a certificate (no "
                     "certificate is checked without security); %s applies to the secure endpoints only",
                     trust.folder)  # fmt: skip
-    return thumb, trust
-
-
-def _load_certificate(data: bytes) -> Any:
-    from cryptography import x509
-
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_certificate(data)
-    return x509.load_der_x509_certificate(data)
-
-
-def _server_certificate(folder: Path, uri: str) -> tuple[Path, Path, str]:
-    """(cert, key, SHA-1 thumbprint): the server's pair in ``folder``, created if missing or expired."""
-    from asyncua.crypto.cert_gen import generate_self_signed_app_certificate
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cert_path, key_path = folder / SERVER_CERT_FILE, folder / SERVER_KEY_FILE
-    if cert_path.is_file() and key_path.is_file():
-        der = cert_path.read_bytes()
-        if x509.load_der_x509_certificate(der).not_valid_after_utc > datetime.now(UTC):
-            return cert_path, key_path, hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    host = socket.gethostname()
-    cert = generate_self_signed_app_certificate(
-        key, f"edge-agent server@{host}", {}, [x509.UniformResourceIdentifier(uri), x509.DNSName(host)],
-        extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=3650,
-    )  # fmt: skip
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    der = cert.public_bytes(Encoding.DER)
-    cert_path.write_bytes(der)
-    log.warning("OPC UA server certificate created: %s", cert_path)
-    return cert_path, key_path, hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+    return cert.thumbprint, trust

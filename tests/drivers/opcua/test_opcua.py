@@ -27,12 +27,12 @@ from agent.contract.events import DEVICE_STATUS, METER_READING, Reading
 from agent.contract.schemas import EVENT_MODELS, CloudEvent
 from agent.devices.runner import DeviceFailedError, DeviceRunner
 from agent.errors import DriverStartupError, DriverWriteError
+from agent.protocols.opcua_certs import ensure_certificate
 from agent.uplinks.opcua_server.config import OpcUaServerConfig
 from agent.uplinks.opcua_server.nodes import NAMESPACE, unece_unit_id
 from agent.uplinks.opcua_server.server import OpcUaServer
 from agent.uplinks.opcua_server.writes import write_failure_code
 from drivers.opcua import PLUGIN
-from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.config import OpcUaConfig, PointConfig
 from drivers.opcua.driver import OpcUaDriver
 from drivers.opcua.mapping import sample_of

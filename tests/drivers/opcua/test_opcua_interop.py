@@ -22,12 +22,12 @@ from asyncua import ua
 
 from agent.contract.events import CROSSWALK_PRESENCE, DEVICE_STATUS, METER_READING, Reading
 from agent.devices.runner import DeviceRunner
+from agent.protocols.opcua_certs import ensure_certificate
 from agent.uplinks.opcua_server.config import OpcUaServerConfig
 from agent.uplinks.opcua_server.nodes import NAMESPACE, UNECE_URI, unece_unit_id
 from agent.uplinks.opcua_server.server import OpcUaServer
 from drivers.modbus.config import ModbusConfig
 from drivers.opcua import PLUGIN
-from drivers.opcua.certs import ensure_certificate
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.driver import OpcUaDriver
 from tests.conftest import free_port
