@@ -1,5 +1,6 @@
-"""OPC UA test parts: a simulated PLC on its own event loop thread, a PLC that only accepts login
-certificates, user certificates, a recording DriverContext, and node-opcua scripts as subprocesses."""
+"""OPC UA test parts shared by the driver's tests and the gateway server's: a simulated PLC on its
+own event loop thread and a module's certificates, a PLC that only accepts login certificates,
+user certificates, a recording DriverContext, and node-opcua scripts as subprocesses."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import shutil
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,10 +28,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from drivers.opcua.certs import ensure_certificate
+from agent.protocols.opcua_certs import ensure_certificate
+from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.uanames import Server, node_id
-from tests.conftest import ROOT, Recorder  # noqa: F401 - Recorder re-exported for the OPC UA tests
+from tests.conftest import ROOT, Recorder, free_port  # noqa: F401 - Recorder re-exported for the OPC UA tests
+
+PASSWORD = "s3cret-pump"  # noqa: S105 - the simulated PLC's test user
+
+
+def run(coro: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(coro(), timeout))
 
 
 class ThreadedPlc:
@@ -58,6 +66,51 @@ class ThreadedPlc:
         self.call(self.plc.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def module_fixtures() -> tuple[Any, Any]:
+    """A test module's ``pki`` and ``plc`` fixtures, as ``pki, plc = module_fixtures()``.
+
+    ``pki``: certificates made once for the module (generating RSA keys is the slow part of
+    security): the simulated PLC's folder, the gateway's certificate, its password file and a
+    wrong one. ``plc``: one simulated PLC for the module, 8 variables (Pump1, Pump2), values
+    changed by the tests.
+    """
+
+    @pytest.fixture(scope="module")
+    def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+        base = tmp_path_factory.mktemp("pki")
+        ensure_certificate(base / "gateway")
+        (base / "password").write_text(PASSWORD + "\n")
+        (base / "wrong").write_text("not-the-password\n")
+        return {"server": base / "server", "gateway": base / "gateway", "password": base / "password",
+                "wrong": base / "wrong"}  # fmt: skip
+
+    @pytest.fixture(scope="module")
+    def plc(pki: dict[str, Path]) -> Iterator[ThreadedPlc]:
+        sim = SimulatedPlc(free_port(), variables=8, rate=0, cert_dir=pki["server"], users={"op": PASSWORD},
+                           allow_anonymous=True, seed=7)  # fmt: skip
+        threaded = ThreadedPlc(sim)
+        yield threaded
+        threaded.close()
+
+    return pki, plc
+
+
+POINTS = [
+    {"name": "flow", "node": "ns=2;s=Pump1.Flow", "quantity": "flow", "scale": 2.0},
+    {"name": "energy", "node": "0:Objects/2:PLC/2:Pump1/2:Energy", "quantity": "active_energy"},
+    {"name": "pressure", "node": "ns=2;s=Pump1.Pressure", "quantity": "pressure"},
+    {"name": "running", "node": "ns=2;s=Pump1.Running", "bay": "P-01"},
+    {"name": "people", "node": "ns=2;s=Pump2.Pressure", "area": "north"},
+]
+
+
+def device(plc: ThreadedPlc, **keys: Any) -> OpcUaConfig:
+    """The simulated PLC as an ``opcua`` device (id ``plc``) with :data:`POINTS`."""
+    raw = {"id": "plc", "driver": "opcua", "endpoint": plc.plc.endpoint, "interval": "100ms", "timeout": "2s",
+           "points": POINTS, **keys}  # fmt: skip
+    return OpcUaConfig.model_validate(raw)
 
 
 @dataclass(frozen=True)

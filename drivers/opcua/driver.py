@@ -22,7 +22,8 @@ from typing import Any
 from agent.contract.events import Reading
 from agent.devices.api import Driver, DriverContext
 from agent.errors import DriverStartupError, DriverWriteError, WriteFailure
-from drivers.opcua.certs import AppCertificate, UserIdentity, ensure_certificate, load_user_identity
+from agent.protocols.opcua_certs import AppCertificate, ensure_certificate
+from drivers.opcua.certs import UserIdentity, load_user_identity
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.mapping import EventMapper, Sample
 from drivers.opcua.session import Credentials, Session, SessionError

@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 from asyncua import ua
 from asyncua.crypto import security_policies
 
-from drivers.opcua.certs import AppCertificate, UserIdentity, thumbprint
+from agent.protocols.opcua_certs import AppCertificate, thumbprint
+from drivers.opcua.certs import UserIdentity
 from drivers.opcua.config import OpcUaConfig, PointConfig, node_kind
 from drivers.opcua.mapping import Sample, bad_sample, code_name, sample_of
 from drivers.opcua.uanames import (

@@ -26,7 +26,7 @@ from typing import Any
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
 
-from drivers.opcua.certs import ensure_certificate
+from agent.protocols.opcua_certs import ensure_certificate
 from drivers.opcua.uanames import Server, StatusCodes, data_value, node_id
 
 log = logging.getLogger(__name__)

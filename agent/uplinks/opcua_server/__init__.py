@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.uplinks.api import UplinkFactory, UplinkPlugin
-from agent.uplinks.opcua_server.server import OpcUaServerConfig
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
 
 
 def _factory() -> UplinkFactory:

@@ -7,7 +7,8 @@ from functools import partial
 from typing import Any
 
 from agent.uplinks.api import UplinkContext
-from agent.uplinks.opcua_server.server import OpcUaServer, OpcUaServerConfig
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
+from agent.uplinks.opcua_server.server import OpcUaServer
 
 
 class OpcUaSink:

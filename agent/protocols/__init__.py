@@ -1,0 +1,1 @@
+"""Protocol helpers shared by drivers and uplinks."""
