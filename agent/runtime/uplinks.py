@@ -191,4 +191,4 @@ def _durable_first(config: AgentConfigBase, plugins: dict[str, UplinkPlugin]) ->
 
 
 def _build(plugin: UplinkPlugin, settings: UplinkSettings, context: UplinkContext) -> DurableUplink | LiveSink:
-    return plugin.factory()(settings, context)
+    return plugin.build(settings, context)

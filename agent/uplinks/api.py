@@ -22,6 +22,7 @@ remote configuration arrives this way too). The core answers every request with 
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -194,8 +195,8 @@ class UplinkPlugin:
         name: the key under ``uplink:`` in the site file.
         config_model: pydantic model of that key.
         kind: ``durable`` or ``live``.
-        factory: returns the function that builds the uplink from its settings; imported only
-            when the uplink runs.
+        factory: ``"module:function"`` building the uplink from its settings and context;
+            imported only when the uplink runs (so a plugin's declaration stays light).
         summary: one line for the generated config reference (docs/configuration.md).
         title: how logs name the uplink (default: its name).
         default_on: an absent key means the model's defaults rather than "not configured".
@@ -206,8 +207,14 @@ class UplinkPlugin:
     name: str
     config_model: type[UplinkSettings]
     kind: Literal["durable", "live"]
-    factory: Callable[[], UplinkFactory]
+    factory: str
     summary: str = ""
     title: str = ""
     default_on: bool = False
     owns_buffer_file: bool = False
+
+    def build(self, settings: UplinkSettings, context: UplinkContext) -> DurableUplink | LiveSink:
+        """Import the implementation (first use only) and build one instance."""
+        module, _, name = self.factory.partition(":")
+        create: UplinkFactory = getattr(importlib.import_module(module), name)
+        return create(settings, context)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from agent.uplinks.api import UplinkFactory, UplinkPlugin
+from agent.uplinks.api import UplinkPlugin
 from agent.uplinks.mqtt.config import MqttConfig
-
-
-def _factory() -> UplinkFactory:
-    from agent.uplinks.mqtt.uplink import create
-
-    return create
-
 
 PLUGIN = UplinkPlugin(
     name="mqtt",
     config_model=MqttConfig,
     kind="durable",
-    factory=_factory,
+    factory="agent.uplinks.mqtt.uplink:create",
     summary="MQTT broker of the operations centre.",
     title="MQTT",
     default_on=True,

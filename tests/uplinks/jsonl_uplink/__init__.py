@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from agent.devices.api import Duration, resolve_path
-from agent.uplinks.api import UplinkFactory, UplinkPlugin, UplinkSettings
+from agent.uplinks.api import UplinkPlugin, UplinkSettings
 
 
 class JsonlConfig(UplinkSettings):
@@ -33,17 +33,11 @@ class JsonlConfig(UplinkSettings):
         return self.enabled
 
 
-def _factory() -> UplinkFactory:
-    from tests.uplinks.jsonl_uplink.uplink import create
-
-    return create
-
-
 PLUGIN = UplinkPlugin(
     name="jsonl",
     config_model=JsonlConfig,
     kind="durable",
-    factory=_factory,
+    factory="tests.uplinks.jsonl_uplink.uplink:create",
     summary="Test uplink: every accepted event as one line of a JSON-lines file.",
     title="JSON lines",
 )
