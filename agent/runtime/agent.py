@@ -67,24 +67,23 @@ class Agent:
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self.devices = DeviceSet(self._emit, self._on_fatal)
-        self.inbound = InboundRouter(self.devices.driver_of)
+        # Writes reach a device through the device set, built last: readings then go straight
+        # to the pipeline's bound method, one call per reading on the hot path.
+        self.inbound = InboundRouter(lambda device: self.devices.driver_of(device))
         self.uplinks = Uplinks(config, self.inbound)
         self.store = EventStore(
             self.uplinks.outboxes(config.buffer), gateway=config.gateway.id, on_dropped=self._dropped
         )
         self.pipeline = Pipeline(config, self.store)
+        self.devices = DeviceSet(self.pipeline.emit, self._on_fatal)
         self.status = StatusModel(config, self.devices, self.uplinks, self.store)
-        self.health = HealthReporter(self.status, self._emit, self.store.main.name)
+        self.health = HealthReporter(self.status, self.pipeline.emit, self.store.main.name)
         self.liveness = Liveness(config, self.store, self.uplinks)
         self.service = Service(self)
         self.inbound.handle("status", self._status_command)
         _register_secrets(config)
 
-    # Late-bound: the pipeline and health reporter exist only after the device set is made.
-    def _emit(self, device: str, reading: Any) -> None:
-        self.pipeline.emit(device, reading)
-
+    # Late-bound: the store reports drops before the health reporter exists.
     def _dropped(self, feed: str, dropped: list[Any]) -> None:
         self.health.dropped(feed, dropped)
 

@@ -47,8 +47,9 @@ class EventStore:
         self.gateway = gateway
         self.db = DbThread()
         first = next(iter(outboxes))
+        self.priorities: set[int] = set()  # every class seen, shared with the feeds
         self.feeds = {
-            name: Feed(name, make, self.db, on_dropped, self._take_epoch if name == first else None)
+            name: Feed(name, make, self.db, on_dropped, self._take_epoch if name == first else None, self.priorities)
             for name, make in outboxes.items()
         }
         self.main = self.feeds[first]
@@ -108,6 +109,7 @@ class EventStore:
         # Positional: this runs once per event. No topic: routing is each uplink's business.
         self._pending.append(Record(device, reading.type, priority, seq, "", payload, now))
         self._pending_bytes += len(payload)
+        self.priorities.add(priority)
         self._has_pending.set()
 
     def _refuse(self, device: str, why: str, count: int = 1, feeds: list[Feed] | None = None) -> None:

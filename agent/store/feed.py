@@ -66,6 +66,7 @@ class Feed:
         db: DbThread,
         on_dropped: Callable[[str, list[Dropped]], None] | None = None,
         on_replaced: Callable[[Outbox], None] | None = None,
+        priorities: set[int] | None = None,
     ) -> None:
         """Prepare; :meth:`open` opens the file on the commit thread."""
         self.name = name
@@ -83,7 +84,9 @@ class Feed:
         self.commits = 0
         self.last_commit_ok = True
         self.last_commit_error: str | None = None
-        self.priorities: set[int] = {int(p) for p in Priority}
+        # Every class seen, shared with the store, which adds each event's as it queues it.
+        self.priorities: set[int] = priorities if priorities is not None else set()
+        self.priorities |= {int(p) for p in Priority}
         # The live path: events just committed, handed to the uplink without reading them
         # back from SQLite. Invariant, per class: every stored event with id >= _tail_from
         # that the uplink has not taken yet is in _tail. Older ones are read from the file.
@@ -117,7 +120,6 @@ class Feed:
         self.last_commit_ok, self.last_commit_error = True, None
         self.commits += 1
         self.check_replaced()
-        self.priorities |= {r.priority for r in batch}
         self._extend_tail(batch, result.first_id, result.accepted, evicted=bool(result.dropped or result.refused))
         if result.dropped and self._on_dropped is not None:
             self._on_dropped(self.name, result.dropped)
