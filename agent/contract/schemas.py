@@ -228,6 +228,14 @@ class HostHealth(_Open):
     )
 
 
+class ClockHealth(_Open):
+    """The gateway's system clock, which stamps every event's ``time``."""
+
+    synchronised: bool | None = Field(
+        description="Disciplined by network time (the kernel's NTP state); null where it cannot be read."
+    )
+
+
 class GatewayHealth(_Open):
     """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
 
@@ -240,6 +248,8 @@ class GatewayHealth(_Open):
     devices: DevicesHealth
     process: ProcessHealth | None = Field(default=None, description="The agent process (CPU, memory).")
     host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
+    clock: ClockHealth | None = Field(default=None, description="The system clock (optional, like process).")
+    version: str | None = Field(default=None, description="The agent's version (optional, like process).")
     uplinks: dict[str, DurableUplinkHealth] | None = Field(
         default=None,
         description="Only with two or more durable uplinks: each one's connection, buffer and accounting, by "

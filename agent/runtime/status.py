@@ -17,6 +17,7 @@ from typing import Any
 from agent import __version__
 from agent.config.model import AgentConfigBase
 from agent.contract.events import Priority
+from agent.observability.clock import kernel_clock_sync
 from agent.observability.metrics import CpuMeter, host_health
 from agent.runtime.devices import DeviceSet
 from agent.runtime.uplinks import DurableRunner, Uplinks
@@ -136,6 +137,8 @@ class StatusModel:
             },
             "process": process,
             "host": host,
+            "clock": self.clock(),
+            "version": __version__,
         }
         if len(self.uplinks.durable) > 1:  # each durable uplink's own buffer and accounting
             data["uplinks"] = {
@@ -160,9 +163,11 @@ class StatusModel:
             f"uplink {'connected' if connected else 'down'}{buffered}"
         )
 
-    def versions(self) -> dict[str, str]:
-        """What runs here."""
-        return {"agent": __version__}
+    @staticmethod
+    def clock() -> dict[str, Any]:
+        """Whether the system clock (every event's ``time``) is disciplined by network time."""
+        kernel = kernel_clock_sync()
+        return {"synchronised": kernel[0] if kernel is not None else None}
 
 
 def _buffer(stats: BufferStats) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from agent.tools.doctor import (
     clock_row,
     space_row,
 )
-from tests.conftest import KEEP_USER, ROOT, free_port, mosquitto_binary, wait_for, write_config
+from tests.conftest import KEEP_USER, ROOT, AgentProcess, free_port, mosquitto_binary, wait_for, write_config
 from tests.runtime.test_security import SecureBroker
 
 ME = pwd.getpwuid(os.geteuid()).pw_name
@@ -128,6 +128,27 @@ def test_a_healthy_gateway_passes_every_check(tmp_path: Path, broker, meter_simu
     assert lines[2].split() == ["CHECK", "TARGET", "VERDICT", "FINDING"]
     assert lines[-1].startswith("all checks passed"), table.stdout
     assert any(line.startswith("device ") and "sdm-1 (modbus)" in line and " ok " in line for line in lines)
+
+
+def test_the_running_agent_gives_its_own_verdict(tmp_path: Path, broker) -> None:
+    """With observability.listen, doctor reads the agent's status model through /healthz and /readyz."""
+    port = free_port()
+    config = write_config(tmp_path / "site.yaml", port=broker.port, devices=VIRTUAL,
+                          extra=f"observability: {{listen: '127.0.0.1:{port}'}}\n")  # fmt: skip
+    _code, rows = doctor_json(config, "--user", ME)
+    assert only(rows, "agent")["verdict"] == "skip"  # nothing runs yet
+    assert "not running" in only(rows, "agent")["finding"]
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        ready = lambda: "running and ready" in only(doctor_json(config, "--user", ME)[1], "agent")["finding"]  # noqa: E731
+        wait_for(ready, 30, "doctor to see the running agent ready")
+        broker.stop()
+        not_ready = lambda: only(doctor_json(config, "--user", ME)[1], "agent")["verdict"] == "warn"  # noqa: E731
+        wait_for(not_ready, 30, "doctor to see the agent not ready once the broker is gone")
+        row = only(doctor_json(config, "--user", ME)[1], "agent")
+        assert "not ready: uplink_connected" in row["finding"], row
+    finally:
+        agent.kill()
 
 
 def test_broker_down_is_a_failure_with_a_fix(tmp_path: Path, broker) -> None:

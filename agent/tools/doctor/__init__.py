@@ -18,6 +18,7 @@ One module per area: :mod:`.report` (rows and the table), :mod:`.access` (the se
 :mod:`.buffer`, :mod:`.models`, :mod:`.devices`, and :mod:`.main` (running them all, the CLI).
 """
 
+from agent.observability.clock import kernel_clock_sync
 from agent.tools.doctor.access import (
     DEFAULT_USER,
     Denied,
@@ -32,7 +33,7 @@ from agent.tools.doctor.access import (
 )
 from agent.tools.doctor.broker import check_broker, check_mqtt_connect
 from agent.tools.doctor.buffer import MIN_FREE_BYTES, check_buffer, check_buffer_file, space_row
-from agent.tools.doctor.clock import EARLIEST_YEAR, check_clock, clock_row, clock_sync_status, kernel_clock_sync
+from agent.tools.doctor.clock import EARLIEST_YEAR, check_clock, clock_row, clock_sync_status
 from agent.tools.doctor.config_checks import check_config, check_files
 from agent.tools.doctor.device_files import check_device_file, check_device_files, port_holders, present_devices
 from agent.tools.doctor.devices import STOP_TIMEOUT, Probe, check_device, check_devices, read_device, summarize

@@ -21,6 +21,7 @@ from agent.tools.doctor.device_files import check_device_files
 from agent.tools.doctor.devices import check_devices
 from agent.tools.doctor.models import check_models
 from agent.tools.doctor.report import Row, broken, render, verdict_line
+from agent.tools.doctor.running import check_running_agent
 from agent.uplinks.mqtt.config import mqtt_settings
 
 DEFAULT_TIMEOUT = 5.0
@@ -55,6 +56,7 @@ async def run_checks(config_path: Path, user: ServiceUser, timeout: float) -> li
         asyncio.to_thread(_guarded, "buffer", lambda: check_buffer(config, user)),
         asyncio.to_thread(_guarded, "models", lambda: check_models(config, base)),
         check_devices(config, timeout),
+        asyncio.to_thread(_guarded, "agent", lambda: check_running_agent(config, timeout)),
     )
     return rows + [row for group in later for row in group]
 
@@ -70,7 +72,8 @@ def doctor_main(argv: list[str]) -> int:
     """``edge-agent doctor -c site.yaml [--user NAME] [--json] [--timeout S]``; 1 if anything FAILs."""
     parser = argparse.ArgumentParser(
         prog="edge-agent doctor",
-        description="Check a gateway: config, device files, broker, clock, buffer disk, models, devices.",
+        description="Check a gateway: config, device files, broker, clock, buffer disk, models, devices, and "
+        "the running agent's own verdict (with observability.listen).",
     )
     parser.add_argument("-c", "--config", type=Path, required=True, help="site file")
     parser.add_argument(
