@@ -521,9 +521,9 @@ def analyse(recs: list[Rec], faults: list[Fault], final: DbState | None, snapsho
                 a.dups_broker += 1
             else:
                 a.dups_agent += 1
-                k = bisect.bisect_right(dtimes, r.recv) - 1
-                if k >= 0:
-                    faults[disturb[k][1]].dups += 1
+                fi = bisect.bisect_right(dtimes, r.recv) - 1
+                if fi >= 0:
+                    faults[disturb[fi][1]].dups += 1
             continue
         first[key] = r
         if r.type == HEALTH:
@@ -555,14 +555,13 @@ def analyse(recs: list[Rec], faults: list[Fault], final: DbState | None, snapsho
         tl.sort()
     issued: dict[tuple[str, str], int] = {k: max(v) for k, v in got.items()}
     for st in [*snapshots, *([final] if final else [])]:
-        for (dev, epoch), seq in st.seqs.items():
-            if epoch is None:
-                epoch = st.epoch
-            if epoch is None:
+        for (dev, row_epoch), seq in st.seqs.items():
+            known = row_epoch if row_epoch is not None else st.epoch
+            if known is None:
                 tl = timeline.get(dev, [])
                 i = bisect.bisect_right(tl, (st.t, chr(0x10FFFF))) - 1
-                epoch = tl[i][1] if i >= 0 else (tl[-1][1] if tl else "")
-            k = (dev, epoch)
+                known = tl[i][1] if i >= 0 else (tl[-1][1] if tl else "")
+            k = (dev, known)
             issued[k] = max(issued.get(k, 0), seq)
             born.setdefault(k, math.inf)
     left = final.left if final else set()
@@ -1106,8 +1105,9 @@ def phase_report(ph: Phase) -> list[str]:
     worst, censored = stalls(ph.faults)
     f = ph.final
     out += [
-        f"   accepted {fmt(f and f.counters['accepted'])}, delivered {fmt(f and f.counters['delivered'])}, buffered"
-        f" {fmt(f and f.rows)}, dropped_* {fmt(f and dropped_total(f.counters))}"
+        f"   accepted {fmt(f.counters['accepted'] if f else None)},"
+        f" delivered {fmt(f.counters['delivered'] if f else None)}, buffered {fmt(f.rows if f else None)},"
+        f" dropped_* {fmt(dropped_total(f.counters) if f else None)}"
         f" ({', '.join(f'{k} {v}' for k, v in sorted((f.counters if f else {}).items()) if k.startswith('dropped_'))})"
         + (f"; final buffer NOT readable: {ph.final_error}" if f is None else f"; quick_check {f.check}"),
         f"   received {an.received:,} messages, {an.unique:,} unique events; duplicates: {an.dups_agent:,} re-sent by"
@@ -1122,12 +1122,12 @@ def phase_report(ph: Phase) -> list[str]:
         + (f"{worst.stall:.2f} s ({worst.kind} {worst.note})" if worst and worst.stall is not None else "-")
         + f"; {len(ph.faults) - censored} measured, {censored} not measurable"
         + (f" (e.g. {next(x.censored for x in ph.faults if x.censored)})" if censored else ""),
-        f"   accounting difference (accepted - delivered - buffered - dropped_*): {fmt(f and f.identity)}",
+        f"   accounting difference (accepted - delivered - buffered - dropped_*): {fmt(f.identity if f else None)}",
         "   end: production stopped (SIGHUP), "
         + (
             f"backlog drained in {ph.extra['drain_s']:.1f} s"
             if ph.extra.get("drain_s") is not None
-            else f"backlog NOT drained within the wait ({fmt(f and f.rows)} rows left)"
+            else f"backlog NOT drained within the wait ({fmt(f.rows if f else None)} rows left)"
         )
         + (
             "; SIGTERM -> exit 0"

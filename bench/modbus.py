@@ -1212,7 +1212,7 @@ def scenario_coalescing() -> dict[str, Any]:
     from drivers.modbus.config import ModbusConfig
     from drivers.modbus.plan import plan
 
-    rows = []
+    rows: list[dict[str, Any]] = []  # per profile: its planning figures, or the error that stopped it
     shipped = {n: p for n, p in profiles.available().items() if p.parent == profiles.BUILTIN_DIR}
     for name in sorted(shipped):
         try:
