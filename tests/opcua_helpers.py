@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,12 +29,30 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from cryptography.x509.oid import NameOID
 
 from agent.protocols.opcua_certs import ensure_certificate
+from agent.uplinks.opcua_server.config import OpcUaServerConfig
+from agent.uplinks.opcua_server.server import OpcUaServer
 from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.uanames import Server, node_id
 from tests.conftest import ROOT, Recorder, free_port  # noqa: F401 - Recorder re-exported for the OPC UA tests
 
 PASSWORD = "s3cret-pump"  # noqa: S105 - the simulated PLC's test user
+
+
+@contextlib.asynccontextmanager
+async def serving(config: OpcUaServerConfig) -> AsyncIterator[tuple[OpcUaServer, list[tuple[str, str, Any]]]]:
+    """The gateway's OPC UA server, started, with the writes it hands to devices recorded; stopped after."""
+    writes: list[tuple[str, str, Any]] = []
+
+    async def on_write(device: str, point: str, value: Any) -> None:
+        writes.append((device, point, value))
+
+    server = OpcUaServer(config, on_write=on_write)
+    await server.start()
+    try:
+        yield server, writes
+    finally:
+        await server.stop()
 
 
 def run(coro: Callable[[], Awaitable[None]], timeout: float = 60) -> None:

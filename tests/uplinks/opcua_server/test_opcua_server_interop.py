@@ -24,7 +24,7 @@ from agent.uplinks.opcua_server.server import OpcUaServer
 from drivers.modbus.config import ModbusConfig
 from tests.conftest import free_port
 from tests.modbus_helpers import tcp_unit
-from tests.opcua_helpers import NodeScript, node_opcua, run
+from tests.opcua_helpers import NodeScript, node_opcua, run, serving
 
 HMI_PASSWORD = "hmi-pass"  # noqa: S105 - the test server's user
 T0 = datetime(2026, 3, 1, 8, 0, 0, 123000, tzinfo=UTC)
@@ -161,16 +161,10 @@ def test_none_endpoint_next_to_a_secure_one_takes_clients_and_the_secure_one_onl
     client's identity: refused until trusted, then accepted with a user login."""
     config = server_config(tmp_path, ["None", "Basic256Sha256_SignAndEncrypt"], allow_anonymous=True,
                            cert_dir="pki", writable=[{"device": "pump-1", "point": "setpoint"}])  # fmt: skip
-    writes: list[tuple[str, str, Any]] = []
     rejected = tmp_path / "pki" / "rejected-clients"
 
-    async def on_write(device: str, point: str, value: Any) -> None:
-        writes.append((device, point, value))
-
     async def body() -> None:
-        server = OpcUaServer(config, on_write=on_write)
-        await server.start()
-        try:
+        async with serving(config) as (server, writes):
             await feed(server)
             for user in (None, "scada"):
                 async with node_client(node, client_pki, config.listen, user=user) as client:
@@ -200,8 +194,6 @@ def test_none_endpoint_next_to_a_secure_one_takes_clients_and_the_secure_one_onl
                     {"node": gw("pump-1", "setpoint"), "type": "Double", "value": 13.0}])  # fmt: skip
                 assert wrote["results"] == ["Good"], wrote
             assert writes[-1] == ("pump-1", "setpoint", 13.0)
-        finally:
-            await server.stop()
 
     run(body)
 
@@ -213,15 +205,9 @@ def test_anonymous_sessions_see_read_only_points_and_get_a_status_per_node(
     config = server_config(
         tmp_path, ["None"], allow_anonymous=True, writable=[{"device": "pump-1", "point": "setpoint"}]
     )
-    writes: list[tuple[str, str, Any]] = []
-
-    async def on_write(device: str, point: str, value: Any) -> None:
-        writes.append((device, point, value))
 
     async def body() -> None:
-        server = OpcUaServer(config, on_write=on_write)
-        await server.start()
-        try:
+        async with serving(config) as (server, writes):
             await feed(server)
             async with node_client(node, client_pki, config.listen) as anonymous:
                 connected(anonymous)
@@ -242,8 +228,6 @@ def test_anonymous_sessions_see_read_only_points_and_get_a_status_per_node(
                 assert [r["userAccessLevel"] for r in read["results"]] == [READ_WRITE, READ_ONLY]
             assert writes == []
             assert server.stats["refused_writes"] == 2
-        finally:
-            await server.stop()
 
     run(body)
 
@@ -252,15 +236,9 @@ def test_points_not_declared_writable_answer_bad_not_writable(node: str, client_
     """BadNotWritable (AccessLevel has no CurrentWrite) is what clients expect for a read-only value;
     BadUserAccessDenied would tell the operator to log in as someone else."""
     config = server_config(tmp_path, ["None"], writable=[{"device": "pump-1", "point": "setpoint"}])
-    writes: list[tuple[str, str, Any]] = []
-
-    async def on_write(device: str, point: str, value: Any) -> None:
-        writes.append((device, point, value))
 
     async def body() -> None:
-        server = OpcUaServer(config, on_write=on_write)
-        await server.start()
-        try:
+        async with serving(config) as (server, writes):
             await feed(server)
             async with node_client(node, client_pki, config.listen, user="scada") as client:
                 connected(client)
@@ -272,8 +250,6 @@ def test_points_not_declared_writable_answer_bad_not_writable(node: str, client_
                 ])  # fmt: skip
                 assert wrote["results"] == ["BadNotWritable", "Good", "BadNotWritable", "BadNodeIdUnknown"], wrote
             assert writes == [("pump-1", "setpoint", 12.5)]
-        finally:
-            await server.stop()
 
     run(body)
 
