@@ -1,0 +1,1 @@
+"""The fleet control plane: signed documents and commands from the operator, checked before anything changes."""
