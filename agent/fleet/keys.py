@@ -89,5 +89,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"{path} is not a PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key (make one with `fleet keygen`)")
+        raise ValueError(
+            f"{path} holds a key of another kind ({type(key).__name__}), not an Ed25519 key"
+            " (make one with `edge-agent fleet keygen`)"
+        )
     return key
