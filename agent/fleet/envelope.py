@@ -307,7 +307,7 @@ def _envelope(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
         _refuse("malformed", f"the envelope is a JSON {type(doc).__name__}, not an object")
     _only_keys(doc, _ENVELOPE_KEYS, "")
     kind = doc.get("payloadType")
-    if not isinstance(kind, str) or not kind:
+    if not isinstance(kind, str) or not kind or not _utf8(kind):
         _refuse("malformed", "payloadType is missing or not text", "payloadType")
     payload = doc.get("payload")
     if not isinstance(payload, str):
@@ -321,6 +321,15 @@ def _envelope(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     if len(signatures) > MAX_SIGNATURES:
         _refuse("malformed", f"signatures has {len(signatures)} entries, at most {MAX_SIGNATURES}", "signatures")
     return kind, body, [_signature(entry, f"signatures[{i}]") for i, entry in enumerate(signatures)]
+
+
+def _utf8(text: str) -> bool:
+    """Can ``text`` be signed as UTF-8? JSON's ``\\ud800`` escapes decode to lone surrogates, which cannot."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _only_keys(doc: dict[str, Any], allowed: tuple[str, ...], prefix: str) -> None:

@@ -112,6 +112,12 @@ BAD = [
     Bad("objects nested 40,000 levels", lambda: b'{"a":' * 40_000 + b"1" + b"}" * 40_000, "malformed", None),
     Bad("payload nested 60,000 levels", lambda: signed_raw(_nested(60_000)), "malformed", "payload"),
     Bad("an unknown envelope field", lambda: edited(signed(), _set("extra", 1)), "malformed", "extra"),
+    Bad(
+        "payloadType a lone surrogate",
+        lambda: edited(signed(), _set("payloadType", "\ud800")),
+        "malformed",
+        "payloadType",
+    ),
     Bad("payloadType missing", lambda: edited(signed(), lambda d: d.pop("payloadType")), "malformed", "payloadType"),
     Bad("payload not base64", lambda: edited(signed(), _set("payload", "*not base64*")), "malformed", "payload"),
     Bad("payload not JSON", lambda: signed_raw(b"ping gw-1"), "malformed", "payload"),
