@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "agent"
 
 # The core, relative to agent/: whole folders, and single modules.
-CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols")
+CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols", "fleet")
 CORE_MODULES = ("__init__.py", "errors.py", "uplinks/__init__.py", "uplinks/api.py", "uplinks/registry.py")
 # What sits outside it: the tools and inference, and the command line (``python -m agent`` is
 # ``edge-agent``). Every folder under agent/uplinks/ is an uplink plugin.

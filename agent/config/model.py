@@ -30,6 +30,7 @@ from agent.contract.units import parse_size
 from agent.devices.api import DeviceConfig, Duration, PriorityName, Size, StrictModel, resolve_path
 from agent.devices.registry import load_plugins
 from agent.errors import ConfigError
+from agent.fleet.config import FleetConfig
 from agent.store.salvage import buffer_path_problem
 from agent.uplinks.api import UplinkSettings
 from agent.uplinks.registry import load_uplinks
@@ -179,6 +180,9 @@ class AgentConfigBase(StrictModel):
     buffer: BufferConfig = Field(default_factory=BufferConfig, description="Store-and-forward buffer.")
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Metrics, health endpoints, stall detection."
+    )
+    fleet: FleetConfig = Field(
+        default_factory=FleetConfig, description="Signed commands from the operations centre (off by default)."
     )
     priorities: dict[str, PriorityName] = Field(
         default_factory=dict,

@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from agent.config.model import AgentConfigBase, BufferConfig, GatewayConfig, ObservabilityConfig
 from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
+from agent.fleet.config import FleetConfig, FleetKey
 from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -84,11 +85,13 @@ def render_markdown() -> str:
     """The generated block: one table per section and per installed driver."""
     out = [BEGIN, ""]
     sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = [
-        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "devices")),
+        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "fleet", "devices")),
         ("gateway", "gateway.", GatewayConfig, ()),
         *_uplink_sections(),
         ("buffer", "buffer.", BufferConfig, ()),
         ("observability", "observability.", ObservabilityConfig, ()),
+        ("fleet", "fleet.", FleetConfig, ()),
+        ("fleet.keys[]", "fleet.keys[].", FleetKey, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]

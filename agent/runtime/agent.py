@@ -25,6 +25,9 @@ from typing import Any
 
 from agent.config.model import AgentConfigBase, config_warnings, load_config
 from agent.errors import ConfigError
+from agent.fleet.channel import FleetChannel
+from agent.fleet.commands import FleetCommands
+from agent.fleet.latest import LatestValues
 from agent.observability.logs import add_secret
 from agent.runtime.devices import DeviceSet
 from agent.runtime.health import HealthReporter
@@ -81,6 +84,10 @@ class Agent:
         self.liveness = Liveness(config, self.store, self.uplinks)
         self.service = Service(self)
         self.inbound.handle("status", self._status_command)
+        self.latest: LatestValues | None = None
+        self.fleet: FleetChannel | None = None
+        if config.fleet.enabled:
+            self.latest, self.fleet = _fleet_channel(self)
         _register_secrets(config)
 
     # Late-bound: the store reports drops before the health reporter exists.
@@ -95,17 +102,28 @@ class Agent:
         """``status``: the health event's data, asked for from the operations centre."""
         return Reply("ok", data=await self.health.health())
 
+    def _feed_sinks(self) -> None:
+        """Every reading goes to the live uplinks and, with the fleet channel on, to its latest values."""
+        self.pipeline.sinks = [*self.uplinks.live.values(), *([self.latest] if self.latest is not None else [])]
+
     # ---- reload -------------------------------------------------------------------
     async def reload(self, new: AgentConfigBase) -> list[str]:
         """Apply a validated config; unchanged devices and uplinks keep running. Returns what changed."""
         old = self.config
+        changes: list[str] = []
         if new.gateway.id != old.gateway.id or new.buffer != old.buffer:
             raise ConfigError(["gateway.id and buffer changes need a restart; nothing was applied"])
         Uplinks.check_reload(old, new)
+        if (new.fleet.enabled, new.fleet.root) != (old.fleet.enabled, old.fleet.root):
+            raise ConfigError(["fleet.enabled and fleet.root changes need a restart; nothing was applied"])
         self.config = self.status.config = self.liveness.config = new
+        if self.fleet is not None:
+            self.fleet.configure(new.fleet)
+            if new.fleet != old.fleet:
+                changes.append("fleet")
         self.pipeline.reconfigure(new)
-        changes = await self.uplinks.reload(old, new)
-        self.pipeline.sinks = list(self.uplinks.live.values())
+        changes += await self.uplinks.reload(old, new)
+        self._feed_sinks()
         changes += await self.devices.apply(old.devices, new.devices)
         if new.priorities != old.priorities:
             changes.append("priorities")
@@ -163,7 +181,7 @@ class Agent:
             self._tasks.append(loop.create_task(self.store.run_writer(), name="store-writer"))
             self.uplinks.start_durable(self.store.feeds)
             await self.uplinks.start_live()
-            self.pipeline.sinks = list(self.uplinks.live.values())
+            self._feed_sinks()
             interval = lambda: self.config.gateway.health_interval  # noqa: E731 - read at each turn
             self._tasks.append(loop.create_task(self.health.run(interval), name="health"))
             for cfg in self.config.devices:
@@ -211,6 +229,18 @@ class Agent:
         await self.store.close()
         self.status.running = self.liveness.running = False
         log.info("agent stopped in %.2fs", time.monotonic() - started)
+
+
+def _fleet_channel(agent: Agent) -> tuple[LatestValues, FleetChannel]:
+    """Turn the fleet channel on: signed requests checked, then ping, read, write (docs/fleet.md)."""
+    config = agent.config
+    latest = LatestValues()
+    commands = FleetCommands(config.gateway.id, latest, agent.inbound, lambda: agent.config.fleet)
+    for name in ("ping", "read", "write"):
+        agent.inbound.handle(name, getattr(commands, name))
+    channel = FleetChannel(config.fleet, config.gateway.id, config.buffer.path.parent, agent.inbound.command)
+    agent.inbound.channel = channel
+    return latest, channel
 
 
 def _register_secrets(config: AgentConfigBase) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.devices.api import Driver
 from agent.errors import DriverWriteError
@@ -22,6 +22,14 @@ COMMANDS_AT_ONCE = 4  # commands running at the same time; the rest wait their t
 Handler = Callable[[Command], Awaitable[Reply]]
 
 
+class Requests(Protocol):
+    """What checks signed requests (agent/fleet/channel.py)."""
+
+    async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
+        """Verify, then run."""
+        ...
+
+
 class InboundRouter:
     """Implements :class:`~agent.uplinks.api.Inbound` for every uplink."""
 
@@ -30,6 +38,13 @@ class InboundRouter:
         self._driver_of = driver_of
         self._handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(COMMANDS_AT_ONCE)
+        self.channel: Requests | None = None  # the fleet channel, when it is on
+
+    async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
+        """A signed request: checked by the fleet channel, then run like any command."""
+        if self.channel is None:
+            return Reply("unsupported", code="disabled", error="this gateway takes no remote requests (fleet.enabled)")
+        return await self.channel.request(name, request_id, data, origin=origin)
 
     def handle(self, name: str, handler: Handler) -> None:
         """Route commands called ``name`` to ``handler``."""

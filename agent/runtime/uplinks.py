@@ -96,6 +96,7 @@ class Uplinks:
         self._inbound = inbound
         self._gateway = config.gateway.id
         self._state_dir = config.buffer.path.parent
+        self._control_root = config.fleet.root if config.fleet.enabled else None
         self.durable: dict[str, DurableRunner] = {}
         self.live: dict[str, LiveSink] = {}  # started ones
         self._live_settings: dict[str, UplinkSettings] = {}
@@ -110,7 +111,8 @@ class Uplinks:
             raise ConfigError(["uplink: no durable uplink is configured, so no event could be delivered"])
 
     def _context(self, plugin: UplinkPlugin) -> UplinkContext:
-        return UplinkContext(plugin.name, plugin.title or plugin.name, self._gateway, self._inbound, self._state_dir)
+        title = plugin.title or plugin.name
+        return UplinkContext(plugin.name, title, self._gateway, self._inbound, self._state_dir, self._control_root)
 
     @property
     def main(self) -> DurableRunner:

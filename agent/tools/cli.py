@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent doctor --help")
     p.set_defaults(func=_cmd_doctor)
 
+    p = sub.add_parser("fleet", help="operator side: keygen, cmd (signed commands through the broker)",
+                       add_help=False)  # fmt: skip
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent fleet --help")
+
     p = sub.add_parser("demo", help="simulated devices -> agent -> embedded broker, with a live view")
     p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
     p.add_argument("--no-outage", action="store_true", help="do not simulate a broker outage")
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(verbose)
         return doctor_main(tool_argv[1:])
+    if tool_argv and tool_argv[0] == "fleet":  # so does the operator's fleet command
+        from agent.tools.fleet import fleet_main
+
+        _setup_logging(verbose)
+        return fleet_main(tool_argv[1:])
     if tool_argv and tool_argv[0] not in _CORE_COMMANDS and not tool_argv[0].startswith("-"):
         _setup_logging(verbose)
         try:

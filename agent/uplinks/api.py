@@ -116,6 +116,18 @@ class Reply:
     status: Literal["ok", "rejected", "unsupported", "failed"]
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    code: str | None = None  # why, for a machine: e.g. bad_signature, expired, replayed, not_writable
+
+    def to_json(self) -> dict[str, Any]:
+        """The reply as an uplink sends it (keys with no value left out)."""
+        out: dict[str, Any] = {"status": self.status}
+        if self.code is not None:
+            out["code"] = self.code
+        if self.error is not None:
+            out["error"] = self.error
+        if self.data:
+            out["data"] = self.data
+        return out
 
 
 class Inbound(Protocol):
@@ -134,6 +146,14 @@ class Inbound(Protocol):
         """Run one command (a few run at a time; never on the event path)."""
         ...
 
+    async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
+        """A signed request from the operations centre (docs/fleet.md): checked, then run once.
+
+        ``name`` and ``request_id`` are what the uplink's protocol carried beside the signed
+        ``data``; both must agree with the signed body. Never raises: a refusal is a reply.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class UplinkContext:
@@ -144,6 +164,7 @@ class UplinkContext:
     gateway: str
     inbound: Inbound
     state_dir: Path  # where the uplink may keep small state files (beside the buffer, 0700)
+    control_root: str | None = None  # topic root of the fleet control channel, if it is on
 
 
 class DurableUplink(Protocol):

@@ -35,6 +35,7 @@ from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
 from agent.uplinks.mqtt.acks import Acks
 from agent.uplinks.mqtt.backoff import Backoff
 from agent.uplinks.mqtt.config import MqttConfig
+from agent.uplinks.mqtt.control import REPLIES_PER_SECOND, ControlChannel
 from agent.uplinks.mqtt.errors import ConnectionLost, Resend
 from agent.uplinks.mqtt.link import ANSWER_FLOOR as ANSWER_FLOOR  # tests import it from here
 from agent.uplinks.mqtt.link import TICK, Link
@@ -69,8 +70,9 @@ def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str) -> paho.Client:
         reconnect_on_failure=False,
     )
     # The window is ours (it also counts missing and not yet deleted messages); paho only
-    # must never hold one back: room for the window and the two status messages.
-    client.max_inflight_messages_set(cfg.max_inflight + 2)
+    # must never hold one back: room for the window, the two status messages and a second of
+    # fleet replies (paced to REPLIES_PER_SECOND).
+    client.max_inflight_messages_set(cfg.max_inflight + 2 + REPLIES_PER_SECOND)
     client.max_queued_messages_set(0)
     client.will_set(will_topic, OFFLINE, qos=1, retain=True)
     if cfg.username is not None:
@@ -91,11 +93,12 @@ def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | 
 class MqttUplink:
     """Keeps one connection to the broker and publishes the store's events through it."""
 
-    def __init__(self, config: MqttConfig, *, gateway: str) -> None:
-        """Configure; nothing connects until :meth:`run`."""
+    def __init__(self, config: MqttConfig, *, gateway: str, context: UplinkContext | None = None) -> None:
+        """Configure (nothing connects until :meth:`run`); a context's control root adds the fleet channel."""
         self.config = config
         self.gateway = gateway
-        self.feed: EventFeed | None = None
+        root = context.control_root if context is not None else None
+        self.control = ControlChannel(root, gateway, context.inbound, self._publish_reply) if root and context else None
         self.status = UplinkStatus(since=time.time())
         self._status_topic = status_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
@@ -217,8 +220,19 @@ class MqttUplink:
         except TimeoutError as exc:
             raise ConnectionLost(f"no CONNACK from {cfg.host}:{cfg.port}") from exc
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+        if self.control is not None:  # a clean session: subscribe on every connection
+            client.on_message = self.control.on_message
+            client.subscribe(self.control.requests, qos=1)
         self._flush_writes()
         return client
+
+    def _publish_reply(self, topic: str, payload: bytes) -> bool:
+        """A fleet reply on the current connection (QoS 1, outside the event window)."""
+        if self._client is None or not self.status.connected:
+            return False
+        self._client.publish(topic, payload, qos=1)
+        self._flush_writes()
+        return True
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None
@@ -234,18 +248,12 @@ class MqttUplink:
         self._link.ping_at = None
 
     # ---- main loop ----------------------------------------------------------------
-    def _feed(self) -> EventFeed:
-        if self.feed is None:
-            raise RuntimeError("the uplink runs only with a feed")
-        return self.feed
-
     def quiet_allowance(self) -> float:
         """Our own dead-link check fires within a keepalive: allow two before calling it stalled."""
         return 2 * self.config.keepalive
 
     async def run(self, feed: EventFeed) -> None:
         """Connect, publish, reconnect after a wait from :class:`Backoff`; forever."""
-        self.feed = feed
         cfg = self.config
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(HOLD_MIN, cfg.reconnect_max))
         while True:
@@ -259,7 +267,7 @@ class MqttUplink:
                 self.status.since = time.time()
                 self.status.last_error = None
                 log.info("uplink connected to %s:%d", cfg.host, cfg.port, extra=_state("connected"))
-                await self._publish_until_lost()
+                await self._publish_until_lost(feed)
             except Resend as exc:
                 reason, resend = str(exc), True
             except ConnectionLost as exc:
@@ -272,7 +280,7 @@ class MqttUplink:
                 was_connected = self.status.connected
                 self.status.connected = False
                 try:
-                    await self._acks.flush(self._feed())
+                    await self._acks.flush(feed)
                 except Exception:  # the rows stay buffered and are sent again: a duplicate, not a loss
                     log.exception("could not record delivered events")
                 self._drop_client()
@@ -288,7 +296,7 @@ class MqttUplink:
             self.status.failed(reason)
             await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=resend))
 
-    async def _publish_until_lost(self) -> None:
+    async def _publish_until_lost(self, feed: EventFeed) -> None:
         client, lost = self._client, self._lost
         if client is None or lost is None:
             raise ConnectionLost("not connected")
@@ -300,12 +308,12 @@ class MqttUplink:
         self._link.checked_at = time.monotonic()
         draining_since: float | None = None
         inflight = self._window.inflight
-        flusher = self._acks.start(self._feed(), self._window.unconfirmed)
+        flusher = self._acks.start(feed, self._window.unconfirmed)
         try:
             while not lost.done():
                 # Clear before looking, so a commit or PUBACK during the look still wakes us.
                 self._wake.clear()
-                self._feed().committed.clear()
+                feed.committed.clear()
                 if flusher.done():
                     flusher.result()  # raises what stopped it
                     raise ConnectionLost("the PUBACK recorder stopped")
@@ -324,7 +332,7 @@ class MqttUplink:
                     wait = draining_since + drain - now
                 else:
                     room = window - self._window.unconfirmed()
-                rows = await self._feed().next_batch(cursors, room * per_message) if room > 0 else []
+                rows = await feed.next_batch(cursors, room * per_message) if room > 0 else []
                 if lost.done():
                     break
                 if batch.enabled:
@@ -339,7 +347,7 @@ class MqttUplink:
                     client.loop_misc()  # paho's own keepalive; ours is Link.check
                     misc_at = now + TICK
                 if not rows or room - sent <= 0:
-                    await self._wait_for_work(lost, flusher, wait)
+                    await self._wait_for_work(feed, lost, flusher, wait)
             raise ConnectionLost(lost.result())
         finally:
             # Let a delete in progress finish (the next connection must not read its rows
@@ -350,11 +358,13 @@ class MqttUplink:
                 flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
 
-    async def _wait_for_work(self, lost: asyncio.Future[str], flusher: asyncio.Task[None], timeout: float) -> None:
+    async def _wait_for_work(
+        self, feed: EventFeed, lost: asyncio.Future[str], flusher: asyncio.Task[None], timeout: float
+    ) -> None:
         """Sleep until a PUBACK or delete frees room, new events are committed, or the link drops."""
         waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(self._feed().committed.wait()),
+            asyncio.ensure_future(feed.committed.wait()),
         ]
         try:
             await asyncio.wait([*waits, lost, flusher], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -367,6 +377,8 @@ class MqttUplink:
 
         Call before cancelling :meth:`run`, which then closes the connection.
         """
+        if self.control is not None:
+            await self.control.close()
         client = self._client
         if client is not None and self.status.connected:
             info = client.publish(self._status_topic, OFFLINE, qos=1, retain=True)
@@ -378,4 +390,4 @@ class MqttUplink:
 
 def create(settings: MqttConfig, context: UplinkContext) -> MqttUplink:
     """The plugin's factory."""
-    return MqttUplink(settings, gateway=context.gateway)
+    return MqttUplink(settings, gateway=context.gateway, context=context)

@@ -1,0 +1,126 @@
+"""The fleet control channel on the uplink's own connection (docs/fleet.md).
+
+Requests arrive on ``{root}/{gateway}/req/{id}/{command}`` (MQTT 3.1.1 carries the ids in
+topics, as Eclipse Hono does); the core checks each signed request and answers; the reply goes
+to ``{root}/{gateway}/res/{id}/{status}``, always inside this gateway's own subtree. Nothing
+here waits on the event path: each request is a task of its own, and replies are paced to 50
+messages and 256 KiB a second (half of AWS IoT Core's per-connection limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.uplinks.api import Inbound, Reply
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 256 * 1024  # bigger requests are refused unread
+MAX_REPLY_BYTES = 128 * 1024
+REPLIES_PER_SECOND = 50
+REPLY_BYTES_PER_SECOND = 256 * 1024
+PENDING_MAX = 64  # requests being handled at once; more are refused as busy
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class Pace:
+    """A token bucket for messages and bytes: ``wait(n)`` returns once both allow ``n`` bytes."""
+
+    def __init__(self, messages: float, octets: float) -> None:
+        """Rates per second; a burst of one second's worth is allowed."""
+        self._rates = (messages, octets)
+        self._tokens = [messages, octets]
+        self._at = time.monotonic()
+
+    async def wait(self, size: int) -> None:
+        """Take one message of ``size`` bytes, sleeping until the rates allow it."""
+        while True:
+            now = time.monotonic()
+            for i, rate in enumerate(self._rates):
+                self._tokens[i] = min(rate, self._tokens[i] + (now - self._at) * rate)
+            self._at = now
+            need = (1.0, float(min(size, self._rates[1])))
+            short = max((need[i] - self._tokens[i]) / self._rates[i] for i in (0, 1))
+            if short <= 0:
+                self._tokens[0] -= need[0]
+                self._tokens[1] -= need[1]
+                return
+            await asyncio.sleep(short)
+
+
+class ControlChannel:
+    """Requests in, replies out, on one gateway's control topics."""
+
+    def __init__(self, root: str, gateway: str, inbound: Inbound, publish: Callable[[str, bytes], bool]) -> None:
+        """``publish(topic, payload)`` sends on the current connection (False: not connected)."""
+        self.requests = f"{root}/{gateway}/req/+/+"
+        self._replies = f"{root}/{gateway}/res"
+        self._inbound = inbound
+        self._publish = publish
+        self._pace = Pace(REPLIES_PER_SECOND, REPLY_BYTES_PER_SECOND)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ignored = 0
+
+    def on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        """paho's callback (on the event loop): take the request, answer later."""
+        parts = message.topic.split("/")
+        request_id, name = parts[-2], parts[-1]
+        if len(parts) < 4 or parts[-3] != "req" or not _ID.match(request_id):
+            self.ignored += 1  # no id to answer to, inside our subtree: nothing to do
+            return
+        if message.retain:
+            # A retained request would run again on every reconnect: never act on one.
+            self._spawn(request_id, Reply("rejected", code="retained", error="requests must not be retained"))
+            return
+        if not _NAME.match(name):
+            self._spawn(request_id, Reply("unsupported", code="unknown_command", error="not a command name"))
+            return
+        if len(message.payload) > MAX_REQUEST_BYTES:
+            error = f"{len(message.payload)} bytes; requests are at most {MAX_REQUEST_BYTES}"
+            self._spawn(request_id, Reply("rejected", code="too_large", error=error))
+            return
+        if len(self._tasks) >= PENDING_MAX:
+            self._spawn(request_id, Reply("rejected", code="busy", error="too many requests in progress"))
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._handle(request_id, name, bytes(message.payload)), name=f"fleet-{request_id}"
+        )
+        self._keep(task)
+
+    def _spawn(self, request_id: str, reply: Reply) -> None:
+        self._keep(asyncio.get_running_loop().create_task(self._reply(request_id, reply)))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, request_id: str, name: str, payload: bytes) -> None:
+        try:
+            reply = await self._inbound.request(name, request_id, payload, origin="mqtt")
+        except Exception as exc:  # the core answers refusals itself; this is a bug, still answered
+            log.exception("fleet request %s (%s) failed", request_id, name)
+            reply = Reply("failed", code="internal", error=f"{type(exc).__name__}: {exc}")
+        await self._reply(request_id, reply)
+
+    async def _reply(self, request_id: str, reply: Reply) -> None:
+        body = json.dumps(reply.to_json(), separators=(",", ":"), default=str).encode()
+        if len(body) > MAX_REPLY_BYTES:
+            error = f"the answer is {len(body)} bytes; replies are at most {MAX_REPLY_BYTES}"
+            reply = Reply("failed", code="reply_too_large", error=error)
+            body = json.dumps(reply.to_json(), separators=(",", ":")).encode()
+        await self._pace.wait(len(body))
+        if not self._publish(f"{self._replies}/{request_id}/{reply.status}", body):
+            log.info("fleet reply to %s dropped: not connected (the operator's command times out)", request_id)
+
+    async def close(self) -> None:
+        """Cancel requests in progress (at shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
