@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # pytest-xdist workers (./dev test runs two) each take the free ports of their own residue class,
-# so two workers never pick the same port between finding it and binding it.
+# so two workers never pick the same port between finding it and binding it. Linux hands bind()
+# ports of one parity (connect() gets the other), hence the class of port // 2, not of port.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
@@ -40,7 +41,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port % _WORKERS == _WORKER:
+        if (port >> 1) % _WORKERS == _WORKER:
             return port
     raise RuntimeError("no free port of this worker's class")
 
