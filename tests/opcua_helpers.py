@@ -55,7 +55,12 @@ async def serving(config: OpcUaServerConfig) -> AsyncIterator[tuple[OpcUaServer,
         await server.stop()
 
 
-def run(coro: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
+def run(coro: Callable[[], Awaitable[None]], timeout: float = 100) -> None:
+    """Run a test body with a budget under pytest-timeout's 120 s (so its own traceback shows).
+
+    Generous: the steps inside carry their own deadlines, and two test workers beside node-opcua
+    processes that make their certificates at start can slow a body's set-up several-fold.
+    """
     asyncio.run(asyncio.wait_for(coro(), timeout))
 
 
