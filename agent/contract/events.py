@@ -91,6 +91,11 @@ def _time_text(taken: datetime | None, now: datetime | str) -> str:
     return now if isinstance(now, str) else format_time(now)
 
 
+# A topic root (events' prefix, the fleet channel's root): levels without wildcards, no leading
+# or trailing slash.
+TOPIC_ROOT_PATTERN = r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$"
+
+
 def topic_for(prefix: str, gateway: str, device: str, event_type: str) -> str:
     """``{prefix}/{gateway}/{device}/{last segment of type}``."""
     return f"{prefix}/{gateway}/{device}/{event_type.rsplit('.', 1)[-1]}"

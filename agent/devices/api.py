@@ -93,6 +93,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DevicePoint(StrictModel):
+    """One point of one device, as a rule names it (which points an uplink or the fleet may write)."""
+
+    device: str = Field(description="Device id.")
+    point: str = Field(description="Point name, as the device's events name it (point, or quantity[_phase]).")
+
+
 class DeviceConfig(StrictModel):
     """Keys every device has, whatever its driver. Drivers subclass this.
 

@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.devices.api import StrictModel
+from agent.contract.events import TOPIC_ROOT_PATTERN
+from agent.devices.api import DevicePoint, StrictModel
 
 Scope = Literal["config", "read", "write", "restart", "diagnostics", "keys"]
 KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -32,20 +33,13 @@ class FleetKey(StrictModel):
         return value
 
 
-class WritableByFleet(StrictModel):
-    """A point the operator may write remotely (scope write); every other point refuses."""
-
-    device: str = Field(description="Device id.")
-    point: str = Field(description="Point name, as the device's driver names it.")
-
-
 class FleetConfig(StrictModel):
     """The control channel from the operations centre (docs/fleet.md); off by default."""
 
     enabled: bool = Field(default=False, description="Take signed commands over the MQTT uplink's connection.")
     root: str = Field(
         default="fleet/v1",
-        pattern=r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$",
+        pattern=TOPIC_ROOT_PATTERN,
         description="Topic root of the control channel: requests on {root}/{gateway}/req/{id}/{command}, "
         "replies on {root}/{gateway}/res/{id}/{status}. Never under the events' topic_prefix.",
     )
@@ -53,7 +47,7 @@ class FleetConfig(StrictModel):
         default_factory=list, description="Groups this gateway belongs to: a document may target `group:<name>`."
     )
     keys: list[FleetKey] = Field(default_factory=list, description="Operator keys trusted to sign.")
-    writable: list[WritableByFleet] = Field(
+    writable: list[DevicePoint] = Field(
         default_factory=list, description="Points remote `write` commands may set (none by default)."
     )
     clock: Literal["kernel", "trusted"] = Field(

@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from agent.config.model import is_loopback
 from agent.config.yaml_load import ECHO_CHARS, clip_text
+from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.contract.units import parse_size
 from agent.devices.api import Duration, Size, StrictModel, readable_file, resolve_path
 from agent.uplinks.api import UplinkSettings
@@ -92,7 +93,7 @@ class MqttConfig(UplinkSettings):
     )
     topic_prefix: str = Field(
         default="ioc/v1",
-        pattern=r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$",
+        pattern=TOPIC_ROOT_PATTERN,
         description="Topic root; events go to {prefix}/{gateway}/{device}/{kind}.",
     )
     qos: Literal[0, 1, 2] = Field(

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.devices.api import Duration, StrictModel, resolve_path
+from agent.devices.api import DevicePoint, Duration, resolve_path
 from agent.uplinks.api import UplinkSettings
 
 PolicyName = Literal[
@@ -25,11 +25,8 @@ PolicyName = Literal[
 ]
 
 
-class WritablePoint(StrictModel):
-    """One variable OPC UA clients may write: it goes back to the device through ``on_write``."""
-
-    device: str = Field(description="Device id.")
-    point: str = Field(description="Variable name under the device (point, or quantity[_phase]).")
+# One variable OPC UA clients may write: it goes back to the device through ``on_write``.
+WritablePoint = DevicePoint
 
 
 class OpcUaServerConfig(UplinkSettings):
