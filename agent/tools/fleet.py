@@ -58,6 +58,9 @@ def _cmd(args: argparse.Namespace) -> int:
     from agent.fleet.envelope import COMMAND_TYPE, make_body, sign
     from agent.fleet.keys import key_id, load_private_key
 
+    if (args.cert_file is None) != (args.key_file is None):
+        print("edge-agent fleet cmd: --cert-file and --key-file go together", file=sys.stderr)
+        return EXIT_USAGE
     try:
         key = load_private_key(args.key)
         command_args = dict(arg.split("=", 1) for arg in args.args)
@@ -93,8 +96,18 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.username:
         password = args.password_file.read_text().strip() if args.password_file else None
         client.username_pw_set(args.username, password)
-    if args.ca_file or args.tls:
-        client.tls_set(ca_certs=str(args.ca_file) if args.ca_file else None)
+    if args.ca_file or args.cert_file or args.tls:
+        # A client certificate is how a broker with use_identity_as_username knows the operator
+        # (its CN is the ACL's user name: config/mosquitto/README.md).
+        try:
+            client.tls_set(
+                ca_certs=str(args.ca_file) if args.ca_file else None,
+                certfile=str(args.cert_file) if args.cert_file else None,
+                keyfile=str(args.key_file) if args.key_file else None,
+            )
+        except OSError as exc:  # ssl.SSLError too: a file missing, unreadable or not PEM
+            print(f"edge-agent fleet cmd: TLS files: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         client.connect(args.host, args.port, keepalive=30)
     except OSError as exc:
@@ -146,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883, help="broker port")
     p.add_argument("--tls", action="store_true", help="TLS with the system CAs")
     p.add_argument("--ca-file", type=Path, help="TLS with this CA bundle")
+    p.add_argument("--cert-file", type=Path, help="TLS client certificate (config/mosquitto: CN operator)")
+    p.add_argument("--key-file", type=Path, help="its private key")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-file", type=Path, help="file holding the broker password")
     p.add_argument("--root", default="fleet/v1", help="control topic root (the site's fleet.root)")
