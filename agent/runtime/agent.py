@@ -21,13 +21,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config.model import AgentConfigBase, config_warnings, load_config
 from agent.errors import ConfigError
-from agent.fleet.channel import FleetChannel
-from agent.fleet.commands import FleetCommands
-from agent.fleet.latest import LatestValues
 from agent.observability.logs import add_secret
 from agent.runtime.devices import DeviceSet
 from agent.runtime.health import HealthReporter
@@ -39,6 +36,10 @@ from agent.runtime.status import StatusModel
 from agent.runtime.uplinks import Uplinks
 from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
+
+if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
+    from agent.fleet.channel import FleetChannel
+    from agent.fleet.latest import LatestValues
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,10 @@ class Agent:
 
 def _fleet_channel(agent: Agent) -> tuple[LatestValues, FleetChannel]:
     """Turn the fleet channel on: signed requests checked, then ping, read, write (docs/fleet.md)."""
+    from agent.fleet.channel import FleetChannel
+    from agent.fleet.commands import FleetCommands
+    from agent.fleet.latest import LatestValues
+
     config = agent.config
     latest = LatestValues()
     commands = FleetCommands(config.gateway.id, latest, agent.inbound, lambda: agent.config.fleet)

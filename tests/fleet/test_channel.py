@@ -185,3 +185,14 @@ def test_retained_requests_never_run_and_the_kernel_clock_decides(
         assert (status, reply.get("code")) == ("rejected", "clock_unsynced"), reply
     else:
         assert status == "ok", reply
+
+
+def test_the_agent_loads_no_signature_code_while_the_channel_is_off() -> None:
+    """cryptography costs about 7 MB of memory: a gateway without the fleet channel never loads it."""
+    probe = (
+        "import sys, agent.runtime.agent; print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
