@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from functools import cache
+from typing import Any
 
 
 class _Timex(ctypes.Structure):
@@ -29,15 +31,22 @@ _STA_UNSYNC = 0x0040
 _TIME_ERROR = 5
 
 
-def kernel_clock_sync() -> tuple[bool, str] | None:
-    """The kernel's NTP status (adjtimex, read only): synchronised?, detail; None if unavailable."""
+@cache
+def _adjtimex() -> Any:
+    """libc's adjtimex, looked up once (find_library runs ldconfig: milliseconds, not for every call)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        adjtimex = libc.adjtimex
+        return ctypes.CDLL(name, use_errno=True).adjtimex
     except (OSError, AttributeError):
+        return None
+
+
+def kernel_clock_sync() -> tuple[bool, str] | None:
+    """The kernel's NTP status (adjtimex, read only): synchronised?, detail; None if unavailable."""
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
     timex = _Timex()  # modes 0: only read
     state = adjtimex(ctypes.byref(timex))

@@ -91,18 +91,15 @@ class StatusModel:
     # ---- uplinks ---------------------------------------------------------------------
     @staticmethod
     def uplink_figures(runner: DurableRunner) -> dict[str, Any]:
-        """Counters of one durable uplink, across the instances reloads replaced."""
-        status, retired = runner.uplink.status, runner.retired
-        errors = dict(retired.errors)
-        for reason, n in status.errors.items():
-            errors[reason] = errors.get(reason, 0) + n
+        """Counters of one durable uplink (one status across the instances reloads replaced)."""
+        status = runner.uplink.status
         return {
             "connected": status.connected,
-            "connects": retired.connects + status.connects,
-            "disconnects": retired.disconnects + status.disconnects,
+            "connects": status.connects,
+            "disconnects": status.disconnects,
             "last_error": status.last_error,
-            "published": retired.published + status.published,
-            "errors": errors,
+            "published": status.published,
+            "errors": dict(status.errors),
         }
 
     # ---- the health event ------------------------------------------------------------
@@ -116,7 +113,8 @@ class StatusModel:
         main = self.uplinks.main
         stats = all_stats[main.name]
         process, host = host_health(self.config.buffer.path, self.cpu)
-        statuses = Counter(self.devices.statuses().values())
+        devices = self.devices.statuses()
+        statuses = Counter(devices.values())
         up = main.uplink.status
         data: dict[str, Any] = {
             "uptime_s": round(time.time() - self.started, 1),
@@ -133,7 +131,7 @@ class StatusModel:
             "devices": {
                 "total": sum(statuses.values()),
                 "online": statuses.get("online", 0),
-                "offline": sorted(d for d, s in self.devices.statuses().items() if s == "offline"),
+                "offline": sorted(d for d, s in devices.items() if s == "offline"),
             },
             "process": process,
             "host": host,

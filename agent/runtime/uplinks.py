@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config.model import AgentConfigBase, BufferConfig
@@ -30,17 +29,6 @@ def feed_path(buffer: BufferConfig, plugin: UplinkPlugin) -> Path:
     return path if plugin.owns_buffer_file else path.with_name(f"{path.stem}.{plugin.name}{path.suffix}")
 
 
-@dataclass
-class Totals:
-    """Counters of the instances a reload replaced, so the figures never go backwards."""
-
-    published: int = 0
-    acked: int = 0
-    connects: int = 0
-    disconnects: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-
-
 class DurableRunner:
     """One durable uplink: the plugin's instance, its feed and its task."""
 
@@ -50,7 +38,6 @@ class DurableRunner:
         self.uplink: DurableUplink = _build(plugin, settings, context)  # type: ignore[assignment]
         self.feed: Feed | None = None
         self.task: asyncio.Task[None] | None = None
-        self.retired = Totals()
 
     @property
     def name(self) -> str:
@@ -72,16 +59,9 @@ class DurableRunner:
             self.task = None
 
     async def replace(self, settings: UplinkSettings) -> None:
-        """New settings: a new instance on the same feed; the counters carry over."""
+        """New settings: a new instance on the same feed and status (the counters carry over)."""
         feed = self.feed
         await self.stop()
-        old, retired = self.uplink.status, self.retired
-        retired.published += old.published
-        retired.acked += old.acked
-        retired.connects += old.connects
-        retired.disconnects += old.disconnects
-        for reason, n in old.errors.items():
-            retired.errors[reason] = retired.errors.get(reason, 0) + n
         self.settings = settings
         self.uplink = _build(self.plugin, settings, self.context)  # type: ignore[assignment]
         if feed is not None:

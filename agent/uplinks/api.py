@@ -165,6 +165,9 @@ class UplinkContext:
     inbound: Inbound
     state_dir: Path  # where the uplink may keep small state files (beside the buffer, 0700)
     control_root: str | None = None  # topic root of the fleet control channel, if it is on
+    # The uplink's status, kept by the core across the instances a reload replaces, so its
+    # counters never go back: a durable uplink reports through this one object.
+    status: UplinkStatus = field(default_factory=UplinkStatus)
 
 
 class DurableUplink(Protocol):

@@ -99,7 +99,8 @@ class MqttUplink:
         self.gateway = gateway
         root = context.control_root if context is not None else None
         self.control = ControlChannel(root, gateway, context.inbound, self._publish_reply) if root and context else None
-        self.status = UplinkStatus(since=time.time())
+        self.status = context.status if context is not None else UplinkStatus()
+        self.status.since = time.time()
         self._status_topic = status_topic(config.topic_prefix, gateway)
         self._client: paho.Client | None = None
         self._lost: asyncio.Future[str] | None = None

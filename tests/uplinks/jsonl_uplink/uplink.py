@@ -15,7 +15,7 @@ import os
 import time
 
 from agent.store.outbox import Stored
-from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
+from agent.uplinks.api import EventFeed, UplinkContext
 from tests.uplinks.jsonl_uplink import JsonlConfig
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class JsonlUplink:
         """Configure; nothing is written until :meth:`run`."""
         self.config = config
         self.title = context.title
-        self.status = UplinkStatus(since=time.time())
+        self.status = context.status
+        self.status.since = time.time()
 
     def quiet_allowance(self) -> float:
         """A write is one fsync: a few seconds without progress on a writable file is a stall."""
