@@ -41,6 +41,11 @@ def measurement(
     return m
 
 
+def measurement_point(m: dict[str, Any]) -> str:
+    """The name a measurement goes by for SCADA and remote reads: its point, or quantity[_phase]."""
+    return m.get("point") or (f"{m['quantity']}_{m['phase']}" if m.get("phase") else m["quantity"])
+
+
 def meter_reading(measurements: list[dict[str, Any]]) -> dict[str, Any]:
     """``city.meter.reading``: ``measurements`` made by :func:`measurement` (the list itself, not a copy)."""
     return {"measurements": measurements}

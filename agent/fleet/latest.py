@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from agent.contract.data import measurement_point
 from agent.contract.events import format_time
 
 
@@ -58,10 +59,7 @@ class LatestValues:
 
 def _find(data: dict[str, Any], point: str) -> dict[str, Any] | None:
     for m in data.get("measurements") or ():
-        names = {m.get("point"), m.get("quantity")}
-        if m.get("phase"):
-            names.add(f"{m.get('quantity')}_{m['phase']}")
-        if point in names:
+        if point in (measurement_point(m), m.get("quantity")):
             return {k: m[k] for k in ("value", "unit", "quality", "reason") if k in m}
     if point in data and not isinstance(data[point], (dict, list)):
         return {"value": data[point]}

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from agent.contract.data import measurement_point
 from agent.contract.events import CROSSWALK_PRESENCE, DEVICE_STATUS, GATEWAY_STREAM, METER_READING, PARKING_OCCUPANCY
 from agent.protocols.opcua_certs import default_application_uri
 from agent.uplinks.opcua_server.access import Rules, Users, session_access_levels
@@ -142,9 +143,9 @@ class OpcUaServer:
         pending = self._pending
         if event_type == METER_READING:
             for m in data.get("measurements", ()):
-                key = m.get("point") or (f"{m['quantity']}_{m['phase']}" if m.get("phase") else m["quantity"])
-                pending[device, key] = Pending(m.get("value"), m.get("quality", "good"), m.get("reason"),
-                                                m.get("unit"), time, m.get("quantity"))  # fmt: skip
+                pending[device, measurement_point(m)] = Pending(
+                    m.get("value"), m.get("quality", "good"), m.get("reason"), m.get("unit"), time, m.get("quantity")
+                )
         elif event_type == PARKING_OCCUPANCY:
             key = data.get("point") or f"bay_{data['bay']}"
             pending[device, key] = Pending(bool(data["occupied"]), "good", None, None, time)
