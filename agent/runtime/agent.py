@@ -38,7 +38,6 @@ from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
 
 if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
-    from agent.fleet.channel import FleetChannel
     from agent.fleet.latest import LatestValues
 
 log = logging.getLogger(__name__)
@@ -85,10 +84,7 @@ class Agent:
         self.liveness = Liveness(config, self.store, self.uplinks)
         self.service = Service(self)
         self.inbound.handle("status", self._status_command)
-        self.latest: LatestValues | None = None
-        self.fleet: FleetChannel | None = None
-        if config.fleet.enabled:
-            self.latest, self.fleet = _fleet_channel(self)
+        self.latest = _fleet_channel(self) if config.fleet.enabled else None
         _register_secrets(config)
 
     # Late-bound: the store reports drops before the health reporter exists.
@@ -118,8 +114,8 @@ class Agent:
         if (new.fleet.enabled, new.fleet.root) != (old.fleet.enabled, old.fleet.root):
             raise ConfigError(["fleet.enabled and fleet.root changes need a restart; nothing was applied"])
         self.config = self.status.config = self.liveness.config = new
-        if self.fleet is not None:
-            self.fleet.configure(new.fleet)
+        if self.inbound.channel is not None:
+            self.inbound.channel.configure(new.fleet)
             if new.fleet != old.fleet:
                 changes.append("fleet")
         self.pipeline.reconfigure(new)
@@ -232,7 +228,7 @@ class Agent:
         log.info("agent stopped in %.2fs", time.monotonic() - started)
 
 
-def _fleet_channel(agent: Agent) -> tuple[LatestValues, FleetChannel]:
+def _fleet_channel(agent: Agent) -> LatestValues:
     """Turn the fleet channel on: signed requests checked, then ping, read, write (docs/fleet.md)."""
     from agent.fleet.channel import FleetChannel
     from agent.fleet.commands import FleetCommands
@@ -243,9 +239,10 @@ def _fleet_channel(agent: Agent) -> tuple[LatestValues, FleetChannel]:
     commands = FleetCommands(config.gateway.id, latest, agent.inbound, lambda: agent.config.fleet)
     for name in ("ping", "read", "write"):
         agent.inbound.handle(name, getattr(commands, name))
-    channel = FleetChannel(config.fleet, config.gateway.id, config.buffer.path.parent, agent.inbound.command)
-    agent.inbound.channel = channel
-    return latest, channel
+    agent.inbound.channel = FleetChannel(
+        config.fleet, config.gateway.id, config.buffer.path.parent, agent.inbound.command
+    )
+    return latest
 
 
 def _register_secrets(config: AgentConfigBase) -> None:

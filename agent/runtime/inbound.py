@@ -10,24 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from agent.devices.api import Driver
 from agent.errors import DriverWriteError
 from agent.uplinks.api import Command, Reply
 
+if TYPE_CHECKING:  # loaded only when fleet.enabled (it brings cryptography)
+    from agent.fleet.channel import FleetChannel
+
 log = logging.getLogger(__name__)
 
 COMMANDS_AT_ONCE = 4  # commands running at the same time; the rest wait their turn
 Handler = Callable[[Command], Awaitable[Reply]]
-
-
-class Requests(Protocol):
-    """What checks signed requests (agent/fleet/channel.py)."""
-
-    async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
-        """Verify, then run."""
-        ...
 
 
 class InboundRouter:
@@ -38,7 +33,7 @@ class InboundRouter:
         self._driver_of = driver_of
         self._handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(COMMANDS_AT_ONCE)
-        self.channel: Requests | None = None  # the fleet channel, when it is on
+        self.channel: FleetChannel | None = None  # the fleet channel, when it is on
 
     async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
         """A signed request: checked by the fleet channel, then run like any command."""
