@@ -93,6 +93,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+async def next_slot(last: float, interval: float) -> float:
+    """Sleep until the poll slot after ``last`` (monotonic seconds) and return it.
+
+    A poll that overran skips the slots it missed rather than bunching polls up, and keeps the
+    schedule's phase.
+    """
+    next_at = last + interval
+    now = time.monotonic()
+    if next_at < now:
+        next_at += ((now - next_at) // interval + 1) * interval
+    await asyncio.sleep(next_at - now)
+    return next_at
+
+
 class DevicePoint(StrictModel):
     """One point of one device, as a rule names it (which points an uplink or the fleet may write)."""
 
@@ -210,11 +224,7 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
                 self.context.poll_ok()
                 if readings:
                     yield readings
-            next_at += interval
-            now = time.monotonic()
-            if next_at < now:  # overran: skip missed slots, keep the phase
-                next_at += ((now - next_at) // interval + 1) * interval
-            await asyncio.sleep(next_at - now)
+            next_at = await next_slot(next_at, interval)
 
 
 # A technician command: gets the arguments after ``edge-agent <verb> <driver>``, returns an exit code.

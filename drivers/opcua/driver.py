@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from agent.contract.events import Reading
-from agent.devices.api import Driver, DriverContext
+from agent.devices.api import Driver, DriverContext, next_slot
 from agent.errors import DriverStartupError, DriverWriteError, WriteFailure
 from agent.protocols.opcua_certs import AppCertificate, ensure_certificate
 from drivers.opcua.certs import UserIdentity, load_user_identity
@@ -220,11 +220,7 @@ class OpcUaDriver(Driver):
             readings = self._readings(samples)
             if readings:
                 yield readings
-            next_at += interval
-            now = time.monotonic()
-            if next_at < now:  # overran: skip missed slots, keep the phase
-                next_at += ((now - next_at) // interval + 1) * interval
-            await asyncio.sleep(next_at - now)
+            next_at = await next_slot(next_at, interval)
 
     def _readings(self, samples: list[Sample]) -> list[Reading]:
         self.stats["batches"] += 1
