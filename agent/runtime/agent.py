@@ -73,7 +73,7 @@ class Agent:
         # Writes reach a device through the device set, built last: readings then go straight
         # to the pipeline's bound method, one call per reading on the hot path.
         self.inbound = InboundRouter(lambda device: self.devices.driver_of(device))
-        self.uplinks = Uplinks(config, self.inbound)
+        self.uplinks = Uplinks(config, self.inbound, self.inbound.reports if config.fleet.enabled else None)
         self.store = EventStore(
             self.uplinks.outboxes(config.buffer), gateway=config.gateway.id, on_dropped=self._dropped
         )

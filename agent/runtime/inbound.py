@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.devices.api import Driver
 from agent.errors import DriverWriteError
-from agent.uplinks.api import Command, Reply
+from agent.uplinks.api import Command, Reply, Reports
 
 if TYPE_CHECKING:  # loaded only when fleet.enabled (it brings cryptography)
     from agent.fleet.channel import FleetChannel
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS_AT_ONCE = 4  # commands running at the same time; the rest wait their turn
 Handler = Callable[[Command], Awaitable[Reply]]
+DocumentHandler = Callable[[bytes, str], Awaitable[None]]
 
 
 class InboundRouter:
@@ -34,6 +35,8 @@ class InboundRouter:
         self._handlers: dict[str, Handler] = {}
         self._slots = asyncio.Semaphore(COMMANDS_AT_ONCE)
         self.channel: FleetChannel | None = None  # the fleet channel, when it is on
+        self.reports = Reports()  # what the fleet channel publishes (reported state, inventory)
+        self._documents: dict[str, DocumentHandler] = {}
 
     async def request(self, name: str, request_id: str, data: bytes, *, origin: str) -> Reply:
         """A signed request: checked by the fleet channel, then run like any command."""
@@ -44,6 +47,21 @@ class InboundRouter:
     def handle(self, name: str, handler: Handler) -> None:
         """Route commands called ``name`` to ``handler``."""
         self._handlers[name] = handler
+
+    def take_documents(self, kind: str, handler: DocumentHandler) -> None:
+        """Route desired-state documents of ``kind`` to ``handler(data, origin)``."""
+        self._documents[kind] = handler
+
+    async def document(self, kind: str, data: bytes, *, origin: str) -> None:
+        """A desired-state document: to its handler; one nobody takes is logged and left."""
+        handler = self._documents.get(kind)
+        if handler is None:
+            log.warning("a %s document from %s was ignored: nothing here takes %s documents", kind, origin, kind)
+            return
+        try:
+            await handler(data, origin)
+        except Exception:  # the handler reports its refusals itself; this is a bug, kept off the uplink
+            log.exception("the %s document from %s failed", kind, origin)
 
     async def write(self, device: str, point: str, value: Any, *, origin: str) -> None:
         """A write an uplink allowed: handed to the device's driver, and logged either way."""

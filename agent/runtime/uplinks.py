@@ -14,7 +14,15 @@ from agent.config.model import AgentConfigBase, BufferConfig
 from agent.errors import ConfigError
 from agent.store.feed import Feed
 from agent.store.outbox import Outbox
-from agent.uplinks.api import DurableUplink, Inbound, LiveSink, UplinkContext, UplinkPlugin, UplinkSettings
+from agent.uplinks.api import (
+    DurableUplink,
+    Inbound,
+    LiveSink,
+    Reports,
+    UplinkContext,
+    UplinkPlugin,
+    UplinkSettings,
+)
 from agent.uplinks.registry import load_uplinks
 
 log = logging.getLogger(__name__)
@@ -71,9 +79,13 @@ class DurableRunner:
 class Uplinks:
     """Every configured uplink, durable and live."""
 
-    def __init__(self, config: AgentConfigBase, inbound: Inbound) -> None:
-        """Build an instance of each active uplink (plugins are imported now, connections later)."""
+    def __init__(self, config: AgentConfigBase, inbound: Inbound, reports: Reports | None = None) -> None:
+        """Build an instance of each active uplink (plugins are imported now, connections later).
+
+        ``reports``: what the fleet channel publishes, when it is on.
+        """
         self._inbound = inbound
+        self._reports = reports
         self._gateway = config.gateway.id
         self._state_dir = config.buffer.path.parent
         self._control_root = config.fleet.root if config.fleet.enabled else None
@@ -92,7 +104,9 @@ class Uplinks:
 
     def _context(self, plugin: UplinkPlugin) -> UplinkContext:
         title = plugin.title or plugin.name
-        return UplinkContext(plugin.name, title, self._gateway, self._inbound, self._state_dir, self._control_root)
+        return UplinkContext(
+            plugin.name, title, self._gateway, self._inbound, self._state_dir, self._control_root, self._reports
+        )
 
     @property
     def main(self) -> DurableRunner:

@@ -154,6 +154,58 @@ class Inbound(Protocol):
         """
         ...
 
+    async def document(self, kind: str, data: bytes, *, origin: str) -> None:
+        """A desired-state document (``kind`` ``config``), signed, as the operations centre keeps it.
+
+        Arrives again on every connection (it is retained); the core checks it, applies what is
+        new and answers through :class:`Reports` (``reported``), never by raising. Empty ``data``:
+        the operations centre withdrew its document (nothing is undone).
+        """
+        ...
+
+
+class Reports:
+    """Documents the core keeps for the operations centre: name -> JSON body (e.g. ``reported``,
+    ``inventory``).
+
+    An uplink that carries the fleet channel publishes each one, retained, on every connection
+    and again whenever the core puts a new body. Only the newest body of a name matters: an
+    uplink that was away publishes what is current, not the history.
+    """
+
+    def __init__(self) -> None:
+        """Empty; the core puts, uplinks read."""
+        self._bodies: dict[str, bytes] = {}
+        self._version = 0
+        self._changed: asyncio.Event | None = None
+
+    @property
+    def version(self) -> int:
+        """Grows by one with each put."""
+        return self._version
+
+    def put(self, name: str, body: bytes) -> None:
+        """Make ``body`` the current document called ``name`` (on the event loop)."""
+        if self._bodies.get(name) == body:
+            return
+        self._bodies[name] = body
+        self._version += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def current(self) -> dict[str, bytes]:
+        """Every document, as it is now."""
+        return dict(self._bodies)
+
+    async def changed(self, since: int) -> int:
+        """Wait until the version passes ``since``; returns the new version."""
+        while self._version <= since:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+        return self._version
+
 
 @dataclass(frozen=True)
 class UplinkContext:
@@ -165,6 +217,7 @@ class UplinkContext:
     inbound: Inbound
     state_dir: Path  # where the uplink may keep small state files (beside the buffer, 0700)
     control_root: str | None = None  # topic root of the fleet control channel, if it is on
+    reports: Reports | None = None  # what the fleet channel publishes, retained, when it is on
     # The uplink's status, kept by the core across the instances a reload replaces, so its
     # counters never go back: a durable uplink reports through this one object.
     status: UplinkStatus = field(default_factory=UplinkStatus)

@@ -2,9 +2,12 @@
 
 Requests arrive on ``{root}/{gateway}/req/{id}/{command}`` (MQTT 3.1.1 carries the ids in
 topics, as Eclipse Hono does); the core checks each signed request and answers; the reply goes
-to ``{root}/{gateway}/res/{id}/{status}``, always inside this gateway's own subtree. Nothing
-here waits on the event path: each request is a task of its own, and replies are paced to 50
-messages and 256 KiB a second (half of AWS IoT Core's per-connection limits).
+to ``{root}/{gateway}/res/{id}/{status}``, always inside this gateway's own subtree. The
+desired-state document arrives, retained, on ``{root}/{gateway}/desired``; the core's reports
+(``reported`` there too, ``inventory`` beside the events) go out retained on every connection
+and on each change. Nothing here waits on the event path: each request is a task of its own,
+and everything this channel sends is paced to 50 messages and 256 KiB a second (half of AWS IoT
+Core's per-connection limits).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.uplinks.api import Inbound, Reply
+from agent.uplinks.api import Inbound, Reply, Reports
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +61,71 @@ class Pace:
 class ControlChannel:
     """Requests in, replies out, on one gateway's control topics."""
 
-    def __init__(self, root: str, gateway: str, inbound: Inbound, publish: Callable[[str, bytes], bool]) -> None:
-        """``publish(topic, payload)`` sends on the current connection (False: not connected)."""
+    def __init__(
+        self,
+        root: str,
+        gateway: str,
+        inbound: Inbound,
+        publish: Callable[[str, bytes, bool], bool],
+        *,
+        reports: Reports | None = None,
+        topic_prefix: str = "ioc/v1",
+    ) -> None:
+        """``publish(topic, payload, retain)`` sends on the current connection (False: not connected)."""
         self.requests = f"{root}/{gateway}/req/+/+"
+        self.desired = f"{root}/{gateway}/desired"
         self._replies = f"{root}/{gateway}/res"
+        # Where each report goes: the inventory is an event for the operations centre too.
+        self._report_topics = {
+            "reported": f"{root}/{gateway}/reported",
+            "inventory": f"{topic_prefix}/{gateway}/inventory",
+        }
         self._inbound = inbound
         self._publish = publish
+        self._reports = reports
         self._pace = Pace(REPLIES_PER_SECOND, REPLY_BYTES_PER_SECOND)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reporter: asyncio.Task[None] | None = None
+        self._document: bytes | None = None  # the newest desired document not handed over yet
+        self._documents: asyncio.Task[None] | None = None
         self.ignored = 0
 
+    @property
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What to subscribe to on every (clean) connection."""
+        return [(self.requests, 1), (self.desired, 1)]
+
+    def connected(self) -> None:
+        """A new connection: publish every report again (the broker may have lost them), then each change."""
+        self.connection_ended()
+        if self._reports is not None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report(self._reports), name="fleet-reports")
+
+    def connection_ended(self) -> None:
+        """Stop publishing reports until the next connection."""
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self._reporter = None
+
+    async def _report(self, reports: Reports) -> None:
+        sent: dict[str, bytes] = {}
+        while True:
+            version = reports.version
+            for name, body in reports.current().items():
+                topic = self._report_topics.get(name)
+                if topic is None or sent.get(name) == body:
+                    continue
+                await self._pace.wait(len(body))
+                if not self._publish(topic, body, True):
+                    return  # the connection is going: the next one publishes everything again
+                sent[name] = body
+            await reports.changed(version)
+
     def on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
-        """paho's callback (on the event loop): take the request, answer later."""
+        """paho's callback (on the event loop): take the request or document, answer later."""
+        if message.topic == self.desired:
+            self._take_document(bytes(message.payload))
+            return
         parts = message.topic.split("/")
         request_id, name = parts[-2], parts[-1]
         if len(parts) < 4 or parts[-3] != "req" or not _ID.match(request_id):
@@ -94,6 +150,21 @@ class ControlChannel:
         )
         self._keep(task)
 
+    def _take_document(self, data: bytes) -> None:
+        # One document at a time, in order; a newer one waiting replaces an older one that has
+        # not been handed over (only the newest desired state matters).
+        self._document = data
+        if self._documents is None or self._documents.done():
+            self._documents = asyncio.get_running_loop().create_task(self._hand_over(), name="fleet-desired")
+
+    async def _hand_over(self) -> None:
+        while self._document is not None:
+            data, self._document = self._document, None
+            try:
+                await self._inbound.document("config", data, origin="mqtt")
+            except Exception:  # the core reports refusals itself; this is a bug, kept off the uplink
+                log.exception("the desired document could not be handed over")
+
     def _spawn(self, request_id: str, reply: Reply) -> None:
         self._keep(asyncio.get_running_loop().create_task(self._reply(request_id, reply)))
 
@@ -116,11 +187,12 @@ class ControlChannel:
             reply = Reply("failed", code="reply_too_large", error=error)
             body = json.dumps(reply.to_json(), separators=(",", ":")).encode()
         await self._pace.wait(len(body))
-        if not self._publish(f"{self._replies}/{request_id}/{reply.status}", body):
+        if not self._publish(f"{self._replies}/{request_id}/{reply.status}", body, False):
             log.info("fleet reply to %s dropped: not connected (the operator's command times out)", request_id)
 
     async def close(self) -> None:
-        """Cancel requests in progress (at shutdown)."""
+        """Cancel requests in progress (at shutdown); a document being applied finishes on its own."""
+        self.connection_ended()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -98,7 +98,18 @@ class MqttUplink:
         self.config = config
         self.gateway = gateway
         root = context.control_root if context is not None else None
-        self.control = ControlChannel(root, gateway, context.inbound, self._publish_reply) if root and context else None
+        self.control = (
+            ControlChannel(
+                root,
+                gateway,
+                context.inbound,
+                self._publish_control,
+                reports=context.reports,
+                topic_prefix=config.topic_prefix,
+            )
+            if root and context
+            else None
+        )
         self.status = context.status if context is not None else UplinkStatus()
         self.status.since = time.time()
         self._status_topic = status_topic(config.topic_prefix, gateway)
@@ -223,19 +234,22 @@ class MqttUplink:
         client.publish(self._status_topic, ONLINE, qos=1, retain=True)
         if self.control is not None:  # a clean session: subscribe on every connection
             client.on_message = self.control.on_message
-            client.subscribe(self.control.requests, qos=1)
+            client.subscribe(self.control.subscriptions)
+            self.control.connected()
         self._flush_writes()
         return client
 
-    def _publish_reply(self, topic: str, payload: bytes) -> bool:
-        """A fleet reply on the current connection (QoS 1, outside the event window)."""
+    def _publish_control(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """A fleet reply or report on the current connection (QoS 1, outside the event window)."""
         if self._client is None or not self.status.connected:
             return False
-        self._client.publish(topic, payload, qos=1)
+        self._client.publish(topic, payload, qos=1, retain=retain)
         self._flush_writes()
         return True
 
     def _drop_client(self) -> None:
+        if self.control is not None:
+            self.control.connection_ended()
         client, self._client = self._client, None
         if client is not None:
             sock = client.socket()
