@@ -19,8 +19,8 @@ def expand(text: str) -> list[str]:
     for part in (p.strip() for p in text.split(",")):
         match = _RANGE.match(part)
         if match is None:
-            if not _ID.match(part):
-                raise ValueError(f"{part!r} is not a gateway id (letters, digits, . _ -) nor a range a..b")
+            if not _ID.match(part) or ".." in part:
+                raise ValueError(f"{part!r} is not a gateway id (letters, digits, . _ -) nor a range a1..a9")
             out.append(part)
             continue
         stem, first, last = match["stem"], match["first"], match["last"]
