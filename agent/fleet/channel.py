@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,17 @@ from agent.uplinks.api import Command, Reply
 log = logging.getLogger(__name__)
 
 # The scope a key needs for each command; a command not listed here does not exist remotely.
-SCOPE_OF = {"ping": "read", "status": "read", "read": "read", "write": "write"}
+SCOPE_OF = {
+    "ping": "read",
+    "status": "read",
+    "read": "read",
+    "write": "write",
+    "restart": "restart",
+    "doctor": "diagnostics",
+    "diagnostics": "diagnostics",
+}
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines for one refusal code
+RAN_IDS = 1024  # request ids remembered (each until its envelope expires), so none runs twice
 
 
 class FleetChannel:
@@ -47,6 +57,7 @@ class FleetChannel:
         self._logged_at: dict[str, float] = {}
         self._window_start = time.monotonic()
         self._in_window = 0
+        self._ran: OrderedDict[str, datetime] = OrderedDict()  # request id -> its envelope's expiry
         self.configure(config)
 
     def configure(self, config: FleetConfig) -> None:
@@ -91,11 +102,27 @@ class FleetChannel:
             args = body.get("args", {})
             if not isinstance(args, dict):
                 raise Refused("malformed", "args must be an object", "payload.args")
+            self._run_once(request_id, verified.expires_at)
         except Refused as exc:
             return self._refuse(exc, origin)
         self.accepted += 1
         log.info("fleet: %s %s from %s signed by %s", name, request_id, origin, verified.key_id)
         return await self._run(Command(name, args, origin))
+
+    def _run_once(self, request_id: str, expires_at: datetime) -> None:
+        """Remember ``request_id``; Refused(duplicate_id) if a request under it already ran.
+
+        The nonce store refuses the same envelope twice; this refuses a new envelope reusing an
+        id (the operator's answer would be ambiguous). Kept in memory: the last ``RAN_IDS`` ids,
+        each until its envelope expires.
+        """
+        now = datetime.now(UTC)
+        while self._ran and (len(self._ran) >= RAN_IDS or next(iter(self._ran.values())) <= now):
+            self._ran.popitem(last=False)
+        if self._ran.get(request_id, now) > now:
+            raise Refused("duplicate_id", f"request id {request_id!r} already ran: sign the request under a new id")
+        self._ran.pop(request_id, None)
+        self._ran[request_id] = expires_at
 
     def _refuse(self, exc: Refused, origin: str) -> Reply:
         self.refused[exc.code] += 1

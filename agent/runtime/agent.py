@@ -229,16 +229,26 @@ class Agent:
 
 
 def _fleet_channel(agent: Agent) -> LatestValues:
-    """Turn the fleet channel on: signed requests checked, then ping, read, write (docs/fleet.md)."""
+    """Turn the fleet channel on: signed requests checked, then run (docs/fleet.md)."""
     from agent.fleet.channel import FleetChannel
     from agent.fleet.commands import FleetCommands
+    from agent.fleet.diagnostics import FleetDiagnostics
     from agent.fleet.latest import LatestValues
 
     config = agent.config
     latest = LatestValues()
-    commands = FleetCommands(config.gateway.id, latest, agent.inbound, lambda: agent.config.fleet)
-    for name in ("ping", "read", "write"):
+
+    def enabled(device: str) -> bool | None:
+        return next((d.enabled for d in agent.config.devices if d.id == device), None)
+
+    commands = FleetCommands(
+        config.gateway.id, latest, agent.inbound, lambda: agent.config.fleet, agent.devices, enabled
+    )
+    for name in ("ping", "read", "write", "restart"):
         agent.inbound.handle(name, getattr(commands, name))
+    diagnostics = FleetDiagnostics(agent)
+    agent.inbound.handle("doctor", diagnostics.doctor)
+    agent.inbound.handle("diagnostics", diagnostics.diagnostics)
     agent.inbound.channel = FleetChannel(
         config.fleet, config.gateway.id, config.buffer.path.parent, agent.inbound.command
     )

@@ -24,6 +24,10 @@ class DeviceSet:
         self._on_fatal = on_fatal
         self.running: dict[str, tuple[DeviceRunner, asyncio.Task[None]]] = {}
         self.telemetry: dict[str, DeviceTelemetry] = {}
+        # A reload and a remote restart both stop and start devices: one at a time, or a device
+        # could end up with two runners (the restart starting the config the reload replaced).
+        self._changing = asyncio.Lock()
+        self._closed = False
 
     def start(self, cfg: DeviceConfig) -> None:
         """Run one device."""
@@ -51,8 +55,34 @@ class DeviceSet:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
+    async def restart(self, device_id: str, settle: float = 0.0) -> DeviceRunner | None:
+        """Stop one running device and start it again with its config; None if it is not running.
+
+        Its telemetry carries on and its events' seq continues (the store numbers each device's
+        events, not the runner). ``settle``: seconds to wait for its first poll, so the caller
+        can say whether it came back.
+        """
+        async with self._changing:
+            entry = self.running.get(device_id)
+            if entry is None or self._closed:
+                return None
+            config = entry[0].config
+            if config.startup_error_behavior == "error":
+                # That policy is about boot: a device that will not come back after a remote
+                # restart must not stop the agent (and every other device) with it.
+                config = config.model_copy(update={"startup_error_behavior": "retry"})
+            await self.stop(device_id)
+            self.start(config)
+            runner = self.running[device_id][0]
+        log.info("device %s restarted on request", device_id)
+        deadline = asyncio.get_running_loop().time() + settle
+        while runner.status == "starting" and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return runner
+
     async def stop_all(self) -> None:
         """Stop every device at once."""
+        self._closed = True
         for _runner, task in self.running.values():
             task.cancel()
         await asyncio.gather(*(t for _, t in self.running.values()), return_exceptions=True)
@@ -60,6 +90,10 @@ class DeviceSet:
 
     async def apply(self, old: list[DeviceConfig], new: list[DeviceConfig]) -> list[str]:
         """Replace the devices whose config changed; unchanged ones keep running. Returns ``-id``/``+id``."""
+        async with self._changing:
+            return await self._apply(old, new)
+
+    async def _apply(self, old: list[DeviceConfig], new: list[DeviceConfig]) -> list[str]:
         old_devices = {d.id: d for d in old if d.enabled}
         new_devices = {d.id: d for d in new if d.enabled}
         leaving = [device_id for device_id, cfg in old_devices.items() if new_devices.get(device_id) != cfg]
@@ -83,6 +117,10 @@ class DeviceSet:
     def statuses(self) -> dict[str, str]:
         """Device id -> online / offline / starting..."""
         return {device_id: runner.status for device_id, (runner, _) in list(self.running.items())}
+
+    def reasons(self) -> dict[str, str | None]:
+        """Device id -> why its last poll failed (None if it did not)."""
+        return {device_id: runner.reason for device_id, (runner, _) in list(self.running.items())}
 
     def drivers(self) -> list[tuple[str, str, str]]:
         """(device, driver, status) of every running device, for the metrics."""

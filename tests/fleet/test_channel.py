@@ -144,7 +144,7 @@ def test_hostile_requests_are_refused_with_their_reason(fleet: dict[str, Any]) -
         # The same signed request again, under a new id in the topic: the nonce says replay.
         status, reply = raw.ask("r1b", "ping", good)
         assert reply.get("code") == "replayed", reply
-        status, reply = raw.ask("r11", "restart", signed("restart", "r11"))
+        status, reply = raw.ask("r11", "reboot", signed("reboot", "r11"))
         assert (status, reply.get("code")) == ("unsupported", "unknown_command"), reply
         expired = make_body(target="gw-test", ttl=60, fields={"command": "ping", "id": "r12", "args": {}},
                             now=datetime.now(UTC) - timedelta(minutes=5))  # fmt: skip

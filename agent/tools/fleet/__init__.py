@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent.tools.fleet.cmd import cmd
 from agent.tools.fleet.common import add_broker_args, add_signing_args
+from agent.tools.fleet.diagnostics import diagnostics
 from agent.tools.fleet.keygen import keygen
 
 
@@ -26,13 +27,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=keygen)
     p = sub.add_parser("cmd", help="sign and send one command; print the answer")
     p.add_argument("gateway", help="gateway id")
-    p.add_argument("command", help="ping, status, read, write")
+    p.add_argument("command", help="ping, status, read, write, restart, doctor")
     p.add_argument("args", nargs="*", help="key=value arguments, e.g. device=meter-1 point=active_power")
     add_signing_args(p)
     add_broker_args(p)
     p.add_argument("--ttl", type=float, default=60.0, help="seconds the signed command stays valid")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd)
+    p = sub.add_parser("diagnostics", help="fetch a gateway's redacted diagnostics bundle (.tar.gz), sha256 checked")
+    p.add_argument("gateway", help="gateway id")
+    p.add_argument("--out", type=Path, required=True, help="the .tar.gz to write (refuses to overwrite)")
+    add_signing_args(p)
+    add_broker_args(p)
+    p.add_argument("--ttl", type=float, default=60.0, help="seconds each signed request stays valid")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each part")
+    p.add_argument("--build-timeout", type=float, default=30.0, help="seconds to wait for the bundle to be built")
+    p.add_argument(
+        "--requests-per-minute",
+        type=int,
+        default=100,
+        help="at most this many requests a minute "
+        "(keep it under the gateway's fleet.requests_per_minute, 120 by default)",
+    )
+    p.set_defaults(func=diagnostics)
     return parser
 
 

@@ -21,6 +21,20 @@ def _value(text: str) -> Any:
         return text
 
 
+def no_answer(gateway: str, timeout: float, status_seen: list[str]) -> str:
+    """What to say when a gateway did not answer: its retained status, if this client could read it.
+
+    The gateway's status is the bare word ``online`` or ``offline`` (its last will), retained
+    with no time in it, and MQTT 3.1.1 tells no message's age: so "offline", never "since when".
+    """
+    if not status_seen:
+        return f"no answer from {gateway} within {timeout:g} s"
+    state = status_seen[-1]
+    if state == "offline":
+        return f"no answer from {gateway} within {timeout:g} s: offline (so says its status topic, not since when)"
+    return f"no answer from {gateway} within {timeout:g} s (its status topic says {state})"
+
+
 def cmd(args: argparse.Namespace) -> int:
     """Sign ``args.command`` for ``args.gateway``, send it, wait for the answer and print it."""
     from agent.fleet.envelope import COMMAND_TYPE, make_body, sign
@@ -69,8 +83,7 @@ def cmd(args: argparse.Namespace) -> int:
     finally:
         close(client)
     if not answered:
-        state = f" (its status topic says {status_seen[-1]})" if status_seen else ""
-        print(f"no answer from {args.gateway} within {args.timeout:g} s{state}", file=sys.stderr)
+        print(no_answer(args.gateway, args.timeout, status_seen), file=sys.stderr)
         return EXIT_FAILED
     answer["round_trip_ms"] = round((time.monotonic() - started) * 1000, 1)
     if args.json:
