@@ -157,6 +157,17 @@ class ConfigPeer:
                 errors=[{"field": "sections.devices[0].port", "code": "invalid", "message": "port: must be 1..65535"}],
                 reason="sections.devices[0].port: must be 1..65535",
             )
+        elif what == "roll_back":
+            self.report(gateway, wait=False, version=version, status="applying", hash=digest, sections=origins)
+            self.report(
+                gateway,
+                wait=False,
+                version=version,
+                status="rolled_back",
+                hash=digest,
+                running={"version": running[0], "hash": running[1]},
+                reason="uplink did not connect within the health window",
+            )
 
     def close(self) -> None:
         self.client.disconnect()
@@ -290,7 +301,9 @@ def test_a_site_file_pushed_to_three_gateways_is_applied_by_each(
 
 
 def test_a_rejection_and_a_silent_gateway_fail_the_push(tmp_path: Path, broker: Mosquitto, ops: dict[str, Any]) -> None:
-    peer = ConfigPeer(broker.port, ops["keys"], {"gw-001": "apply", "gw-002": "reject", "gw-003": "silent"})
+    peer = ConfigPeer(
+        broker.port, ops["keys"], {"gw-001": "apply", "gw-002": "reject", "gw-003": "silent", "gw-004": "roll_back"}
+    )
     try:
         # gw-003 runs version 41 and is offline: a lower version applied is no answer to version 42.
         peer.report(
@@ -316,7 +329,7 @@ def test_a_rejection_and_a_silent_gateway_fail_the_push(tmp_path: Path, broker: 
         )
         assert done.returncode == 0, done.stderr
         started = time.monotonic()
-        done = _push(signed, "gw-001,gw-002,gw-003", broker.port, "--wait", "3")
+        done = _push(signed, "gw-001,gw-002,gw-003,gw-004", broker.port, "--wait", "3")
         assert done.returncode == 1, (done.stdout, done.stderr)
         assert time.monotonic() - started < 20
         rows = _rows(done.stdout)
@@ -328,10 +341,12 @@ def test_a_rejection_and_a_silent_gateway_fail_the_push(tmp_path: Path, broker: 
         assert "last report: version 41 applied" in silent and "status topic: offline" in silent, silent
         lines = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("gw-")]
         assert lines[-1] == "gw-003"  # the answers as they came, then those that did not answer
-        assert "3 gateway(s): 1 applied, 1 rejected, 1 no answer" in done.stdout
+        assert rows["gw-004"][1:4] == ["v42", "rolled", "back"], done.stdout
+        assert "uplink did not connect within the health window" in " ".join(rows["gw-004"])
+        assert "4 gateway(s): 1 applied, 1 rejected, 1 rolled back, 1 no answer" in done.stdout
 
         # The same signed file again, as JSON: the retained reports answer gw-001 and gw-002 at once.
-        done = _push(signed, "gw-001..gw-003", broker.port, "--wait", "2", "--json")
+        done = _push(signed, "gw-001..gw-004", broker.port, "--wait", "2", "--json")
         assert done.returncode == 1, done.stderr
         result = json.loads(done.stdout)
         assert result["gateways"]["gw-002"]["errors"] == [
@@ -347,9 +362,16 @@ def test_a_rejection_and_a_silent_gateway_fail_the_push(tmp_path: Path, broker: 
             "availability": "offline",
         }
         summary = result["summary"]
-        assert (summary["applied"], summary["rejected"], summary["no_answer"]) == (1, 1, 1)
+        assert [summary[k] for k in ("applied", "rejected", "rolled_back", "no_answer", "not_published")] == [
+            1,
+            1,
+            1,
+            1,
+            0,
+        ]
+        assert result["gateways"]["gw-004"]["reason"] == "uplink did not connect within the health window"
         assert len(peer.verified["gw-003"]) == 1  # it got the group's document; it just never answered
-        assert sorted(peer.refused) == [("gw-001", "replayed"), ("gw-002", "replayed"), ("gw-003", "replayed")]
+        assert sorted(peer.refused) == [(f"gw-00{n}", "replayed") for n in range(1, 5)]
     finally:
         peer.close()
 
