@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from agent.tools.fleet.cmd import cmd
 from agent.tools.fleet.common import add_broker_args, add_signing_args
 from agent.tools.fleet.diagnostics import diagnostics
 from agent.tools.fleet.keygen import keygen
+from agent.tools.fleet.push import push_config
+from agent.tools.fleet.sign import sign_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
         "(keep it under the gateway's fleet.requests_per_minute, 120 by default)",
     )
     p.set_defaults(func=diagnostics)
+    _config_commands(sub)
     return parser
+
+
+def _config_commands(sub: Any) -> None:
+    """``sign`` and ``push-config``: desired configuration documents (docs/fleet.md)."""
+    p = sub.add_parser("sign", help="sign sections of a site file as a config document, offline, into a file")
+    p.add_argument("site", type=Path, help="site file (validated in full first)")
+    add_signing_args(p)
+    p.add_argument("--version", type=int, required=True, help="config version, an integer >= 1; higher wins")
+    p.add_argument("--target", required=True, help="gateway id or group:<name>")
+    _document_args(p)
+    p.add_argument("--ttl", default="7d", help="how long the document stays valid: 3600, 90s, 30m, 12h, 7d (<= 30d)")
+    p.add_argument("--health-window", type=int, default=120, help="seconds after apply to prove health (10-3600)")
+    p.add_argument("--out", type=Path, required=True, help="file to write (0644: signed, not secret)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=sign_config)
+    p = sub.add_parser("push-config", help="publish a config to gateways and wait until each applied it")
+    p.add_argument("document", type=Path, help="a site file (signed per gateway) or a .json `sign` wrote")
+    p.add_argument("--to", required=True, help="gateways: gw-001..gw-100,gw-200")
+    p.add_argument("--key", type=Path, help="private key file (a site file only)")
+    p.add_argument("--key-id", help="its id, as site files list it (default: the one keygen derived)")
+    p.add_argument("--version", type=int, help="config version (default: the current UNIX time in seconds)")
+    _document_args(p)
+    p.add_argument("--ttl", help="how long the documents stay valid (default 7d)")
+    p.add_argument("--health-window", type=int, help="seconds after apply to prove health (default 120)")
+    p.add_argument("--wait", type=float, help="seconds to wait for the answers (default: health window + 30, >= 120)")
+    add_broker_args(p)
+    p.set_defaults(func=push_config)
+
+
+def _document_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sections", help="comma-separated top-level sections (default: all but uplink and fleet)")
+    p.add_argument("--require-new-devices", action="store_true", help="devices new in this version must come online")
 
 
 def fleet_main(argv: list[str]) -> int:
