@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -90,6 +91,22 @@ def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | 
             fut.set_result(value)
 
 
+def _control_channel(
+    config: MqttConfig, gateway: str, context: UplinkContext | None, publish: Callable[[str, bytes, bool], bool]
+) -> ControlChannel | None:
+    """The fleet channel on this connection, if the core turned it on."""
+    if context is None or not context.control_root:
+        return None
+    return ControlChannel(
+        context.control_root,
+        gateway,
+        context.inbound,
+        publish,
+        reports=context.reports,
+        topic_prefix=config.topic_prefix,
+    )
+
+
 class MqttUplink:
     """Keeps one connection to the broker and publishes the store's events through it."""
 
@@ -97,19 +114,7 @@ class MqttUplink:
         """Configure (nothing connects until :meth:`run`); a context's control root adds the fleet channel."""
         self.config = config
         self.gateway = gateway
-        root = context.control_root if context is not None else None
-        self.control = (
-            ControlChannel(
-                root,
-                gateway,
-                context.inbound,
-                self._publish_control,
-                reports=context.reports,
-                topic_prefix=config.topic_prefix,
-            )
-            if root and context
-            else None
-        )
+        self.control = _control_channel(config, gateway, context, self._publish_control)
         self.status = context.status if context is not None else UplinkStatus()
         self.status.since = time.time()
         self._status_topic = status_topic(config.topic_prefix, gateway)
