@@ -12,6 +12,7 @@ from pathlib import Path
 from agent.tools.fleet.cmd import cmd
 from agent.tools.fleet.common import add_broker_args, add_signing_args
 from agent.tools.fleet.keygen import keygen
+from agent.tools.fleet.status import COLLECT, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, default=60.0, help="seconds the signed command stays valid")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd)
+    p = sub.add_parser("status", help="a row per gateway from its retained status, inventory and reported config")
+    p.add_argument("--to", help="gateways that must be there, e.g. gw-001..gw-100,gw-200 (default: all seen)")
+    add_broker_args(p)
+    p.add_argument("--wait", type=float, default=COLLECT, help="seconds to collect retained messages")
+    p.set_defaults(func=status)
     return parser
 
 
