@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import signal
 import ssl
@@ -145,7 +146,8 @@ def test_the_inventory_is_retained_on_connect_on_change_and_after_a_broker_resta
 ) -> None:
     broker, not_after = tls_broker
     folder = broker.workdir
-    tls = f", tls: {{ca_file: {folder / 'ca.pem'}, cert_file: {folder / 'gw-001.crt'}, key_file: {folder / 'gw-001.key'}}}"
+    files = f"ca_file: {folder / 'ca.pem'}, cert_file: {folder / 'gw-001.crt'}, key_file: {folder / 'gw-001.key'}"
+    tls = f", tls: {{{files}}}"
     site = _site(folder, broker.port, tls=tls)
     watch = Watch(broker)
     try:
@@ -159,7 +161,10 @@ def test_the_inventory_is_retained_on_connect_on_change_and_after_a_broker_resta
         assert data["agent_version"] == __version__
         assert data["config"] == {"version": 0, "hash": _hash_of(site), "origin": "local"}
         kernel = kernel_clock_sync()
-        assert data["clock"] == {"synced": kernel[0] if kernel else None, "source": "kernel" if kernel else "unavailable"}
+        assert data["clock"] == {
+            "synced": kernel[0] if kernel else None,
+            "source": "kernel" if kernel else "unavailable",
+        }
         assert isinstance(data["buffer"]["rows"], int) and data["buffer"]["rows"] >= 0
         assert 0 <= data["uptime_s"] < 30
         cert = data["certificate"]
@@ -244,7 +249,7 @@ def test_heartbeat_buffer_figures_and_the_file_cache_in_a_running_agent(tmp_path
     before = [(t, e) for t, e in puts if t < changed_at]
     # Uptime and buffer figures changed at every 0.1 s check; only the heartbeat put them out.
     assert len(before) >= 3, [e["data"]["uptime_s"] for _, e in puts]
-    gaps = [b[0] - a[0] for a, b in zip(before, before[1:], strict=False)]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(before)]
     assert all(gap > 0.5 for gap in gaps), gaps
     uptimes = [e["data"]["uptime_s"] for _, e in before]
     assert uptimes == sorted(uptimes) and uptimes[-1] > uptimes[0]
@@ -275,8 +280,9 @@ def test_certificate_facts_of_expired_unreadable_and_der_files(tmp_path: Path) -
     der = tmp_path / "old.der"
     der.write_bytes(ssl.PEM_cert_to_DER_cert(pem.read_text()))
     assert certificate_facts(der, now)["not_after"] == facts["not_after"]
-    assert x509.load_pem_x509_certificate(pem.read_bytes()).not_valid_after_utc.strftime("%Y-%m-%d") == (
-        facts["not_after"][:10]
+    assert (
+        x509.load_pem_x509_certificate(pem.read_bytes()).not_valid_after_utc.strftime("%Y-%m-%d")
+        == (facts["not_after"][:10])
     )
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
