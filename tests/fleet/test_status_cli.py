@@ -127,9 +127,9 @@ def test_fleet_status_rows_and_exit_codes(acl_broker: AclBroker, agent_factory: 
     assert three["availability"] == "unknown" and three["agent_version"] is None and not three["ok"]
     assert took < 10
 
-    code, got, took = rows("--to", "gw-001")
+    code, got, took = rows("--to", "gw-001", "--wait", "6")
     assert code == 0 and list(got) == ["gw-001"]
-    assert took < 5  # stops once gw-001's documents are in, without waiting out --wait
+    assert took < 5  # stopped once gw-001's documents were in, without waiting out --wait
 
     code, got, _ = rows()  # every gateway that left something retained
     assert code == 1 and list(got) == ["gw-001", "gw-002"]
