@@ -23,6 +23,8 @@ PARKING_OCCUPANCY = "city.parking.occupancy"
 CROSSWALK_PRESENCE = "city.crosswalk.presence"
 DEVICE_STATUS = "city.device.status"
 GATEWAY_HEALTH = "city.gateway.health"
+# Not buffered, no seq: a retained state document on {prefix}/{gateway}/inventory (fleet channel).
+GATEWAY_INVENTORY = "city.gateway.inventory"
 CAMERA_SNAPSHOT = "city.camera.snapshot"
 
 

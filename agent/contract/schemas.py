@@ -257,6 +257,87 @@ class GatewayHealth(_Open):
     )
 
 
+class InventoryConfig(_Open):
+    """The configuration the gateway runs."""
+
+    version: int = Field(ge=0, description="The remote configuration's version; 0: the local site file only.")
+    hash: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256 of the canonical JSON (sorted keys, no spaces) of the sections devices, priorities, "
+        "observability, uplink and fleet.",
+    )
+    origin: str = Field(description="local: the site file only; remote: remote sections replace local ones.")
+
+
+class InventoryModel(_Open):
+    """One model a device loads, as its manifest names it."""
+
+    manifest: str = Field(description="The manifest file.")
+    name: str | None = Field(description="The manifest's model name; null if the manifest cannot be read.")
+    path: str | None = Field(description="The model file.")
+    sha256: str | None = Field(description="sha256 of the model file on disk; null if it cannot be read.")
+    version: str | None = Field(description="The manifest's `version` (or `source.version`), if it has one.")
+    verified: bool = Field(description="The file's sha256 is the manifest's.")
+    devices: list[str] = Field(description="Devices that load it.")
+    error: str | None = Field(default=None, description="Why the manifest or file could not be read.")
+
+
+class InventoryProfile(_Open):
+    """One device profile (a register map file) devices were built from."""
+
+    name: str
+    path: str | None = Field(description="The profile file that won the search; null if none was found.")
+    sha256: str | None = Field(description="sha256 of that file; null if it cannot be read.")
+    version: str | None = Field(description="The profile's `version` key, if it has one.")
+    devices: list[str] = Field(description="Devices that use it.")
+
+
+class InventoryCertificate(_Open):
+    """The MQTT client certificate (uplink.mqtt.tls.cert_file)."""
+
+    path: str
+    subject: str | None = Field(description="RFC 4514, e.g. CN=gw-017; null if the file cannot be read.")
+    not_after: str | None = Field(description="End of validity (RFC 3339 UTC).")
+    days_left: int | None = Field(description="Whole days until not_after; negative once expired.")
+    error: str | None = Field(default=None, description="Why the file could not be read.")
+
+
+class InventoryClock(_Open):
+    """How the gateway judges its clock (signed requests are refused while it is not synchronised)."""
+
+    synced: bool | None = Field(description="Synchronised; null where the kernel cannot say.")
+    source: Literal["kernel", "trusted", "unavailable"] = Field(
+        description="kernel: the kernel's NTP state; trusted: fleet.clock says another source sets it; "
+        "unavailable: the kernel's state cannot be read."
+    )
+
+
+class InventoryBuffer(_Open):
+    """The main buffer's depth when the inventory was built."""
+
+    rows: int = Field(ge=0)
+    oldest_age_s: float | None = Field(description="Age of the oldest buffered event; null when empty.")
+
+
+class GatewayInventory(_Open):
+    """``city.gateway.inventory``, device ``gateway``: retained on {prefix}/{gateway}/inventory, no seq.
+
+    Sent on each connection, within 10 s of a change and every 5 minutes (uptime and buffer figures
+    are refreshed then, they alone never count as a change).
+    """
+
+    agent_version: str
+    python: str = Field(description="The Python version the agent runs on.")
+    started_at: str = Field(description="When the agent started (RFC 3339 UTC).")
+    uptime_s: float = Field(ge=0)
+    config: InventoryConfig
+    models: list[InventoryModel]
+    profiles: list[InventoryProfile]
+    certificate: InventoryCertificate | None = Field(description="null: no client certificate configured.")
+    clock: InventoryClock
+    buffer: InventoryBuffer | None = Field(description="null: the buffer's figures could not be read in time.")
+
+
 EVENT_MODELS: dict[str, type[BaseModel]] = {
     events.METER_READING: MeterReading,
     events.PARKING_OCCUPANCY: ParkingOccupancy,
@@ -264,6 +345,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     events.DEVICE_STATUS: DeviceStatus,
     events.GATEWAY_HEALTH: GatewayHealth,
     events.CAMERA_SNAPSHOT: CameraSnapshot,
+    events.GATEWAY_INVENTORY: GatewayInventory,
 }
 
 

@@ -156,6 +156,13 @@ class DeviceConfig(StrictModel):
         """
         return []
 
+    def profile_files(self, base_dir: Path | None) -> dict[str, Path | None]:
+        """Device profiles (register maps) this device was built from: name -> the file the search
+        finds now (None: none). The fleet inventory reports their sha256; ``base_dir`` is the
+        config file's folder.
+        """
+        return {}
+
 
 class DriverContext(ABC):
     """What the runtime offers a running driver."""

@@ -38,6 +38,7 @@ from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
 
 if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
+    from agent.fleet.inventory import Inventory
     from agent.fleet.latest import LatestValues
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Agent:
         self.liveness = Liveness(config, self.store, self.uplinks)
         self.service = Service(self)
         self.inbound.handle("status", self._status_command)
+        self.inventory: Inventory | None = None  # with the fleet channel: the retained inventory event
         self.latest = _fleet_channel(self) if config.fleet.enabled else None
         _register_secrets(config)
 
@@ -128,6 +130,8 @@ class Agent:
             changes.append("observability")
             await self.service.observability_changed(old)
         _register_secrets(new)
+        if self.inventory is not None:  # what the inventory reports may have changed with the config
+            self.inventory.check_now()
         return changes
 
     def _on_sighup(self) -> None:
@@ -181,6 +185,8 @@ class Agent:
             self._feed_sinks()
             interval = lambda: self.config.gateway.health_interval  # noqa: E731 - read at each turn
             self._tasks.append(loop.create_task(self.health.run(interval), name="health"))
+            if self.inventory is not None:
+                self._tasks.append(loop.create_task(self.inventory.run(), name="inventory"))
             for cfg in self.config.devices:
                 if cfg.enabled:
                     self.devices.start(cfg)
@@ -233,6 +239,7 @@ def _fleet_channel(agent: Agent) -> LatestValues:
     from agent.fleet.channel import FleetChannel
     from agent.fleet.commands import FleetCommands
     from agent.fleet.diagnostics import FleetDiagnostics
+    from agent.fleet.inventory import Inventory
     from agent.fleet.latest import LatestValues
 
     config = agent.config
@@ -252,6 +259,8 @@ def _fleet_channel(agent: Agent) -> LatestValues:
     agent.inbound.channel = FleetChannel(
         config.fleet, config.gateway.id, config.buffer.path.parent, agent.inbound.command
     )
+    base = agent.config_path.parent if agent.config_path is not None else Path.cwd()
+    agent.inventory = Inventory(agent.status, agent.inbound.reports, base)
     return latest
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
 from agent.contract.vocabulary import QUANTITY_UNITS
 from agent.devices.api import DeviceConfig, Duration, StrictModel
-from drivers.modbus.profiles import ProfileError, apply_profile
+from drivers.modbus.profiles import ProfileError, apply_profile, available
 
 Table = Literal["holding", "input", "coil", "discrete"]
 ValueType = Literal[
@@ -214,6 +215,12 @@ class ModbusConfig(DeviceConfig):
         if self.transport == "rtu" and self.serial is not None:
             return [self.serial.port]
         return []
+
+    def profile_files(self, base_dir: Path | None) -> dict[str, Path | None]:
+        """The profile merged into this device, and the file the search finds for it now."""
+        if self.profile is None:
+            return {}
+        return {self.profile: available(base_dir).get(self.profile)}
 
     def bus_key(self) -> str:
         """Devices with the same key share one connection and take turns."""

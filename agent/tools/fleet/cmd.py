@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from agent.tools.fleet.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ToolError, close, connect, fail
+from agent.tools.fleet.mqtt5 import Exchange
 
 
 def _value(text: str) -> Any:
@@ -72,13 +73,14 @@ def cmd(args: argparse.Namespace) -> int:
         client = connect(args, f"edge-agent-fleet-{request_id}")
     except ToolError as exc:
         return fail("cmd", exc)
-    client.on_message = on_message
+    exchange = Exchange(args, base, request_id)  # MQTT 5: response topic, correlation data, expiry
+    client.on_message = exchange.replies_only(on_message)
     client.on_subscribe = lambda *_a: subscribed.set()
     try:
         client.subscribe([(f"{base}/res/{request_id}/+", 1), (f"{args.topic_prefix}/{args.gateway}/status", 1)])
         subscribed.wait(args.timeout)
         started = time.monotonic()
-        client.publish(f"{base}/req/{request_id}/{args.command}", envelope, qos=1)
+        client.publish(f"{base}/req/{request_id}/{args.command}", envelope, qos=1, properties=exchange.properties)
         answered = done.wait(args.timeout)
     finally:
         close(client)

@@ -2,7 +2,9 @@
 
 Requests arrive on ``{root}/{gateway}/req/{id}/{command}`` (MQTT 3.1.1 carries the ids in
 topics, as Eclipse Hono does); the core checks each signed request and answers; the reply goes
-to ``{root}/{gateway}/res/{id}/{status}``, always inside this gateway's own subtree. The
+to ``{root}/{gateway}/res/{id}/{status}``, always inside this gateway's own subtree. With MQTT 5
+a request may name its own Response Topic (used only inside that subtree) and Correlation Data
+(echoed, with the status as a user property); replies expire after a minute. The
 desired-state document arrives, retained, on ``{root}/{gateway}/desired``; the core's reports
 (``reported`` there too, ``inventory`` beside the events) go out retained on every connection
 and on each change. Nothing here waits on the event path: each request is a task of its own,
@@ -18,6 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from agent.uplinks.api import Inbound, Reply, Reports
@@ -31,6 +34,19 @@ REPLY_BYTES_PER_SECOND = 256 * 1024
 PENDING_MAX = 64  # requests being handled at once; more are refused as busy
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+REPLY_EXPIRY = 60  # s (MQTT 5 Message Expiry): an answer nobody took within a minute is stale
+FOREIGN_LOG_INTERVAL = 60.0  # s between log lines about refused response topics
+
+# publish(topic, payload, retain, properties): MQTT 5 PUBLISH properties by paho's names, or None.
+Publish = Callable[[str, bytes, bool, "dict[str, Any] | None"], bool]
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where and how one request is answered: its MQTT 5 response topic and correlation data, if any."""
+
+    topic: str | None = None  # inside this gateway's reply subtree, or None: the default topic
+    correlation: bytes | None = None
 
 
 class Pace:
@@ -66,12 +82,14 @@ class ControlChannel:
         root: str,
         gateway: str,
         inbound: Inbound,
-        publish: Callable[[str, bytes, bool], bool],
+        publish: Publish,
         *,
         reports: Reports | None = None,
         topic_prefix: str = "ioc/v1",
+        v5: bool = False,
     ) -> None:
-        """``publish(topic, payload, retain)`` sends on the current connection (False: not connected)."""
+        """``publish(topic, payload, retain, properties)`` sends on the current connection (False: not
+        connected); ``v5``: the connection is MQTT 5, so requests may carry response properties."""
         self.requests = f"{root}/{gateway}/req/+/+"
         self.desired = f"{root}/{gateway}/desired"
         self._replies = f"{root}/{gateway}/res"
@@ -89,6 +107,9 @@ class ControlChannel:
         self._document: bytes | None = None  # the newest desired document not handed over yet
         self._documents: asyncio.Task[None] | None = None
         self.ignored = 0
+        self._v5 = v5
+        self.foreign_response_topics = 0  # MQTT 5 response topics outside our subtree, not used
+        self._foreign_logged = -FOREIGN_LOG_INTERVAL
 
     @property
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -116,7 +137,7 @@ class ControlChannel:
                 if topic is None or sent.get(name) == body:
                     continue
                 await self._pace.wait(len(body))
-                if not self._publish(topic, body, True):
+                if not self._publish(topic, body, True, None):
                     return  # the connection is going: the next one publishes everything again
                 sent[name] = body
             await reports.changed(version)
@@ -131,24 +152,60 @@ class ControlChannel:
         if len(parts) < 4 or parts[-3] != "req" or not _ID.match(request_id):
             self.ignored += 1  # no id to answer to, inside our subtree: nothing to do
             return
+        to = self._reply_to(message) if self._v5 else ReplyTo()
         if message.retain:
             # A retained request would run again on every reconnect: never act on one.
-            self._spawn(request_id, Reply("rejected", code="retained", error="requests must not be retained"))
+            self._spawn(request_id, to, Reply("rejected", code="retained", error="requests must not be retained"))
             return
         if not _NAME.match(name):
-            self._spawn(request_id, Reply("unsupported", code="unknown_command", error="not a command name"))
+            self._spawn(request_id, to, Reply("unsupported", code="unknown_command", error="not a command name"))
             return
         if len(message.payload) > MAX_REQUEST_BYTES:
             error = f"{len(message.payload)} bytes; requests are at most {MAX_REQUEST_BYTES}"
-            self._spawn(request_id, Reply("rejected", code="too_large", error=error))
+            self._spawn(request_id, to, Reply("rejected", code="too_large", error=error))
             return
         if len(self._tasks) >= PENDING_MAX:
-            self._spawn(request_id, Reply("rejected", code="busy", error="too many requests in progress"))
+            self._spawn(request_id, to, Reply("rejected", code="busy", error="too many requests in progress"))
             return
         task = asyncio.get_running_loop().create_task(
-            self._handle(request_id, name, bytes(message.payload)), name=f"fleet-{request_id}"
+            self._handle(request_id, to, name, bytes(message.payload)), name=f"fleet-{request_id}"
         )
         self._keep(task)
+
+    def _reply_to(self, message: Any) -> ReplyTo:
+        """The request's MQTT 5 Response Topic and Correlation Data.
+
+        A response topic is the sender's input: one outside ``{root}/{gateway}/res/`` (another
+        gateway's subtree, the events, a wildcard) is never published to; the answer goes to the
+        default topic instead and the refusal is counted.
+        """
+        properties = getattr(message, "properties", None)
+        topic = getattr(properties, "ResponseTopic", None)
+        correlation = getattr(properties, "CorrelationData", None)
+        if topic is not None and not self._own_reply_topic(topic):
+            self.foreign_response_topics += 1
+            now = time.monotonic()
+            if now - self._foreign_logged >= FOREIGN_LOG_INTERVAL:
+                self._foreign_logged = now
+                log.warning(
+                    "fleet: a request asked to be answered on %.80r, outside %s/; answered on the default topic"
+                    " (%d so far)",
+                    topic,
+                    self._replies,
+                    self.foreign_response_topics,
+                )
+            topic = None
+        return ReplyTo(topic, bytes(correlation) if correlation is not None else None)
+
+    def _own_reply_topic(self, topic: Any) -> bool:
+        prefix = f"{self._replies}/"
+        return (
+            isinstance(topic, str)
+            and topic.startswith(prefix)
+            and len(topic) > len(prefix)
+            and not any(c in topic for c in "+#\x00")
+            and len(topic.encode()) <= 65535
+        )
 
     def _take_document(self, data: bytes) -> None:
         # One document at a time, in order; a newer one waiting replaces an older one that has
@@ -165,29 +222,35 @@ class ControlChannel:
             except Exception:  # the core reports refusals itself; this is a bug, kept off the uplink
                 log.exception("the desired document could not be handed over")
 
-    def _spawn(self, request_id: str, reply: Reply) -> None:
-        self._keep(asyncio.get_running_loop().create_task(self._reply(request_id, reply)))
+    def _spawn(self, request_id: str, to: ReplyTo, reply: Reply) -> None:
+        self._keep(asyncio.get_running_loop().create_task(self._reply(request_id, to, reply)))
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, request_id: str, name: str, payload: bytes) -> None:
+    async def _handle(self, request_id: str, to: ReplyTo, name: str, payload: bytes) -> None:
         try:
             reply = await self._inbound.request(name, request_id, payload, origin="mqtt")
         except Exception as exc:  # the core answers refusals itself; this is a bug, still answered
             log.exception("fleet request %s (%s) failed", request_id, name)
             reply = Reply("failed", code="internal", error=f"{type(exc).__name__}: {exc}")
-        await self._reply(request_id, reply)
+        await self._reply(request_id, to, reply)
 
-    async def _reply(self, request_id: str, reply: Reply) -> None:
+    async def _reply(self, request_id: str, to: ReplyTo, reply: Reply) -> None:
         body = json.dumps(reply.to_json(), separators=(",", ":"), default=str).encode()
         if len(body) > MAX_REPLY_BYTES:
             error = f"the answer is {len(body)} bytes; replies are at most {MAX_REPLY_BYTES}"
             reply = Reply("failed", code="reply_too_large", error=error)
             body = json.dumps(reply.to_json(), separators=(",", ":")).encode()
         await self._pace.wait(len(body))
-        if not self._publish(f"{self._replies}/{request_id}/{reply.status}", body, False):
+        properties: dict[str, Any] | None = None
+        if self._v5:
+            properties = {"UserProperty": [("status", reply.status)], "MessageExpiryInterval": REPLY_EXPIRY}
+            if to.correlation is not None:
+                properties["CorrelationData"] = to.correlation
+        topic = to.topic or f"{self._replies}/{request_id}/{reply.status}"
+        if not self._publish(topic, body, False, properties):
             log.info("fleet reply to %s dropped: not connected (the operator's command times out)", request_id)
 
     async def close(self) -> None:

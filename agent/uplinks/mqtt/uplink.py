@@ -30,13 +30,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.contract.events import status_topic
 from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
 from agent.uplinks.mqtt.acks import Acks
 from agent.uplinks.mqtt.backoff import Backoff
 from agent.uplinks.mqtt.config import MqttConfig
-from agent.uplinks.mqtt.control import REPLIES_PER_SECOND, ControlChannel
+from agent.uplinks.mqtt.control import REPLIES_PER_SECOND, ControlChannel, Publish
 from agent.uplinks.mqtt.errors import ConnectionLost, Resend
 from agent.uplinks.mqtt.link import ANSWER_FLOOR as ANSWER_FLOOR  # tests import it from here
 from agent.uplinks.mqtt.link import TICK, Link
@@ -81,6 +83,46 @@ def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str) -> paho.Client:
     if cfg.tls.active:
         cfg.tls.apply_to(client)
     return client
+
+
+def _control_channel(
+    config: MqttConfig, gateway: str, context: UplinkContext | None, publish: Publish
+) -> ControlChannel | None:
+    """The fleet channel on this connection, if the core turned it on (a control root)."""
+    if context is None or not context.control_root:
+        return None
+    return ControlChannel(
+        context.control_root,
+        gateway,
+        context.inbound,
+        publish,
+        reports=context.reports,
+        topic_prefix=config.topic_prefix,
+        v5=config.protocol == "5",
+    )
+
+
+def _properties(properties: dict[str, Any] | None) -> Properties | None:
+    """MQTT 5 PUBLISH properties from their paho names (None: none)."""
+    if not properties:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for name, value in properties.items():
+        setattr(props, name, value)
+    return props
+
+
+def _quickack(sock: Any) -> None:
+    """ACK the broker's segments at once.
+
+    A broker with Nagle on (Mosquitto's default, set_tcp_nodelay false) sends the next PUBACKs
+    only once its last segment is ACKed, and a waiting window has nothing to carry that ACK: the
+    kernel's delayed ACK then costs up to 40 ms per round (drains ran 2-3x slower). Linux only;
+    the kernel drops quick-ACK mode by itself, hence after every read.
+    """
+    if QUICKACK is not None and isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
@@ -189,15 +231,7 @@ class MqttUplink:
         client = self._client
         if client is not None:
             client.loop_read()
-            sock = client.socket()
-            if QUICKACK is not None and isinstance(sock, socket.socket):
-                # ACK the broker's segments at once. A broker with Nagle on (Mosquitto's default,
-                # set_tcp_nodelay false) sends the next PUBACKs only once its last segment is
-                # ACKed, and a waiting window has nothing to carry that ACK: the kernel's delayed
-                # ACK then costs up to 40 ms per round (drains ran 2-3x slower). Linux only; the
-                # kernel drops quick-ACK mode by itself, hence after every read.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            _quickack(client.socket())
             self._flush_writes()
 
     def _flush_writes(self) -> None:
@@ -244,11 +278,12 @@ class MqttUplink:
         self._flush_writes()
         return client
 
-    def _publish_control(self, topic: str, payload: bytes, retain: bool) -> bool:
-        """A fleet reply or report on the current connection (QoS 1, outside the event window)."""
+    def _publish_control(self, topic: str, payload: bytes, retain: bool, properties: dict[str, Any] | None) -> bool:
+        """A fleet reply or report on the current connection (QoS 1, outside the event window);
+        ``properties``: MQTT 5 PUBLISH properties by paho's names."""
         if self._client is None or not self.status.connected:
             return False
-        self._client.publish(topic, payload, qos=1, retain=retain)
+        self._client.publish(topic, payload, qos=1, retain=retain, properties=_properties(properties))
         self._flush_writes()
         return True
 
