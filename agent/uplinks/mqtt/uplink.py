@@ -25,7 +25,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -131,22 +130,6 @@ def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | 
             fut.set_exception(error)
         else:
             fut.set_result(value)
-
-
-def _control_channel(
-    config: MqttConfig, gateway: str, context: UplinkContext | None, publish: Callable[[str, bytes, bool], bool]
-) -> ControlChannel | None:
-    """The fleet channel on this connection, if the core turned it on."""
-    if context is None or not context.control_root:
-        return None
-    return ControlChannel(
-        context.control_root,
-        gateway,
-        context.inbound,
-        publish,
-        reports=context.reports,
-        topic_prefix=config.topic_prefix,
-    )
 
 
 class MqttUplink:
