@@ -31,7 +31,9 @@ class Peer:
         if certs is not None:
             folder, name = certs
             self.client.tls_set(
-                ca_certs=str(folder / "ca.pem"), certfile=str(folder / f"{name}.crt"), keyfile=str(folder / f"{name}.key")
+                ca_certs=str(folder / "ca.pem"),
+                certfile=str(folder / f"{name}.crt"),
+                keyfile=str(folder / f"{name}.key"),
             )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
