@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("agent.fleet.audit")
 
 CLOCK_RETRY = 10.0  # seconds between looks at the clock while a document waits for it
+HANDLED_MAX = 256  # refused documents recognised in memory (the retained one is always among them)
 
 
 def kernel_synced() -> bool | None:
@@ -119,7 +120,9 @@ class DesiredConfig:
         self._unsynced = None  # a newer document: the one waiting for the clock is superseded
         seen = self._handled.get(digest)
         if seen is not None:
-            self.reporter.put(self._report_of(seen))
+            last, again = self.reporter.last, self._report_of(seen)
+            if last is None or (last.version, last.status, last.reason) != (again.version, again.status, again.reason):
+                self.reporter.put(again)  # the report is about this document again
             return
         try:
             desired = self._verify(data, digest)
@@ -185,7 +188,12 @@ class DesiredConfig:
         ends = datetime.now(UTC) + timedelta(seconds=desired.health_window)
         self._applying = desired.digest
         self._state.save_pending(
-            {"version": desired.version, "hash": desired.hash, "digest": desired.digest, "started": ends.isoformat()}
+            {
+                "version": desired.version,
+                "hash": desired.hash,
+                "digest": desired.digest,
+                "health_window_ends": ends.isoformat(),
+            }
         )
         self.running = Running(desired.version, desired.hash, tuple(sorted(desired.sections)))
         self._sections = desired.sections
@@ -234,6 +242,7 @@ class DesiredConfig:
         entry = self._entry(desired.digest, desired.version, desired.hash, "rolled_back", reason, problems)
         self._state.remember(entry)  # before the pending file goes: a crash in between still rolls back
         self._state.clear_pending()
+        self._handled[desired.digest] = entry  # the retained document comes again on the restored link
         self._rolled_back.add(desired.version)
         self._audit(desired, f"rolled back: {reason}")
         self.reporter.put(self._report_of(entry), now=True)
@@ -252,6 +261,8 @@ class DesiredConfig:
         if exc.code != "clock_unsynced":  # that one is retried: not remembered as handled
             self._state.remember(entry)
             self._handled[digest] = entry
+            while len(self._handled) > HANDLED_MAX:  # a flood of distinct documents: forget the oldest
+                del self._handled[next(iter(self._handled))]
         audit.warning("fleet config version %d refused: %s (%s, %d so far)", version, exc.code,
                       exc.errors[0].field if exc.errors else "-", self.outcomes[exc.code])  # fmt: skip
         self.reporter.put(self._report_of(entry))
