@@ -60,6 +60,11 @@ class FleetChannel:
         self._ran: OrderedDict[str, datetime] = OrderedDict()  # request id -> its envelope's expiry
         self.configure(config)
 
+    @property
+    def nonces(self) -> NonceStore:
+        """The nonces of accepted documents: shared with remote configuration (one file, one writer)."""
+        return self._nonces
+
     def configure(self, config: FleetConfig) -> None:
         """Take the keys, groups and limits of a (re)loaded site file."""
         self.config = config

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
 
 if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
+    from agent.fleet.desired.apply import DesiredConfig
+    from agent.fleet.desired.startup import Start
     from agent.fleet.inventory import Inventory
     from agent.fleet.latest import LatestValues
 
@@ -63,7 +66,16 @@ class Agent:
     """One gateway's agent, from a validated config."""
 
     def __init__(self, config: AgentConfigBase, *, config_path: Path | None = None, own_process: bool = False) -> None:
-        """Prepare; :meth:`run` starts everything. ``own_process``: the agent is the process (GC tuning)."""
+        """Prepare; :meth:`run` starts everything. ``own_process``: the agent is the process (GC tuning).
+
+        With the fleet channel on, ``config`` is the local file's: the last good remote config (in
+        the state directory) replaces its sections before anything is built from it.
+        """
+        desired_start = None
+        if config.fleet.enabled and config_path is not None:
+            from agent.fleet.desired.startup import at_start
+
+            config, desired_start = at_start(config, config_path)
         self.config = config
         self.config_path = config_path
         self._own_process = own_process
@@ -71,6 +83,7 @@ class Agent:
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self.load_file: Callable[[Path], AgentConfigBase] = load_config  # SIGHUP's: remote sections stay over it
         # Writes reach a device through the device set, built last: readings then go straight
         # to the pipeline's bound method, one call per reading on the hot path.
         self.inbound = InboundRouter(lambda device: self.devices.driver_of(device))
@@ -86,7 +99,8 @@ class Agent:
         self.service = Service(self)
         self.inbound.handle("status", self._status_command)
         self.inventory: Inventory | None = None  # with the fleet channel: the retained inventory event
-        self.latest = _fleet_channel(self) if config.fleet.enabled else None
+        self.desired: DesiredConfig | None = None  # remote configuration, with the fleet channel
+        self.latest = _fleet_channel(self, desired_start) if config.fleet.enabled else None
         _register_secrets(config)
 
     # Late-bound: the store reports drops before the health reporter exists.
@@ -149,7 +163,7 @@ class Agent:
         try:
             # Validating a big site file takes a while (about 1 s for 500 devices on a small
             # board); the devices and the uplinks keep running meanwhile.
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(self.load_file, self.config_path)
             changes = await self.reload(new)
         except ConfigError as exc:
             log.error("reload refused, still running the previous config:\n  %s", "\n  ".join(exc.problems))
@@ -161,6 +175,11 @@ class Agent:
             log.warning("config: %s", warning)
 
     # ---- run ----------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        """Whether the agent has begun to stop."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Ask the agent to stop (signal-safe)."""
         self._stop.set()
@@ -234,8 +253,9 @@ class Agent:
         log.info("agent stopped in %.2fs", time.monotonic() - started)
 
 
-def _fleet_channel(agent: Agent) -> LatestValues:
-    """Turn the fleet channel on: signed requests checked, then run (docs/fleet.md)."""
+def _fleet_channel(agent: Agent, desired_start: Start | None) -> LatestValues:
+    """Turn the fleet channel on: signed requests checked, then run; the inventory; the desired
+    config document, when the agent runs from a site file (docs/fleet.md)."""
     from agent.fleet.channel import FleetChannel
     from agent.fleet.commands import FleetCommands
     from agent.fleet.diagnostics import FleetDiagnostics
@@ -261,6 +281,23 @@ def _fleet_channel(agent: Agent) -> LatestValues:
     )
     base = agent.config_path.parent if agent.config_path is not None else Path.cwd()
     agent.inventory = Inventory(agent.status, agent.inbound.reports, base)
+    if desired_start is not None:
+        from agent.fleet.desired.apply import DesiredConfig
+
+        desired = DesiredConfig(agent, desired_start, agent.inbound.channel.nonces)
+        agent.inbound.take_documents("config", desired.take)
+        agent.load_file = desired.load_file
+        agent.desired = desired
+        local = agent.inventory.config_state
+
+        def config_state() -> dict[str, Any]:
+            """The inventory names the remote version that runs, or the local file's hash."""
+            running = desired.running
+            return (
+                {"version": running.version, "hash": running.hash, "origin": "remote"} if running.version else local()
+            )
+
+        agent.inventory.config_state = config_state
     return latest
 
 

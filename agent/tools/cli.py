@@ -54,7 +54,37 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f", {len(warnings)} warning(s):" if warnings else "")
     for warning in warnings:
         print(f"  warning: {warning}")
+    _print_remote(config, args.config)
     return 0
+
+
+def _print_remote(config: AgentConfigBase, path: Path) -> None:
+    """With the fleet channel on: each section's origin and version (the state directory's remote config)."""
+    if not config.fleet.enabled:
+        return
+    from agent.fleet.desired.inspect import inspect
+
+    view = inspect(config, path)
+    if view is None:
+        return
+    if view.unreadable is not None:
+        print(f"remote config: {view.unreadable} (run as the service user or root to see it)")
+        return
+    if view.version == 0:
+        print("remote config: none applied; every section is the local file's")
+    else:
+        effective = f", {view.devices} devices" if view.devices is not None else ""
+        print(f"remote config: version {view.version} ({view.hash}) from {view.folder}{effective}")
+    for line in view.origins():
+        print(f"  {line}")
+    if view.pending is not None:
+        print(
+            f"  warning: version {view.pending} was being applied when the agent stopped: the next start rolls it back"
+        )
+    for problem in view.problems:
+        print(
+            f"  warning: the remote config no longer validates over this file (the agent would run it alone): {problem}"
+        )
 
 
 def _cmd_schema(_args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from agent.tools.doctor.config_checks import check_config, check_files
 from agent.tools.doctor.device_files import check_device_files
 from agent.tools.doctor.devices import check_devices
 from agent.tools.doctor.models import check_models
+from agent.tools.doctor.remote_config import check_remote_config
 from agent.tools.doctor.report import Row, broken, render, verdict_line
 from agent.tools.doctor.running import check_running_agent
 from agent.uplinks.mqtt.config import mqtt_settings
@@ -49,6 +50,7 @@ async def run_checks(config_path: Path, user: ServiceUser, timeout: float) -> li
     client_id = f"{mqtt.client_id or f'edge-agent-{config.gateway.id}'}-doctor"
     rows += _guarded("files", lambda: check_files(config_path, config, user))
     rows += _guarded("device-file", lambda: check_device_files(config, user))
+    rows += _guarded("remote-config", lambda: check_remote_config(config, config_path))
     base = config_path.parent.absolute()
     later = await asyncio.gather(
         asyncio.to_thread(_guarded, "broker", lambda: check_broker(mqtt, client_id, timeout)),
