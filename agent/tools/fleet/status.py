@@ -95,7 +95,7 @@ def row(gateway: str, docs: dict[str, bytes], now: datetime) -> dict[str, Any]:
         "availability": availability,
         "agent_version": _get(inventory, "agent_version"),
         "config_version": _get(reported, "running", "version") if reported else _get(inventory, "config", "version"),
-        "config_status": _get(reported, "status") if reported else ("local" if inventory else None),
+        "config_status": _config_status(reported, inventory),
         "config_reason": None,
         "clock_synced": _get(inventory, "clock", "synced"),
         "clock_source": _get(inventory, "clock", "source"),
@@ -184,3 +184,13 @@ def status(args: argparse.Namespace) -> int:
         print(f"no gateway has anything retained under {args.root}/ or {args.topic_prefix}/", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK if all(r["ok"] for r in rows) else EXIT_FAILED
+
+
+def _config_status(reported: Any, inventory: Any) -> str | None:
+    """The reported status; ``local`` when no remote version was ever applied (version 0)."""
+    if not reported:
+        return "local" if inventory else None
+    status = _get(reported, "status")
+    if status == "applied" and _get(reported, "version") == 0:
+        return "local"
+    return status if isinstance(status, str) else None
