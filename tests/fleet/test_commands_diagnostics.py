@@ -94,7 +94,7 @@ def test_doctor_answers_rows_from_the_live_agent(gateway: dict[str, Any]) -> Non
 
 
 def test_no_answer_from_an_offline_gateway_says_so(tmp_path: Path, broker: Mosquitto) -> None:
-    """Its retained status (the last will) is the bare word offline: said as it is, with no time."""
+    """Its retained status (the last will) is the bare word offline; its last inventory tells since when."""
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="gone")
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
@@ -108,7 +108,22 @@ def test_no_answer_from_an_offline_gateway_says_so(tmp_path: Path, broker: Mosqu
         capture_output=True, text=True, cwd=ROOT, timeout=30, check=False,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "no answer from gw-gone within 1 s: offline" in done.stderr, done.stderr
+    assert "no answer from gw-gone within 1 s: offline (so says its status topic" in done.stderr, done.stderr
+
+    # With its retained inventory (put out at least every 5 minutes while online): since when.
+    client.reconnect()
+    client.loop_start()
+    inventory = {"type": "city.gateway.inventory", "time": "2026-12-07T10:00:00.000Z", "data": {}}
+    client.publish("ioc/v1/gw-gone/inventory", json.dumps(inventory), qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "fleet", "cmd", "gw-gone", "ping", "--key", str(key), "--key-id", key_id,
+         "--port", str(broker.port), "--timeout", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "offline since 2026-12-07T10:00:00.000Z or up to 5 minutes later" in done.stderr, done.stderr
 
 
 def test_the_bundle_arrives_whole_checked_and_without_secrets(gateway: dict[str, Any]) -> None:

@@ -22,18 +22,31 @@ def _value(text: str) -> Any:
         return text
 
 
-def no_answer(gateway: str, timeout: float, status_seen: list[str]) -> str:
+def no_answer(gateway: str, timeout: float, status_seen: list[str], last_seen: str | None = None) -> str:
     """What to say when a gateway did not answer: its retained status, if this client could read it.
 
-    The gateway's status is the bare word ``online`` or ``offline`` (its last will), retained
-    with no time in it, and MQTT 3.1.1 tells no message's age: so "offline", never "since when".
+    The status is the bare word ``online`` or ``offline`` (its last will), with no time in it;
+    ``last_seen`` is the time of its retained inventory, which an online gateway puts out at least
+    every 5 minutes: it went offline within 5 minutes after that.
     """
+    head = f"no answer from {gateway} within {timeout:g} s"
     if not status_seen:
-        return f"no answer from {gateway} within {timeout:g} s"
+        return head
     state = status_seen[-1]
-    if state == "offline":
-        return f"no answer from {gateway} within {timeout:g} s: offline (so says its status topic, not since when)"
-    return f"no answer from {gateway} within {timeout:g} s (its status topic says {state})"
+    if state != "offline":
+        return f"{head} (its status topic says {state})"
+    if last_seen is None:
+        return f"{head}: offline (so says its status topic; no inventory tells since when)"
+    return f"{head}: offline since {last_seen} or up to 5 minutes later (its last inventory)"
+
+
+def _event_time(payload: bytes) -> str | None:
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return None
+    moment = event.get("time") if isinstance(event, dict) else None
+    return moment if isinstance(moment, str) else None
 
 
 def cmd(args: argparse.Namespace) -> int:
@@ -56,12 +69,17 @@ def cmd(args: argparse.Namespace) -> int:
     base = f"{args.root}/{args.gateway}"
     answer: dict[str, Any] = {}
     status_seen: list[str] = []
+    last_seen: list[str | None] = [None]
+    inventory = f"{args.topic_prefix}/{args.gateway}/inventory"
     done = threading.Event()
     subscribed = threading.Event()
 
     def on_message(_c: Any, _u: Any, message: Any) -> None:
         if message.topic == f"{args.topic_prefix}/{args.gateway}/status":
             status_seen.append(message.payload.decode(errors="replace"))
+            return
+        if message.topic == inventory:
+            last_seen[0] = _event_time(message.payload)
             return
         try:
             answer.update(json.loads(message.payload))
@@ -77,7 +95,9 @@ def cmd(args: argparse.Namespace) -> int:
     client.on_message = exchange.replies_only(on_message)
     client.on_subscribe = lambda *_a: subscribed.set()
     try:
-        client.subscribe([(f"{base}/res/{request_id}/+", 1), (f"{args.topic_prefix}/{args.gateway}/status", 1)])
+        client.subscribe(
+            [(f"{base}/res/{request_id}/+", 1), (f"{args.topic_prefix}/{args.gateway}/status", 1), (inventory, 1)]
+        )
         subscribed.wait(args.timeout)
         started = time.monotonic()
         client.publish(f"{base}/req/{request_id}/{args.command}", envelope, qos=1, properties=exchange.properties)
@@ -85,7 +105,7 @@ def cmd(args: argparse.Namespace) -> int:
     finally:
         close(client)
     if not answered:
-        print(no_answer(args.gateway, args.timeout, status_seen), file=sys.stderr)
+        print(no_answer(args.gateway, args.timeout, status_seen, last_seen[0]), file=sys.stderr)
         return EXIT_FAILED
     answer["round_trip_ms"] = round((time.monotonic() - started) * 1000, 1)
     if args.json:
