@@ -13,8 +13,8 @@ bench/fleet_push.py); broker restart (the CONNECT storm, from the broker's log);
 then the same gateways with the channel off, for the memory difference. It prints figures next to their targets;
 it asserts nothing and exits 0 whenever it could measure. See bench/README.md ("Fleet benchmark").
 
-    .venv/bin/python bench/fleet.py              # 100 agents, about 5 minutes on 2 vCPUs
-    .venv/bin/python bench/fleet.py --quick      # 20 agents, shorter phases, about 2.5 minutes
+    .venv/bin/python bench/fleet.py              # 100 agents, about 3.5 minutes on 2 vCPUs
+    .venv/bin/python bench/fleet.py --quick      # 20 agents, shorter phases, about 1.5 minutes
 """
 
 from __future__ import annotations
