@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, help="its private key")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-file", type=Path, help="file holding the broker password")
-    p.add_argument("--batch", type=int, default=500, help="messages per transaction at most (default 500)")
+    p.add_argument("--batch", type=int, default=500, help="events per transaction, about (default 500)")
     p.add_argument("--batch-ms", type=float, default=50.0, help="ms to wait to fill a transaction (default 50)")
     p.add_argument("--session-expiry", type=int, default=86400,
                    help="seconds the broker keeps this worker's session while it is away (default 1 day)")  # fmt: skip

@@ -170,8 +170,10 @@ class Worker:
         except queue.Empty:
             return []
         batch = [first]
+        # Counted in events, not messages: a batch message (up to 100s of events) counts as many.
+        size = max(1, len(first.decoded.events))
         deadline = time.monotonic() + self.settings.batch_window
-        while len(batch) < self.settings.batch:
+        while size < self.settings.batch:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -179,6 +181,7 @@ class Worker:
                 batch.append(self._inbox.get(timeout=left))
             except queue.Empty:
                 break
+            size += max(1, len(batch[-1].decoded.events))
         return batch
 
     def _commit(self, batch: list[_Received]) -> None:
