@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "ingest"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)  # fmt: skip
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent fleet --help")
 
+    p = sub.add_parser("ingest", help="IOC side: events into PostgreSQL (the ingest extra)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ingest --help")
+
     p = sub.add_parser("demo", help="simulated devices -> agent -> embedded broker, with a live view")
     p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
     p.add_argument("--no-outage", action="store_true", help="do not simulate a broker outage")
@@ -233,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(verbose)
         return fleet_main(tool_argv[1:])
+    if tool_argv and tool_argv[0] == "ingest":  # and the IOC's ingestion (agent/ingest, not the runtime's)
+        from agent.ingest.cli import ingest_main
+
+        _setup_logging(verbose)
+        return ingest_main(tool_argv[1:])
     if tool_argv and tool_argv[0] not in _CORE_COMMANDS and not tool_argv[0].startswith("-"):
         _setup_logging(verbose)
         try:
