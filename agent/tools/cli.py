@@ -87,10 +87,23 @@ def _print_remote(config: AgentConfigBase, path: Path) -> None:
         )
 
 
-def _cmd_schema(_args: argparse.Namespace) -> int:
-    from agent.config.model import json_schema
+def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.events is None:
+        from agent.config.model import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    from agent.contract import schema_files
+
+    try:
+        shown = schema_files.load_all() if args.events == "" else schema_files.load(args.events)
+    except schema_files.UnknownSchema as exc:
+        print(f"edge-agent schema: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"edge-agent schema: this installation lacks its schema files ({exc}); reinstall it", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -196,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, required=True, help="site YAML file")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of the site config")
+    p = sub.add_parser("schema", help="print the JSON Schema of the site config, or with --events the events'")
+    p.add_argument("--events", nargs="?", const="", metavar="TYPE",
+                   help="the events' schemas instead: all keyed by name, or one (a type, envelope, batch)")  # fmt: skip
     p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser("drivers", help="list installed drivers")
