@@ -28,7 +28,14 @@ from typing import Any
 from agent import __version__
 from agent.config.model import AgentConfigBase
 from agent.config.yaml_load import YamlLoadError, load_yaml, read_text
-from agent.contract.events import GATEWAY_INVENTORY, GATEWAY_STREAM, format_time, new_event_id, source_for
+from agent.contract.events import (
+    GATEWAY_INVENTORY,
+    GATEWAY_STREAM,
+    dataschema_for,
+    format_time,
+    new_event_id,
+    source_for,
+)
 from agent.observability.clock import kernel_clock_sync
 from agent.runtime.status import StatusModel
 from agent.store.outbox import BufferStats
@@ -326,6 +333,7 @@ def inventory_event(gateway: str, data: dict[str, Any], now: datetime | None = N
         "type": GATEWAY_INVENTORY,
         "time": format_time(now or datetime.now(UTC)),
         "datacontenttype": "application/json",
+        "dataschema": dataschema_for(GATEWAY_INVENTORY),
         "gateway": gateway,
         "device": GATEWAY_STREAM,
         "data": data,

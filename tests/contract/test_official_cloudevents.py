@@ -173,7 +173,6 @@ def test_a_running_agents_batches_pass_every_check(published: list[tuple[str, by
     assert {e["type"] for e in events} == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_INVENTORY}
 
 
-@pytest.mark.xfail(strict=True, reason="built by agent/fleet/inventory.py, outside this change: see the report")
 def test_the_inventory_names_its_schema(published: list[tuple[str, bytes]]) -> None:
     [inventory, *_] = [json.loads(p) for t, p in published if t == "ioc/v1/gw-single/inventory"]
     assert inventory["dataschema"] == dataschema_for(GATEWAY_INVENTORY)
