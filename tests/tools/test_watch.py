@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,7 @@ from tests.tools.watch_helpers import (
     availability,
     batch,
     device,
+    inventory,
     kinds,
     reading,
     status_event,
@@ -129,7 +131,7 @@ def test_malformed_messages_are_counted_with_topic_and_reason_and_the_watch_goes
 def test_a_clean_stream_with_batches_a_restart_and_retained_topics_passes(
     broker: Mosquitto, publisher: Publisher
 ) -> None:
-    publisher.send(availability(), retain=True)
+    publisher.send(availability(), inventory(), retain=True)
     watcher = Watcher(broker.port, "--gateway", GATEWAY)
     two, three = reading(2), reading(3)
     publisher.send(
@@ -143,7 +145,8 @@ def test_a_clean_stream_with_batches_a_restart_and_retained_topics_passes(
     code, report, _ = watcher.result()
     assert (code, report["violation_counts"], report["malformed"]) == (0, {}, [])
     assert list(report["gateways"]) == [GATEWAY]
-    assert report["gateways"][GATEWAY]["availability"] == "online"
+    gateway = report["gateways"][GATEWAY]
+    assert (gateway["availability"], gateway["inventories"], gateway["clock_synchronised"]) == ("online", 1, True)
     meter = device(report)
     assert (meter["events"], meter["duplicates"]) == (5, 2)
     assert [(e["first_seq"], e["last_seq"]) for e in meter["epochs"]] == [(1, 3), (4, 5)]
@@ -168,3 +171,14 @@ def test_nothing_received_fails_and_the_live_line_says_so(broker: Mosquitto) -> 
     assert re.search(
         r"^watch [01]s: 0 events \(0\.0/s\); violations 0, malformed 0, late 0, open gaps 0$", err, re.M
     ), err
+
+
+def test_ctrl_c_ends_the_watch_with_the_report(broker: Mosquitto, publisher: Publisher) -> None:
+    watcher = Watcher(broker.port, "--every", "0.2", duration=0)  # until Ctrl-C
+    publisher.send(reading(1), reading(2))
+    assert watcher.proc.stderr is not None
+    while not re.match(r"watch \d+s: 2 events", line := watcher.proc.stderr.readline().decode()):
+        assert line, "the watcher ended before it saw both events"
+    watcher.proc.send_signal(signal.SIGINT)
+    code, report, _ = watcher.result()
+    assert (code, report["events"], report["violation_counts"]) == (0, 2, {})

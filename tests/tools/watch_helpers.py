@@ -21,6 +21,7 @@ from agent.contract.events import (
     status_topic,
     topic_for,
 )
+from agent.fleet.inventory import inventory_event
 from tests.conftest import ROOT
 
 GATEWAY = "gw-fake"
@@ -49,6 +50,17 @@ def status_event(seq: int, status: str = "offline", *, device: str = "meter-1") 
 def batch(*events: tuple[str, bytes]) -> tuple[str, bytes]:
     """The CloudEvents JSON batch of ``events`` on the gateway's batch topic."""
     return batch_topic(PREFIX, GATEWAY), b"[" + b",".join(p for _, p in events) + b"]"
+
+
+def inventory(synced: bool = True) -> tuple[str, bytes]:
+    """(topic, payload) of the retained city.gateway.inventory, built by the agent's own function."""
+    body = {
+        "agent_version": "0.1.0", "python": "3.11.7", "started_at": "2026-12-07T14:31:38.972Z", "uptime_s": 0.1,
+        "config": {"version": 0, "hash": "sha256:" + "0" * 64, "origin": "local"},
+        "models": [], "profiles": [], "certificate": None, "clock": {"synced": synced, "source": "kernel"},
+        "buffer": {"rows": 0, "oldest_age_s": None},
+    }  # fmt: skip
+    return f"{PREFIX}/{GATEWAY}/inventory", inventory_event(GATEWAY, body)
 
 
 def availability(word: bytes = b"online") -> tuple[str, bytes]:
