@@ -8,12 +8,13 @@ as the operator: it signs ``ping`` commands with the agent's own envelope code a
 The link is plain MQTT on loopback, no TLS: the figures leave out the TLS handshake a real fleet pays on reconnect.
 
 Phases: memory with the channel on; command round trip (and a bare paho echo through the same broker as the
-yardstick); push-config (not built yet); broker restart (the CONNECT storm, from the broker's log; events lost);
+yardstick); push-config (the operator CLI pushes a second meter to every gateway: committed and applied times,
+bench/fleet_push.py); broker restart (the CONNECT storm, from the broker's log); events lost over all of these;
 then the same gateways with the channel off, for the memory difference. It prints figures next to their targets;
 it asserts nothing and exits 0 whenever it could measure. See bench/README.md ("Fleet benchmark").
 
-    .venv/bin/python bench/fleet.py              # 100 agents, about 4 minutes on 2 vCPUs
-    .venv/bin/python bench/fleet.py --quick      # 20 agents, shorter phases, about 2 minutes
+    .venv/bin/python bench/fleet.py              # 100 agents, about 3.5 minutes on 2 vCPUs
+    .venv/bin/python bench/fleet.py --quick      # 20 agents, shorter phases, about 1.5 minutes
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ from typing import Any
 
 # bench/ is sys.path[0] when this file is run: pipeline.py's broker, process and buffer-file helpers are reused.
 import fleet_log as fl
+import fleet_push
 import pipeline as pl
+from fleet_echo import ECHO, ECHO_MODES, no_delay
 from fleet_report import print_memory, report, summary
 
 ROOT = pl.ROOT
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 FLEET_ROOT = "fleet/v1"
-ECHO = "bench-echo"  # the bare paho yardstick's topics: outside both roots
 CLIENT_PREFIX = "edge-agent-gw-"  # the agents' default client ids: edge-agent-{gateway}
 
 
@@ -73,17 +75,6 @@ def _die_with_parent() -> None:
     """Child side of every spawn: SIGTERM when the bench dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
-    """TCP_NODELAY on a paho socket (paho leaves Nagle on).
-
-    With Nagle on, a reply written right after the PUBACK of a request waits for the peer's delayed ACK (~40 ms).
-    """
-    import socket
-
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def spawn(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -345,56 +336,6 @@ def round_trips(op: Operator, jobs: list[tuple[str, str, str, bytes]], inflight:
     }
 
 
-# The yardstick's ways of answering: (reply before paho's PUBACK, TCP_NODELAY). The agent answers after the
-# PUBACK (paho acknowledges when on_message returns; the agent replies from a task) with Nagle on.
-ECHO_MODES = {"in-callback": (True, False), "after-puback": (False, False), "after-puback-nodelay": (False, True)}
-
-
-def echo_main(port: int, mode: str) -> None:
-    """Entry point of ``fleet.py --echo PORT MODE``: a bare paho client answering on ``bench-echo/res/<id>``.
-
-    ``in-callback`` publishes the reply inside on_message, so it is written before paho's PUBACK of the request;
-    the ``after-puback`` modes publish it after ``client.loop()`` returned, when the PUBACK has been written, as
-    the agent does. ``-nodelay`` sets TCP_NODELAY; otherwise the socket is as paho makes it (Nagle on).
-    """
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    in_callback, nodelay = ECHO_MODES[mode]
-    later: deque[str] = deque()
-    running = True
-
-    def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not reason.is_failure:
-            c.subscribe(f"{ECHO}/req/+", qos=1)
-
-    def on_subscribe(*_a: Any) -> None:
-        print("subscribed", flush=True)
-
-    def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        topic = f"{ECHO}/res/{msg.topic.rsplit('/', 1)[-1]}"
-        if in_callback:
-            c.publish(topic, b'{"status":"ok"}', qos=1)
-        else:
-            later.append(topic)
-
-    def on_term(*_a: Any) -> None:
-        nonlocal running
-        running = False
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-echo-{os.getpid()}")
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    if nodelay:
-        client.on_socket_open = no_delay
-    signal.signal(signal.SIGTERM, on_term)
-    client.connect("127.0.0.1", port, keepalive=30)
-    while running:
-        client.loop(0.01)
-        while later:
-            client.publish(later.popleft(), b'{"status":"ok"}', qos=1)
-    client.disconnect()
-
-
 def phase_round_trip(run: Run) -> dict[str, Any]:
     """Signed pings to every gateway, ``rounds`` each; before them, a bare paho echo through the same broker."""
     from agent.fleet.envelope import COMMAND_TYPE, make_body, sign
@@ -403,7 +344,7 @@ def phase_round_trip(run: Run) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for mode in ECHO_MODES:
         echo = spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--echo", str(run.broker.port), mode],
+            [sys.executable, str(Path(__file__).with_name("fleet_echo.py")), str(run.broker.port), mode],
             stdout=subprocess.PIPE,
         )
         try:
@@ -429,9 +370,11 @@ def phase_round_trip(run: Run) -> dict[str, Any]:
     return {**figures, "ping": fleet}
 
 
-def phase_push_config(_run: Run) -> dict[str, Any]:
-    """Remote configuration (edge-agent fleet push-config) is not on main yet: nothing is measured."""
-    return {"measured": False}
+def phase_push_config(run: Run) -> dict[str, Any]:
+    """``fleet push-config`` of a site file with a second meter to every gateway (bench/fleet_push.py)."""
+    port, gateways = run.broker.port, [a.gateway for a in run.agents]
+    site = site_yaml(gateways[0], port, run.work / "push", "")
+    return fleet_push.push(run.work, port, gateways, run.work / "operator.pem", run.key_id, site, FLEET_ROOT)
 
 
 def phase_restart(run: Run) -> dict[str, Any]:
@@ -455,7 +398,8 @@ def phase_restart(run: Run) -> dict[str, Any]:
     return r
 
 
-# Run in this order while the channel is on; push-config goes before the restart, which disturbs the fleet.
+# Run in this order while the channel is on; push-config goes before the restart, which disturbs the fleet, and
+# every phase before the final loss count (events lost through the push are counted with the restart's).
 PHASES: list[tuple[str, Callable[[Run], dict[str, Any]]]] = [
     ("round_trip", phase_round_trip),
     ("push_config", phase_push_config),
@@ -496,7 +440,7 @@ def losses(agents: list[Agent], sub_log: Path) -> dict[str, int]:
 def fleet_yaml(public: str, key_id: str) -> str:
     return (
         "fleet:\n  enabled: true\n  clock: trusted\n"
-        f"  keys: [{{id: {key_id}, public_key: '{public}', scopes: [read]}}]\n"
+        f"  keys: [{{id: {key_id}, public_key: '{public}', scopes: [read, config]}}]\n"
     )
 
 
@@ -587,9 +531,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--echo":
-        echo_main(int(sys.argv[2]), sys.argv[3])
-        return 0
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--agents", type=int, help=f"agent processes (default {FULL.agents}, quick {QUICK.agents})")
     parser.add_argument("--quick", action="store_true", help="20 agents, shorter phases")

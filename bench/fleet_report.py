@@ -24,6 +24,33 @@ def print_memory(label: str, m: dict[str, float]) -> None:
     )
 
 
+def spread(x: dict[str, float], unit: str = " s") -> str:
+    return f"{fmt(x['p50'], '.2f')} / {fmt(x['p95'], '.2f')} / {fmt(x['max'], '.2f')}{unit} ({x['n']:.0f})"
+
+
+def print_push(r: dict[str, Any]) -> None:
+    c = r["cli_summary"]
+    cs = c.get("seconds_to_applied") or {}
+    print(
+        f"   CLI: exit {r['cli_exit']}, {r['cli_seconds']:.1f} s in all, {r['cli_start_to_publish']:.1f} s from its"
+        f" start to its first document; its summary: {c.get('applied', '-')} applied, {c.get('rejected', '-')}"
+        f" rejected, {c.get('rolled_back', '-')} rolled back, {c.get('no_answer', '-')} no answer; seconds to"
+        f" applied p50/p95/max {fmt(cs.get('p50'), '.2f')} / {fmt(cs.get('p95'), '.2f')} / {fmt(cs.get('max'), '.2f')}",
+        flush=True,
+    )
+    if r["cli_exit"] != 0 and r["cli_stderr"]:
+        print(f"   CLI stderr: {r['cli_stderr']}", flush=True)
+    print(
+        f"   {r['published']}/{r['gateways']} documents seen published within {r['publish_span']:.2f} s;"
+        f" from the first (p50 / p95 / max, gateways):",
+        flush=True,
+    )
+    print(f"     committed (report `applying`): {spread(r['committed'])}", flush=True)
+    print(f"     applied (report `applied`)   : {spread(r['applied'])}", flush=True)
+    print(f"     applied - {r['health_window']} s health window : {spread(r['applied_after_window'])}", flush=True)
+    print(f"   outcomes: {r['outcomes']}", flush=True)
+
+
 def report(name: str, r: dict[str, Any], agents: int) -> None:
     """One phase's lines, as it ends."""
     if name == "round_trip":
@@ -38,7 +65,7 @@ def report(name: str, r: dict[str, Any], agents: int) -> None:
             )
         print(f"   pings took {r['ping']['seconds']:.1f} s, mosquitto CPU {r['ping']['mosq_cpu']:.0f}%", flush=True)
     elif name == "push_config":
-        print("   push-config: not measured (not built yet)", flush=True)
+        print_push(r)
     elif name == "restart":
         print(
             f"   broker down {r['outage']:.1f} s; back: {r['back']}/{agents}, all back"
@@ -68,9 +95,26 @@ def report(name: str, r: dict[str, Any], agents: int) -> None:
 
 def summary(results: dict[str, Any], agents: int, info: list[str], elapsed: float) -> None:
     """The figures next to their targets, ready to paste into the issue."""
-    rows: list[tuple[str, str, str]] = [
-        ("push-config: all applied / all committed", "not measured (not built yet)", "applied <= 10 s")
-    ]
+    rows: list[tuple[str, str, str]] = []
+    if "push_config" in results:
+        x = results["push_config"]
+        o = x["outcomes"]
+        rows.append(
+            (
+                f"push-config: applied - {x['health_window']} s window p50/p95/max",
+                spread(x["applied_after_window"]),
+                "all <= 10 s",
+            )
+        )
+        rows.append(("  committed (`applying`) p50/p95/max", spread(x["committed"]), ""))
+        rows.append(("  applied p50/p95/max (window included)", spread(x["applied"]), ""))
+        rows.append(
+            (
+                "  applied / rejected / rolled back / none",
+                f"{o['applied']} / {o['rejected']} / {o['rolled_back']} / {o['no_answer']} (CLI exit {x['cli_exit']})",
+                f"{x['gateways']} applied",
+            )
+        )
     if "round_trip" in results:
         p = results["round_trip"]["ping"]
         rows.append(

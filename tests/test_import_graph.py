@@ -1,4 +1,4 @@
-"""The core never imports a driver, a concrete uplink, the tools or inference (issue 14).
+"""The core never imports a driver, a concrete uplink, the tools, inference or the IOC's ingestion (issue 14, 17).
 
 Drivers and uplinks reach the core only through their entry points (agent/devices/registry.py,
 agent/uplinks/registry.py), so a new one is a folder plus an entry point and no edit here. The
@@ -22,9 +22,9 @@ AGENT = ROOT / "agent"
 # The core, relative to agent/: whole folders, and single modules.
 CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols", "fleet")
 CORE_MODULES = ("__init__.py", "errors.py", "uplinks/__init__.py", "uplinks/api.py", "uplinks/registry.py")
-# What sits outside it: the tools and inference, and the command line (``python -m agent`` is
+# What sits outside it: the tools, inference, the IOC's ingestion, and the command line (``python -m agent`` is
 # ``edge-agent``). Every folder under agent/uplinks/ is an uplink plugin.
-OUTSIDE_FOLDERS = ("tools", "inference")
+OUTSIDE_FOLDERS = ("tools", "inference", "ingest")
 OUTSIDE_MODULES = ("__main__.py",)
 UPLINK_SEAM = ("api", "registry")  # the only modules of agent.uplinks the core may import
 
@@ -40,6 +40,8 @@ def forbidden(module: str) -> str | None:
         return "the tools"
     if parts[1] == "inference":
         return "inference (the vision extra)"
+    if parts[1] == "ingest":
+        return "the IOC's ingestion (the ingest extra)"
     if parts[1] == "uplinks" and len(parts) > 2 and parts[2] not in UPLINK_SEAM:
         return "a concrete uplink"
     return None
@@ -111,6 +113,7 @@ def test_the_checker_reads_the_real_imports() -> None:
     assert {"agent.uplinks.registry", "agent.uplinks.api", "agent.store.feed"} <= seen
     assert forbidden("agent.uplinks.registry") is None
     assert forbidden("agent.uplinks.mqtt.config") == "a concrete uplink"
+    assert forbidden("agent.ingest.worker") == "the IOC's ingestion (the ingest extra)"
 
 
 def test_every_folder_and_module_of_agent_is_core_or_named_outside_it() -> None:

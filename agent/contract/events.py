@@ -27,6 +27,29 @@ GATEWAY_HEALTH = "city.gateway.health"
 GATEWAY_INVENTORY = "city.gateway.inventory"
 CAMERA_SNAPSHOT = "city.camera.snapshot"
 
+# Every type the agent emits: each has a JSON Schema file (schemas/v1/<type>.json) named by its events' dataschema.
+EVENT_TYPES = (
+    METER_READING,
+    PARKING_OCCUPANCY,
+    CROSSWALK_PRESENCE,
+    DEVICE_STATUS,
+    GATEWAY_HEALTH,
+    CAMERA_SNAPSHOT,
+    GATEWAY_INVENTORY,
+)
+
+# The contract's major version: the topic prefix's (ioc/v1) and the schema files' folder. Within it changes are
+# additive, so a file is updated in place and its URI stays; a breaking change would start v2 beside it.
+CONTRACT_VERSION = "v1"
+# Identifiers, not locations (the .example domain is reserved and never resolves): the files ship in the package
+# (agent/contract/shipped_schemas) and the repository (schemas/); a consumer maps this prefix to either.
+SCHEMA_BASE = f"https://edge-agent.example/schemas/{CONTRACT_VERSION}/"
+
+
+def dataschema_for(event_type: str) -> str:
+    """The ``dataschema`` URI of ``event_type``: its schema file's ``$id``."""
+    return f"{SCHEMA_BASE}{event_type}.json"
+
 
 class Priority(IntEnum):
     """Delivery class: higher drains first after an outage and is evicted last."""
@@ -173,13 +196,24 @@ def new_event_id() -> str:
     return _event_ids.next()
 
 
+def _type_attributes(event_type: str) -> tuple[str, str]:
+    """``type``'s JSON text, and the attributes between ``time`` and ``gateway`` (dataschema for known types)."""
+    schema = f'"dataschema":"{dataschema_for(event_type)}",' if event_type in EVENT_TYPES else ""
+    return _strict_encode(event_type), f'"datacontenttype":"application/json",{schema}'
+
+
+# Made once per type, not per event: make_event runs at tens of thousands of events a second.
+_TYPE_ATTRIBUTES = {t: _type_attributes(t) for t in EVENT_TYPES}
+
+
 def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: datetime | str, epoch: str = "") -> bytes:
     """The CloudEvent as compact UTF-8 JSON (structured mode).
 
     ``now`` is the event's time when the reading has none: a datetime, or the text
     :func:`format_time` made of it (the store formats each millisecond once, not each event).
     ``epoch`` is the buffer's sequence epoch (``seqepoch``; hex digits, so no escaping), left
-    out when empty.
+    out when empty. ``dataschema`` names the type's schema file; a type the contract does not
+    know has no file, so none.
 
     Built as text around the encoded ``data``: gateway and device ids are validated to
     ``[a-z0-9_-]``, so they need no escaping, and this runs once per event on the hot path.
@@ -188,11 +222,12 @@ def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: da
         ValueError: ``data`` holds NaN or infinity, which JSON cannot carry.
     """
     data = encode_data(reading.data)
+    kind, middle = _TYPE_ATTRIBUTES.get(reading.type) or _type_attributes(reading.type)
     return (
         (
             f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
-            f'"type":{_strict_encode(reading.type)},"time":"{_time_text(reading.time, now)}",'
-            f'"datacontenttype":"application/json","gateway":"{gateway}","device":"{device}","seq":{seq},'
+            f'"type":{kind},"time":"{_time_text(reading.time, now)}",'
+            f'{middle}"gateway":"{gateway}","device":"{device}","seq":{seq},'
             + (f'"seqepoch":"{epoch}",' if epoch else "")
             + '"data":'
         ).encode()

@@ -1,15 +1,13 @@
 """JSON Schemas of the event contract, as pydantic models.
 
-These are the documentation and the test oracle (docs/events.md is generated from them by
-``python -m agent.contract.schemas``); the hot path builds plain dicts and does not use them.
+These are the documentation and the test oracle (the schema files in schemas/ and docs/events.md are
+generated from them by ``python -m agent.contract.schema_files --write``); the hot path builds plain dicts
+and does not use them.
 Consumers must ignore fields they do not know: new optional fields are not a breaking change.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +28,10 @@ class CloudEvent(_Open):
     """The envelope: CloudEvents 1.0, JSON structured mode, with four extension attributes."""
 
     specversion: Literal["1.0"]
-    id: str = Field(description="Unique per event; the same on every re-send of that event.")
+    id: str = Field(
+        description="32 lowercase hex digits (128 random bits, no dashes); unique per event and the same on every "
+        "re-send of that event. Compare it as an opaque string."
+    )
     source: str = Field(
         pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$", description="/gateways/{gateway}/devices/{device}"
     )
@@ -40,6 +41,12 @@ class CloudEvent(_Open):
         description="When the reading was taken: RFC 3339, UTC, milliseconds.",
     )
     datacontenttype: Literal["application/json"]
+    dataschema: str | None = Field(
+        default=None,
+        pattern="^" + events.SCHEMA_BASE.replace(".", r"\.") + r"[a-z0-9.]+\.json$",
+        description="The JSON Schema of `data`: its schema file's $id, naming the contract version (v1) and the "
+        "type. Absent on events from agents before it was introduced.",
+    )
     gateway: str = Field(description="Extension: gateway id.")
     device: str = Field(description="Extension: device id ('gateway' for gateway-level events).")
     seq: int = Field(
@@ -354,36 +361,3 @@ def schemas() -> dict[str, dict[str, Any]]:
     out = {"envelope": CloudEvent.model_json_schema()}
     out.update({name: model.model_json_schema() for name, model in EVENT_MODELS.items()})
     return out
-
-
-BEGIN, END = "<!-- schemas:begin -->", "<!-- schemas:end -->"
-
-
-def render_markdown() -> str:
-    """The generated block of docs/events.md: one JSON Schema per event type."""
-    parts = [BEGIN]
-    for name, schema in schemas().items():
-        title = "Envelope (every event)" if name == "envelope" else f"`{name}`: `data`"
-        parts += ["", f"### {title}", "", "```json", json.dumps(schema, indent=2), "```"]
-    parts += ["", END]
-    return "\n".join(parts)
-
-
-def update_doc(path: Path) -> bool:
-    """Rewrite the generated block in ``path``; returns whether it changed."""
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    new = head + render_markdown() + tail
-    if new != text:
-        path.write_text(new)
-    return new != text
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--update-doc"]:
-        doc = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/events.md")
-        print(f"{doc}: {'updated' if update_doc(doc) else 'up to date'}")
-    else:
-        json.dump(schemas(), sys.stdout, indent=2)
-        sys.stdout.write("\n")

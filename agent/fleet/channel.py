@@ -129,6 +129,10 @@ class FleetChannel:
         self._ran.pop(request_id, None)
         self._ran[request_id] = expires_at
 
+    def count_refusal(self, code: str, origin: str) -> None:
+        """A refusal decided before this channel saw the request (by the uplink): counted and logged."""
+        self._refuse(Refused(code, "refused by the uplink"), origin)
+
     def _refuse(self, exc: Refused, origin: str) -> Reply:
         self.refused[exc.code] += 1
         now = time.monotonic()

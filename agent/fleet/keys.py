@@ -13,19 +13,12 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-    load_pem_private_key,
-)
 
 PREFIX = "ed25519:"
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return key.public_bytes_raw()
 
 
 def public_text(key: Ed25519PublicKey) -> str:
@@ -61,6 +54,9 @@ def generate_key() -> tuple[bytes, str, str]:
     Unencrypted because the signing machine is meant to be offline; the file's mode protects it
     (``load_private_key`` refuses one that others can read).
     """
+    # PEM needs the serialization module (1 MB resident): only on the operator's side, not in the agent.
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     return pem, public_text(key.public_key()), key_id(key.public_key())
@@ -82,6 +78,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read the signing key {path}: {exc.strerror or exc}") from exc
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(data, password=None)
     except TypeError as exc:  # cryptography's word for "this one needs a password"

@@ -132,6 +132,17 @@ class AgentCollector(Collector):
             errors.add_metric([reason], n)
         yield errors
 
+        if s.fleet:
+            fleet = CounterMetricFamily(
+                _name("fleet_requests"),
+                "Signed requests (kind command) and desired documents (kind config) from the operations "
+                "centre, by outcome: accepted, applied, rolled, or the refusal's reason code.",
+                labels=["kind", "outcome"],
+            )
+            for (kind, outcome), n in sorted(s.fleet.items()):
+                fleet.add_metric([kind, outcome], n)
+            yield fleet
+
         up = GaugeMetricFamily(
             _name("device_up"), "1 while the device answers (status online).", labels=["device", "driver"]
         )

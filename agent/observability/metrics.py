@@ -352,3 +352,5 @@ class Snapshot:
     temperature: float | None
     mem_available: int | None
     load1: float | None
+    # (kind, outcome) -> requests and documents from the operations centre (empty: fleet off)
+    fleet: Mapping[tuple[str, str], int] = field(default_factory=dict)

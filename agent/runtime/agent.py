@@ -111,6 +111,17 @@ class Agent:
         self._fatal = exc
         self._stop.set()
 
+    def fleet_figures(self) -> dict[tuple[str, str], int]:
+        """Requests and documents from the operations centre by (kind, outcome); empty with the fleet off."""
+        figures: dict[tuple[str, str], int] = {}
+        channel = self.inbound.channel
+        if channel is not None:
+            figures[("command", "accepted")] = channel.accepted
+            figures.update({("command", code): n for code, n in list(channel.refused.items())})
+        if self.desired is not None:
+            figures.update({("config", outcome): n for outcome, n in list(self.desired.outcomes.items())})
+        return figures
+
     async def _status_command(self, command: Command) -> Reply:
         """``status``: the health event's data, asked for from the operations centre."""
         return Reply("ok", data=await self.health.health())

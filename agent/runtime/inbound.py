@@ -44,6 +44,11 @@ class InboundRouter:
             return Reply("unsupported", code="disabled", error="this gateway takes no remote requests (fleet.enabled)")
         return await self.channel.request(name, request_id, data, origin=origin)
 
+    def refused(self, code: str, *, origin: str) -> None:
+        """An uplink's own refusal: counted by the fleet channel (one log line per code a minute)."""
+        if self.channel is not None:
+            self.channel.count_refusal(code, origin)
+
     def handle(self, name: str, handler: Handler) -> None:
         """Route commands called ``name`` to ``handler``."""
         self._handlers[name] = handler

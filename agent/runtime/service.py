@@ -167,4 +167,5 @@ class Service:
             temperature=temperature_c(),
             mem_available=available if total is not None else None,
             load1=load[0] if load else None,
+            fleet=agent.fleet_figures(),
         )

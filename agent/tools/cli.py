@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "watch"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "ingest", "watch"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -87,10 +87,23 @@ def _print_remote(config: AgentConfigBase, path: Path) -> None:
         )
 
 
-def _cmd_schema(_args: argparse.Namespace) -> int:
-    from agent.config.model import json_schema
+def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.events is None:
+        from agent.config.model import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    from agent.contract import schema_files
+
+    try:
+        shown = schema_files.load_all() if args.events == "" else schema_files.load(args.events)
+    except schema_files.UnknownSchema as exc:
+        print(f"edge-agent schema: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as exc:
+        print(f"edge-agent schema: this installation lacks its schema files ({exc}); reinstall it", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -202,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, required=True, help="site YAML file")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of the site config")
+    p = sub.add_parser("schema", help="print the JSON Schema of the site config, or with --events the events'")
+    p.add_argument("--events", nargs="?", const="", metavar="TYPE",
+                   help="the events' schemas instead: all keyed by name, or one (a type, envelope, batch)")  # fmt: skip
     p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser("drivers", help="list installed drivers")
@@ -216,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fleet", help="operator side: keygen, cmd (signed commands through the broker)",
                        add_help=False)  # fmt: skip
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent fleet --help")
+
+    p = sub.add_parser("ingest", help="IOC side: events into PostgreSQL (the ingest extra)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ingest --help")
 
     from agent.tools.watch.options import add_arguments as add_watch_arguments
 
@@ -245,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(verbose)
         return fleet_main(tool_argv[1:])
+    if tool_argv and tool_argv[0] == "ingest":  # and the IOC's ingestion (agent/ingest, not the runtime's)
+        from agent.ingest.cli import ingest_main
+
+        _setup_logging(verbose)
+        return ingest_main(tool_argv[1:])
     if tool_argv and tool_argv[0] not in _CORE_COMMANDS and not tool_argv[0].startswith("-"):
         _setup_logging(verbose)
         try:

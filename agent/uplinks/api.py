@@ -155,6 +155,11 @@ class Inbound(Protocol):
         """
         ...
 
+    def refused(self, code: str, *, origin: str) -> None:
+        """A request the uplink itself refused before handing it over (e.g. ``too_large``,
+        ``retained``, ``busy``): counted with the core's own refusals."""
+        ...
+
     async def document(self, kind: str, data: bytes, *, origin: str) -> None:
         """A desired-state document (``kind`` ``config``), signed, as the operations centre keeps it.
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.contract import schemas
+from agent.contract import schema_files, schemas
 from agent.contract.events import Reading, encode_data, format_time, make_event, source_for, topic_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_docs_events_md_matches_the_schemas() -> None:
     doc = (ROOT / "docs" / "events.md").read_text()
-    assert schemas.render_markdown() in doc, (
-        "docs/events.md is stale: run python -m agent.contract.schemas --update-doc"
+    assert schema_files.render_markdown() in doc, (
+        "docs/events.md is stale: run python -m agent.contract.schema_files --write"
     )
 
 

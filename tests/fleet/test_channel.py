@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.fleet.envelope import COMMAND_TYPE, CONFIG_TYPE, make_body, sign
 from agent.fleet.keys import generate_key, load_private_key
 from agent.observability.clock import kernel_clock_sync
-from tests.conftest import ROOT, AgentProcess, Mosquitto, wait_for, write_config
+from tests.conftest import ROOT, AgentProcess, Mosquitto, free_port, wait_for, write_config
 
 DEVICES = "  - {id: meter-1, driver: virtual, kind: meter, interval: 50ms}\n"
 
@@ -37,18 +39,21 @@ def _key(folder: Path, name: str) -> tuple[Path, str, str]:
 @pytest.fixture
 def fleet(tmp_path: Path, broker: Mosquitto, subscriber_factory, agent_factory) -> dict[str, Any]:
     key, public, key_id = _key(tmp_path, "ops")
+    metrics = free_port()
     # A container's clock is right but not NTP-disciplined as the kernel sees it: trusted here;
     # the kernel's verdict is tested on its own below.
     fleet_yaml = (
         "fleet:\n  enabled: true\n  groups: [north]\n  clock: trusted\n"
         f"  keys: [{{id: {key_id}, public_key: '{public}', scopes: [read, write]}}]\n"
         "  writable: [{device: meter-1, point: voltage}]\n"
+        f"observability: {{listen: '127.0.0.1:{metrics}'}}\n"
     )
     config = write_config(tmp_path / "site.yaml", port=broker.port, devices=DEVICES, extra=fleet_yaml)
     sub = subscriber_factory(broker.port, "ioc/v1/#")  # the events only: replies are not under the prefix
     agent: AgentProcess = agent_factory(config)
     wait_for(lambda: len(sub.seqs("meter-1")) >= 3, 20, "events before any command")
-    return {"key": key, "key_id": key_id, "port": broker.port, "sub": sub, "agent": agent, "tmp": tmp_path}
+    return {"key": key, "key_id": key_id, "port": broker.port, "sub": sub, "agent": agent, "tmp": tmp_path,
+            "metrics": metrics}  # fmt: skip
 
 
 def _cli(f: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,6 +160,19 @@ def test_hostile_requests_are_refused_with_their_reason(fleet: dict[str, Any]) -
     seqs = sorted(fleet["sub"].seqs("meter-1"))
     assert seqs == list(range(1, len(seqs) + 1))
     assert "Traceback" not in fleet["agent"].output()
+    # Every refusal is counted where the operations team looks: /metrics.
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet['metrics']}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    counted = {
+        (s.labels["kind"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "edge_agent_fleet_requests_total"
+    }
+    assert counted[("command", "accepted")] == 1, counted  # the good ping; the unknown command is not run
+    for code in ("malformed", "unknown_key", "bad_signature", "wrong_target", "wrong_type", "too_large"):
+        assert counted[("command", code)] >= 1, (code, counted)
+    assert counted[("command", "replayed")] == 1 and counted[("command", "expired")] == 1, counted
 
 
 def test_retained_requests_never_run_and_the_kernel_clock_decides(

@@ -91,6 +91,8 @@ def test_a_document_applies_over_tls_and_the_shipped_acl(tmp_path: Path, agent_f
         assert len(ioc.seqs("meter-2")) >= 5
         log = agent.output()
         assert "+meter-2" in log and "+meter-3" in log and "-meter-1" not in log, log[-2000:]
+        # The audit trail has both lines: the repeat filter folds neither (same template, 10 s apart).
+        assert "signed by op: applying (" in log and "signed by op: applied" in log, log[-2000:]
         assert "Traceback" not in log
         ioc.close()
         operator.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from agent.fleet.desired.document import sections_hash
 from agent.fleet.desired.startup import at_start
 from agent.fleet.desired.state import Applied, DesiredState
 from agent.fleet.envelope import COMMAND_TYPE, make_body, sign
+from agent.observability.logs import RepeatFilter
 from agent.runtime.agent import Agent
 from tests.fleet.desired_docs import Keys, desired, devices, site
 
@@ -292,3 +294,22 @@ def test_the_envelope_payload_is_what_is_checked(tmp_path: Path) -> None:
     doc["payload"] = base64.b64encode(json.dumps(body).encode()).decode()
     report = _handle(agent, json.dumps(doc).encode())
     assert report["errors"][0]["code"] == "bad_signature"
+
+
+def test_every_refused_document_has_its_own_audit_line(tmp_path: Path) -> None:
+    """The agent writes a log template once a minute at most (RepeatFilter, burst 1 by default);
+    the audit trail must still say something about every document."""
+    keys = Keys()
+    agent = _agent(tmp_path, keys)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    handler.addFilter(RepeatFilter(window=60, burst=1))
+    audit = logging.getLogger("agent.fleet.audit")
+    audit.addHandler(handler)
+    try:
+        for version in (5, 6, 7):
+            _handle(agent, desired(keys, version, {"priorities": {}}, by="reader"))  # no config scope
+    finally:
+        audit.removeHandler(handler)
+    assert [line.split(":")[0] for line in lines] == [f"fleet config version {v} refused" for v in (5, 6, 7)], lines

@@ -263,8 +263,10 @@ class DesiredConfig:
             self._handled[digest] = entry
             while len(self._handled) > HANDLED_MAX:  # a flood of distinct documents: forget the oldest
                 del self._handled[next(iter(self._handled))]
+        # One line per document: each is its own state for the repeat filter, never folded away.
         audit.warning("fleet config version %d refused: %s (%s, %d so far)", version, exc.code,
-                      exc.errors[0].field if exc.errors else "-", self.outcomes[exc.code])  # fmt: skip
+                      exc.errors[0].field if exc.errors else "-", self.outcomes[exc.code],
+                      extra={"subject": "fleet config", "state": f"{digest[:16]} refused"})  # fmt: skip
         self.reporter.put(self._report_of(entry))
 
     def _entry(
@@ -290,8 +292,10 @@ class DesiredConfig:
 
     def _audit(self, desired: Desired, outcome: str) -> None:
         self.outcomes[outcome.split(" ", 1)[0]] += 1
+        # applying, then applied or rolled back: each a state of its own, so none is folded away.
+        state = f"{desired.digest[:16]} {outcome.split()[0]}"
         audit.info("fleet config version %d (%s) signed by %s: %s", desired.version, desired.hash[:19],
-                   desired.key_id, outcome)  # fmt: skip
+                   desired.key_id, outcome, extra={"subject": "fleet config", "state": state})  # fmt: skip
 
     # ---- the clock --------------------------------------------------------------------
     def _wait_for_clock(self, data: bytes) -> None:

@@ -223,6 +223,9 @@ class ControlChannel:
                 log.exception("the desired document could not be handed over")
 
     def _spawn(self, request_id: str, to: ReplyTo, reply: Reply) -> None:
+        """Answer a request refused here, before the core saw it (the core still counts it)."""
+        if reply.code is not None:
+            self._inbound.refused(reply.code, origin="mqtt")
         self._keep(asyncio.get_running_loop().create_task(self._reply(request_id, to, reply)))
 
     def _keep(self, task: asyncio.Task[None]) -> None:

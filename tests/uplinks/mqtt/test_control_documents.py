@@ -41,6 +41,9 @@ class Core:
     async def document(self, kind: str, data: bytes, *, origin: str) -> None:
         self.documents.append((kind, data, origin))
 
+    def refused(self, code: str, *, origin: str) -> None:
+        raise AssertionError(f"nothing is refused in this test ({code})")
+
 
 class NoEvents:
     """A feed with nothing to send."""
