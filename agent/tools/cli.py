@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "ingest"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "ingest", "watch"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -153,6 +153,12 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return doctor_main(list(args.args))
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from agent.tools.watch.run import watch
+
+    return watch(args)
+
+
 def _tool_verbs() -> dict[str, list[str]]:
     """Technician verbs the installed drivers offer: verb -> drivers offering it."""
     from agent.devices.registry import load_plugins
@@ -228,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="IOC side: events into PostgreSQL (the ingest extra)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ingest --help")
+
+    from agent.tools.watch.options import add_arguments as add_watch_arguments
+
+    p = sub.add_parser("watch", help="conformance watcher: check every event of a gateway (or all), report (exit 1)")
+    add_watch_arguments(p)
+    p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("demo", help="simulated devices -> agent -> embedded broker, with a live view")
     p.add_argument("--duration", type=float, default=30.0, help="seconds to run (0: until Ctrl-C)")
