@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -110,12 +110,6 @@ def format_time(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def _time_text(taken: datetime | None, now: datetime | str) -> str:
-    if taken is not None:
-        return format_time(taken)
-    return now if isinstance(now, str) else format_time(now)
-
-
 # A topic root (events' prefix, the fleet channel's root): levels without wildcards, no leading
 # or trailing slash.
 TOPIC_ROOT_PATTERN = r"^[^#+/\s][^#+\s]*[^#+/\s]$|^[^#+/\s]$"
@@ -197,7 +191,7 @@ def new_event_id() -> str:
 
 
 def _type_attributes(event_type: str) -> tuple[str, str]:
-    """``type``'s JSON text, and the attributes between ``time`` and ``gateway`` (dataschema for known types)."""
+    """``type``'s JSON text, and the attributes between ``timequality`` and ``gateway`` (dataschema for known types)."""
     schema = f'"dataschema":"{dataschema_for(event_type)}",' if event_type in EVENT_TYPES else ""
     return _strict_encode(event_type), f'"datacontenttype":"application/json",{schema}'
 
@@ -205,15 +199,58 @@ def _type_attributes(event_type: str) -> tuple[str, str]:
 # Made once per type, not per event: make_event runs at tens of thousands of events a second.
 _TYPE_ATTRIBUTES = {t: _type_attributes(t) for t in EVENT_TYPES}
 
+# timequality: was the gateway's clock synchronised when it accepted the event (docs/events.md#time-you-can-trust)?
+TimeQuality = Literal["synced", "unsynced", "unknown"]
+TIME_SYNCED: TimeQuality = "synced"
+TIME_UNSYNCED: TimeQuality = "unsynced"
+TIME_UNKNOWN: TimeQuality = "unknown"
+TIME_QUALITIES: tuple[TimeQuality, ...] = (TIME_SYNCED, TIME_UNSYNCED, TIME_UNKNOWN)
 
-def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: datetime | str, epoch: str = "") -> bytes:
+
+def partition_key(gateway: str, device: str) -> str:
+    """CloudEvents ``partitionkey``: ``{gateway}/{device}``, the unit whose order the contract keeps."""
+    return f"{gateway}/{device}"
+
+
+_DEVICE_PARTS_MAX = 4096  # (gateway, device) pairs cached; a gateway has tens of devices
+
+
+def _device_parts(gateway: str, device: str) -> tuple[str, str]:
+    """The text before ``type``'s value and the text between the type attributes and ``seq``'s value."""
+    parts = (
+        f'","source":"{source_for(gateway, device)}","type":',
+        f'"gateway":"{gateway}","device":"{device}","partitionkey":"{partition_key(gateway, device)}","seq":',
+    )
+    if len(_DEVICE_PARTS) >= _DEVICE_PARTS_MAX:
+        _DEVICE_PARTS.clear()
+    _DEVICE_PARTS[(gateway, device)] = parts
+    return parts
+
+
+# Made once per device: the envelope's constant text around the values that change per event.
+_DEVICE_PARTS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def make_event(
+    *,
+    gateway: str,
+    device: str,
+    seq: int,
+    reading: Reading,
+    now: datetime | str,
+    epoch: str = "",
+    timequality: TimeQuality = TIME_UNKNOWN,
+) -> bytes:
     """The CloudEvent as compact UTF-8 JSON (structured mode).
 
-    ``now`` is the event's time when the reading has none: a datetime, or the text
-    :func:`format_time` made of it (the store formats each millisecond once, not each event).
-    ``epoch`` is the buffer's sequence epoch (``seqepoch``; hex digits, so no escaping), left
-    out when empty. ``dataschema`` names the type's schema file; a type the contract does not
-    know has no file, so none.
+    ``now`` is when the gateway accepted the event (``recordedtime``), and its ``time`` when the
+    reading has none: a datetime, or the text :func:`format_time` made of it (the store formats
+    each millisecond once, not each event). ``timequality`` is the state of the gateway's clock
+    at that moment (``unknown`` unless the caller knows it). ``epoch`` is the buffer's sequence
+    epoch (``seqepoch``; hex digits, so no escaping), left out when empty. ``dataschema`` names
+    the type's schema file; a type the contract does not know has no file, so none.
+    ``partitionkey`` is ``{gateway}/{device}``. ``backlog`` is never here: it is a property of
+    one delivery, added at send time (:func:`mark_backlog`).
 
     Built as text around the encoded ``data``: gateway and device ids are validated to
     ``[a-z0-9_-]``, so they need no escaping, and this runs once per event on the hot path.
@@ -223,14 +260,29 @@ def make_event(*, gateway: str, device: str, seq: int, reading: Reading, now: da
     """
     data = encode_data(reading.data)
     kind, middle = _TYPE_ATTRIBUTES.get(reading.type) or _type_attributes(reading.type)
+    head, ids = _DEVICE_PARTS.get((gateway, device)) or _device_parts(gateway, device)
+    recorded = now if isinstance(now, str) else format_time(now)
+    taken = recorded if reading.time is None else format_time(reading.time)
     return (
         (
-            f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
-            f'"type":{kind},"time":"{_time_text(reading.time, now)}",'
-            f'{middle}"gateway":"{gateway}","device":"{device}","seq":{seq},'
+            f'{{"specversion":"1.0","id":"{new_event_id()}{head}{kind},"time":"{taken}",'
+            f'"recordedtime":"{recorded}","timequality":"{timequality}",{middle}{ids}{seq},'
             + (f'"seqepoch":"{epoch}",' if epoch else "")
             + '"data":'
         ).encode()
         + data
         + b"}"
     )
+
+
+# What a delivery from the backlog adds to the event's closing brace (docs/events.md#backlog).
+_BACKLOG_TAIL = b',"backlog":true}'
+
+
+def mark_backlog(payload: bytes) -> bytes:
+    """``payload`` (one event as made by :func:`make_event`) with ``"backlog":true`` added.
+
+    Spliced into the bytes, not decoded and encoded again: the event ends with the object's
+    closing brace, and an attribute's place in a JSON object carries no meaning.
+    """
+    return payload[:-1] + _BACKLOG_TAIL

@@ -16,6 +16,7 @@ from agent.contract import events
 from agent.contract.vocabulary import QUANTITY_UNITS
 
 Quality = Literal["good", "stale", "bad"]
+_TIME_PATTERN = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"  # RFC 3339, UTC, milliseconds
 
 
 class _Open(BaseModel):
@@ -25,7 +26,7 @@ class _Open(BaseModel):
 
 
 class CloudEvent(_Open):
-    """The envelope: CloudEvents 1.0, JSON structured mode, with four extension attributes."""
+    """The envelope: CloudEvents 1.0, JSON structured mode, with the contract's extension attributes."""
 
     specversion: Literal["1.0"]
     id: str = Field(
@@ -37,7 +38,7 @@ class CloudEvent(_Open):
     )
     type: str = Field(description="city.meter.reading, city.parking.occupancy, ...")
     time: str = Field(
-        pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
+        pattern=_TIME_PATTERN,
         description="When the reading was taken: RFC 3339, UTC, milliseconds.",
     )
     datacontenttype: Literal["application/json"]
@@ -60,6 +61,33 @@ class CloudEvent(_Open):
         description="Extension: the sequence epoch. It changes only when the gateway lost track of its "
         "numbering (its buffer file was damaged, lost or replaced); seq is unique within one epoch. "
         "Absent on events from agents before it was introduced (treat as '').",
+    )
+    recordedtime: str | None = Field(
+        default=None,
+        pattern=_TIME_PATTERN,
+        description="Extension (CloudEvents recordedtime): when the gateway accepted the event into its buffer, by "
+        "its own clock; RFC 3339, UTC, milliseconds. Equal to time unless the driver stamped the reading itself. "
+        "The same on every re-send. Absent on events from agents before it was introduced.",
+    )
+    timequality: events.TimeQuality | None = Field(
+        default=None,
+        description="Extension: was the gateway's clock synchronised when it accepted the event (the kernel's NTP "
+        "state, read at most 1 s before and at once after the clock steps)? synced, unsynced (time and "
+        "recordedtime may be far off: flagged, never corrected), unknown (the state cannot be read). Absent on "
+        "events from agents before it was introduced.",
+    )
+    partitionkey: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+/[a-z0-9_-]+$",
+        description="Extension (CloudEvents partitioning): {gateway}/{device}, the unit whose order the contract "
+        "keeps; a bridge to Kafka uses it as the record key. Absent on events from agents before it was introduced.",
+    )
+    backlog: bool | None = Field(
+        default=None,
+        description="Extension: true when this delivery comes from the gateway's backlog: the event was accepted "
+        "while the uplink had no connection (an outage, or before the first connection after a start, including "
+        "what an earlier run left buffered), so it arrives late. Absent on live deliveries (never false). A "
+        "property of the delivery, not the event: copies of one event may differ in it.",
     )
     data: dict[str, Any]
 

@@ -26,8 +26,10 @@ class Pipeline:
         self.reconfigure(config)
 
     def reconfigure(self, config: AgentConfigBase) -> None:
-        """Take the class rules of a (re)loaded config."""
+        """Take the class rules and the clock's trust of a (re)loaded config."""
         self._gateway_rules = dict(config.priorities)
+        # A clock the kernel does not discipline (GPS, PTP) but the site vouches for stamps events synced.
+        self.store.clock.trusted = config.fleet.clock == "trusted"
         self._rules = {d.id: dict(d.priorities) for d in config.devices}
         self._slots.clear()
 

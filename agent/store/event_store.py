@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from agent.contract.events import Reading, format_time, make_event
+from agent.contract.events import TIME_UNKNOWN, Reading, format_time, make_event
+from agent.observability.clock import ClockWatch
 from agent.store.feed import DbThread, Feed
 from agent.store.outbox import BufferFullError, Dropped, Outbox, Record
 
@@ -40,8 +41,13 @@ class EventStore:
         *,
         gateway: str,
         on_dropped: Callable[[str, list[Dropped]], None] | None = None,
+        clock: ClockWatch | None = None,
     ) -> None:
-        """``outboxes``: per durable uplink, how to open its file; the first holds the sequence epoch."""
+        """``outboxes``: per durable uplink, how to open its file; the first holds the sequence epoch.
+
+        ``clock`` stamps events (``recordedtime``, ``time``) and says how good the stamp is
+        (``timequality``); the system clock by default.
+        """
         if not outboxes:
             raise ValueError("the event store needs at least one feed")
         self.gateway = gateway
@@ -60,8 +66,11 @@ class EventStore:
         self._has_pending = asyncio.Event()
         self._pending_bytes = 0
         self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
+        self.clock = clock or ClockWatch()
+        self._wall = self.clock.wall
         self._now_millis = -1
         self._now_text = ""
+        self._now_quality = TIME_UNKNOWN
 
     @property
     def not_accepted(self) -> int:
@@ -92,14 +101,22 @@ class EventStore:
             self._refuse(device, "the buffer cannot commit fast enough")
             return
         seq = self._seqs.get(device, 0) + 1
-        now = time.time()
+        now = self._wall()
         millis = int(now * 1000)
         if millis != self._now_millis:  # thousands of events share a millisecond: format it once
             self._now_millis = millis
             self._now_text = format_time(datetime.fromtimestamp(millis / 1000, UTC))
+            # A step of the clock always changes the millisecond, so it is seen here.
+            self._now_quality = self.clock.quality(now)
         try:
             payload = make_event(
-                gateway=self.gateway, device=device, seq=seq, reading=reading, now=self._now_text, epoch=self.epoch
+                gateway=self.gateway,
+                device=device,
+                seq=seq,
+                reading=reading,
+                now=self._now_text,
+                epoch=self.epoch,
+                timequality=self._now_quality,
             )
         except (TypeError, ValueError) as exc:
             # A driver bug must not take the device down, nor leave a gap in seq.

@@ -95,6 +95,10 @@ class Feed:
         self._tail: dict[int, deque[Stored]] = {}
         self._tail_from: dict[int, int] = {}
         self._next_id = 1
+        # The uplink's session (its cursors dict, new on every connection) and the first id committed
+        # during it: events below were accepted while no connection was taking them (see next_batch).
+        self._session: dict[int, int] | None = None
+        self._live_from = 0
         self._applier: asyncio.Task[None] | None = None  # deletes what ack() logged, see _apply_logged
 
     @property
@@ -173,7 +177,17 @@ class Feed:
 
         ``cursors`` maps a class to the last id the caller took of it (absent: none yet).
         Caught-up classes are served from memory; a backlog is read from the file.
+
+        The uplink makes a new ``cursors`` dict for each connection, so a dict not seen before
+        starts a session: every event committed before it was accepted while nothing was
+        sending (an outage, the time before the first connection, an earlier run's buffer) and
+        is handed out with ``backlog`` set, from memory or from the file alike. Events committed
+        during the session are live even when a slow link leaves them to be read back from the
+        file: that is congestion, not an outage.
         """
+        if cursors is not self._session:
+            self._session, self._live_from = cursors, self._next_id
+        live_from = self._live_from
         rows: list[Stored] = []
         for priority in sorted(self.priorities, reverse=True):
             need = limit - len(rows)
@@ -189,6 +203,8 @@ class Feed:
                 self._tail_from[priority] = cursor + 1
                 while tail and need > 0:
                     taken = tail.popleft()
+                    if taken.id < live_from:
+                        taken.backlog = True
                     rows.append(taken)
                     # Taken events leave memory; after a reconnect they are read from the file.
                     self._tail_from[priority] = taken.id + 1
@@ -205,6 +221,8 @@ class Feed:
                 # never handed out (a damaged file is repaired from it: see _untaken).
                 while got and tail and tail[0].id <= got[-1].id:
                     tail.popleft()
+                for row in got:
+                    row.backlog = row.id < live_from
                 rows += got
         if self._outbox is not None:
             self._outbox.taken = cursors  # evicting what the consumer holds is remembered (see Outbox.ack)

@@ -55,7 +55,11 @@ class Record:
 
 @dataclass(slots=True)
 class Stored:
-    """A buffered event as returned by :meth:`Outbox.peek`; ``id`` is what to ack."""
+    """A buffered event as returned by :meth:`Outbox.peek`; ``id`` is what to ack.
+
+    ``backlog`` is set by the feed that hands it out: accepted before the uplink's current
+    session began, so it waited for a connection (docs/events.md's ``backlog`` attribute).
+    """
 
     id: int
     priority: int
@@ -65,6 +69,7 @@ class Stored:
     topic: str
     payload: bytes
     created: float
+    backlog: bool = False
 
 
 @dataclass(frozen=True, slots=True)

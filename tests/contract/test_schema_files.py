@@ -92,9 +92,10 @@ def test_the_envelope_attributes_in_order() -> None:
     )
     assert payload.decode().startswith('{"specversion":"1.0","id":"')
     assert payload.endswith(
-        b'"type":"city.meter.reading","time":"2026-01-01T00:00:00.000Z","datacontenttype":"application/json",'
+        b'"type":"city.meter.reading","time":"2026-01-01T00:00:00.000Z","recordedtime":"2026-01-01T00:00:00.000Z",'
+        b'"timequality":"unknown","datacontenttype":"application/json",'
         b'"dataschema":"https://edge-agent.example/schemas/v1/city.meter.reading.json",'
-        b'"gateway":"g","device":"d","seq":3,"seqepoch":"ab","data":{}}'
+        b'"gateway":"g","device":"d","partitionkey":"g/d","seq":3,"seqepoch":"ab","data":{}}'
     )
 
 
@@ -139,7 +140,9 @@ def test_the_envelope_accepts_old_and_stateful_events() -> None:
     envelope = validator("envelope")
     assert errors(envelope, _event()) == []
     assert errors(envelope, _event(dataschema=None, seqepoch=None)) == []  # agents before dataschema: ioc/v1 holds
-    assert errors(envelope, _event(seqepoch="5f0c2a9e81d34b17", recordedtime="2026-11-23T08:12:28Z")) == []
+    stamped = _event(seqepoch="5f0c2a9e81d34b17", recordedtime="2026-11-23T08:12:28.000Z", timequality="unsynced")
+    assert errors(envelope, stamped | {"partitionkey": "gw-1/meter-1", "backlog": True}) == []
+    assert errors(envelope, _event(laterext="a future extension")) == []  # unknown extensions pass
     inventory = _event(type=GATEWAY_INVENTORY, seq=None, dataschema=dataschema_for(GATEWAY_INVENTORY))
     assert errors(envelope, inventory) == []  # the retained inventory has no seq
 

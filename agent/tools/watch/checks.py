@@ -16,7 +16,14 @@ from typing import Any
 
 import orjson
 
-from agent.contract.events import DEFAULT_PRIORITIES, GATEWAY_HEALTH, GATEWAY_INVENTORY, GATEWAY_STREAM, source_for
+from agent.contract.events import (
+    DEFAULT_PRIORITIES,
+    GATEWAY_HEALTH,
+    GATEWAY_INVENTORY,
+    GATEWAY_STREAM,
+    TIME_UNSYNCED,
+    source_for,
+)
 from agent.tools.watch.schema import problems
 from agent.tools.watch.seqs import ranges_text
 from agent.tools.watch.state import (
@@ -51,8 +58,13 @@ class Limits:
 def time_problem(event: dict[str, Any], received: float, limits: Limits) -> str | None:
     """Why the event's ``time`` cannot come from a synchronised clock; None if it may.
 
-    Takes the whole event so that a future time-quality attribute can be read here.
+    The gateway's own word first: ``timequality`` ``unsynced`` says its clock was not
+    synchronised when it accepted the event. Without it (``unknown``, or an agent before the
+    attribute), and even with ``synced``, a time before 2000 or too far from the receive time
+    gives the clock away.
     """
+    if event.get("timequality") == TIME_UNSYNCED:
+        return f"timequality unsynced: the gateway's clock was not synchronised (time {event.get('time')})"
     taken = event_time(event)
     if taken is None:
         return None  # the schema check already named it

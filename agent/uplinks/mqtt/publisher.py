@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import paho.mqtt.client as paho
 
-from agent.contract.events import batch_topic, topic_for
+from agent.contract.events import batch_topic, mark_backlog, topic_for
 from agent.store.outbox import Stored
 from agent.uplinks.mqtt.acks import Acks
 from agent.uplinks.mqtt.config import MqttConfig
 from agent.uplinks.mqtt.errors import ConnectionLost
 from agent.uplinks.mqtt.window import Window
+
+
+def wire_payloads(rows: list[Stored]) -> list[bytes]:
+    """Each row's event as it goes on the wire: as stored, plus ``"backlog":true`` if the feed
+    handed it out from the backlog (a property of this delivery, so never stored).
+
+    The first step from stored rows to messages: anything that re-encodes payloads (batching,
+    compaction) starts from these.
+    """
+    return [mark_backlog(row.payload) if row.backlog else row.payload for row in rows]
 
 
 class Publisher:
@@ -26,12 +36,12 @@ class Publisher:
 
     def each(self, client: paho.Client, rows: list[Stored]) -> int:
         """One MQTT message per event, on the event's own topic; returns the messages sent."""
-        for row in rows:
+        for row, payload in zip(rows, wire_payloads(rows), strict=True):
             key = (row.device, row.type)
             topic = self._topics.get(key)
             if topic is None:
                 topic = self._topics[key] = topic_for(self.config.topic_prefix, self.gateway, row.device, row.type)
-            self._send(client, topic, row.payload, [row.id])
+            self._send(client, topic, payload, [row.id])
         return len(rows)
 
     def batches(self, client: paho.Client, rows: list[Stored], max_events: int, max_bytes: int) -> int:
@@ -41,17 +51,16 @@ class Publisher:
         """
         messages = 0
         start = 0
+        payloads = wire_payloads(rows)
         while start < len(rows):
             end, size = start, 2
             while (
-                end < len(rows)
-                and end - start < max_events
-                and (end == start or size + len(rows[end].payload) < max_bytes)
+                end < len(rows) and end - start < max_events and (end == start or size + len(payloads[end]) < max_bytes)
             ):
-                size += len(rows[end].payload) + 1
+                size += len(payloads[end]) + 1
                 end += 1
             chunk = rows[start:end]
-            payload = b"[" + b",".join(r.payload for r in chunk) + b"]"
+            payload = b"[" + b",".join(payloads[start:end]) + b"]"
             self._send(client, self._batch_topic, payload, [r.id for r in chunk])
             messages += 1
             start = end
