@@ -204,31 +204,6 @@ TimeQuality = Literal["synced", "unsynced", "unknown"]
 TIME_SYNCED: TimeQuality = "synced"
 TIME_UNSYNCED: TimeQuality = "unsynced"
 TIME_UNKNOWN: TimeQuality = "unknown"
-TIME_QUALITIES: tuple[TimeQuality, ...] = (TIME_SYNCED, TIME_UNSYNCED, TIME_UNKNOWN)
-
-
-def partition_key(gateway: str, device: str) -> str:
-    """CloudEvents ``partitionkey``: ``{gateway}/{device}``, the unit whose order the contract keeps."""
-    return f"{gateway}/{device}"
-
-
-_DEVICE_PARTS_MAX = 4096  # (gateway, device) pairs cached; a gateway has tens of devices
-
-
-def _device_parts(gateway: str, device: str) -> tuple[str, str]:
-    """The text before ``type``'s value and the text between the type attributes and ``seq``'s value."""
-    parts = (
-        f'","source":"{source_for(gateway, device)}","type":',
-        f'"gateway":"{gateway}","device":"{device}","partitionkey":"{partition_key(gateway, device)}","seq":',
-    )
-    if len(_DEVICE_PARTS) >= _DEVICE_PARTS_MAX:
-        _DEVICE_PARTS.clear()
-    _DEVICE_PARTS[(gateway, device)] = parts
-    return parts
-
-
-# Made once per device: the envelope's constant text around the values that change per event.
-_DEVICE_PARTS: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def make_event(
@@ -254,19 +229,20 @@ def make_event(
 
     Built as text around the encoded ``data``: gateway and device ids are validated to
     ``[a-z0-9_-]``, so they need no escaping, and this runs once per event on the hot path.
+    (Caching each device's constant text measured no faster than formatting it each time.)
 
     Raises:
         ValueError: ``data`` holds NaN or infinity, which JSON cannot carry.
     """
     data = encode_data(reading.data)
     kind, middle = _TYPE_ATTRIBUTES.get(reading.type) or _type_attributes(reading.type)
-    head, ids = _DEVICE_PARTS.get((gateway, device)) or _device_parts(gateway, device)
     recorded = now if isinstance(now, str) else format_time(now)
     taken = recorded if reading.time is None else format_time(reading.time)
     return (
         (
-            f'{{"specversion":"1.0","id":"{new_event_id()}{head}{kind},"time":"{taken}",'
-            f'"recordedtime":"{recorded}","timequality":"{timequality}",{middle}{ids}{seq},'
+            f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
+            f'"type":{kind},"time":"{taken}","recordedtime":"{recorded}","timequality":"{timequality}",{middle}'
+            f'"gateway":"{gateway}","device":"{device}","partitionkey":"{gateway}/{device}","seq":{seq},'
             + (f'"seqepoch":"{epoch}",' if epoch else "")
             + '"data":'
         ).encode()
@@ -275,7 +251,7 @@ def make_event(
     )
 
 
-# What a delivery from the backlog adds to the event's closing brace (docs/events.md#backlog).
+# What a delivery from the backlog adds to the event's closing brace (docs/events.md#live-or-backlog-backlog).
 _BACKLOG_TAIL = b',"backlog":true}'
 
 
