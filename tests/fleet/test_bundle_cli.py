@@ -110,7 +110,8 @@ def test_apply_refusal_changes_nothing(tmp_path: Path) -> None:
     gateway = site(tmp_path, public, scopes="[config]")
     src = source(tmp_path / "src")
     out = tmp_path / "b.bundle"
-    assert run("build", src, "--version", "2", "--target", "gw-test", "--out", out, "--key", key, "--key-id", "ops").returncode == 0
+    signing = ("--key", key, "--key-id", "ops")
+    assert run("build", src, "--version", "2", "--target", "gw-test", "--out", out, *signing).returncode == 0
     no_scope = run("apply", out, "-c", gateway)
     assert no_scope.returncode == 2 and "no key with scope bundle" in no_scope.stderr
     gateway = site(tmp_path, public)
@@ -118,7 +119,7 @@ def test_apply_refusal_changes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "var" / "fleet" / "bundles"
     before = snapshot(root)
     other = tmp_path / "o.bundle"
-    assert run("build", src, "--version", "3", "--target", "gw-x", "--out", other, "--key", key, "--key-id", "ops").returncode == 0
+    assert run("build", src, "--version", "3", "--target", "gw-x", "--out", other, *signing).returncode == 0
     wrong = run("apply", other, "-c", gateway, "--json")
     assert wrong.returncode == 1
     assert json.loads(wrong.stdout)["code"] == "wrong_target"

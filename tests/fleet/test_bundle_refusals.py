@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,7 +59,8 @@ def test_a_tampered_model_is_named(setup) -> None:
     bundle = build(src, tmp / "b.bundle", version=6, key=keys.ops)
     items = members_of(bundle)
     items = [(p, (b"X" + d[1:]) if p == "models/tiny.onnx" else d) for p, d in items]
-    refused(store, rewrite(bundle, tmp / "t.bundle", items), keys, "sha256_mismatch", "models/tiny.onnx: sha256 mismatch")
+    tampered = rewrite(bundle, tmp / "t.bundle", items)
+    refused(store, tampered, keys, "sha256_mismatch", "models/tiny.onnx: sha256 mismatch")
 
 
 def test_unsigned_wrong_key_and_key_without_scope(setup) -> None:
@@ -74,8 +76,10 @@ def test_unsigned_wrong_key_and_key_without_scope(setup) -> None:
 
 def test_older_and_same_version(setup) -> None:
     keys, src, store, tmp = setup
-    refused(store, build(src, tmp / "o.bundle", version=4, key=keys.ops), keys, "stale", "version 4 older than installed 5")
-    refused(store, build(src, tmp / "e.bundle", version=5, key=keys.ops), keys, "stale", "version 5 is already installed")
+    older = build(src, tmp / "o.bundle", version=4, key=keys.ops)
+    refused(store, older, keys, "stale", "version 4 older than installed 5")
+    same = build(src, tmp / "e.bundle", version=5, key=keys.ops)
+    refused(store, same, keys, "stale", "version 5 is already installed")
 
 
 def test_expired_wrong_target_and_newer_agent(setup) -> None:
@@ -140,8 +144,6 @@ def test_traversal_symlink_device_and_size(setup) -> None:
 def test_no_space_is_refused_before_writing(setup) -> None:
     keys, src, store, tmp = setup
     bundle = build(src, tmp / "b.bundle", version=6, key=keys.ops)
-    import os
-
     vfs = os.statvfs(store.root)
     free = vfs.f_bavail * vfs.f_frsize
     before = snapshot(store.root)
