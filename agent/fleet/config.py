@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.devices.api import DevicePoint, StrictModel
 
-Scope = Literal["config", "read", "write", "restart", "diagnostics", "keys"]
+Scope = Literal["config", "read", "write", "restart", "diagnostics", "keys", "bundle"]
 KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 GROUP_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -21,7 +21,7 @@ class FleetKey(StrictModel):
     id: str = Field(pattern=KEY_ID_PATTERN, description="Key id, as `edge-agent fleet keygen` printed it.")
     public_key: str = Field(description="The public key, `ed25519:<base64>`, as `edge-agent fleet keygen` printed it.")
     scopes: list[Scope] = Field(
-        min_length=1, description="What it may sign: config, read, write, restart, diagnostics, keys."
+        min_length=1, description="What it may sign: config, read, write, restart, diagnostics, keys, bundle."
     )
 
     @field_validator("public_key")

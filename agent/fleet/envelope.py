@@ -37,7 +37,7 @@ from agent.fleet.nonces import NonceStore
 COMMAND_TYPE = "application/vnd.edge-agent.command+json"
 CONFIG_TYPE = "application/vnd.edge-agent.config+json"
 MAX_ENVELOPE_BYTES = 256 * 1024
-SCOPES = ("config", "read", "write", "restart", "diagnostics", "keys")
+SCOPES = ("config", "read", "write", "restart", "diagnostics", "keys", "bundle")
 CODES = (
     "too_large",
     "malformed",

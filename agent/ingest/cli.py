@@ -11,9 +11,10 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from agent.tools.broker_args import add_connection_args
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -32,14 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=1, help="this worker's number: its fixed MQTT client id (default 1)")
     p.add_argument("--group", default="ingest", help="shared subscription group (default ingest)")
     p.add_argument("--topic-prefix", default="ioc/v1", help="event topic prefix (default ioc/v1)")
-    p.add_argument("--host", default="127.0.0.1", help="broker host")
-    p.add_argument("--port", type=int, default=1883, help="broker port")
-    p.add_argument("--tls", action="store_true", help="TLS with the system CAs")
-    p.add_argument("--ca-file", type=Path, help="TLS with this CA bundle")
-    p.add_argument("--cert-file", type=Path, help="TLS client certificate")
-    p.add_argument("--key-file", type=Path, help="its private key")
-    p.add_argument("--username", help="broker user name")
-    p.add_argument("--password-file", type=Path, help="file holding the broker password")
+    add_connection_args(p, protocol=False)
     p.add_argument("--batch", type=int, default=500, help="events per transaction, about (default 500)")
     p.add_argument("--batch-ms", type=float, default=50.0, help="ms to wait to fill a transaction (default 50)")
     p.add_argument("--session-expiry", type=int, default=86400,

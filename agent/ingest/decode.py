@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from agent.contract.compact import ENCODING, CompactError, decompress
+
 PAYLOAD_PREFIX = 512  # bytes of a rejected payload kept for a person to look at
 READING = "city.meter.reading"
 DEVICE_STATUS = "city.device.status"
@@ -94,14 +96,19 @@ def _decode_into(out: Decoded, topic: str, payload: bytes, prefix: str) -> None:
             raise Malformed(f"payload: a gateway status is online or offline, got {text[:40]!r}")
         out.availability = Availability(parts[0], text)
         return
-    if not (len(parts) == 2 and parts[1] == "batch") and len(parts) != 3:
-        raise Malformed("topic: neither {prefix}/{gateway}/{device}/{kind} nor {prefix}/{gateway}/batch")
+    if not (len(parts) == 2 and parts[1] in ("batch", ENCODING)) and len(parts) != 3:
+        raise Malformed("topic: neither {prefix}/{gateway}/{device}/{kind} nor {prefix}/{gateway}/batch or /deflate")
+    if parts[-1] == ENCODING and len(parts) == 2:  # compact: the same JSON, deflated (docs/events.md)
+        try:
+            payload = decompress(payload)
+        except CompactError as exc:
+            raise Malformed(f"payload: compact payload: {exc}") from None
     try:
         document = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise Malformed(f"payload: not JSON ({exc})") from None
     batch = isinstance(document, list)
-    if batch and len(parts) == 3:
+    if batch and len(parts) == 3:  # a compact message may hold one event or a batch
         raise Malformed("payload: a JSON array (a batch) on a per-device topic")
     items = document if batch else [document]
     for index, item in enumerate(items):

@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.contract.compact import ENCODING
 from agent.ingest.decode import Decoded, decode
 from agent.ingest.store import Outcome, write
 
@@ -63,7 +64,7 @@ class Settings:
         shared = f"$share/{self.group}/{self.prefix}"
         # Availability is retained state, and retained messages are never sent to a shared
         # subscription (MQTT 5, 4.8.2): every worker reads it; the upsert makes that harmless.
-        return [f"{shared}/+/+/+", f"{shared}/+/batch", f"{self.prefix}/+/status"]
+        return [f"{shared}/+/+/+", f"{shared}/+/batch", f"{shared}/+/{ENCODING}", f"{self.prefix}/+/status"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "ingest", "watch"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "bundle", "ingest", "watch"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fleet", help="operator side: keygen, cmd (signed commands through the broker)",
                        add_help=False)  # fmt: skip
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent fleet --help")
+    p = sub.add_parser("bundle", help="update bundles: build, sign, inspect, apply", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent bundle --help")
 
     p = sub.add_parser("ingest", help="IOC side: events into PostgreSQL (the ingest extra)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ingest --help")
@@ -263,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(verbose)
         return fleet_main(tool_argv[1:])
+    if tool_argv and tool_argv[0] == "bundle":  # update bundles (agent/tools/bundle.py)
+        from agent.tools.bundle import bundle_main
+
+        _setup_logging(verbose)
+        return bundle_main(tool_argv[1:])
     if tool_argv and tool_argv[0] == "ingest":  # and the IOC's ingestion (agent/ingest, not the runtime's)
         from agent.ingest.cli import ingest_main
 

@@ -8,6 +8,7 @@ import sys
 import orjson
 import pytest
 
+from agent.contract.compact import compress
 from agent.ingest.decode import decode
 from tests.conftest import ROOT
 from tests.ingest.helpers import EPOCH, reading_event, status_event
@@ -86,3 +87,15 @@ def test_a_password_on_the_command_line_is_refused_without_echoing_it() -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "--dsn: holds a password" in done.stderr and "hunter2" not in done.stderr + done.stdout
+
+
+def test_compact_messages_decode_to_the_same_events() -> None:
+    """``{prefix}/{gateway}/deflate`` (uplink.mqtt.compact): one event or a batch, deflated."""
+    events = [reading_event("gw-a", "meter-1", s) for s in (1, 2, 3)]
+    single = decode("ioc/v1/gw-a/deflate", compress(events[0]), "ioc/v1")
+    assert [e.key for e in single.events] == [("gw-a", "meter-1", EPOCH, 1)] and single.rejections == []
+    batched = decode("ioc/v1/gw-a/deflate", compress(b"[" + b",".join(events) + b"]"), "ioc/v1")
+    assert [e.seq for e in batched.events] == [1, 2, 3] and batched.rejections == []
+    assert batched.events[2].data == decode(TOPIC, events[2], "ioc/v1").events[0].data
+    broken = decode("ioc/v1/gw-a/deflate", b"\x78\x9c not deflate", "ioc/v1")
+    assert broken.events == [] and broken.rejections[0].reason.startswith("payload: compact payload:")

@@ -131,6 +131,8 @@ def test_metrics_health_and_readiness_through_a_broker_outage(
 
     wait_for(answers, 20, "/healthz to answer 200")  # it answers while the buffer still opens
     wait_for(lambda: _get_json(base + "/readyz")[1]["checks"]["started"], 10, "the agent to start")
+    # Started, then the first connection attempt fails (on a loaded machine, a moment later).
+    wait_for(lambda: "uplink_error" in _get_json(base + "/readyz")[1], 10, "the first connection attempt to fail")
     status, ready = _get_json(base + "/readyz")
     assert status == 503, ready
     assert ready["checks"] == {

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from agent.contract.compact import ENCODING, compress
 from tests.conftest import Mosquitto
 from tests.tools.watch_helpers import (
     GATEWAY,
@@ -182,3 +183,19 @@ def test_ctrl_c_ends_the_watch_with_the_report(broker: Mosquitto, publisher: Pub
     watcher.proc.send_signal(signal.SIGINT)
     code, report, _ = watcher.result()
     assert (code, report["events"], report["violation_counts"]) == (0, 2, {})
+
+
+def test_compact_messages_are_decoded_and_checked_like_plain_ones(broker: Mosquitto, publisher: Publisher) -> None:
+    """``{prefix}/{gateway}/deflate`` (uplink.mqtt.compact): single events and batches, deflated;
+    the watch checks the events inside, and a payload that does not inflate is malformed."""
+    watcher = Watcher(broker.port)
+    topic = f"{PREFIX}/{GATEWAY}/{ENCODING}"
+    single = reading(1)[1]
+    batched = batch(reading(2), reading(3), reading(5))[1]
+    publisher.send((topic, compress(single)), (topic, compress(batched)), (topic, b"\x78\x9c not deflate"))
+    code, report, _ = watcher.result()
+    assert code == 1
+    assert device(report)["events"] == 4
+    assert report["violation_counts"] == {"gap": 1, "malformed": 1}, report["violation_counts"]
+    assert [r["reason"].split(":")[0] for r in report["malformed"]] == ["compact payload"], report["malformed"]
+    assert device(report)["epochs"][0]["gaps"] == [[4, 4]]

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from agent.contract.compact import ENCODING, CompactError, decompress
 from agent.contract.events import (
     DEFAULT_PRIORITIES,
     GATEWAY_HEALTH,
@@ -116,7 +117,7 @@ class Checker:
         if (
             len(levels) not in (2, 3)
             or not all(levels)
-            or (len(levels) == 2 and levels[1] not in ("batch", "inventory"))
+            or (len(levels) == 2 and levels[1] not in ("batch", "inventory", ENCODING))
         ):
             self.unknown_topics += 1  # not the contract's (it only grows); reported, not judged
             return
@@ -124,6 +125,12 @@ class Checker:
         if retained and levels[1] != "inventory":
             self.malformed(topic, gateway, device, "retained: events are never published retained")
             return
+        if levels[1] == ENCODING:  # compact: the same JSON, deflated (docs/events.md, Compact payloads)
+            try:
+                payload = decompress(payload)
+            except CompactError as exc:
+                self.malformed(topic, gateway, "", f"compact payload: {exc}")
+                return
         try:
             decoded = json.loads(payload)
         except ValueError as exc:  # UnicodeDecodeError is one
@@ -131,7 +138,9 @@ class Checker:
             return
         if levels[1] == "inventory":
             self._inventory(topic, gateway, decoded)
-        elif levels[1] == "batch":
+        elif levels[1] == ENCODING and isinstance(decoded, dict):
+            self._event(topic, decoded, gateway, None, None, received)
+        elif levels[1] in ("batch", ENCODING):
             if not isinstance(decoded, list):
                 self.malformed(topic, gateway, "", "a batch must be a JSON array of CloudEvents")
                 return

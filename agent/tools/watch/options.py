@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
+
+from agent.tools.broker_args import add_connection_args
 
 GATEWAY_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # A topic root: levels without wildcards, no leading or trailing slash (agent/contract/events.py).
@@ -19,15 +20,7 @@ class UsageError(Exception):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The broker, what to watch, and the thresholds."""
-    p.add_argument("--host", default="127.0.0.1", help="broker host")
-    p.add_argument("--port", type=int, default=1883, help="broker port")
-    p.add_argument("--tls", action="store_true", help="TLS with the system CAs")
-    p.add_argument("--ca-file", type=Path, help="TLS with this CA bundle")
-    p.add_argument("--cert-file", type=Path, help="TLS client certificate")
-    p.add_argument("--key-file", type=Path, help="its private key")
-    p.add_argument("--username", help="broker user name")
-    p.add_argument("--password-file", type=Path, help="file holding the broker password")
-    p.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1", help="MQTT protocol version")
+    add_connection_args(p)
     p.add_argument("--gateway", help="watch this gateway only (default: every gateway under the prefix)")
     p.add_argument("--prefix", default="ioc/v1", help="event topic prefix (the site's uplink.mqtt.topic_prefix)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds to watch after subscribing (0: until Ctrl-C)")

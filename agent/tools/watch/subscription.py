@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from agent.tools.broker_args import apply_login
 from agent.tools.watch.options import GENERATED_SESSION_S, UsageError
 
 OnMessage = Callable[[str, bytes, bool], None]  # topic, payload, retained
@@ -110,18 +111,7 @@ class Session:
 
 
 def _credentials(client: Any, args: argparse.Namespace) -> None:
-    if args.username:
-        try:
-            password = args.password_file.read_text().strip() if args.password_file else None
-        except OSError as exc:
-            raise UsageError(f"--password-file: {exc}") from exc
-        client.username_pw_set(args.username, password)
-    if args.ca_file or args.cert_file or args.tls:
-        try:
-            client.tls_set(
-                ca_certs=str(args.ca_file) if args.ca_file else None,
-                certfile=str(args.cert_file) if args.cert_file else None,
-                keyfile=str(args.key_file) if args.key_file else None,
-            )
-        except OSError as exc:  # ssl.SSLError too: a file missing, unreadable or not PEM
-            raise UsageError(f"TLS files: {exc}") from exc
+    try:
+        apply_login(client, args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc

@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from agent.config.model import is_loopback
 from agent.config.yaml_load import ECHO_CHARS, clip_text
+from agent.contract.compact import DEFAULT_LEVEL
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.contract.units import parse_size
 from agent.devices.api import Duration, Size, StrictModel, readable_file, resolve_path
@@ -84,6 +85,24 @@ class BatchConfig(StrictModel):
     )
 
 
+class CompactConfig(StrictModel):
+    """Compressed messages for metered links: a consumer must decode them (docs/events.md, "Compact payloads")."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Send every event message (single or batch) zlib-compressed with the contract's preset "
+        "dictionary on {prefix}/{gateway}/deflate instead of the per-device and batch topics. The JSON inside "
+        "is unchanged. Consumers must decode it (agent.contract.compact).",
+    )
+    level: int = Field(
+        default=DEFAULT_LEVEL,
+        ge=1,
+        le=9,
+        description="zlib level: 1 is fastest, 9 smallest (bench/payload.py: 9 costs up to 3.5x the CPU of 6 "
+        "for 4-8% fewer bytes).",
+    )
+
+
 class MqttConfig(UplinkSettings):
     """The MQTT uplink to the operations centre's broker."""
 
@@ -119,6 +138,9 @@ class MqttConfig(UplinkSettings):
     )
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching (off by default).")
+    compact: CompactConfig = Field(
+        default_factory=CompactConfig, description="Compressed payloads for metered links (off by default)."
+    )
 
     _paths = field_validator("password_file", mode="before")(resolve_path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import paho.mqtt.client as paho
 
+from agent.contract.compact import compact_topic, compress
 from agent.contract.events import batch_topic, mark_backlog, topic_for
 from agent.store.outbox import Stored
 from agent.uplinks.mqtt.acks import Acks
@@ -33,6 +34,7 @@ class Publisher:
         self._acks = acks
         self._topics: dict[tuple[str, str], str] = {}
         self._batch_topic = batch_topic(config.topic_prefix, gateway)
+        self._compact_topic = compact_topic(config.topic_prefix, gateway)
 
     def each(self, client: paho.Client, rows: list[Stored]) -> int:
         """One MQTT message per event, on the event's own topic; returns the messages sent."""
@@ -66,7 +68,18 @@ class Publisher:
             start = end
         return messages
 
+    def _wire(self, topic: str, payload: bytes) -> tuple[str, bytes]:
+        """The message as it goes on the wire: compressed on the compact topic when ``compact`` is on.
+
+        The last step before publishing, so the compressed JSON is exactly what would have been sent.
+        """
+        compact = self.config.compact
+        if not compact.enabled:
+            return topic, payload
+        return self._compact_topic, compress(payload, compact.level)
+
     def _send(self, client: paho.Client, topic: str, payload: bytes, ids: list[int]) -> None:
+        topic, payload = self._wire(topic, payload)
         info = client.publish(topic, payload, qos=self.config.qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise ConnectionLost(f"publish failed: {paho.error_string(info.rc)}")

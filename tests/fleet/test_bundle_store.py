@@ -1,0 +1,171 @@
+"""The store's staged apply under failure: a full disk mid-apply, `kill -9` anywhere, rollback, keep three."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.fleet.bundles.staging import DiskFull
+from agent.fleet.bundles.store import BundleStore
+from agent.fleet.keys import public_text
+from tests.fleet.bundle_kit import Keys, build, checker, copy_source, installed, snapshot, source, write_model
+
+CHILD = """
+import sys
+from pathlib import Path
+from agent.fleet.bundles.manifest import verify_manifest
+from agent.fleet.bundles.store import BundleStore
+from agent.fleet.envelope import TrustedKey
+keys = {"ops": TrustedKey.from_text("ops", sys.argv[3], ["bundle"])}
+store = BundleStore(Path(sys.argv[1]))
+store.recover()
+print("ready", flush=True)
+check = lambda data: verify_manifest(data, keys=keys, gateway="gw-test", groups=frozenset())
+staged = store.stage(Path(sys.argv[2]), check)
+store.switch(staged)
+assert store.check_installed(staged.manifest.version) == []
+store.commit()
+print("committed", flush=True)
+"""
+
+
+def committed_intact(store: BundleStore, versions: tuple[int, ...]) -> int:
+    """The committed version after recovery; its files match its manifest and ``current`` points at it."""
+    store.recover()
+    state = store.state()
+    assert state.pending is None
+    running = store.current()
+    assert running is not None
+    assert running[0] == state.highest and running[0] in versions
+    assert store.check_installed(running[0]) == []
+    assert not (store.root / "staging").exists()
+    return running[0]
+
+
+def test_disk_full_during_apply_leaves_the_previous_bundle(small_volume: Path, tmp_path: Path) -> None:
+    keys = Keys()
+    src = source(tmp_path / "src")
+    store = BundleStore(small_volume / "fleet" / "bundles")
+    installed(store, src, tmp_path / "v1.bundle", keys, 1)
+    buffer = small_volume / "buffer.db"  # stands for the events' buffer beside the bundles
+    buffer.write_bytes(os.urandom(1024 * 1024))
+    buffered = buffer.read_bytes()
+    big = copy_source(src, tmp_path / "big")
+    write_model(big, os.urandom(6 * 1024 * 1024))
+    write_model(big, os.urandom(6 * 1024 * 1024), name="second")
+    bundle = build(big, tmp_path / "v2.bundle", version=2, key=keys.ops)
+    before = snapshot(store.root)
+    filler = small_volume / "someone-else"
+
+    filled: list[int | None] = []
+
+    def fill(path: str) -> None:  # another writer takes the room once the first file is in
+        if filler.exists():
+            return
+        try:
+            with filler.open("wb") as handle:
+                while True:
+                    handle.write(bytes(1024 * 1024))
+                    handle.flush()
+        except OSError as exc:
+            filled.append(exc.errno)
+
+    with pytest.raises(DiskFull) as caught:
+        store.stage(bundle, checker(keys), reserve_bytes=0, progress=fill)
+    assert "the disk is full" in str(caught.value) and "cannot unpack " in str(caught.value)
+    assert filled == [errno.ENOSPC]
+    filler.unlink()
+    store.recover()
+    assert snapshot(store.root) == before
+    assert buffer.read_bytes() == buffered
+    assert committed_intact(store, (1,)) == 1
+
+
+def test_too_big_for_the_disk_is_refused_first(small_volume: Path, tmp_path: Path) -> None:
+    keys = Keys()
+    big = source(tmp_path / "src", model=os.urandom(20 * 1024 * 1024))
+    store = BundleStore(small_volume / "fleet" / "bundles")
+    bundle = build(big, tmp_path / "v1.bundle", version=1, key=keys.ops)
+    with pytest.raises(Exception, match="must stay free for the buffer") as caught:
+        store.stage(bundle, checker(keys))
+    assert getattr(caught.value, "code", None) == "no_space"
+    assert store.current() is None and not any((small_volume / "fleet" / "bundles").glob("v*"))
+
+
+def test_rollback_returns_to_the_previous_and_never_retries(tmp_path: Path) -> None:
+    keys = Keys()
+    src = source(tmp_path / "src")
+    store = BundleStore(tmp_path / "state")
+    installed(store, src, tmp_path / "v1.bundle", keys, 1)
+    newer = copy_source(src, tmp_path / "newer")
+    write_model(newer, b"model two")
+    bundle = build(newer, tmp_path / "v2.bundle", version=2, key=keys.ops)
+    store.switch(store.stage(bundle, checker(keys)))
+    assert store.current()[0] == 2
+    assert (store.root / "current" / "models" / "tiny.onnx").read_bytes() == b"model two"
+    assert store.rollback("health check failed") == 2
+    assert store.current()[0] == 1 and store.check_installed(1) == []
+    assert not (store.root / "v0000000002").exists()
+    with pytest.raises(Exception, match="version 2 was rolled back"):
+        store.stage(bundle, checker(keys))
+
+
+def test_keeps_three(tmp_path: Path) -> None:
+    keys = Keys()
+    src = source(tmp_path / "src")
+    store = BundleStore(tmp_path / "state")
+    for version in range(1, 6):
+        write_model(src, f"model {version}".encode())
+        installed(store, src, tmp_path / f"v{version}.bundle", keys, version)
+    assert sorted(p.name for p in store.root.glob("v*")) == ["v0000000003", "v0000000004", "v0000000005"]
+    assert store.state().installed == [3, 4, 5] and store.current()[0] == 5
+
+
+def test_kill_9_at_random_points_of_an_apply(tmp_path: Path) -> None:
+    """50 kills at random moments of stage/switch/commit: afterwards the old bundle or the new one, committed."""
+    keys = Keys()
+    src = source(tmp_path / "src")
+    for i in range(12):  # many files: many moments between fsyncs and renames
+        write_model(src, os.urandom(64 * 1024), name=f"m{i:02d}")
+    store = BundleStore(tmp_path / "state")
+    installed(store, src, tmp_path / "v1.bundle", keys, 1)
+    newer = copy_source(src, tmp_path / "newer")
+    for i in range(12):
+        write_model(newer, os.urandom(64 * 1024), name=f"m{i:02d}")
+    arg = public_text(keys.ops.public_key())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def start(bundle: Path) -> tuple[subprocess.Popen[str], float]:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(store.root), str(bundle), arg], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        return child, time.monotonic()
+
+    version = 2
+    bundle = build(newer, tmp_path / "v.bundle", version=version, key=keys.ops)
+    child, began = start(bundle)  # a full run, to know how long an apply takes
+    assert child.wait(timeout=60) == 0 and child.stdout.read().strip() == "committed"
+    duration = time.monotonic() - began
+    outcomes = {"old": 0, "new": 0}
+    rng = random.Random(16)
+    for _ in range(50):
+        previous = committed_intact(store, tuple(range(1, version + 1)))
+        version += 1
+        bundle = build(newer, tmp_path / "v.bundle", version=version, key=keys.ops)
+        child, began = start(bundle)
+        time.sleep(rng.uniform(0, duration * 1.1))
+        child.kill()
+        child.wait(timeout=10)
+        running = committed_intact(store, (previous, version))
+        outcomes["new" if running == version else "old"] += 1
+    print(f"apply {duration:.3f} s; after 50 kills: {outcomes}")
+    assert outcomes["old"] > 0 and outcomes["new"] + outcomes["old"] == 50, outcomes
