@@ -88,7 +88,12 @@ class EventFeed(Protocol):
         ...
 
     async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
-        """Up to ``limit`` events after ``cursors`` (class -> last id taken), highest class first."""
+        """Up to ``limit`` events after ``cursors`` (class -> last id taken), highest class first.
+
+        Use a new ``cursors`` dict for each connection (session) and the same one throughout
+        it: the first call with a new dict starts a session, and every event committed before
+        it comes with ``backlog`` set (delivered late, after an outage or a restart).
+        """
         ...
 
     async def ack(self, ids: Sequence[int]) -> int:
