@@ -22,7 +22,6 @@ bench/README.md ("Chaos benchmark") for what each figure means.
 from __future__ import annotations
 
 import argparse
-import atexit
 import bisect
 import contextlib
 import ctypes
@@ -1299,13 +1298,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buffers)")
     args = parser.parse_args()
-    atexit.register(kill_children)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    pl.exit_cleanly(kill_children)
     return run(args)
 
 

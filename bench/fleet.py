@@ -20,7 +20,6 @@ it asserts nothing and exits 0 whenever it could measure. See bench/README.md ("
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import ctypes
 import os
@@ -549,13 +548,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.reconnect_max:
         RECONNECT_MAX.append(args.reconnect_max)
-    atexit.register(pl._kill_children)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    pl.exit_cleanly()
     return run(args)
 
 

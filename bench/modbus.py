@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import ctypes
 import itertools
@@ -1461,13 +1460,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buffers, profiles)")
     args = parser.parse_args()
-    atexit.register(pl._kill_children)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    pl.exit_cleanly()
     try:
         return run(args)
     except RuntimeError as exc:

@@ -50,6 +50,17 @@ _children: list[subprocess.Popen[bytes]] = []
 # ---------------------------------------------------------------------------------------------
 # plumbing: processes, ports, the buffer file
 # ---------------------------------------------------------------------------------------------
+def exit_cleanly(kill: Callable[[], None] | None = None) -> None:
+    """Kill the child processes at exit, and exit (so that this runs) on SIGTERM and SIGHUP."""
+    atexit.register(kill or _kill_children)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+
 def _kill_children() -> None:
     for proc in _children:
         if proc.poll() is None:
@@ -1371,13 +1382,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to put buffers and logs (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, buffers)")
     args = parser.parse_args()
-    atexit.register(_kill_children)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    exit_cleanly()
     return run(args)
 
 

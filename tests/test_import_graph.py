@@ -21,7 +21,14 @@ AGENT = ROOT / "agent"
 
 # The core, relative to agent/: whole folders, and single modules.
 CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols", "fleet")
-CORE_MODULES = ("__init__.py", "errors.py", "uplinks/__init__.py", "uplinks/api.py", "uplinks/registry.py")
+CORE_MODULES = (
+    "__init__.py",
+    "errors.py",
+    "docblock.py",
+    "uplinks/__init__.py",
+    "uplinks/api.py",
+    "uplinks/registry.py",
+)
 # What sits outside it: the tools, inference, the IOC's ingestion, and the command line (``python -m agent`` is
 # ``edge-agent``). Every folder under agent/uplinks/ is an uplink plugin.
 OUTSIDE_FOLDERS = ("tools", "inference", "ingest")

@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from agent.config.model import AgentConfigBase, BufferConfig, GatewayConfig, ObservabilityConfig
 from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
+from agent.docblock import replace_block
 from agent.fleet.config import FleetConfig, FleetKey
 from agent.uplinks.registry import load_uplinks
 
@@ -103,12 +104,7 @@ def render_markdown() -> str:
 
 def update_doc(path: Path) -> bool:
     """Rewrite the generated block in ``path``; returns whether it changed."""
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    new = head + render_markdown() + rest.split(END, 1)[1]
-    if new != text:
-        path.write_text(new)
-    return new != text
+    return replace_block(path, BEGIN, END, render_markdown())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.contract import events
 from agent.contract.schemas import EVENT_MODELS, CloudEvent
+from agent.docblock import replace_block
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 ENVELOPE, BATCH = "envelope", "batch"
@@ -182,12 +183,7 @@ def render_markdown() -> str:
 
 def update_doc(path: Path) -> bool:
     """Rewrite the generated block in ``path``; returns whether it changed."""
-    text = path.read_text()
-    head, rest = text.split(BEGIN, 1)
-    new = head + render_markdown() + rest.split(END, 1)[1]
-    if new != text:
-        path.write_text(new)
-    return new != text
+    return replace_block(path, BEGIN, END, render_markdown())
 
 
 def main(argv: list[str]) -> int:
