@@ -83,10 +83,13 @@ def insert_batch(
     return AppendResult(len(records), dropped, first_id)
 
 
-def delete_acked(conn: sqlite3.Connection, acct: Accounting, ids: Sequence[int], synchronous: str) -> int:
+def delete_acked(
+    conn: sqlite3.Connection, acct: Accounting, ids: Sequence[int], synchronous: str, *, replay: bool = False
+) -> int:
     """Delete delivered rows without an fsync; return how many were counted as delivered.
 
-    An id no longer buffered is credited through :meth:`Accounting.credit_absent`.
+    An id no longer buffered is credited through :meth:`Accounting.credit_absent`, unless
+    ``replay``: the ack log of a previous run names ids its deletes may have removed already.
     """
     unique = list(dict.fromkeys(ids))
     deleted = freed = 0
@@ -111,7 +114,7 @@ def delete_acked(conn: sqlite3.Connection, acct: Accounting, ids: Sequence[int],
                 present.append(packed)
             if found:
                 conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)  # noqa: S608
-            if found < len(chunk):
+            if found < len(chunk) and not replay:
                 found += acct.credit_absent(conn, set(chunk) - {int(i) for p in present for i in p.split(",")})
             deleted += found
         acct.bump(conn, "delivered", deleted)
