@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see Feed._tail)
 TAIL_MAX_MEDIA = 16  # snapshots are ~100 KB each: keep few in memory, read the rest from the file
+ACK_APPLY_INTERVAL = 0.02  # seconds between the deletes of logged acks (see agent/store/acklog.py)
+ACK_RETRY_PAUSE = 1.0  # seconds after a delete of logged acks failed (they stay logged)
 
 
 class DbThread:
@@ -97,6 +99,7 @@ class Feed:
         # during it: events below were accepted while no connection was taking them (see next_batch).
         self._session: dict[int, int] | None = None
         self._live_from = 0
+        self._applier: asyncio.Task[None] | None = None  # deletes what ack() logged, see _apply_logged
 
     @property
     def outbox(self) -> Outbox:
@@ -207,6 +210,9 @@ class Feed:
                     self._tail_from[priority] = taken.id + 1
                     need -= 1
             else:
+                if self._outbox is not None and self._outbox.acks_logged > cursor:
+                    # Logged acks this read could return (a reconnect reads from the start): delete them first.
+                    await self._db.call("ack", self._outbox.apply_acks)
                 loop = asyncio.get_running_loop()
                 got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
                 self.check_replaced()
@@ -248,11 +254,37 @@ class Feed:
         raise AssertionError("unreachable")
 
     async def ack(self, ids: Sequence[int]) -> int:
-        """Delete delivered events; returns how many were counted as delivered."""
+        """Delivered events leave the buffer; returns how many ids were taken.
+
+        They are written to the ack log at once, on this thread (a process crash keeps it), and
+        deleted in groups every ``ACK_APPLY_INTERVAL`` (agent/store/acklog.py): a transaction
+        and a thread hand-off for every few PUBACKs cost more than committing the events. If the
+        log cannot be written, they are deleted at once.
+        """
+        outbox = self.outbox
         try:
-            return await self._db.call("ack", self.outbox.ack, ids)
-        finally:
-            self.check_replaced()
+            outbox.ack_later(ids)
+        except OSError:
+            try:
+                return await self._db.call("ack", outbox.ack, ids)
+            finally:
+                self.check_replaced()
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.create_task(self._apply_logged(outbox), name=f"ack-log-{self.name}")
+        return len(ids)
+
+    async def _apply_logged(self, outbox: Outbox) -> None:
+        """Delete the logged acks every ``ACK_APPLY_INTERVAL`` until none are left."""
+        while outbox.acks_logged and outbox is self._outbox:
+            await asyncio.sleep(ACK_APPLY_INTERVAL)
+            try:
+                await self._db.call("ack", outbox.apply_acks)
+            except Exception:
+                # Still logged, so not lost; a crash deletes them at the next open.
+                log.exception("%s: could not delete delivered events; trying again", self.name)
+                await asyncio.sleep(ACK_RETRY_PAUSE)
+            finally:
+                self.check_replaced()
 
     async def stats(self) -> BufferStats:
         """Counters and depth of this feed's file."""
@@ -262,7 +294,10 @@ class Feed:
             self.check_replaced()
 
     async def close(self) -> None:
-        """Close the reader and the file (the store has committed what was queued)."""
+        """Close the reader and the file (the store has committed what was queued, logged acks go now)."""
+        if self._applier is not None:
+            self._applier.cancel()
+            await asyncio.gather(self._applier, return_exceptions=True)
         self._reads.shutdown(wait=True)
         if self._reader is not None:
             self._reader.close()

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import ParamSpec, Self, TypeVar
 
 from agent.store.accounting import EVICTED_MEMORY, Accounting
+from agent.store.acklog import AckLog
 from agent.store.disk import BALLAST_EXTRA, DISK_FULL_MIN_EVICT, DISK_RESERVE, EVICT_STEP_MIN, WAL_LIMIT, DiskRoom
 from agent.store.records import (
     COUNTERS,
@@ -150,6 +151,7 @@ class Outbox:
         self._acct = Accounting()
         self._disk = DiskRoom(self.path, self._acct)
         self._repair = Repair(self.path, self._acct)
+        self._acks = AckLog(self.path)
         problem = buffer_path_problem(self.path)
         if problem:
             raise BufferPathError(problem)
@@ -164,6 +166,7 @@ class Outbox:
             self._replace_corrupt(exc, running=False)
         else:
             self._acct.load(self._conn)
+        self._guarded(self._start_acks, replay=True)
         self._disk.make_ballast()
 
     @property
@@ -217,6 +220,22 @@ class Outbox:
             return 0
         return self._guarded(self._ack, ids)
 
+    def ack_later(self, ids: Sequence[int]) -> None:
+        """Log delivered rows for :meth:`apply_acks`, from any thread (agent/store/acklog.py).
+
+        Raises OSError if the log cannot be written (say, the disk is full): use :meth:`ack` then.
+        """
+        self._acks.record(ids)
+
+    @property
+    def acks_logged(self) -> int:
+        """The highest id logged by :meth:`ack_later` and not applied yet (0: none)."""
+        return self._acks.highest
+
+    def apply_acks(self) -> int:
+        """Delete the rows :meth:`ack_later` logged; return how many were counted as delivered."""
+        return self._guarded(self._apply_acks)
+
     def last_seqs(self) -> dict[str, int]:
         """Return the last committed seq per device; it survives delivery of the rows."""
         return self._guarded(self._last_seqs)
@@ -237,9 +256,12 @@ class Outbox:
             self._replace_corrupt(exc, running=True)
 
     def close(self) -> None:
-        """Mark a clean stop and close; further calls raise ``sqlite3.ProgrammingError``."""
+        """Apply logged acks, mark a clean stop and close; further calls raise ``sqlite3.ProgrammingError``."""
+        with suppress(sqlite3.Error, OSError):
+            self._apply_acks()
         with suppress(sqlite3.Error):
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', '0')")
+        self._acks.close()
         self._conn.close()
 
     def __enter__(self) -> Self:
@@ -286,10 +308,17 @@ class Outbox:
     def _ack(self, ids: Sequence[int]) -> int:
         return delete_acked(self._conn, self._acct, ids, self._synchronous)
 
+    def _apply_acks(self) -> int:
+        return self._acks.apply(self._conn, self._acct, self._synchronous)
+
+    def _start_acks(self, *, replay: bool) -> None:
+        self._acks.start(self._conn, self._acct, self._synchronous, replay=replay)
+
     def _last_seqs(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT device, seq FROM sequences"))
 
     def _stats(self) -> BufferStats:
+        self._apply_acks()  # the counters then say what is still to deliver
         return self._acct.stats(self._conn, self.max_bytes, self.epoch)
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -325,6 +354,7 @@ class Outbox:
         self._conn = self._open()
         self._broken = False
         self._acct.load(self._conn)
+        self._start_acks(replay=False)
         self.generation += 1
 
     def _replace_corrupt(self, exc: sqlite3.DatabaseError, *, running: bool) -> None:
@@ -348,6 +378,8 @@ class Outbox:
         restored = self._repair.restore(self._conn, target, kept, before, epoch=self.epoch, max_bytes=self.max_bytes)
         self.epoch, self.recovered_drops = restored.epoch, restored.drops
         self._acct.load(self._conn)
+        if running:  # at start, __init__ begins the log once the file is open
+            self._start_acks(replay=False)
         # Last: other threads look at the epoch and the drops once they see a new generation.
         self.generation += 1
         self._repair.report(restored, target)

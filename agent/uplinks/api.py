@@ -97,7 +97,8 @@ class EventFeed(Protocol):
         ...
 
     async def ack(self, ids: Sequence[int]) -> int:
-        """The far end has these events: they leave the feed's buffer. Returns how many counted."""
+        """The far end has these events: they leave the feed's buffer (at once, or logged and
+        deleted in groups). Returns how many ids were taken."""
         ...
 
 

