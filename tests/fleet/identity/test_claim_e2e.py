@@ -16,9 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.fleet.provisioning.ca import client_certificate, pem
 from tests.conftest import AgentProcess, free_port, last_seqs, wait_for
@@ -75,7 +79,8 @@ def agents() -> Iterator[list[AgentProcess]]:
 def test_claim_then_events_under_the_issued_id_and_no_key_byte_anywhere(
     lab: dict[str, Any], tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
-    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001")
+    # MQTT 5: the request carries its answer topic and the nonce as Correlation Data, echoed back.
+    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001", protocol="5")
     agents.append(_agent(tmp_path, config))
     watcher: TlsClient = lab["watcher"]
     wait_for(lambda: _events(watcher, "gw-001"), 20, "the first event of the provisioned gateway")
@@ -150,6 +155,30 @@ def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> N
         assert {t.split("/")[0] for t, _ in claim.received()} == {"prov"}
     finally:
         claim.close()
+
+
+def test_an_mqtt5_response_topic_elsewhere_is_ignored(lab: dict[str, Any]) -> None:
+    the_lab: Lab = lab["lab"]
+    answers: list[tuple[str, bytes | None]] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-claim-v5", protocol=MQTTProtocolVersion.MQTTv5)
+    client.tls_set(ca_certs=str(the_lab.folder / "ca.pem"), certfile=str(the_lab.folder / f"{CLAIM_CN}.crt"),
+                   keyfile=str(the_lab.folder / f"{CLAIM_CN}.key"))  # fmt: skip
+    client.on_message = lambda _c, _u, m: answers.append((m.topic, getattr(m.properties, "CorrelationData", None)))
+    client.connect("127.0.0.1", lab["port"])
+    client.loop_start()
+    try:
+        client.subscribe(f"prov/{CLAIM_CN}/SN-V5/#", qos=1)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = f"prov/{CLAIM_CN}/SN-V5/elsewhere"
+        props.CorrelationData = b"corr-1"
+        body = json.dumps({"serial": "SN-V5", "nonce": "c" * 32, "csr": "x"}).encode()
+        client.publish(f"prov/{CLAIM_CN}/SN-V5/request", body, qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: answers, 10, "the answer")
+        assert answers == [(f"prov/{CLAIM_CN}/SN-V5/answer", b"corr-1")]
+        wait_for(lambda: "is outside the requester's subtree: ignored" in lab["log"].read_text(), 5, "the log line")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_reprovisioning_after_expiry_keeps_the_id_and_the_buffer(
