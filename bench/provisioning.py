@@ -113,7 +113,7 @@ def start_broker(folder: Path) -> int:
 
 def start_responder(folder: Path, port: int, gateways: int, rate: float | None) -> subprocess.Popen[bytes]:
     allow = [{"serial": f"SN-{i:04d}", "gateway_id": f"gw-{i:03d}"} for i in range(1, gateways + 1)]
-    doc = {"ca": {"cert_file": str(folder / "ca.pem"), "key_file": str(folder / "ca.key")},
+    doc: dict[str, object] = {"ca": {"cert_file": str(folder / "ca.pem"), "key_file": str(folder / "ca.key")},
            "state_file": str(folder / "responder-state.json"), "allow": allow}  # fmt: skip
     if rate is not None:
         doc["rate_limit"] = rate

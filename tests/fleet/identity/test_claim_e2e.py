@@ -150,8 +150,16 @@ def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> N
         claim.publish(f"prov/{CLAIM_CN}/SN-X/request", b'{"allowed": true}')
         wait_for(lambda: watcher.received(f"prov/{CLAIM_CN}/SN-X/request"), 10, "the allowed publish")
         assert not [p for _, p in watcher.received() if b"denied" in p]
-        # Its subscription to everything got only its own subtree (the ping), nothing under fleet/ or ioc/.
-        wait_for(lambda: claim.received("prov/"), 5, "its own message")
+        # Its subscriptions to fleet/#, ioc/# and # deliver only its own answers: the responder's
+        # login publishes under fleet/ first and then in the claim's subtree, and only the latter arrives.
+        provisioner = TlsClient(lab["lab"], lab["port"], "provisioner")
+        try:
+            provisioner.publish("fleet/v1/gw-001/identity/answer", b'{"not": "for the claim"}')
+            provisioner.publish(f"prov/{CLAIM_CN}/SN-Y/answer", b'{"for": "the claim"}')
+        finally:
+            provisioner.close()
+        wait_for(lambda: claim.received(f"prov/{CLAIM_CN}/SN-Y/answer"), 5, "its own answer")
+        assert watcher.received("fleet/v1/gw-001/identity/answer")
         assert {t.split("/")[0] for t, _ in claim.received()} == {"prov"}
     finally:
         claim.close()
