@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +25,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.fleet.identity.keystore import CsrFields, FileKeyStore
+from agent.fleet.identity.verify import check_chain
 from agent.fleet.provisioning.ca import client_certificate, pem
 from tests.conftest import AgentProcess, free_port, last_seqs, wait_for
 from tests.fleet.identity.kit import CLAIM_CN, Lab, TlsBroker, TlsClient, responder_yaml, site_yaml, start_responder
@@ -31,6 +34,7 @@ from tests.fleet.identity.kit import CLAIM_CN, Lab, TlsBroker, TlsClient, respon
 ALLOW = [
     {"serial": "SN-0001", "gateway_id": "gw-001", "groups": ["north"]},
     {"serial": "SN-0002", "gateway_id": "gw-002", "reprovision": True},
+    {"serial": "SN-0005", "gateway_id": "gw-005"},
 ]
 
 
@@ -243,3 +247,46 @@ def test_a_group_readable_key_refuses_to_start(lab: dict[str, Any], tmp_path: Pa
                           timeout=30, cwd=Path(__file__).resolve().parents[3])  # fmt: skip
     assert done.returncode != 0
     assert f"{key}: permissions 0640 are too open for a private key; chmod 600 {key}" in done.stderr, done.stderr
+
+
+def test_renewal_over_the_gateways_own_connection(lab: dict[str, Any], tmp_path: Path) -> None:
+    """Claimed first (with paho and the key store, as the claim loop does), then renewed as gw-005."""
+    the_lab: Lab = lab["lab"]
+    store = FileKeyStore(tmp_path / "identity")
+    store.generate()
+    fields = CsrFields("SN-0005", "test", "0", "0" * 32, "x")
+
+    def ask(login: str, topic: str) -> dict[str, Any]:
+        client = TlsClient(the_lab, lab["port"], login, [topic.replace("/request", "/answer")])
+        try:
+            nonce = secrets.token_hex(16)
+            body = {"serial": "SN-0005", "nonce": nonce, "csr": store.csr("pending", fields).decode()}
+            client.publish(topic, json.dumps(body).encode())
+            found = wait_for(lambda: client.received(topic.replace("/request", "/answer")), 10, f"answer on {topic}")
+            answer: dict[str, Any] = json.loads(found[0][1])
+            assert answer["nonce"] == nonce
+            return answer
+        finally:
+            client.close()
+
+    claimed = ask(CLAIM_CN, f"prov/{CLAIM_CN}/SN-0005/request")
+    assert claimed["status"] == "issued", claimed
+    the_lab.write("gw-005.crt", claimed["certificate_chain"].encode())
+    the_lab.write("gw-005.key", (tmp_path / "identity" / "key.next.pem").read_bytes(), 0o600)
+    store.generate()  # the renewal's new key
+    renewed = ask("gw-005", "fleet/v1/gw-005/identity/request")
+    assert renewed["status"] == "issued" and renewed["gateway_id"] == "gw-005", renewed
+    check_chain(renewed["certificate_chain"], [the_lab.root], store.public_key("pending"), "gw-005")
+    assert "renewal serial=SN-0005 gateway=gw-005 from=gw-005 outcome=issued" in lab["log"].read_text()
+    # Another gateway's renewal topic is not gw-005's to write: the broker drops it. Its own topic,
+    # written next, is answered: once that decision is logged, the other would have been before it.
+    client = TlsClient(the_lab, lab["port"], "gw-005")
+    try:
+        client.publish("fleet/v1/gw-001/identity/request", json.dumps({"serial": "SN-0001"}).encode())
+        client.publish("fleet/v1/gw-005/identity/request", b"{}")
+    finally:
+        client.close()
+    wait_for(
+        lambda: "renewal serial=- gateway=- from=gw-005 outcome=refused" in lab["log"].read_text(), 10, "the refusal"
+    )
+    assert "from=gw-001" not in lab["log"].read_text()
