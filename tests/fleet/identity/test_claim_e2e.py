@@ -115,6 +115,10 @@ def test_claim_then_events_under_the_issued_id_and_no_key_byte_anywhere(
     assert haystacks and all(n not in h for n in needles for h in haystacks)
     log = lab["log"].read_text()
     assert "claim serial=SN-0001 gateway=gw-001" in log and "outcome=issued" in log
+    # A reload reads the same identity: same gateway id, same client certificate, nothing to restart.
+    agents[0].signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in agents[0].output(), 10, "the reload")
+    assert "config reloaded from" in agents[0].output() and "no changes" in agents[0].output()
 
 
 def test_a_second_claim_and_an_unknown_serial_are_refused(
