@@ -112,10 +112,12 @@ class Agent:
     def _renewal(self, identity: Any) -> None:
         from agent.fleet.identity.renewal_run import build_renewer, renewal_facts
 
-        renewer = self.renewer = build_renewer(lambda: self.config, identity, self.pipeline.emit)
-        if self.inventory is not None:
-            self.inventory.files.identity_cert = lambda: identity.current.cert_file
-            self.inventory.renewal = lambda: renewal_facts(renewer)
+        inventory = self.inventory
+        changed = inventory.check_now if inventory is not None else (lambda: None)
+        renewer = self.renewer = build_renewer(lambda: self.config, identity, self.pipeline.emit, changed)
+        if inventory is not None:
+            inventory.files.identity_cert = lambda: identity.current.cert_file
+            inventory.renewal = lambda: renewal_facts(renewer)
 
     # Late-bound: the store reports drops before the health reporter exists.
     def _dropped(self, feed: str, dropped: list[Any]) -> None:

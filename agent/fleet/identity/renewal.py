@@ -117,13 +117,16 @@ class Renewer:
         clock: Callable[[], datetime],
         sleep: Callable[[float], Awaitable[None]],
         rng: random.Random | None = None,
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
-        """``current()``: the files in use; ``promoted(leaf)``: after the new pair became current."""
+        """``current()``: the files in use; ``promoted(leaf)``: after the new pair became current;
+        ``changed()``: after each attempt (what the inventory shows changed)."""
         self.who, self._config = who, config
         self._keys, self._chains, self._current, self._roots = keys, chains, current, roots
         self._exchange, self._swap, self._promoted, self._on_expiring = exchange, swap, promoted, on_expiring
         self._clock, self._sleep = clock, sleep
         self._rng = rng or random.Random()
+        self._changed = changed
         self.state = RenewalState()
         self._behind_logged = False
 
@@ -196,6 +199,8 @@ class Renewer:
             leaf = await self.renew_once()
         except RenewalFailed as exc:
             return self._failed(str(exc), exc.retry_after)
+        finally:
+            self._changed()
         self.state.renewals += 1
         self.state.next_attempt = self.state.last_error = None
         log.info(

@@ -41,9 +41,13 @@ def identity_holder(config: AgentConfigBase) -> Identity | None:
 
 
 def build_renewer(
-    config: Callable[[], AgentConfigBase], identity: Identity, emit: Callable[[str, Reading], None]
+    config: Callable[[], AgentConfigBase],
+    identity: Identity,
+    emit: Callable[[str, Reading], None],
+    changed: Callable[[], None] = lambda: None,
 ) -> Renewer:
-    """The renewer of a running agent: its requests and swaps go through ``identity``."""
+    """The renewer of a running agent: its requests and swaps go through ``identity``; ``changed``
+    after each attempt (the inventory looks again)."""
     first = config()
     folder = identity.current.cert_file.parent
     doc = read_identity_json(folder)
@@ -84,6 +88,7 @@ def build_renewer(
         on_expiring=expiring,
         clock=lambda: datetime.now(UTC),
         sleep=asyncio.sleep,
+        changed=changed,
     )
 
 
