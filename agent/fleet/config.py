@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from agent.contract.events import TOPIC_ROOT_PATTERN
-from agent.devices.api import DevicePoint, StrictModel, readable_file, resolve_path
-from agent.fleet.identity.renew_config import RenewConfig
+from agent.devices.api import DevicePoint, StrictModel
+from agent.fleet.identity.config import IdentityConfig
 
 Scope = Literal["config", "read", "write", "restart", "diagnostics", "keys", "bundle"]
 KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -35,20 +34,6 @@ class FleetKey(StrictModel):
         return value
 
 
-class IdentityConfig(StrictModel):
-    """The gateway's own certificate, kept in the state folder and renewed (docs/fleet.md)."""
-
-    ca_file: Path = Field(description="The root CA an issued certificate chain must end at.")
-    renew: RenewConfig = Field(default_factory=RenewConfig, description="When to renew the certificate.")
-
-    _paths = field_validator("ca_file", mode="before")(resolve_path)
-
-    @field_validator("ca_file")
-    @classmethod
-    def _exists(cls, value: Path) -> Path | None:
-        return readable_file(value)
-
-
 class FleetConfig(StrictModel):
     """The control channel from the operations centre (docs/fleet.md); off by default."""
 
@@ -71,13 +56,11 @@ class FleetConfig(StrictModel):
         description="kernel: refuse time-bound requests while the kernel says the clock is not synchronised "
         "(NTP); trusted: the clock is set by other means the kernel does not report (GPS, PTP, an RTC).",
     )
-    identity: IdentityConfig | None = Field(
-        default=None,
-        description="The MQTT uplink connects with the identity folder's certificate (<buffer folder>/fleet/identity) "
-        "and renews it; null: uplink.mqtt.tls's own files.",
-    )
     requests_per_minute: int = Field(
         default=120, ge=1, le=6000, description="Inbound requests taken per minute at most; the rest are refused."
+    )
+    identity: IdentityConfig | None = Field(
+        default=None, description="The MQTT client certificate comes from the provisioning responder (null: off)."
     )
 
     @field_validator("groups")

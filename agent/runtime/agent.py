@@ -332,7 +332,7 @@ def _fleet_channel(agent: Agent, desired_start: Start | None) -> LatestValues:
 
 def _identity(config: AgentConfigBase) -> Any:
     """The uplink's identity holder when the fleet identity is on (cryptography loads only then)."""
-    if not config.fleet.enabled or config.fleet.identity is None:
+    if config.fleet.identity is None:
         return None
     from agent.fleet.identity.renewal_run import identity_holder
 
@@ -351,6 +351,13 @@ async def run_agent(config: AgentConfigBase, *, config_path: Path | None = None)
     if not faulthandler.is_enabled():
         # A watchdog kill (SIGABRT) or a crash leaves every thread's stack in the log.
         faulthandler.enable()
+    if config.fleet.identity is not None:  # no identity yet: claim one before anything starts
+        from agent.fleet.identity.startup import provision_at_start
+
+        provisioned = await provision_at_start(config, config_path)
+        if provisioned is None:
+            return  # stopped while claiming
+        config = provisioned
     agent = Agent(config, config_path=config_path, own_process=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -244,9 +244,10 @@ class Identity:
     or :meth:`refuse`; publish :attr:`request` and hand answers to :meth:`answered`.
     """
 
-    def __init__(self, current: IdentityFiles) -> None:
-        """The files in use now."""
+    def __init__(self, current: IdentityFiles, root: str = "fleet/v1") -> None:
+        """The files in use now; ``root``: the topic root renewal requests go under (fleet.root)."""
         self.current = current
+        self.root = root
         self.pending: IdentityFiles | None = None
         self._outcome: asyncio.Future[str | None] | None = None
         self.request: bytes | None = None  # a renewal request to publish (each connection, until answered)

@@ -17,9 +17,11 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from agent.fleet.identity.files import IdentityFiles as Folder
+from agent.fleet.identity.keystore import CsrFields, FileKeyStore
 from agent.fleet.identity.renew_config import RenewConfig
 from agent.fleet.identity.renewal import NOT_YET_VALID_RECHECK, RECHECK, Renewer, Who
-from agent.fleet.identity.renewal_files import Chains, PendingKey
+from agent.fleet.identity.renewal_files import Chains
 from agent.fleet.identity.renewal_schedule import Validity, renew_at
 from agent.uplinks.api import IdentityFiles
 from tests.fleet.renewal_kit import DAY, KitCA, cert_pem
@@ -49,12 +51,16 @@ class World:
         self.answer_override: dict[str, Any] | None = None
         # The invariant the issue asks for: whenever the clock is looked at, the current certificate is valid.
         self.invalid_at: list[float] = []
+        self._leaves: dict[bytes, x509.Certificate] = {}
 
     def day(self) -> float:
         return (self.now - T0) / DAY
 
     def clock(self) -> datetime:
-        leaf = x509.load_pem_x509_certificates(self.current.cert_file.read_bytes())[0]
+        data = self.current.cert_file.read_bytes()
+        if data not in self._leaves:
+            self._leaves[data] = x509.load_pem_x509_certificates(data)[0]
+        leaf = self._leaves[data]
         if not leaf.not_valid_before_utc <= self.now <= leaf.not_valid_after_utc:
             self.invalid_at.append(self.day())
         return self.now
@@ -89,8 +95,8 @@ class World:
         return Renewer(
             Who("gw-017", "SN-0042", "rpi4"),
             lambda: config or RenewConfig(),
-            keys=PendingKey(self.folder),
-            chains=Chains(self.folder),
+            keys=FileKeyStore(self.folder),
+            chains=Chains(Folder(self.folder)),
             current=lambda: self.current,
             roots=lambda: [self.ca.cert],
             exchange=self.exchange,
@@ -130,7 +136,7 @@ def test_a_90_day_certificate_renews_on_day_60_with_a_new_key(tmp_path: Path) ->
     assert world.renewed == [60.0]  # the next one is due on day 120
     assert (tmp_path / "key.pem").read_bytes() != old_key
     leaf = _leaf(tmp_path / "cert.pem")
-    assert leaf.not_valid_before_utc == T0 + 60 * DAY and leaf.public_key() == PendingKey(tmp_path).public_key(
+    assert leaf.not_valid_before_utc == T0 + 60 * DAY and leaf.public_key() == FileKeyStore(tmp_path).public_key(
         "current"
     )
     assert not (tmp_path / "key.next.pem").exists() and not (tmp_path / "cert.next.pem").exists()
@@ -184,9 +190,11 @@ def test_a_forged_answer_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     other = KitCA("not our root", now=T0)
     renewer = world.renewer()
     world.now = T0 + 60 * DAY
-    csr_key = PendingKey(tmp_path)
+    csr_key = FileKeyStore(tmp_path)
     csr_key.generate()
-    forged = other.from_csr(csr_key.csr("pending", _fields()), "gw-017", world.now)
+    forged = other.from_csr(
+        csr_key.csr("pending", CsrFields("SN-0042", "rpi4", "0", "00", "gw-017")), "gw-017", world.now
+    )
     world.answer_override = {"status": "issued", "gateway_id": "gw-017", "certificate_chain": cert_pem(forged).decode()}
     assert not asyncio.run(renewer.attempt())
     assert renewer.state.last_error is not None and "certificate_chain" in renewer.state.last_error
@@ -207,9 +215,3 @@ def test_a_certificate_the_broker_refuses_is_dropped_and_the_old_one_stays(tmp_p
     assert ((tmp_path / "cert.pem").read_bytes(), (tmp_path / "key.pem").read_bytes()) == before
     assert not (tmp_path / "cert.next.pem").exists() and not (tmp_path / "key.next.pem").exists()
     assert world.renewed == []
-
-
-def _fields() -> Any:
-    from agent.fleet.identity.renewal_files import CsrFields
-
-    return CsrFields("SN-0042", "rpi4", "0", "00", "gw-017")

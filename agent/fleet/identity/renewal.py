@@ -19,14 +19,13 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import __version__
+from agent.fleet.identity.keystore import CsrFields, KeyStore
 from agent.fleet.identity.renew_config import RenewConfig
-from agent.fleet.identity.renewal_files import CsrFields
 from agent.fleet.identity.renewal_schedule import Validity, expiring, renew_at, retry_after
 from agent.fleet.identity.renewal_verify import AnswerRefused, verify_answer
 from agent.uplinks.api import IdentityFiles
@@ -40,18 +39,6 @@ NOT_YET_VALID_RECHECK = 60.0  # s between looks while the clock is behind the ce
 Exchange = Callable[[bytes, str, float], Awaitable["dict[str, Any] | None"]]
 # swap(files, timeout) -> None: the uplink connected with them; else why not
 Swap = Callable[[IdentityFiles, float], Awaitable["str | None"]]
-
-
-class Keys(Protocol):
-    """What renewal needs of the key store (the shared spec's ``KeyStore``)."""
-
-    def generate(self) -> None: ...
-
-    def public_key(self, which: Literal["current", "pending"]) -> ec.EllipticCurvePublicKey: ...
-
-    def csr(self, which: Literal["current", "pending"], fields: Any) -> bytes: ...
-
-    def promote(self) -> None: ...
 
 
 class ChainFiles(Protocol):
@@ -106,7 +93,7 @@ class Renewer:
         who: Who,
         config: Callable[[], RenewConfig],
         *,
-        keys: Keys,
+        keys: KeyStore,
         chains: ChainFiles,
         current: Callable[[], IdentityFiles],
         roots: Callable[[], list[x509.Certificate]],
@@ -129,15 +116,19 @@ class Renewer:
         self._changed = changed
         self.state = RenewalState()
         self._behind_logged = False
+        self._parsed: tuple[bytes, x509.Certificate] | None = None  # parsed again only when the file changed
 
     def read_certificate(self) -> Validity | None:
         """The current leaf's validity (kept in :attr:`state`); None if it cannot be read."""
         path = self._current().cert_file
         try:
-            leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+            data = path.read_bytes()
+            known = self._parsed
+            leaf = known[1] if known and known[0] == data else x509.load_pem_x509_certificates(data)[0]
         except (OSError, ValueError, IndexError) as exc:
             self.state.last_error = f"{path}: cannot read the certificate ({exc})"
             return None
+        self._parsed = (data, leaf)
         s = self.state
         s.not_before, s.not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         s.subject, s.serial_number = leaf.subject.rfc4514_string(), format(leaf.serial_number, "x")

@@ -13,31 +13,25 @@ from cryptography import x509
 
 from agent.config.model import AgentConfigBase
 from agent.contract.events import GATEWAY_CERT_EXPIRING, GATEWAY_STREAM, Reading
+from agent.fleet.identity.files import CERT, KEY, identity_dir
+from agent.fleet.identity.files import IdentityFiles as Folder
 from agent.fleet.identity.renewal import RenewalFailed, Renewer, Who
-from agent.fleet.identity.renewal_files import (
-    CERT,
-    KEY,
-    Chains,
-    PendingKey,
-    identity_dir,
-    read_identity_json,
-    recover,
-    update_identity_json,
-)
+from agent.fleet.identity.renewal_files import Chains
 from agent.fleet.identity.renewal_link import identity_exchange, identity_swap
-from agent.fleet.identity.renewal_verify import load_roots
+from agent.fleet.identity.startup import key_store
+from agent.fleet.identity.verify import AnswerRefused, load_roots
 from agent.uplinks.api import Identity, IdentityFiles
 
 log = logging.getLogger(__name__)
 
 
 def identity_holder(config: AgentConfigBase) -> Identity | None:
-    """The MQTT uplink's identity (``fleet.identity``): the identity folder's current pair."""
+    """The MQTT uplink's identity (``fleet.identity``): the identity folder's current pair (a
+    promotion a crash interrupted was finished before, by the start-up's ``recover``)."""
     if config.fleet.identity is None:
         return None
     folder = identity_dir(config.buffer.path)
-    recover(folder)  # a promotion a crash interrupted
-    return Identity(IdentityFiles(folder / CERT, folder / KEY))
+    return Identity(IdentityFiles(folder / CERT, folder / KEY), config.fleet.root)
 
 
 def build_renewer(
@@ -50,9 +44,15 @@ def build_renewer(
     after each attempt (the inventory looks again)."""
     first = config()
     folder = identity.current.cert_file.parent
-    doc = read_identity_json(folder)
-    gateway = str(doc.get("gateway_id") or first.gateway.id)
-    who = Who(gateway, str(doc.get("serial") or gateway), str(doc.get("hardware_model") or "unknown"))
+    files = Folder(folder)
+    try:
+        known = files.identity()
+    except ValueError:
+        known = None  # the start-up refused a damaged file already; renew under the config's id
+    claim = first.fleet.identity.claim if first.fleet.identity is not None else None
+    gateway = known.gateway_id if known is not None else first.gateway.id
+    who = Who(gateway, known.serial if known is not None else gateway, claim.read_model() if claim else "unknown")
+    chains = Chains(files)
 
     def settings() -> Any:
         identity_config = config().fleet.identity
@@ -63,13 +63,13 @@ def build_renewer(
     def roots() -> list[x509.Certificate]:
         ca_file: Path = settings().ca_file
         try:
-            return load_roots(ca_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise RenewalFailed(f"fleet.identity.ca_file {ca_file}: cannot be read ({exc})") from exc
+            return load_roots(ca_file)
+        except AnswerRefused as exc:
+            raise RenewalFailed(str(exc)) from exc
 
     def promoted(leaf: x509.Certificate) -> None:
         identity.moved(IdentityFiles(folder / CERT, folder / KEY))
-        update_identity_json(folder, leaf)
+        chains.record(leaf)
 
     def expiring(data: dict[str, Any]) -> None:
         log.warning("the client certificate expires in %d day(s) (%s)", data["days_left"], data["not_after"])
@@ -78,8 +78,8 @@ def build_renewer(
     return Renewer(
         who,
         lambda: settings().renew,
-        keys=PendingKey(folder),
-        chains=Chains(folder),
+        keys=key_store(first, folder),
+        chains=chains,
         current=lambda: identity.current,
         roots=roots,
         exchange=identity_exchange(identity),

@@ -88,14 +88,17 @@ class ControlChannel:
         topic_prefix: str = "ioc/v1",
         v5: bool = False,
         identity: Identity | None = None,
+        commands: bool = True,
     ) -> None:
         """``publish(topic, payload, retain, properties)`` sends on the current connection (False: not
         connected); ``v5``: the connection is MQTT 5, so requests may carry response properties;
-        ``identity``: renewal requests go out and answers come in here (docs/fleet.md)."""
+        ``identity``: renewal requests go out and answers come in here (docs/fleet.md);
+        ``commands``: False carries renewal alone (no requests, no desired document)."""
         self.requests = f"{root}/{gateway}/req/+/+"
         self.desired = f"{root}/{gateway}/desired"
         self._replies = f"{root}/{gateway}/res"
         self._identity = identity
+        self._commands = commands
         self.identity_answer = f"{root}/{gateway}/identity/answer"
         self._identity_request = f"{root}/{gateway}/identity/request"
         # Where each report goes: the inventory is an event for the operations centre too.
@@ -121,7 +124,7 @@ class ControlChannel:
     def subscriptions(self) -> list[tuple[str, int]]:
         """What to subscribe to on every (clean) connection."""
         renewal = [(self.identity_answer, 1)] if self._identity is not None else []
-        return [(self.requests, 1), (self.desired, 1), *renewal]
+        return [*([(self.requests, 1), (self.desired, 1)] if self._commands else []), *renewal]
 
     def connected(self) -> None:
         """A new connection: publish every report again (the broker may have lost them), then each change."""
@@ -169,12 +172,15 @@ class ControlChannel:
 
     def on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         """paho's callback (on the event loop): take the request or document, answer later."""
-        if message.topic == self.desired:
-            self._take_document(bytes(message.payload))
-            return
         if message.topic == self.identity_answer:
             if self._identity is not None and not message.retain and len(message.payload) <= MAX_REQUEST_BYTES:
                 self._identity.answered(bytes(message.payload))
+            return
+        if not self._commands:
+            self.ignored += 1  # renewal only: nothing else was subscribed to
+            return
+        if message.topic == self.desired:
+            self._take_document(bytes(message.payload))
             return
         parts = message.topic.split("/")
         request_id, name = parts[-2], parts[-1]

@@ -87,11 +87,12 @@ def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str, swap: Swap) -> 
 def _control_channel(
     config: MqttConfig, gateway: str, context: UplinkContext | None, publish: Publish
 ) -> ControlChannel | None:
-    """The fleet channel on this connection, if the core turned it on (a control root)."""
-    if context is None or not context.control_root:
+    """The fleet channel on this connection, if the core turned it on (a control root); without
+    one, an identity alone still gets its renewal topics."""
+    if context is None or not (context.control_root or context.identity):
         return None
     return ControlChannel(
-        context.control_root,
+        context.control_root or context.identity.root,  # type: ignore[union-attr]
         gateway,
         context.inbound,
         publish,
@@ -99,6 +100,7 @@ def _control_channel(
         topic_prefix=config.topic_prefix,
         v5=config.protocol == "5",
         identity=context.identity,
+        commands=bool(context.control_root),
     )
 
 
