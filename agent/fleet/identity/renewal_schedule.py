@@ -21,11 +21,16 @@ class Validity:
 
 
 def renew_at(validity: Validity, config: RenewConfig) -> datetime:
-    """At ``at_fraction`` of the lifetime, or ``before_expiry_days`` before the end if that is sooner."""
+    """At ``at_fraction`` of the lifetime, or ``before_expiry_days`` before the end if that is sooner.
+
+    A certificate shorter-lived than the margin (a responder issuing for 7 days) is renewed at the
+    fraction: the margin would fall before its start and every new certificate would be renewed at
+    once, in a loop.
+    """
     lifetime = validity.not_after - validity.not_before
     by_fraction = validity.not_before + lifetime * config.at_fraction
     by_margin = validity.not_after - timedelta(days=config.before_expiry_days)
-    return max(validity.not_before, min(by_fraction, by_margin))
+    return by_fraction if by_margin <= validity.not_before else min(by_fraction, by_margin)
 
 
 def retry_after(config: RenewConfig, rng: random.Random) -> timedelta:
