@@ -12,13 +12,17 @@ import json
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.fleet.provisioning.ca import client_certificate, pem
 from tests.conftest import AgentProcess, free_port, last_seqs, wait_for
@@ -75,7 +79,8 @@ def agents() -> Iterator[list[AgentProcess]]:
 def test_claim_then_events_under_the_issued_id_and_no_key_byte_anywhere(
     lab: dict[str, Any], tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
-    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001")
+    # MQTT 5: the request carries its answer topic and the nonce as Correlation Data, echoed back.
+    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001", protocol="5")
     agents.append(_agent(tmp_path, config))
     watcher: TlsClient = lab["watcher"]
     wait_for(lambda: _events(watcher, "gw-001"), 20, "the first event of the provisioned gateway")
@@ -120,19 +125,18 @@ def test_a_second_claim_and_an_unknown_serial_are_refused(
     for folder, serial in ((again, "SN-0001"), (unknown, "SN-9999")):
         folder.mkdir()
         agents.append(_agent(folder, site_yaml(folder / "site.yaml", lab["lab"], lab["port"], serial)))
-    for folder in (again, unknown):
-        wait_for(lambda f=folder: "claim: asking again in" in (f / "agent.log").read_text(), 20, "the refusal")
+    reasons = {again: "serial SN-0001: already provisioned as gw-001", unknown: "serial SN-9999: not on the allow-list"}
+    for folder, reason in reasons.items():
+        wait_for(lambda f=folder, r=reason: r in (f / "agent.log").read_text(), 20, f"the refusal: {reason}")
     log = lab["log"].read_text()
-    assert "serial SN-0001: already provisioned as gw-001" in (again / "agent.log").read_text()
-    assert "serial SN-9999: not on the allow-list" in (unknown / "agent.log").read_text()
     assert "claim serial=SN-9999 gateway=- from=claim-lab outcome=refused" in log
     # Not retried within 60 s: the wait is at least 60 s, and no second request came meanwhile.
-    for folder in (again, unknown):
-        text = (folder / "agent.log").read_text()
+    for folder, reason in reasons.items():
+        text = (folder / "agent.log").read_text().split(reason)[1]
         wait = float(text.split("claim: asking again in ")[1].split(" s")[0])
         assert wait >= 60, text
         assert not (folder / "fleet" / "identity" / "identity.json").exists()
-    assert log.count("claim serial=SN-9999") == 1
+    assert log.count("claim serial=SN-9999 gateway=- from=claim-lab outcome=refused") == 1
 
 
 def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> None:
@@ -151,6 +155,30 @@ def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> N
         assert {t.split("/")[0] for t, _ in claim.received()} == {"prov"}
     finally:
         claim.close()
+
+
+def test_an_mqtt5_response_topic_elsewhere_is_ignored(lab: dict[str, Any]) -> None:
+    the_lab: Lab = lab["lab"]
+    answers: list[tuple[str, bytes | None]] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-claim-v5", protocol=MQTTProtocolVersion.MQTTv5)
+    client.tls_set(ca_certs=str(the_lab.folder / "ca.pem"), certfile=str(the_lab.folder / f"{CLAIM_CN}.crt"),
+                   keyfile=str(the_lab.folder / f"{CLAIM_CN}.key"))  # fmt: skip
+    client.on_message = lambda _c, _u, m: answers.append((m.topic, getattr(m.properties, "CorrelationData", None)))
+    client.connect("127.0.0.1", lab["port"])
+    client.loop_start()
+    try:
+        client.subscribe(f"prov/{CLAIM_CN}/SN-V5/#", qos=1)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = f"prov/{CLAIM_CN}/SN-V5/elsewhere"
+        props.CorrelationData = b"corr-1"
+        body = json.dumps({"serial": "SN-V5", "nonce": "c" * 32, "csr": "x"}).encode()
+        client.publish(f"prov/{CLAIM_CN}/SN-V5/request", body, qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: answers, 10, "the answer")
+        assert answers == [(f"prov/{CLAIM_CN}/SN-V5/answer", b"corr-1")]
+        wait_for(lambda: "is outside the requester's subtree: ignored" in lab["log"].read_text(), 5, "the log line")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_reprovisioning_after_expiry_keeps_the_id_and_the_buffer(
@@ -207,5 +235,3 @@ def test_a_group_readable_key_refuses_to_start(lab: dict[str, Any], tmp_path: Pa
                           timeout=30, cwd=Path(__file__).resolve().parents[3])  # fmt: skip
     assert done.returncode != 0
     assert f"{key}: permissions 0640 are too open for a private key; chmod 600 {key}" in done.stderr, done.stderr
-
-
