@@ -75,7 +75,10 @@ class Swap:
             return False
         if _unreachable(exc):
             return False  # the broker was not reached: the offer stands, the next attempt tries it
-        reason = f"the broker refused the new client certificate {trying.cert_file}: {exc}"
+        # TLS 1.3 reports a refused client certificate only after the handshake: a closed socket.
+        closed = exc.__cause__ is None and " closed " in str(exc)
+        hint = " (the broker closed the connection before its CONNACK)" if closed else ""
+        reason = f"the broker refused the new client certificate {trying.cert_file}: {exc}{hint}"
         identity.refuse(reason)
         log.warning("uplink: %s; going on with the current one", reason)
         return True
