@@ -294,12 +294,18 @@ class BundleStore:
             if child.name.startswith("v") and child.name not in keep and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
 
+    def reserve(self) -> int:
+        """Bytes an apply leaves free for the buffer: 5 % of the file system, at least ``MIN_RESERVE``."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vfs = os.statvfs(self.root)
+        return max(MIN_RESERVE, vfs.f_blocks * vfs.f_frsize // 20)
+
     def _check_space(self, manifest: Manifest, reserve_bytes: int | None) -> None:
         """The bundle must fit and leave a reserve: the buffer beside it is never what makes room."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         vfs = os.statvfs(self.root)
         free = vfs.f_bavail * vfs.f_frsize
-        reserve = reserve_bytes if reserve_bytes is not None else max(MIN_RESERVE, vfs.f_blocks * vfs.f_frsize // 20)
+        reserve = reserve_bytes if reserve_bytes is not None else self.reserve()
         block = vfs.f_frsize or 4096
         need = sum(-(-e.size // block) * block + block for e in manifest.files) + 64 * 1024
         if need + reserve > free:

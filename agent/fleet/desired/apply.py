@@ -104,6 +104,11 @@ class DesiredConfig:
             except Exception:  # a bug: logged, the next document still gets its turn
                 log.exception("a desired config document could not be handled")
 
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The remote sections that run (a bundle without config.json keeps them)."""
+        return dict(self._sections)
+
     def load_file(self, path: Path) -> AgentConfigBase:
         """For SIGHUP: the local file as it is now, with the running remote sections over it."""
         return load_effective(path, self._sections) if self._sections else load_config(path)
@@ -180,8 +185,25 @@ class DesiredConfig:
             check_fleet_section(new.fleet, self._agent.config.fleet)
         return new
 
+    async def apply_bundle(self, desired: Desired, commit: Callable[[], object]) -> dict[str, Any] | None:
+        """A bundle's config on this same version line (agent/fleet/bundles/runner.py): checked, applied,
+        watched; ``commit`` runs once healthy, before the config is saved as the last good one.
+
+        Returns None once applied, else the outcome's entry (``status`` rejected or rolled_back).
+        """
+        try:
+            new = await self._check(desired)
+        except Rejected as exc:
+            self._reject(desired.envelope, desired.digest, exc)
+            return self._handled.get(desired.digest)
+        if new is None:  # what runs already: nothing to reload
+            commit()
+            return None
+        await self._apply(desired, new, commit)
+        return None if self._applied == desired.digest else self._handled.get(desired.digest)
+
     # ---- apply ------------------------------------------------------------------------
-    async def _apply(self, desired: Desired, new: AgentConfigBase) -> None:
+    async def _apply(self, desired: Desired, new: AgentConfigBase, commit: Callable[[], object] | None = None) -> None:
         agent = self._agent
         old, old_running, old_sections = agent.config, self.running, self._sections
         before = health.online(agent)
@@ -218,6 +240,8 @@ class DesiredConfig:
             if problems:
                 await self._roll_back(desired, old, old_running, old_sections, problems, health.reason_of(problems))
                 return
+            if commit is not None:  # a bundle's files are committed first: agent/fleet/bundles/startup.py
+                commit()
             self._save_applied(desired)
             self._state.clear_pending()
             self._audit(desired, "applied")
