@@ -46,7 +46,8 @@ def inbox_dir(root: Path) -> Path:
 async def serve(root: Path, apply: Apply) -> None:
     """Take bundles from the inbox until cancelled; ``apply(path, on_status)`` applies one."""
     folder = inbox_dir(root)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)  # parents=True alone would leave root at the umask's mode
+    folder.mkdir(mode=0o700, exist_ok=True)
     folder.chmod(0o700)
     pid = folder / PID_NAME
     _write_atomically(pid, str(os.getpid()).encode())
