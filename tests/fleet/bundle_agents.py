@@ -20,7 +20,7 @@ ROOT_TOPIC = "fleet/v1"
 
 
 def site(folder: Path, gateway: str, port: int, keys: Keys) -> Path:
-    """A gateway's site file: the fleet channel on, keys ``ops`` (bundle) and ``cfg`` (config, keys), a virtual meter."""
+    """A site file: the fleet channel on, keys ``ops`` (bundle) and ``cfg`` (config, keys), a virtual meter."""
     folder.mkdir(parents=True, exist_ok=True)
     fleet = {
         "enabled": True,
