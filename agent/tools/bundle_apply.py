@@ -97,7 +97,8 @@ def _to_agent(args: argparse.Namespace, store: BundleStore, check: Any, out: dic
             print(f"applying: the agent watches its health until {doc.get('health_window_ends')}", flush=True)
 
     try:
-        result = hand_over(store.root, args.file, step, wait=args.wait)
+        allow = args.allow_downgrade.read_bytes() if args.allow_downgrade else None
+        result = hand_over(store.root, args.file, step, wait=args.wait, allow=allow)
     except OSError as exc:
         return _done(args, out, "refused", [f"cannot hand the bundle to the agent: {exc}"], code="io")
     except TimeoutError as exc:

@@ -13,13 +13,15 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.fleet.bundles.inbox import agent_running
+from agent.fleet.bundles.downgrade import make
+from agent.fleet.bundles.inbox import agent_running, hand_over
 from agent.fleet.bundles.store import BundleStore, bundles_dir
 from tests.conftest import AgentProcess, Mosquitto, wait_for
 from tests.fleet.bundle_agents import Follower, site, source
@@ -48,9 +50,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         broker.stop()
 
 
-def _apply(config: Path, file: Path) -> subprocess.Popen[bytes]:
+def _apply(config: Path, file: Path, *extra: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "agent", "bundle", "apply", str(file), "-c", str(config), "--json", "--wait", "60"]
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "bundle", "apply", str(file), "-c", str(config), "--json", "--wait", "60"],
+        [*command, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
@@ -94,12 +97,14 @@ def test_refusals_change_nothing_and_a_good_bundle_applies_through_the_reload(ri
     bad = _bad_bundles(rig, good)
     before = snapshot(store.root) if store.root.exists() else {}
     before = {k: v for k, v in before.items() if not k.startswith("inbox")}
-    procs = {name: _apply(config, file) for name, (file, _) in bad.items()}  # the agent takes them in turn
-    for name, proc in procs.items():
-        code, out = _result(proc)
-        assert code == 1 and out["status"] == "refused", (name, out)
-        text = " ".join(out["problems"]) + " " + str(out["code"])
-        assert bad[name][1] in text, (name, out)
+    # Handed over as the CLI does (its own function, in threads: the agent takes them in turn).
+    with ThreadPoolExecutor(len(bad)) as pool:
+        found = pool.map(lambda item: hand_over(store.root, item[0], print, wait=30), bad.values())
+        answers = dict(zip(bad, found, strict=True))
+    for name, answer in answers.items():
+        assert answer is not None and answer["state"] == "refused", (name, answer)
+        text = " ".join(e["message"] for e in answer["errors"]) + " " + answer["code"]
+        assert bad[name][1] in text, (name, answer)
     after = {k: v for k, v in snapshot(store.root).items() if not k.startswith("inbox")}
     assert after == before  # nothing changed: no folder, no state, no link
     # The retained status is the newest state (several refusals in a row may fold into the last one).
@@ -120,9 +125,32 @@ def test_refusals_change_nothing_and_a_good_bundle_applies_through_the_reload(ri
              15, "the inventory naming the bundle's profile")  # fmt: skip
     assert inventory
 
-    older = build(src, base / "older.bundle", version=4, key=keys.ops)
-    code, out = _result(_apply(config, older))
-    assert code == 1 and "version 4 older than installed 5" in " ".join(out["problems"]), out
+    older = build(src, base / "older.bundle", version=4, key=keys.ops, health_window=1)
+    answer = hand_over(store.root, older, print, wait=30)
+    assert answer is not None and "version 4 older than installed 5" in answer["reason"], answer
     assert store.current()[0] == 5  # type: ignore[index]
+
+    # A signed directive names version 4: taken once, then 4 is the highest and runs (config line too).
+    directive = base / "allow-4.json"
+    directive.write_bytes(make(4, target=GATEWAY, ttl=3600, key=keys.ops, key_id="ops"))
+    code, out = _result(_apply(config, older, "--allow-downgrade", str(directive)))
+    assert (code, out["status"], out["version"]) == (0, "applied", 4), out
+    assert store.current()[0] == 4 and store.state().highest == 4  # type: ignore[index]
+    follower.wait(GATEWAY, "reported", 10, version=4, status="applied")
+    oldest = build(src, base / "oldest.bundle", version=3, key=keys.ops, health_window=1)
+    answer = hand_over(store.root, oldest, print, wait=30, allow=directive.read_bytes())
+    assert answer is not None and answer["code"] == "replayed", answer  # used once (and it named 4, not 3)
+    assert store.current()[0] == 4  # type: ignore[index]
     log = (base / "agent.log").read_text()
     assert "bundle version 5 applied" in log and "sha256 mismatch" in log  # the audit log has both
+
+
+def test_a_bundle_too_big_for_the_buffers_disk_is_not_even_copied(small_volume: Path, tmp_path: Path) -> None:
+    """The hand-over checks the free space first (16 MiB tmpfs): the copy would leave the buffer no room."""
+    root = small_volume / "fleet" / "bundles"
+    (root / "inbox").mkdir(parents=True)
+    big = tmp_path / "big.bundle"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))  # twice that, and the reserve, is more than 16 MiB
+    with pytest.raises(OSError, match="would not fit twice") as caught:
+        hand_over(root, big, print, wait=1)
+    assert caught.value.errno == 28 and sorted(p.name for p in (root / "inbox").iterdir()) == []

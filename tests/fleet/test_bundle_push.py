@@ -28,12 +28,12 @@ def test_push_resumes_after_the_broker_dies_and_reaches_a_gateway_that_was_offli
     try:
         agents.append(AgentProcess(configs["gw-a"], tmp_path / "gw-a.log").start())
         follower.wait("gw-a", "reported", 30, status="applied")
-        src = source(tmp_path / "src", model=os.urandom(600_000))  # ~600 kB: 3 s at the rate below
+        src = source(tmp_path / "src", model=os.urandom(600_000))  # ~600 kB: 2 s at the rate below
         bundle = build(src, tmp_path / "site.bundle", version=9, key=keys.ops, targets=("group:north",),
                        health_window=1)  # fmt: skip
         push = subprocess.Popen(
             [sys.executable, "-m", "agent", "fleet", "push-bundle", str(bundle), "--to", "gw-a,gw-b",
-             "--rate", "200000", "--port", str(broker.port), "--wait", "90", "--json"],
+             "--rate", "300000", "--port", str(broker.port), "--wait", "90", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
         # Half-way through gw-a's transfer the broker dies (SIGKILL: nothing saved since its last autosave).

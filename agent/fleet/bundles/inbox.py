@@ -14,6 +14,7 @@ the agent's user or root may hand a bundle over), and a bundle is a file already
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -29,12 +30,12 @@ from agent.fleet.nonces import _write_atomically
 
 log = logging.getLogger(__name__)
 
-POLL = 0.5  # seconds between looks at the inbox
+POLL = 0.25  # seconds between looks at the inbox (a directory listing: cheap)
 CLAIM_TIMEOUT = 10.0  # seconds the tool waits for a running agent to take the file
 PID_NAME = "agent.pid"
 FINAL = ("applied", "rolled_back", "refused")
 
-Apply = Callable[[Path, Callable[[dict[str, Any]], None]], Awaitable[dict[str, Any]]]
+Apply = Callable[[Path, Callable[[dict[str, Any]], None], bytes | None], Awaitable[dict[str, Any]]]
 
 
 def inbox_dir(root: Path) -> Path:
@@ -62,13 +63,16 @@ async def serve(root: Path, apply: Apply) -> None:
                 def write(doc: dict[str, Any], status: Path = status) -> None:
                     _write_atomically(status, json.dumps(doc, default=str).encode())
 
+                allow = folder / f"{token}.allow"  # a downgrade directive, if the tool was given one
                 try:
-                    write(await apply(taken, write))
+                    directive = allow.read_bytes() if allow.exists() else None
+                    write(await apply(taken, write, directive))
                 except Exception as exc:  # a bug: the tool still gets an answer
                     log.exception("the bundle handed over as %s could not be applied", token)
                     write({"state": "refused", "code": "internal", "reason": f"{type(exc).__name__}: {exc}"})
                 finally:
                     taken.unlink(missing_ok=True)
+                    allow.unlink(missing_ok=True)
             await asyncio.sleep(POLL)
     finally:
         with suppress(OSError):
@@ -98,7 +102,7 @@ def agent_running(root: Path) -> int | None:
 
 
 def hand_over(
-    root: Path, file: Path, on_status: Callable[[dict[str, Any]], None], *, wait: float
+    root: Path, file: Path, on_status: Callable[[dict[str, Any]], None], *, wait: float, allow: bytes | None = None
 ) -> dict[str, Any] | None:
     """Give ``file`` to the running agent and follow it to its outcome; None if no agent took it.
 
@@ -107,8 +111,16 @@ def hand_over(
         TimeoutError: taken, but no outcome within ``wait`` seconds (the agent goes on with it).
     """
     folder = inbox_dir(root)
+    size = file.stat().st_size
+    vfs = os.statvfs(folder)
+    free, reserve = vfs.f_bavail * vfs.f_frsize, max(1024 * 1024, vfs.f_blocks * vfs.f_frsize // 20)
+    if 2 * size + reserve > free:  # the copy, then its unpacked files, and the buffer's reserve
+        raise OSError(errno.ENOSPC, f"{file} ({size} bytes) would not fit twice with {reserve} bytes left for the"
+                      f" buffer: {free} are free on {folder}")  # fmt: skip
     token = secrets.token_hex(8)
     part, offered = folder / f"{token}.part", folder / f"{token}.bundle"
+    if allow is not None:  # beside the bundle before the bundle appears: the agent reads both together
+        _write_atomically(folder / f"{token}.allow", allow)
     try:
         with file.open("rb") as src, open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
             shutil.copyfileobj(src, dst, 1024 * 1024)
@@ -123,6 +135,7 @@ def hand_over(
         if time.monotonic() > deadline:
             try:
                 offered.unlink()  # withdrawn: the agent never took it
+                (folder / f"{token}.allow").unlink(missing_ok=True)
                 return None
             except FileNotFoundError:
                 break  # taken at this very moment

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.events import format_time
+from agent.fleet.bundles.downgrade import allowed_version
 from agent.fleet.bundles.inbox import serve
 from agent.fleet.bundles.manifest import MANIFEST_NAME, BundleError, Manifest, verify_manifest
 from agent.fleet.bundles.startup import applied_of, use_profiles
@@ -30,6 +32,7 @@ from agent.fleet.bundles.store import BundleStore, Staged, bundles_dir
 from agent.fleet.bundles.transfer import Receiver
 from agent.fleet.desired.document import Desired, signed_with_scope
 from agent.fleet.envelope import TrustedKey
+from agent.fleet.nonces import NonceStore
 
 if TYPE_CHECKING:
     from agent.fleet.desired.apply import DesiredConfig
@@ -55,6 +58,8 @@ class BundleRunner:
         self.status: dict[str, Any] = {}
         self.outcomes: dict[str, int] = {}
         self.receiver = Receiver(self)
+        channel = agent.inbound.channel  # its nonce store: a downgrade directive works once
+        self._nonces = channel.nonces if channel is not None else NonceStore(None)
         use_profiles(self.root)
         running = self.store.current()
         self.report({"state": "idle", "version": running[0] if running else 0})
@@ -64,7 +69,20 @@ class BundleRunner:
         """The trusted keys of the running config (a bundle may rotate them: the next bundle sees the new ones)."""
         return {k.id: TrustedKey.from_text(k.id, k.public_key, k.scopes) for k in self._agent.config.fleet.keys}
 
-    def check(self, envelope: bytes) -> Manifest:
+    def allowed(self, directive: bytes | None, *, use: bool) -> int | None:
+        """The older version a downgrade directive allows (None without one); ``use``: take its nonce.
+
+        Raises:
+            BundleError: the directive is refused, named.
+        """
+        if directive is None:
+            return None
+        config = self._agent.config
+        nonces = self._nonces if use else NonceStore(None)
+        return allowed_version(directive, keys=self.keys(), gateway=config.gateway.id,
+                               groups=frozenset(config.fleet.groups), nonces=nonces)  # fmt: skip
+
+    def check(self, envelope: bytes, allow_version: int | None = None) -> Manifest:
         """Signature, scope, target, expiry, and the config version line (run in a thread).
 
         Raises:
@@ -75,7 +93,7 @@ class BundleRunner:
             envelope, keys=self.keys(), gateway=config.gateway.id, groups=frozenset(config.fleet.groups)
         )
         running = self._desired.running.version
-        if manifest.version <= running:
+        if manifest.version <= running and manifest.version != allow_version:
             message = (f"version {manifest.version} older than installed {running}" if manifest.version < running
                        else f"version {manifest.version} is already installed")  # fmt: skip
             raise BundleError("stale", [message + " (one version line with remote configs)"])
@@ -89,28 +107,31 @@ class BundleRunner:
         except OSError:
             return False
 
-    def admit(self, manifest: Manifest, size: int) -> None:
+    def admit(self, manifest: Manifest, size: int, allow_version: int | None = None) -> None:
         """Room for a transfer of ``size`` bytes as well as the unpacked files (run in a thread).
 
         Raises:
             BundleError: ``stale``, ``no_space``... as the store's ``admit``.
         """
-        self.store.admit(manifest, reserve_bytes=self.store.reserve() + size)
+        self.store.admit(manifest, reserve_bytes=self.store.reserve() + size, allow_version=allow_version)
 
     async def run(self) -> None:
         """The inbox and the transfer's watchdog, until cancelled."""
 
-        async def local(path: Path, on_status: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-            return await self.apply(path, origin="local", on_status=on_status)
+        async def local(path: Path, on_status: Callable[[dict[str, Any]], None], allow: bytes | None) -> dict[str, Any]:
+            return await self.apply(path, origin="local", on_status=on_status, allow=allow)
 
         await asyncio.gather(serve(self.root, local), self.receiver.watch())
 
     # ---- apply ----------------------------------------------------------------------
     async def apply(
         self, path: Path, *, origin: str, extra: dict[str, Any] | None = None,
-        on_status: Callable[[dict[str, Any]], None] | None = None,
+        on_status: Callable[[dict[str, Any]], None] | None = None, allow: bytes | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """Apply the bundle file at ``path``; the final status (``state`` applied, rolled_back or refused)."""
+        """Apply the bundle file at ``path``; the final status (``state`` applied, rolled_back or refused).
+
+        ``allow``: a signed downgrade directive (agent/fleet/bundles/downgrade.py), used up here.
+        """
         async with self._lock:
             base = {"origin": origin, **(extra or {})}
 
@@ -122,7 +143,9 @@ class BundleRunner:
 
             step({"state": "verifying"})
             try:
-                staged = await asyncio.to_thread(self.store.stage, path, self.check)
+                version = self.allowed(allow, use=True)
+                check = functools.partial(self.check, allow_version=version)
+                staged = await asyncio.to_thread(self.store.stage, path, check, allow_version=version)
             except BundleError as exc:
                 return self._refused(step, exc.code, exc.problems, None)
             except OSError as exc:
@@ -148,10 +171,12 @@ class BundleRunner:
         desired = Desired(
             version, applied.sections, applied.hash, health_window=manifest.health_window,
             key_id=manifest.signed_by or "", digest=applied.digest, envelope=applied.envelope,
+            downgrade=staged.downgrade or version <= self._desired.running.version,
         )  # fmt: skip
         ends = datetime.now(UTC) + timedelta(seconds=manifest.health_window)
         step({"state": "applying", "version": version, "health_window_ends": format_time(ends)})
-        audit.info("bundle version %d (signed by %s) applying", version, manifest.signed_by)
+        audit.info("bundle version %d (signed by %s) applying%s", version, manifest.signed_by,
+                   " (a downgrade, allowed by a signed directive)" if desired.downgrade else "")  # fmt: skip
         entry = await self._desired.apply_bundle(desired, self.store.commit)
         if entry is None:
             self._count("applied")

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_CHUNK = 128 * 1024 - 64  # a chunk message is at most 128 KiB, its header included
 MAX_BUNDLE_BYTES = 8 * 1024**3
 STALL_MIN = 3.0  # seconds without a chunk before the gateway asks again
+MAX_STALL = 300.0  # unanswered asks back off to one every five minutes (the sender may be gone)
 PROGRESS_BYTES = 1024 * 1024  # the status report's offset is brought up to date this often
 _TRANSFER = re.compile(r"^[0-9a-f]{16,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -59,6 +60,7 @@ class Offer:
     chunk: int
     rate: float
     manifest: bytes
+    allow: bytes | None = None  # a signed downgrade directive (agent/fleet/bundles/downgrade.py)
 
     @property
     def stall(self) -> float:
@@ -93,7 +95,11 @@ def parse_offer(data: bytes) -> Offer:
         manifest = base64.b64decode(str(doc.get("manifest")), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"offer.manifest: the base64 of the bundle's {MANIFEST_NAME}") from None
-    return Offer(transfer, size, digest, chunk, float(rate), manifest)
+    try:
+        allow = base64.b64decode(str(doc["allow"]), validate=True) if doc.get("allow") is not None else None
+    except (binascii.Error, ValueError):
+        raise ValueError("offer.allow: the base64 of a signed downgrade directive") from None
+    return Offer(transfer, size, digest, chunk, float(rate), manifest, allow)
 
 
 def chunk_message(transfer: str, offset: int, data: bytes) -> bytes:
@@ -114,6 +120,7 @@ class Receiver:
         self._ask = ""
         self._last = time.monotonic()
         self._reported = 0
+        self._misses = 0  # asks in a row no chunk answered: the next waits twice as long (MAX_STALL at most)
         self._applying: asyncio.Task[None] | None = None
         self._waiting: bytes | None = None  # an offer that came during an apply
         self.done: dict[str, dict[str, Any]] = {}  # transfer -> its final report
@@ -125,7 +132,12 @@ class Receiver:
         if self._applying is not None and not self._applying.done():
             self._waiting = data
             return
-        if not data:
+        if not data:  # withdrawn: a transfer in progress is dropped with its partial file
+            if self._offer is not None:
+                log.info("bundle transfer %s: the offer was withdrawn at byte %d", self._offer.transfer, self.offset)
+                self._close()
+                (self.folder / f"{self._offer.transfer}.part").unlink(missing_ok=True)
+                self._offer = None
             return
         try:
             offer = parse_offer(data)
@@ -147,8 +159,9 @@ class Receiver:
             self.done[offer.transfer] = self._runner.report({**extra, "state": "applied", "already": True})
             return
         try:
-            manifest = await asyncio.to_thread(self._runner.check, offer.manifest)
-            await asyncio.to_thread(self._runner.admit, manifest, offer.size)
+            allowed = self._runner.allowed(offer.allow, use=False)  # used when applied
+            manifest = await asyncio.to_thread(self._runner.check, offer.manifest, allowed)
+            await asyncio.to_thread(self._runner.admit, manifest, offer.size, allowed)
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._close()
             for old in self.folder.glob("*.part"):  # another transfer's leftovers: superseded
@@ -184,6 +197,7 @@ class Receiver:
             return
         self._ask = secrets.token_hex(4)
         self._last = time.monotonic()
+        self._misses += 1
         self._progress()
 
     def _progress(self) -> None:
@@ -216,6 +230,7 @@ class Receiver:
             return
         self.offset += len(body)
         self._last = time.monotonic()
+        self._misses = 0
         if self.offset == offer.size:
             self._complete()
         elif self.offset - self._reported >= PROGRESS_BYTES:
@@ -238,7 +253,7 @@ class Receiver:
                 await self._take(offer, "mqtt")
                 return
             extra = {"transfer": offer.transfer, "size": offer.size}
-            self.done[offer.transfer] = await self._runner.apply(path, origin="mqtt", extra=extra)
+            self.done[offer.transfer] = await self._runner.apply(path, origin="mqtt", extra=extra, allow=offer.allow)
             path.unlink(missing_ok=True)
             self._offer = None
         finally:
@@ -269,9 +284,10 @@ class Receiver:
             await asyncio.sleep(1.0)
             offer = self._offer
             busy = self._applying is not None and not self._applying.done()
-            if offer is not None and not busy and time.monotonic() - self._last > offer.stall:
+            wait = min(MAX_STALL, offer.stall * 2 ** max(0, self._misses - 1)) if offer is not None else 0.0
+            if offer is not None and not busy and time.monotonic() - self._last > wait:
                 log.info("bundle transfer %s: nothing for %.0f s at byte %d; asking again", offer.transfer,
-                         offer.stall, self.offset)  # fmt: skip
+                         wait, self.offset)  # fmt: skip
                 self._ask_from_offset()
 
 

@@ -170,7 +170,7 @@ class DesiredConfig:
         if desired.version in self._rolled_back:
             message = f"version {desired.version} was rolled back before and is never retried"
             raise Rejected("rolled_back_before", message, [Problem("payload.version", "rolled_back_before", message)])
-        if desired.version <= running.version:
+        if desired.version <= running.version and not desired.downgrade:
             message = f"version {desired.version} is not above the applied version {running.version}"
             raise Rejected("stale", message, [Problem("payload.version", "stale", message)])
         try:

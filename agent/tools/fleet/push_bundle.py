@@ -104,10 +104,13 @@ class Pusher:
         self.targets = {gw: Target(gw) for gw in gateways}
         self._lock = threading.Lock()
         self._fd = os.open(bundle.path, os.O_RDONLY)
-        self.offer = json.dumps({
+        offer = {
             "transfer": bundle.transfer, "size": bundle.size, "sha256": bundle.sha256, "chunk": self.chunk,
             "rate": self.rate, "manifest": base64.b64encode(bundle.manifest).decode("ascii"),
-        }).encode()  # fmt: skip
+        }  # fmt: skip
+        if args.allow_downgrade is not None:
+            offer["allow"] = base64.b64encode(args.allow_downgrade.read_bytes()).decode("ascii")
+        self.offer = json.dumps(offer).encode()
         client.on_message = self._on_message
         client.on_connect = self._on_connect
 
@@ -193,6 +196,8 @@ def push_bundle(args: argparse.Namespace) -> int:
         if args.rate < 1024:
             raise ToolError("--rate: at least 1024 bytes a second", EXIT_USAGE)
         bundle = read_bundle(args.file)
+        if args.allow_downgrade is not None and not args.allow_downgrade.is_file():
+            raise ToolError(f"--allow-downgrade: {args.allow_downgrade}: no such file", EXIT_USAGE)
     except ValueError as exc:
         return fail("push-bundle", ToolError(f"--to: {exc}", EXIT_USAGE))
     except ToolError as exc:
@@ -261,6 +266,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--rate", type=float, default=DEFAULT_RATE, help="bytes a second per gateway (default 1000000)")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=f"bytes a message (default {DEFAULT_CHUNK})")
     p.add_argument("--wait", type=float, help="seconds to wait for every outcome (default: from size, rate, window)")
+    p.add_argument("--allow-downgrade", type=Path, help="a signed directive (bundle allow-downgrade) for an older one")
     p.add_argument("--keep-offer", action="store_true", help="leave the retained offers when every gateway answered")
     add_broker_args(p)
     p.set_defaults(func=push_bundle)
