@@ -124,6 +124,8 @@ class DesiredConfig:
             return  # our own retained document, again after a reconnect
         self._unsynced = None  # a newer document: the one waiting for the clock is superseded
         seen = self._handled.get(digest)
+        if seen is not None and seen.get("status") == "superseded":
+            return
         if seen is not None:
             last, again = self.reporter.last, self._report_of(seen)
             if last is None or (last.version, last.status, last.reason) != (again.version, again.status, again.reason):
@@ -199,8 +201,15 @@ class DesiredConfig:
         if new is None:  # what runs already: nothing to reload
             commit()
             return None
+        previous, version = self._applied, self.running.version
         await self._apply(desired, new, commit)
-        return None if self._applied == desired.digest else self._handled.get(desired.digest)
+        if self._applied != desired.digest:
+            return self._handled.get(desired.digest)
+        if previous is not None:  # its retained document comes again on each reconnect: neither news nor a replay
+            entry = self._entry(previous, version, None, "superseded", f"bundle version {desired.version}", [])
+            self._state.remember(entry)
+            self._handled[previous] = entry
+        return None
 
     # ---- apply ------------------------------------------------------------------------
     async def _apply(self, desired: Desired, new: AgentConfigBase, commit: Callable[[], object] | None = None) -> None:
