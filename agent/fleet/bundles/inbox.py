@@ -108,7 +108,8 @@ def hand_over(
 
     Raises:
         OSError: the file could not be copied into the inbox (a full disk: nothing was handed over).
-        TimeoutError: taken, but no outcome within ``wait`` seconds (the agent goes on with it).
+        TimeoutError: taken, but no outcome within ``wait`` seconds (the agent goes on with it), or the
+            agent stopped meanwhile.
     """
     folder = inbox_dir(root)
     size = file.stat().st_size
@@ -152,6 +153,10 @@ def hand_over(
                     on_status(doc)
                     if doc.get("state") in FINAL:
                         return dict(doc)
+            if agent_running(root) is None:
+                raise TimeoutError(
+                    "the agent stopped before the outcome: its next start rolls an unfinished apply back"
+                )
             time.sleep(0.1)
     finally:
         if seen is not None and seen.get("state") in FINAL:

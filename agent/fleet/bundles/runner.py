@@ -30,6 +30,7 @@ from agent.fleet.bundles.manifest import MANIFEST_NAME, BundleError, Manifest, v
 from agent.fleet.bundles.startup import applied_of, use_profiles
 from agent.fleet.bundles.store import BundleStore, Staged, bundles_dir
 from agent.fleet.bundles.transfer import Receiver
+from agent.fleet.desired import health
 from agent.fleet.desired.document import Desired, signed_with_scope
 from agent.fleet.envelope import TrustedKey
 from agent.fleet.nonces import NonceStore
@@ -177,7 +178,15 @@ class BundleRunner:
         step({"state": "applying", "version": version, "health_window_ends": format_time(ends)})
         audit.info("bundle version %d (signed by %s) applying%s", version, manifest.signed_by,
                    " (a downgrade, allowed by a signed directive)" if desired.downgrade else "")  # fmt: skip
-        entry = await self._desired.apply_bundle(desired, self.store.commit)
+        try:
+            entry = await self._desired.apply_bundle(desired, self.store.commit)
+        except health.Stopped:  # the next start rolls the bundle and its config back together
+            reason = "the agent stopped during the health window: rolled back at its next start"
+            return step({"state": "rolled_back", "version": version, "reason": reason, "errors": []})
+        except Exception as exc:  # a bug: back to the previous bundle, reported
+            log.exception("bundle version %d could not be applied", version)
+            await asyncio.to_thread(self.store.rollback, f"{type(exc).__name__}: {exc}")
+            return self._refused(step, "internal", [f"{type(exc).__name__}: {exc}"], version, rolled_back=True)
         if entry is None:
             self._count("applied")
             audit.info("bundle version %d applied", version)
