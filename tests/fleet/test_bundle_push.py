@@ -58,6 +58,16 @@ def test_push_resumes_after_the_broker_dies_and_reaches_a_gateway_that_was_offli
         assert result["gateways"][0]["sent"] < 2 * bundle.stat().st_size
         assert not list(transfers.glob("*.part"))
         assert (tmp_path / "gw-a" / "fleet" / "bundles").stat().st_mode & 0o777 == 0o700
+        # An older one is refused from its offer, before a byte is fetched: exit 1, the reason named.
+        older = build(src, tmp_path / "older.bundle", version=8, key=keys.ops, targets=("gw-a",), health_window=1)
+        refused = subprocess.run(
+            [sys.executable, "-m", "agent", "fleet", "push-bundle", str(older), "--to", "gw-a",
+             "--port", str(broker.port), "--wait", "30", "--json"],
+            capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+        )  # fmt: skip
+        row = json.loads(refused.stdout)["gateways"][0]
+        assert refused.returncode == 1 and row["status"] == "refused" and row["sent"] == 0, row
+        assert "version 8 older than installed 9" in row["reason"], row
     finally:
         if push is not None and push.poll() is None:
             push.kill()
