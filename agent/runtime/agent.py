@@ -39,6 +39,7 @@ from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
 
 if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
+    from agent.fleet.bundles.runner import BundleRunner
     from agent.fleet.desired.apply import DesiredConfig
     from agent.fleet.desired.startup import Start
     from agent.fleet.identity.renewal import Renewer
@@ -104,6 +105,7 @@ class Agent:
         self.inbound.handle("status", self._status_command)
         self.inventory: Inventory | None = None  # with the fleet channel: the retained inventory event
         self.desired: DesiredConfig | None = None  # remote configuration, with the fleet channel
+        self.bundles: BundleRunner | None = None  # update bundles, with remote configuration
         self.latest = _fleet_channel(self, desired_start) if config.fleet.enabled else None
         if identity is not None:
             self._renewal(identity)
@@ -235,6 +237,8 @@ class Agent:
                 self._tasks.append(loop.create_task(self.inventory.run(), name="inventory"))
             if self.renewer is not None:
                 self._tasks.append(loop.create_task(self.renewer.run(), name="renewal"))
+            if self.bundles is not None:
+                self._tasks.append(loop.create_task(self.bundles.run(), name="bundles"))
             for cfg in self.config.devices:
                 if cfg.enabled:
                     self.devices.start(cfg)
@@ -317,6 +321,11 @@ def _fleet_channel(agent: Agent, desired_start: Start | None) -> LatestValues:
         agent.inbound.take_documents("config", desired.take)
         agent.load_file = desired.load_file
         agent.desired = desired
+        from agent.fleet.bundles.runner import BundleRunner
+
+        agent.bundles = BundleRunner(agent, desired)
+        agent.inbound.take_documents("bundle_offer", agent.bundles.receiver.offer)
+        agent.inbound.take_documents("bundle_chunk", agent.bundles.receiver.chunk)
         local = agent.inventory.config_state
 
         def config_state() -> dict[str, Any]:

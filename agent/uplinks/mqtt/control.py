@@ -106,6 +106,11 @@ class ControlChannel:
             "reported": f"{root}/{gateway}/reported",
             "inventory": f"{topic_prefix}/{gateway}/inventory",
         }
+        # Update bundles (agent/fleet/bundles/transfer.py): a retained offer and chunks in, a status out.
+        self.bundle_topics = {f"{root}/{gateway}/bundle/offer": "bundle_offer",
+                              f"{root}/{gateway}/bundle/chunk": "bundle_chunk"}  # fmt: skip
+        self._report_topics["bundle"] = f"{root}/{gateway}/bundle/status"
+        self._bundle_tasks: set[asyncio.Task[None]] = set()
         self._inbound = inbound
         self._publish = publish
         self._reports = reports
@@ -124,7 +129,8 @@ class ControlChannel:
     def subscriptions(self) -> list[tuple[str, int]]:
         """What to subscribe to on every (clean) connection."""
         renewal = [(self.identity_answer, 1)] if self._identity is not None else []
-        return [*([(self.requests, 1), (self.desired, 1)] if self._commands else []), *renewal]
+        bundles = [(topic, 1) for topic in self.bundle_topics]
+        return [*([(self.requests, 1), (self.desired, 1), *bundles] if self._commands else []), *renewal]
 
     def connected(self) -> None:
         """A new connection: publish every report again (the broker may have lost them), then each change."""
@@ -181,6 +187,13 @@ class ControlChannel:
             return
         if message.topic == self.desired:
             self._take_document(bytes(message.payload))
+            return
+        kind = self.bundle_topics.get(message.topic)
+        if kind is not None:  # in arrival order: each handler's first step runs before the next task's
+            task = asyncio.get_running_loop().create_task(self._inbound.document(kind, bytes(message.payload),
+                                                                                 origin="mqtt"))  # fmt: skip
+            self._bundle_tasks.add(task)
+            task.add_done_callback(self._bundle_tasks.discard)
             return
         parts = message.topic.split("/")
         request_id, name = parts[-2], parts[-1]
