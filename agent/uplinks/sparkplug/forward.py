@@ -36,7 +36,8 @@ class Forward:
     """The session's unconfirmed rows and its queue of historical values."""
 
     keepalive: float
-    history: deque[Chunk] = field(default_factory=deque)
+    # Per device, in the order its rows came; devices take turns, one payload each.
+    history: dict[str, deque[Chunk]] = field(default_factory=dict)
     queued: int = 0  # metrics in ``history``
     unconfirmed: deque[tuple[float, list[int]]] = field(default_factory=deque)
     next_at: float = 0.0
@@ -54,13 +55,14 @@ class Forward:
 
     def add(self, device: str, values: list[Value], row_id: int) -> None:
         """Queue one backlog row's values, split so no payload exceeds MAX_METRICS."""
+        queue = self.history.setdefault(device, deque())
         if not values:
-            self.history.append(Chunk(device, [], row_id))
+            queue.append(Chunk(device, [], row_id))
             return
         for start in range(0, len(values), MAX_METRICS):
             part = values[start : start + MAX_METRICS]
             last = start + MAX_METRICS >= len(values)
-            self.history.append(Chunk(device, part, row_id if last else None))
+            queue.append(Chunk(device, part, row_id if last else None))
             self.queued += len(part)
 
     def due(self, now: float) -> bool:
@@ -69,17 +71,20 @@ class Forward:
 
     def take(self, now: float) -> tuple[str, list[Value], list[int]]:
         """The next historical payload: one device's queued values, up to MAX_METRICS, and their rows."""
-        first = self.history[0]
-        device, values, ids = first.device, list[Value](), list[int]()
-        while self.history and self.history[0].device == device:
-            chunk = self.history[0]
+        device = next(iter(self.history))
+        queue = self.history.pop(device)
+        values, ids = list[Value](), list[int]()
+        while queue:
+            chunk = queue[0]
             if values and len(values) + len(chunk.values) > MAX_METRICS:
                 break
-            self.history.popleft()
+            queue.popleft()
             values += chunk.values
             self.queued -= len(chunk.values)
             if chunk.row_id is not None:
                 ids.append(chunk.row_id)
+        if queue:
+            self.history[device] = queue  # to the back: the next device's turn
         self.next_at = now + 1.0 / PAYLOADS_PER_SECOND
         return device, values, ids
 

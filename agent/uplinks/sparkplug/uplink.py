@@ -30,6 +30,7 @@ from agent.uplinks.sparkplug.payloads import node_death
 log = logging.getLogger(__name__)
 READ_LIMIT = 500  # rows taken from the feed at a time
 BDSEQ_FILE = "sparkplug.bdseq"
+_DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
 
 
 class SparkplugUplink:
@@ -50,6 +51,7 @@ class SparkplugUplink:
         self.session: Session | None = None
         self._conn: Connection | None = None
         self._bad_rows = 0
+        self._stopping = False  # goodbye() said NDEATH: no new session until run() is cancelled
 
     def quiet_allowance(self) -> float:
         """paho notices a dead link within 1.5 keepalives: allow two before calling it stalled."""
@@ -61,6 +63,8 @@ class SparkplugUplink:
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(10.0, cfg.reconnect_max))
         index, failed_in_round = 0, 0
         while True:
+            if self._stopping:
+                await asyncio.Event().wait()  # the caller cancels us next
             server = cfg.servers[index]
             backoff.attempt(time.monotonic())
             held = False
@@ -74,7 +78,10 @@ class SparkplugUplink:
             finally:
                 held = self.status.connected
                 await self._end_session()
-            log.warning("Sparkplug: %s; trying the next server", reason, extra={"subject": "uplink", "state": "down"})
+            if self._stopping:
+                continue
+            if held or reason != self.status.last_error:
+                log.warning("Sparkplug: %s; trying the next server", reason, extra=_DOWN)
             self.status.failed(reason)
             index = (index + 1) % len(cfg.servers)
             failed_in_round = 0 if held else failed_in_round + 1
@@ -213,6 +220,7 @@ class SparkplugUplink:
 
     async def goodbye(self) -> None:
         """NDEATH, then disconnect (a clean disconnect sends no will)."""
+        self._stopping = True
         await self._end_session()
         await self.commands.close()
 
