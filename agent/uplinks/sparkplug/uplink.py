@@ -184,6 +184,14 @@ class SparkplugUplink:
             self.forward.sent([row.id], now)
             return
         device = self.model.device(event.device)
+        if device is self.model.node:
+            values, _ = self.model.learn(device, event.values, historical=row.backlog)
+            if row.backlog:
+                self.forward.add(device.id, values, row.id)
+            else:
+                session.ddata(device, values)
+                self.forward.sent([row.id], now)
+            return
         if event.status is not None:
             device.online = event.status != "offline"
             if not device.online:

@@ -114,6 +114,8 @@ def test_session_establishment_births_before_data(world: World) -> None:
     assert nbirth.payload.seq == 0 and not nbirth.retain and nbirth.qos == 0
     metrics = nbirth.metrics()
     assert metrics["bdSeq"].datatype == 8 and metrics["bdSeq"].long_value == 0  # the first session of this state
+    health = metrics["Gateway/devices/total"]  # the gateway's health as node metrics, aliased
+    assert health.datatype == INT64 and health.HasField("alias") and metrics["Gateway/uptime_s"].datatype == DOUBLE
     rebirth = metrics["Node Control/Rebirth"]
     assert (rebirth.datatype, rebirth.boolean_value, rebirth.HasField("alias")) == (BOOLEAN, False, False)
     for device in ("meter-1", "bay-1", "pump-1"):
