@@ -97,6 +97,8 @@ def parse(payload: bytes) -> Event | None:
         for m in data.get("measurements", ()):
             name = measurement_point(m)
             value, unit, quality = m.get("value"), m.get("unit") or None, m.get("quality", "good")
+            if not isinstance(value, bool | int | float | str):  # nothing a metric can hold
+                value, quality = None, "bad"
             values.append(Value(name, value, datatype_of(value, unit, m.get("quantity")), unit, quality, ts, name))
         return Event(device, kind, values)
     if kind == PARKING_OCCUPANCY:

@@ -73,6 +73,16 @@ class Model:
             typed.append(v)
         return typed, new
 
+    def typed(self, device: Device, values: list[Value]) -> list[Value]:
+        """Backlog values with the datatype and unit of their metric's BIRTH (unknown ones left out)."""
+        out = []
+        for v in values:
+            known = device.current.get(v.name)
+            if known is not None:
+                v.datatype, v.unit = known.datatype, known.unit
+                out.append(v)
+        return out
+
     def realias(self, device: Device) -> None:
         """Fresh aliases for every metric of the device (before its DBIRTH after a change)."""
         for alias in device.aliases.values():

@@ -157,7 +157,8 @@ class SparkplugUplink:
             self.status.published += len(rows)
             if forward.due(now):
                 device_id, values, ids = forward.take(now)
-                session.ddata(self.model.device(device_id), values, historical=True)
+                device = self.model.device(device_id)
+                session.ddata(device, self.model.typed(device, values), historical=True)
                 forward.sent(ids, now)
             if len(rows) < READ_LIMIT:
                 await self._wait(feed, conn, forward.next_wake(now))
@@ -173,13 +174,18 @@ class SparkplugUplink:
                 w.cancel()
 
     def _row(self, session: Session, row: Stored, now: float) -> None:
-        """One buffered event: live ones go out now, backlog ones join the historical queue."""
+        """One buffered event; one that cannot be carried is logged and passed over (it would
+        otherwise end every session at the same place)."""
         try:
-            event = parse(row.payload)
+            self._carry(session, row, now)
         except Exception as exc:
             self._bad_rows += 1
-            log.warning("Sparkplug: event %d (%s) not carried: %s", row.id, row.type, exc)
-            event = None
+            log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
+            self.forward.sent([row.id], now)
+
+    def _carry(self, session: Session, row: Stored, now: float) -> None:
+        """Live events go out now, backlog ones join the historical queue."""
+        event = parse(row.payload)
         if event is None:
             self.forward.sent([row.id], now)
             return
