@@ -36,6 +36,8 @@ POINTS = [
 DEVICES = (
     "  - {id: meter-1, driver: virtual, kind: meter, interval: 200ms}\n"
     "  - {id: bay-1, driver: virtual, kind: parking, interval: 200ms, bay: P-07}\n"
+    "  - {id: flaky-1, driver: virtual, kind: crosswalk, interval: 100ms, fail_every: 6, offline_after: 1,"
+    " area: crossing-n}\n"
     "  - {id: pump-1, driver: modbus, host: 127.0.0.1, port: %d, interval: 200ms, timeout: 300ms, points: %s}\n"
 )
 WRITABLE = "writable: [{device: pump-1, point: setpoint}, {device: pump-1, point: power}]"
@@ -163,6 +165,19 @@ def test_rebirth_on_ncmd(world: World) -> None:
     after = world.rec.messages[world.rec.messages.index(reborn) :]
     kinds = [m.kind for m in after[:4]]
     assert kinds == ["NBIRTH", "DBIRTH", "DBIRTH", "DBIRTH"], kinds
+
+
+def test_a_device_offline_gets_ddeath_and_back_online_dbirth(world: World) -> None:
+    births_seen(world)
+    death = world.rec.wait("DDEATH", "flaky-1", timeout=5)[0]
+    assert death.qos == 0 and not death.retain and not death.payload.metrics
+    wait_for(lambda: [m for m in world.rec.of("DBIRTH", "flaky-1") if m.at > death.at], 5, "the DBIRTH once back")
+    with world.rec.lock:
+        after = [m for m in world.rec.messages if m.device == "flaky-1" and m.at >= death.at]
+    reborn = next(i for i, m in enumerate(after) if m.kind == "DBIRTH")
+    assert all(m.kind != "DDATA" for m in after[:reborn]), "no DDATA of a dead device"
+    count = after[reborn].metrics()["area/crossing-n/count"]
+    assert count.datatype == INT64 and count.HasField("alias")
 
 
 def dcmd(world: World, device: str, alias: int, datatype: int, **value: Any) -> None:
