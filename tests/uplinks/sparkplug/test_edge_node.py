@@ -115,7 +115,7 @@ def test_session_establishment_births_before_data(world: World) -> None:
     nbirth = msgs[0]
     assert nbirth.payload.seq == 0 and not nbirth.retain and nbirth.qos == 0
     metrics = nbirth.metrics()
-    assert metrics["bdSeq"].datatype == 8 and metrics["bdSeq"].long_value == 0  # the first session of this state
+    assert metrics["bdSeq"].datatype == INT64 and metrics["bdSeq"].long_value == 0  # the first session of this state
     health = metrics["Gateway/devices/total"]  # the gateway's health as node metrics, aliased
     assert health.datatype == INT64 and health.HasField("alias") and metrics["Gateway/uptime_s"].datatype == DOUBLE
     rebirth = metrics["Node Control/Rebirth"]
@@ -131,11 +131,17 @@ def test_session_establishment_births_before_data(world: World) -> None:
         == {"engUnit": "V"}  # fmt: skip
     bay = world.rec.of("DBIRTH", "bay-1")[0].metrics()
     assert bay["bay/P-07/occupied"].datatype == BOOLEAN and bay["bay/P-07/confidence"].datatype == DOUBLE
-    aliases = [m.alias for b in world.rec.of("DBIRTH") for m in b.payload.metrics]
-    assert len(aliases) == len(set(aliases)), "aliases are unique across the node"
+    # Every BIRTH of the latest round (a late device births the node again): aliases unique across the node.
+    last = max(i for i, m in enumerate(msgs) if m.kind == "NBIRTH")
+    births = list(itertools.takewhile(lambda m: m.kind in ("NBIRTH", "DBIRTH"), msgs[last:]))
+    assert {"meter-1", "bay-1", "pump-1"} <= {m.device for m in births}, "every DBIRTH right after the NBIRTH"
+    aliases = [m.alias for b in births for m in b.payload.metrics if m.HasField("alias")]
+    assert len(aliases) == len(set(aliases)) >= 19, "aliases are unique across the node"
     # seq runs 0..n over every message of the session, NBIRTH first.
-    seqs = [m.payload.seq for m in msgs if m.kind != "NDEATH"]
-    assert seqs == [i % 256 for i in range(len(seqs))]
+    starts = [i for i, m in enumerate(msgs) if m.kind == "NBIRTH"] + [len(msgs)]
+    for begin, end in itertools.pairwise(starts):  # a late device births the node again: seq from 0
+        seqs = [m.payload.seq for m in msgs[begin:end] if m.kind != "NDEATH"]
+        assert seqs == [i % 256 for i in range(len(seqs))]
     assert all(m.qos == 0 and not m.retain for m in msgs)
 
 
@@ -284,9 +290,10 @@ def test_store_and_forward_across_a_broker_outage(world: World) -> None:
 def test_bdseq_will_and_restart(world: World) -> None:
     births_seen(world)
     last = node_msgs(world.rec, "NBIRTH")[-1].metrics()["bdSeq"].long_value
+    killed = time.monotonic()
     world.agent.signal(signal.SIGKILL)
     world.agent.wait(5)
-    death = wait_for(lambda: node_msgs(world.rec, "NDEATH"), 10, "the NDEATH will")[-1]
+    death = wait_for(lambda: [m for m in node_msgs(world.rec, "NDEATH") if m.at > killed], 10, "the NDEATH will")[0]
     assert death.metrics()["bdSeq"].long_value == last and not death.payload.HasField("seq")
     assert death.qos == 1 and not death.retain
     mark = time.monotonic()

@@ -66,7 +66,7 @@ def test_quality_property_and_null() -> None:
 def test_node_birth_and_death() -> None:
     birth = payload_class().FromString(node_birth(255, 0, ()))
     names = [(m.name, m.datatype, m.HasField("alias")) for m in birth.metrics]
-    assert names == [("bdSeq", UINT64, False), ("Node Control/Rebirth", BOOLEAN, False)]
+    assert names == [("bdSeq", INT64, False), ("Node Control/Rebirth", BOOLEAN, False)]  # topics-nbirth-bdseq
     assert birth.metrics[0].long_value == 255 and birth.metrics[1].boolean_value is False
     death = payload_class().FromString(node_death(255))
     assert not death.HasField("seq") and death.metrics[0].long_value == 255
