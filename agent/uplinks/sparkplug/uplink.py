@@ -131,8 +131,10 @@ class SparkplugUplink:
         while not self.commands.host_online.is_set():
             self._check(conn)
             online: asyncio.Future[Any] = asyncio.ensure_future(self.commands.host_online.wait())
+            offline = self.commands.offline
             try:
-                await asyncio.wait([online, conn.lost], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([online, conn.lost, *([offline] if offline else [])], timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             finally:
                 online.cancel()
         self._check(conn)

@@ -249,7 +249,7 @@ def test_store_and_forward_across_a_broker_outage(world: World) -> None:
     time.sleep(0.5)
     world.broker.stop()
     down_at = int(time.time() * 1000)
-    time.sleep(3)
+    time.sleep(2)
     world.broker.start()
     up_at = int(time.time() * 1000)
     wait_for(lambda: any(m.payload.timestamp > down_at for m in node_msgs(world.rec, "NBIRTH")), 15,
