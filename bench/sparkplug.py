@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from payload import START, Point, reading_event, sdm630_points, tag_points  # noqa: E402
 
-from agent.uplinks.sparkplug.forward import MAX_METRICS, PAYLOADS_PER_SECOND, Forward  # noqa: E402
+from agent.uplinks.sparkplug.forward import MAX_METRICS, PAYLOADS_PER_SECOND, Forward, queue_backlog  # noqa: E402
 from agent.uplinks.sparkplug.metrics import parse  # noqa: E402
 from agent.uplinks.sparkplug.model import Model  # noqa: E402
 from agent.uplinks.sparkplug.node import Session, Topics  # noqa: E402
@@ -139,6 +139,8 @@ def cpu_per_change() -> None:
 def read_ahead_into(forward: Forward, model: Model, events: list[bytes]) -> None:
     """What the uplink does with backlog rows (SparkplugUplink._carry's backlog path)."""
     for row_id, e in enumerate(events, 1):
+        if queue_backlog(model, forward, e, row_id):
+            continue
         parsed = parse(e)
         assert parsed is not None
         device = model.device(parsed.device)

@@ -89,7 +89,11 @@ def add_metric(payload: Any, value: Value, *, alias: int | None, birth: bool, hi
     if historical:
         metric.is_historical = True
     bad = value.quality == "bad"
-    set_value(metric, value.datatype, None if bad else value.value)
+    try:
+        set_value(metric, value.datatype, None if bad else value.value)
+    except (TypeError, ValueError, OverflowError):  # not a value of the metric's BIRTH datatype
+        bad = True
+        set_value(metric, value.datatype, None)
     if birth and value.unit:
         _property(metric.properties, ENG_UNIT, STRING, value.unit)
     if bad:

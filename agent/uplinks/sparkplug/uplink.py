@@ -21,7 +21,7 @@ from agent.uplinks.sparkplug.bdseq import BdSeq
 from agent.uplinks.sparkplug.client import Connection
 from agent.uplinks.sparkplug.commands import Commands, HostOffline
 from agent.uplinks.sparkplug.config import SparkplugConfig
-from agent.uplinks.sparkplug.forward import Forward
+from agent.uplinks.sparkplug.forward import Forward, queue_backlog
 from agent.uplinks.sparkplug.metrics import Event, Value, parse
 from agent.uplinks.sparkplug.model import Device, Model
 from agent.uplinks.sparkplug.node import Session, Topics
@@ -237,6 +237,8 @@ class SparkplugUplink:
 
     def _carry(self, session: Session, row: Stored, now: float) -> None:
         """Live events go out now, backlog ones join the historical queue."""
+        if row.backlog and queue_backlog(self.model, self.forward, row.payload, row.id):
+            return
         event, device, values, new = self._learn(row)
         if event is None or device is None:
             self.forward.sent([row.id], now)
