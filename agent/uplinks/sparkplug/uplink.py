@@ -30,6 +30,7 @@ from agent.uplinks.sparkplug.payloads import node_death
 log = logging.getLogger(__name__)
 READ_LIMIT = 500  # rows taken from the feed at a time
 WARMUP, SETTLE = 2.0, 0.5  # first session of a run: wait for the devices' first readings before NBIRTH
+STARTUP_GRACE = 10.0  # seconds of readings before a run's first session that are its start, not history
 BDSEQ_FILE = "sparkplug.bdseq"
 _DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
 
@@ -53,6 +54,8 @@ class SparkplugUplink:
         self._conn: Connection | None = None
         self._bad_rows = 0
         self._stopping = False  # goodbye() said NDEATH: no new session until run() is cancelled
+        self._started = time.time()
+        self._first_session = True  # until a session of this instance has been born
 
     def quiet_allowance(self) -> float:
         """paho notices a dead link within 1.5 keepalives: allow two before calling it stalled."""
@@ -153,10 +156,11 @@ class SparkplugUplink:
                 log.debug("Sparkplug: event %d not learned", row.id, exc_info=True)
         session.birth_all()
         now = time.monotonic()
-        for row in first:
+        for row in first:  # still the first session while these are carried (see _historical)
             cursors[row.priority] = row.id
             self._row(session, row, now)
         self.status.published += len(first)
+        self._first_session = False
         while True:
             feed.committed.clear()
             self._check(conn)
@@ -220,6 +224,14 @@ class SparkplugUplink:
             log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
             self.forward.sent([row.id], now)
 
+    def _historical(self, row: Stored) -> bool:
+        """Whether a row goes out as history: the backlog, except on a run's first session the
+        readings of the last seconds, taken while the uplink was connecting (they are the
+        devices' start, and their values belong in the first BIRTHs)."""
+        if not row.backlog:
+            return False
+        return not (self._first_session and row.created >= max(self._started, time.time() - STARTUP_GRACE))
+
     def _learn(self, row: Stored) -> tuple[Event | None, Device | None, list[Value], bool]:
         """What a row tells the model (devices, metrics, online), nothing sent: (event, device,
         its values as born, whether the device or a metric is new)."""
@@ -230,14 +242,15 @@ class SparkplugUplink:
         if event.status is not None:
             device.online = event.status != "offline"
             return event, device, [], False
-        values, new = self.model.learn(device, event.values, historical=row.backlog)
+        values, new = self.model.learn(device, event.values, historical=self._historical(row))
         if device is not self.model.node:
             device.online = True
         return event, device, values, new
 
     def _carry(self, session: Session, row: Stored, now: float) -> None:
         """Live events go out now, backlog ones join the historical queue."""
-        if row.backlog and queue_backlog(self.model, self.forward, row.payload, row.id):
+        historical = self._historical(row)
+        if historical and queue_backlog(self.model, self.forward, row.payload, row.id):
             return
         event, device, values, new = self._learn(row)
         if event is None or device is None:
@@ -259,10 +272,10 @@ class SparkplugUplink:
                 session.birth_all()
             else:
                 session.dbirth(device)
-            if not row.backlog:  # the live values are in the BIRTH as current ones
+            if not historical:  # the live values are in the BIRTH as current ones
                 self.forward.sent([row.id], now)
                 return
-        if row.backlog:
+        if historical:
             self.forward.add(device.id, values, row.id)
         else:
             session.ddata(device, values)

@@ -148,16 +148,16 @@ def test_session_establishment_births_before_data(world: World) -> None:
 def test_ddata_carries_aliases_only(world: World) -> None:
     births_seen(world)
     birth = {m.alias: m for m in world.rec.of("DBIRTH", "meter-1")[-1].payload.metrics}
-    data = world.rec.wait("DDATA", "meter-1", count=3)[-1]
+    data = wait_for(lambda: [d for d in world.rec.of("DDATA", "meter-1") if not d.payload.metrics[0].is_historical],
+                    5, "a live DDATA")[-1]  # fmt: skip
     for m in data.payload.metrics:
         assert not m.HasField("name") and not m.HasField("datatype"), m
         assert m.alias in birth and m.WhichOneof("value") == "double_value"
         assert not m.is_historical
 
 
-def test_rebirth_on_ncmd(world: World) -> None:
-    births_seen(world)
-    bdseq = node_msgs(world.rec, "NBIRTH")[-1].metrics()["bdSeq"].long_value
+def ask_rebirth(world: World) -> None:
+    """NCMD Node Control/Rebirth = true; returns once the NBIRTH it causes arrived."""
     before = len(node_msgs(world.rec, "NBIRTH"))
     cmd = new_payload()
     cmd.timestamp = int(time.time() * 1000)
@@ -165,6 +165,12 @@ def test_rebirth_on_ncmd(world: World) -> None:
     metric.name, metric.datatype, metric.boolean_value = "Node Control/Rebirth", BOOLEAN, True
     world.rec.publish(f"spBv1.0/{GROUP}/NCMD/{NODE}", cmd.SerializeToString())
     wait_for(lambda: len(node_msgs(world.rec, "NBIRTH")) > before, 5, "the NBIRTH of the rebirth")
+
+
+def test_rebirth_on_ncmd(world: World) -> None:
+    births_seen(world)
+    bdseq = node_msgs(world.rec, "NBIRTH")[-1].metrics()["bdSeq"].long_value
+    ask_rebirth(world)
     reborn = node_msgs(world.rec, "NBIRTH")[-1]
     assert reborn.payload.seq == 0 and reborn.metrics()["bdSeq"].long_value == bdseq, "same bdSeq on a rebirth"
     world.rec.wait("DBIRTH", "pump-1", count=2)
@@ -231,6 +237,33 @@ def test_dcmd_writes_a_writable_point_and_refuses_a_read_only_one(world: World) 
              "the read-only point's value republished")  # fmt: skip
     assert len(world.modbus.unit.writes) == writes, "nothing refused reached the device"
     assert world.agent.proc is not None and world.agent.proc.poll() is None, "the session goes on"
+
+
+def test_a_reload_that_adds_a_point_births_the_device_again_with_fresh_aliases(world: World) -> None:
+    births_seen(world)
+    ask_rebirth(world)
+    old = {m.name: m.alias for m in world.rec.wait("DBIRTH", "pump-1")[-1].payload.metrics}
+    points = [*POINTS, {"name": "power_raw", "table": "holding", "address": 10, "type": "uint16",
+                        "quantity": "counter"}]  # fmt: skip
+    text = world.config.read_text()
+    world.config.write_text(text.replace(orjson.dumps(POINTS).decode(), orjson.dumps(points).decode()))
+    mark = time.monotonic()
+    world.agent.signal(signal.SIGHUP)
+
+    def reborn() -> list[Any]:
+        return [m for m in world.rec.of("DBIRTH", "pump-1") if m.at > mark and "power_raw" in m.metrics()]
+
+    birth = wait_for(reborn, 10, "pump-1 born again with the new point")[0]
+    with world.rec.lock:
+        msgs = [m for m in world.rec.messages if m.at > mark and m.topic.split("/")[3] == NODE]
+    nbirth = max(i for i, m in enumerate(msgs) if m.kind == "NBIRTH" and m.at <= birth.at)
+    births = list(itertools.takewhile(lambda m: m.kind in ("NBIRTH", "DBIRTH"), msgs[nbirth:]))
+    assert birth in births, "the whole node is born again: every DBIRTH right after an NBIRTH"
+    new = {m.name: m.alias for m in birth.payload.metrics}
+    assert set(new) == {"setpoint", "power", "power_raw"}
+    assert not set(new.values()) & set(old.values()), "fresh aliases for the changed device"
+    aliases = [m.alias for b in births for m in b.payload.metrics if m.HasField("alias")]
+    assert len(aliases) == len(set(aliases)), "unique across the node"
 
 
 def metric_times(rec: Recorder, device: str, alias: int) -> tuple[list[int], list[int]]:
