@@ -190,6 +190,8 @@ def _birth_metrics(kind: str, rule: str) -> Check:
                 bad.append(f"{_where(m)} metric {x.name} has no datatype")
             if "value" in rule and has_value == x.is_null:
                 bad.append(f"{_where(m)} metric {x.name} value={has_value} is_null={x.is_null}")
+            if "current" in rule and x.is_null and (known := _value_known_at_birth(s, m, x)):
+                bad.append(known)
         return judge(bad, len(found), f"{kind} metrics")
 
     return run
@@ -197,47 +199,26 @@ def _birth_metrics(kind: str, rule: str) -> Check:
 
 check("topics-nbirth-metrics")(_birth_metrics("NBIRTH", "name datatype value"))
 check("topics-dbirth-metrics")(_birth_metrics("DBIRTH", "name datatype value"))
-check("operational-behavior-data-publish-nbirth-values")(_birth_metrics("NBIRTH", "value"))
-check("operational-behavior-data-publish-dbirth-values")(_birth_metrics("DBIRTH", "value"))
+check("operational-behavior-data-publish-nbirth-values")(_birth_metrics("NBIRTH", "value current"))
+check("operational-behavior-data-publish-dbirth-values")(_birth_metrics("DBIRTH", "value current"))
 
 
-@check("payloads-metric-datatype-req")
-def birth_datatypes(s: Session) -> Verdict:
-    found = list(metrics(s.of(*BIRTHS)))
-    bad = [f"{_where(m)} metric {x.name} has no datatype" for m, x in found if not x.HasField("datatype")]
-    return judge(bad, len(found), "birth metrics")
-
-
-@check("payloads-alias-birth-requirement")
-def alias_with_name(s: Session) -> Verdict:
-    found = [(m, x) for m, x in metrics(s.of(*BIRTHS)) if x.HasField("alias")]
-    bad = [f"{_where(m)} alias {x.alias} without a name" for m, x in found if not x.name]
-    return judge(bad, len(found), "aliased birth metrics")
-
-
-@check("payloads-alias-uniqueness")
-def alias_unique(s: Session) -> Verdict:
-    bad, seen = [], 0
-    for epoch in _epochs(s):
-        owner: dict[int, str] = {}
-        for m in epoch:
-            if m.kind not in BIRTHS or m.payload is None:
-                continue
-            for x in m.payload.metrics:
-                if x.HasField("alias"):
-                    seen += 1
-                    who = f"{m.device}:{x.name}"
-                    if owner.setdefault(x.alias, who) != who:
-                        bad.append(f"{_where(m)} alias {x.alias} for {who}, already {owner[x.alias]}")
-    return judge(bad, seen, "birth aliases")
-
-
-@check("case-sensitivity-metric-names")
-def case_collisions(s: Session) -> Verdict:
-    bad, seen = [], 0
-    for m in s.of(*BIRTHS):
-        names = [x.name for x in m.payload.metrics] if m.payload is not None else []
-        seen += 1
-        lowered = [n.lower() for n in names]
-        bad += [f"{_where(m)} names {n!r} twice ignoring case" for n in set(lowered) if lowered.count(n) > 1]
-    return judge(bad, seen, "births")
+def _value_known_at_birth(s: Session, birth: EdgeMessage, metric: Any) -> str | None:
+    """A birth's null metric whose value the edge had: DATA after the birth, in its epoch (live or
+    history), shows the newest reading taken before the birth was sent carried a value."""
+    if not metric.HasField("alias") or birth.payload is None:
+        return None
+    newest: tuple[int, bool, EdgeMessage] | None = None
+    for m in s.edge:
+        if m.n <= birth.n or m.conn != birth.conn or m.device != birth.device:
+            continue
+        if m.kind in BIRTHS or m.kind == "DDEATH":
+            break  # a new birth or a death: the epoch of this birth is over
+        for x in m.payload.metrics if m.kind in DATA and m.payload is not None else ():
+            if x.alias == metric.alias and x.HasField("timestamp") and x.timestamp <= birth.payload.timestamp:
+                if newest is None or x.timestamp >= newest[0]:
+                    newest = (x.timestamp, not x.is_null and x.WhichOneof("value") is not None, m)
+    if newest is None or not newest[1]:
+        return None
+    return (f"{_where(birth)} metric {metric.name} is_null, but {_where(newest[2])} carries its value read at "
+            f"{newest[0]}, before the birth ({birth.payload.timestamp})")

@@ -227,7 +227,9 @@ def disconnect_with_will(s: Session) -> Verdict:
 def disconnect_after_ndeath(s: Session) -> Verdict:
     found, bad = s.of("NDEATH"), []
     for m in found:
-        following = next((p for p in s.conns[m.conn] if p.n > m.n and p.up and p.kind != "PUBACK"), None)
+        # keepalive and acknowledgement packets are the MQTT client's, not a continuation of the session
+        following = next((p for p in s.conns[m.conn] if p.n > m.n and p.up and p.kind not in ("PUBACK", "PINGREQ")),
+                         None)  # fmt: skip
         if following is not None and following.kind not in ("DISCONNECT", "CLOSE"):
             bad.append(f"{_where(m)} followed by {following.kind} #{following.n}")
     return judge(bad, len(found), "published NDEATHs")
@@ -235,12 +237,16 @@ def disconnect_after_ndeath(s: Session) -> Verdict:
 
 @check("operational-behavior-device-ddeath")
 def device_death(s: Session) -> Verdict:
+    """A device the scenario took offline gets a DDEATH, and no session after it ends with the
+    device born (a DBIRTH left standing would tell the host a dead device is online)."""
     bad = []
     for device in s.offline_devices:
+        since = s.marks.get(f"offline:{device}", 0.0)
+        said = [m for m in s.edge if m.device == device and m.kind in ("DBIRTH", "DDEATH") and m.at >= since]
+        if not any(m.kind == "DDEATH" for m in said):
+            bad.append(f"{device} went offline and no DDEATH followed")
         for epoch in _epochs(s):
-            kinds = [m.kind for m in epoch if m.device == device and m.kind in ("DBIRTH", "DDEATH")]
-            if kinds and "DDEATH" in kinds:
-                break
-        else:
-            bad.append(f"{device} went offline and no DDEATH followed its DBIRTH")
+            last = [m for m in epoch if m.device == device and m.kind in ("DBIRTH", "DDEATH") and m.at >= since]
+            if last and last[-1].kind == "DBIRTH" and any(m.kind == "DDEATH" for m in said if m.n < last[-1].n):
+                bad.append(f"{device}, still offline, left born by {_where(last[-1])}")
     return judge(bad, len(s.offline_devices), "devices taken offline")

@@ -151,6 +151,8 @@ def stale_offline_ignored(s: Session) -> Verdict:
 
 @check("operational-behavior-edge-node-birth-sequence-wait")
 def births_wait_every_server(s: Session) -> Verdict:
+    if s.primary_host is None:
+        return judge([], 0, "NBIRTHs with a primary host configured")
     births = s.of("NBIRTH")
     bad = [f"{_where(m)} before an online STATE on {m.server}" for m in births if not host_online_at(s, m)]
     servers = {m.server for m in births}

@@ -1,30 +1,19 @@
-"""The Sparkplug B payload module generated from Eclipse Tahu's sparkplug_b.proto, and decoding.
+"""The Sparkplug B Payload message of Eclipse Tahu's sparkplug_b.proto, and decoding.
 
-The module is the one the uplink generates from the proto pinned in the repository, so the
-checks read payloads with the same schema the spec names; the decoding and field reading here
-are the harness's own.
+The message class is the one the uplink builds from the proto pinned in the repository (Tahu's,
+the one the spec names), so the checks read payloads with the schema the spec names; the decoding
+and the field reading here are the harness's own.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from agent.uplinks.sparkplug.proto import payload_class
 
-def _module() -> Any:
-    dev = os.environ.get("SPB_PB2_DIR")  # development before the uplink had its module
-    if dev:
-        sys.path.insert(0, dev)
-        return importlib.import_module("sparkplug_b_pb2")
-    return importlib.import_module("agent.uplinks.sparkplug.sparkplug_b_pb2")
-
-
-pb: Any = _module()
-Payload: Any = pb.Payload
+Payload: Any = payload_class()
 
 # DataType enum values (sparkplug_b.proto)
 INT8, INT16, INT32, INT64 = 1, 2, 3, 4
