@@ -222,3 +222,45 @@ def _value_known_at_birth(s: Session, birth: EdgeMessage, metric: Any) -> str | 
         return None
     return (f"{_where(birth)} metric {metric.name} is_null, but {_where(newest[2])} carries its value read at "
             f"{newest[0]}, before the birth ({birth.payload.timestamp})")
+
+
+@check("payloads-metric-datatype-req")
+def birth_datatypes(s: Session) -> Verdict:
+    found = list(metrics(s.of(*BIRTHS)))
+    bad = [f"{_where(m)} metric {x.name} has no datatype" for m, x in found if not x.HasField("datatype")]
+    return judge(bad, len(found), "birth metrics")
+
+
+@check("payloads-alias-birth-requirement")
+def alias_with_name(s: Session) -> Verdict:
+    found = [(m, x) for m, x in metrics(s.of(*BIRTHS)) if x.HasField("alias")]
+    bad = [f"{_where(m)} alias {x.alias} without a name" for m, x in found if not x.name]
+    return judge(bad, len(found), "aliased birth metrics")
+
+
+@check("payloads-alias-uniqueness")
+def alias_unique(s: Session) -> Verdict:
+    bad, seen = [], 0
+    for epoch in _epochs(s):
+        owner: dict[int, str] = {}
+        for m in epoch:
+            if m.kind not in BIRTHS or m.payload is None:
+                continue
+            for x in m.payload.metrics:
+                if x.HasField("alias"):
+                    seen += 1
+                    who = f"{m.device}:{x.name}"
+                    if owner.setdefault(x.alias, who) != who:
+                        bad.append(f"{_where(m)} alias {x.alias} for {who}, already {owner[x.alias]}")
+    return judge(bad, seen, "birth aliases")
+
+
+@check("case-sensitivity-metric-names")
+def case_collisions(s: Session) -> Verdict:
+    bad, seen = [], 0
+    for m in s.of(*BIRTHS):
+        names = [x.name for x in m.payload.metrics] if m.payload is not None else []
+        seen += 1
+        lowered = [n.lower() for n in names]
+        bad += [f"{_where(m)} names {n!r} twice ignoring case" for n in set(lowered) if lowered.count(n) > 1]
+    return judge(bad, seen, "births")

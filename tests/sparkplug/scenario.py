@@ -18,7 +18,7 @@ from tests.conftest import AgentProcess, write_config
 from tests.sparkplug.packets import Packet
 from tests.sparkplug.session import NAMESPACE, Session, split_topic
 from tests.sparkplug.spb import BOOLEAN, DOUBLE, decode
-from tests.sparkplug.world import POINTS, Host, ModbusUnit, servers
+from tests.sparkplug.world import ABSENT, POINTS, Host, ModbusUnit, servers
 
 GROUP, NODE, HOST = "plant", "gw-test", "scada"
 SERVERS = ("A", "B")
@@ -29,7 +29,7 @@ def _site(path: Path, *, json_port: int, proxies: list[int], modbus_port: int, e
     devices = (
         "  - {id: meter-1, driver: virtual, kind: meter, interval: 200ms}\n"
         f"  - {{id: pump-1, driver: modbus, host: 127.0.0.1, port: {modbus_port}, interval: 200ms, timeout: 300ms,"
-        f" points: {json.dumps(POINTS)}}}\n"
+        f" points: {json.dumps([*POINTS, ABSENT])}}}\n"
     )
     write_config(path, port=json_port, devices=devices)
     servers_yaml = ", ".join(f"{{host: 127.0.0.1, port: {p}}}" for p in proxies)

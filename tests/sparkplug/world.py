@@ -31,6 +31,8 @@ POINTS = [
     {"name": "power", "table": "holding", "address": 10, "type": "int16", "scale": 0.001, "quantity": "active_power",
      "unit": "kW"},
 ]  # fmt: skip
+ABSENT = {"name": "absent", "table": "holding", "address": 500, "type": "int16", "quantity": "temperature",
+          "unit": "degC"}  # fmt: skip
 
 
 class ModbusUnit:
@@ -38,7 +40,8 @@ class ModbusUnit:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.unit = SimulatedUnit(1, [PointConfig.model_validate(p) for p in POINTS])
+        # strict: the site's ABSENT point reads an undefined register, so it is reported with bad quality
+        self.unit = SimulatedUnit(1, [PointConfig.model_validate(p) for p in POINTS], strict=True)
         self.loop = asyncio.new_event_loop()
         self.sim = Simulator([self.unit], period=3600)
         self.thread = threading.Thread(target=self.loop.run_forever, name="spb-modbus", daemon=True)
