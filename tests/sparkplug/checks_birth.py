@@ -215,13 +215,15 @@ def _value_known_at_birth(s: Session, birth: EdgeMessage, metric: Any) -> str | 
         if m.kind in BIRTHS or m.kind == "DDEATH":
             break  # a new birth or a death: the epoch of this birth is over
         for x in m.payload.metrics if m.kind in DATA and m.payload is not None else ():
-            if x.alias == metric.alias and x.HasField("timestamp") and x.timestamp <= birth.payload.timestamp:
-                if newest is None or x.timestamp >= newest[0]:
-                    newest = (x.timestamp, not x.is_null and x.WhichOneof("value") is not None, m)
+            read_before = x.HasField("timestamp") and x.timestamp <= birth.payload.timestamp
+            if x.alias == metric.alias and read_before and (newest is None or x.timestamp >= newest[0]):
+                newest = (x.timestamp, not x.is_null and x.WhichOneof("value") is not None, m)
     if newest is None or not newest[1]:
         return None
-    return (f"{_where(birth)} metric {metric.name} is_null, but {_where(newest[2])} carries its value read at "
-            f"{newest[0]}, before the birth ({birth.payload.timestamp})")
+    return (
+        f"{_where(birth)} metric {metric.name} is_null, but {_where(newest[2])} carries its value read at "
+        f"{newest[0]}, before the birth ({birth.payload.timestamp})"
+    )
 
 
 @check("payloads-metric-datatype-req")

@@ -29,7 +29,9 @@ def _data_payload(kind: str) -> Check:
             for x in m.payload.metrics:
                 name = x.name or names.get(x.alias, "")
                 if name not in known:
-                    bad.append(f"{_where(m)} metric {x.name or x.alias} is not in the births of {m.device or 'the node'}")
+                    bad.append(
+                        f"{_where(m)} metric {x.name or x.alias} is not in the births of {m.device or 'the node'}"
+                    )
         return judge(bad, len(found), f"{kind}s")
 
     return run
@@ -74,7 +76,9 @@ def _property_values(s: Session) -> list[tuple[EdgeMessage, str, object]]:
     out: list[tuple[EdgeMessage, str, object]] = []
     for m, x in metrics(s.of(*BIRTHS, *DATA)):
         if x.HasField("properties"):
-            out += [(m, f"{x.name or x.alias}.{k}", v) for k, v in zip(x.properties.keys, x.properties.values, strict=False)]
+            out += [
+                (m, f"{x.name or x.alias}.{k}", v) for k, v in zip(x.properties.keys, x.properties.values, strict=False)
+            ]
     return out
 
 
@@ -155,7 +159,7 @@ def rebirth_births_all(s: Session) -> Verdict:
     cmds, bad = rebirth_commands(s), []
     for cmd in cmds:
         before = [m for m in s.edge if m.conn == cmd.conn and m.n < cmd.n]
-        alive = set()
+        alive: set[str] = set()
         for m in before:
             if m.kind == "NBIRTH":
                 alive = set()
@@ -185,7 +189,9 @@ def rebirth_same_bdseq(s: Session) -> Verdict:
         birth = next((m for m in _after(s, cmd) if m.kind == "NBIRTH"), None)
         will = s.will_bdseq(cmd.conn)
         if birth is None or bdseq_of(birth.payload) != will:
-            bad.append(f"after the Rebirth #{cmd.n}: NBIRTH bdSeq {bdseq_of(birth.payload) if birth else None}, Will {will}")
+            bad.append(
+                f"after the Rebirth #{cmd.n}: NBIRTH bdSeq {bdseq_of(birth.payload) if birth else None}, Will {will}"
+            )
     return judge(bad, len(cmds), "Rebirth commands")
 
 

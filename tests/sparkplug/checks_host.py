@@ -55,6 +55,11 @@ def host_online_at(s: Session, m: EdgeMessage) -> bool:
     return online
 
 
+def _subscribed(s: Session, m: EdgeMessage, topic: str) -> bool:
+    subs = [p for p in s.conns[m.conn] if p.kind == "SUBSCRIBE" and p.n < m.n]
+    return any(topic_matches_sub(f, topic) for p in subs for f, _ in p.subscriptions)
+
+
 def _waits(s: Session, what: str) -> Verdict:
     if s.primary_host is None:
         return judge([], 0, "NBIRTHs with a primary host configured")
@@ -68,9 +73,7 @@ def _waits(s: Session, what: str) -> Verdict:
         seen = sum(1 for st in sts if st.online and not st.valid)
     elif what == "id":
         topic = f"{NAMESPACE}/STATE/{s.primary_host}"
-        bad += [f"{_where(m)} without a subscription to {topic}" for m in births
-                if not any(p.kind == "SUBSCRIBE" and p.n < m.n and any(topic_matches_sub(f, topic) for f, _ in p.subscriptions)
-                           for p in s.conns[m.conn])]  # fmt: skip
+        bad += [f"{_where(m)} without a subscription to {topic}" for m in births if not _subscribed(s, m, topic)]
     return judge(bad, seen, f"NBIRTHs ({what})")
 
 
@@ -90,8 +93,8 @@ def _valid_offlines(s: Session) -> list[StateSeen]:
 
 def _left(s: Session, st: StateSeen) -> Packet | None:
     """The client's DISCONNECT or close of the connection after ``st`` (None if it stayed)."""
-    return next((p for p in s.conns[st.packet.conn] if p.n > st.packet.n and p.up and p.kind in ("DISCONNECT", "CLOSE")),
-                None)  # fmt: skip
+    after = [p for p in s.conns[st.packet.conn] if p.n > st.packet.n and p.up]
+    return next((p for p in after if p.kind in ("DISCONNECT", "CLOSE")), None)
 
 
 def _next_connect(s: Session, after: Packet) -> Packet | None:
@@ -103,7 +106,9 @@ def offline_ndeath_disconnect(s: Session) -> Verdict:
     found, bad = _valid_offlines(s), []
     for st in found:
         left = _left(s, st)
-        ndeath = next((m for m in s.edge if m.conn == st.packet.conn and m.n > st.packet.n and m.kind == "NDEATH"), None)
+        ndeath = next(
+            (m for m in s.edge if m.conn == st.packet.conn and m.n > st.packet.n and m.kind == "NDEATH"), None
+        )
         if left is None or left.at - st.packet.at > REACT:
             bad.append(f"stayed on {st.packet.server}#{st.packet.conn} after offline STATE #{st.packet.n}")
         elif ndeath is None or ndeath.n > left.n:
@@ -143,9 +148,17 @@ check("operational-behavior-primary-application-state-with-multiple-servers-walk
 @check("operational-behavior-edge-node-termination-host-offline-timestamp")
 def stale_offline_ignored(s: Session) -> Verdict:
     found = [st for st in states(s) if not st.online and st.timestamp < st.newest_online and _in_session(s, st.packet)]
+    valid = _valid_offlines(s)
+
+    def left_for_it(st: StateSeen) -> bool:
+        """Left soon after it, with no valid offline in between to explain the leaving."""
+        left = _left(s, st)
+        if left is None or left.at - st.packet.at > REACT:
+            return False
+        return not any(o.packet.conn == st.packet.conn and st.packet.n < o.packet.n < left.n for o in valid)
+
     bad = [f"left {st.packet.server}#{st.packet.conn} after the stale offline STATE #{st.packet.n}" for st in found
-           if (left := _left(s, st)) is not None and left.at - st.packet.at <= REACT
-           and not any(o.packet.conn == st.packet.conn and st.packet.n < o.packet.n < left.n for o in _valid_offlines(s))]  # fmt: skip
+           if left_for_it(st)]  # fmt: skip
     return judge(bad, len(found), "stale offline STATEs in session")
 
 

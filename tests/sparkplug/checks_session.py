@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from paho.mqtt.client import topic_matches_sub
-
 from tests.sparkplug.session import BIRTHS, DATA, NAMESPACE, EdgeMessage, Session, bdseq_of, metrics
-from tests.sparkplug.spb import BOOLEAN, INT64, decode
+from tests.sparkplug.spb import INT64, decode
 from tests.sparkplug.verdicts import Verdict, check, judge
 
 TIME_TOLERANCE = 5.0  # seconds between a payload's timestamp and the moment the proxy saw it
@@ -38,9 +36,7 @@ check("message-flow-edge-node-birth-publish-nbirth-retained", "payloads-nbirth-r
     _flags(("NBIRTH",), False, True)
 )
 check("message-flow-device-birth-publish-dbirth-qos", "payloads-dbirth-qos")(_flags(("DBIRTH",), True, False))
-check("message-flow-device-birth-publish-dbirth-retained", "payloads-dbirth-retain")(
-    _flags(("DBIRTH",), False, True)
-)
+check("message-flow-device-birth-publish-dbirth-retained", "payloads-dbirth-retain")(_flags(("DBIRTH",), False, True))
 check("payloads-ndata-qos")(_flags(("NDATA",), True, False))
 check("payloads-ndata-retain")(_flags(("NDATA",), False, True))
 check("payloads-ddata-qos")(_flags(("DDATA",), True, False))
@@ -105,7 +101,9 @@ check("message-flow-device-birth-publish-dbirth-payload")(_decodes("DBIRTH"))
 @check("message-flow-edge-node-birth-publish-will-message-payload")
 def will_payload(s: Session) -> Verdict:
     wills = [c for c in s.connects() if c.will is not None]
-    bad = [f"Will of CONNECT #{c.n} is not a Sparkplug payload" for c in wills if c.will and decode(c.will.payload) is None]
+    bad = [
+        f"Will of CONNECT #{c.n} is not a Sparkplug payload" for c in wills if c.will and decode(c.will.payload) is None
+    ]
     return judge(bad, len(wills), "Will payloads")
 
 
@@ -182,7 +180,9 @@ def _timestamps(kind: str) -> Any:
             if m.payload is None or not m.payload.HasField("timestamp"):
                 bad.append(f"{_where(m)} has no timestamp")
             elif abs(m.payload.timestamp / 1000 - m.at) > TIME_TOLERANCE:
-                bad.append(f"{_where(m)} timestamp {m.payload.timestamp} is {m.payload.timestamp / 1000 - m.at:+.1f} s off")
+                bad.append(
+                    f"{_where(m)} timestamp {m.payload.timestamp} is {m.payload.timestamp / 1000 - m.at:+.1f} s off"
+                )
         return judge(bad, len(found), f"{kind} timestamps")
 
     return run
@@ -229,7 +229,11 @@ def _bdseq_matches_will(s: Session, m: EdgeMessage) -> str | None:
 def nbirth_bdseq_int64(s: Session) -> Verdict:
     found = s.of("NBIRTH")
     bad = [x for m in found if (x := _bdseq_matches_will(s, m))]
-    bad += [f"{_where(m)} bdSeq datatype {x.datatype}" for m, x in metrics(found) if x.name == "bdSeq" and x.datatype != INT64]
+    bad += [
+        f"{_where(m)} bdSeq datatype {x.datatype}"
+        for m, x in metrics(found)
+        if x.name == "bdSeq" and x.datatype != INT64
+    ]
     return judge(bad, len(found), "NBIRTHs")
 
 

@@ -45,7 +45,7 @@ class Recorder:
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.05, 0.3)
+        self.client.reconnect_delay_set(0.05, 0.3)  # type: ignore[arg-type]  # paho's stub says int; it sleeps floats
         self.client.connect_async("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
         wait_for(self.subscribed.is_set, 10, f"the recorder on {server} to subscribe")
@@ -55,7 +55,9 @@ class Recorder:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append(Message(time.time(), self.server, msg.topic, msg.qos, bool(msg.retain), msg.payload))
+            self.messages.append(
+                Message(time.time(), self.server, msg.topic, msg.qos, bool(msg.retain), bytes(msg.payload))
+            )
 
     def close(self) -> None:
         self.client.disconnect()

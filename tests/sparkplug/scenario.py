@@ -34,7 +34,8 @@ def _site(path: Path, *, json_port: int, proxies: list[int], modbus_port: int, e
     write_config(path, port=json_port, devices=devices)
     servers_yaml = ", ".join(f"{{host: 127.0.0.1, port: {p}}}" for p in proxies)
     block = (f"  sparkplug: {{enabled: true, group_id: {GROUP}, servers: [{servers_yaml}], keepalive: 2s,"
-             f" reconnect_min: 100ms, reconnect_max: 300ms, writable: [{{device: pump-1, point: setpoint}}]{extra}}}\n")  # fmt: skip
+             " reconnect_min: 100ms, reconnect_max: 300ms,"
+             f" writable: [{{device: pump-1, point: setpoint}}]{extra}}}\n")  # fmt: skip
     path.write_text(path.read_text().replace("buffer:", block + "buffer:", 1))
     return path
 
@@ -133,6 +134,8 @@ def _carries(p: Packet, value: float) -> bool:
 def _write_setpoint(packets: list[Packet], host: Host) -> None:
     """DCMD setpoint=21.5 to pump-1, by the alias its last DBIRTH gave (aliases in, names out)."""
     birth = [p for p in packets if p.up and p.kind == "PUBLISH" and p.topic.endswith("/DBIRTH/" + NODE + "/pump-1")][-1]
-    metric = next(m for m in decode(birth.payload).metrics if m.name == "setpoint")
+    payload = decode(birth.payload)
+    assert payload is not None, "pump-1's DBIRTH is not a Sparkplug payload"
+    metric = next(m for m in payload.metrics if m.name == "setpoint")
     host.command(f"{NAMESPACE}/{GROUP}/DCMD/{NODE}/pump-1",
                  [{"alias": metric.alias, "datatype": DOUBLE, "double_value": 21.5}])  # fmt: skip

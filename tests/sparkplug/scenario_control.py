@@ -23,7 +23,9 @@ def record_control(workdir: Path) -> Session:
         try:
             world.wait_packet("the control's DDATA", _is("DDATA", "A"), 20)
             world.wait_packet("the control's NDATA", _is("NDATA", "A"))
-            host.command(f"{NAMESPACE}/{GROUP}/DCMD/{NODE}/d1", [{"alias": 11, "datatype": DOUBLE, "double_value": 21.5}])
+            host.command(
+                f"{NAMESPACE}/{GROUP}/DCMD/{NODE}/d1", [{"alias": 11, "datatype": DOUBLE, "double_value": 21.5}]
+            )
             edge.wait("written")
             last = world.packets()[-1].n
             host.command(f"{NAMESPACE}/{GROUP}/NCMD/{NODE}",

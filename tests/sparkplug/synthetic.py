@@ -160,8 +160,11 @@ BDSEQ_IDS = {"message-flow-edge-node-birth-publish-nbirth-payload-bdSeq", "paylo
 BROKEN: dict[str, set[str]] = {
     "seq_skip": {"topics-ddata-seq-num"},
     "bdseq_mismatch": BDSEQ_IDS,
-    "retained_nbirth": {"message-flow-edge-node-birth-publish-nbirth-retained", "payloads-nbirth-retain",
-                        "topics-nbirth-mqtt"},  # fmt: skip
+    "retained_nbirth": {
+        "message-flow-edge-node-birth-publish-nbirth-retained",
+        "payloads-nbirth-retain",
+        "topics-nbirth-mqtt",
+    },
     "aliased_rebirth": {"operational-behavior-data-commands-rebirth-name-aliases"},
     "data_before_dbirth": {"payloads-ddata-order"},
 }

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from tests.sparkplug.verdicts import all_checks, evaluate
 from tests.sparkplug.synthetic import good
+from tests.sparkplug.verdicts import all_checks, evaluate
 
 HERE = Path(__file__).parent
 TCK_TESTS = ("SessionEstablishment", "SessionTermination", "SendData", "SendComplexData", "ReceiveCommand",

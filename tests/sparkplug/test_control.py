@@ -18,4 +18,6 @@ EXPECTED = Path(__file__).with_name("control_verdicts.yaml")
 def test_the_controls_verdicts_match_the_recorded_table(control: dict[str, Verdict]) -> None:
     expected: dict[str, str] = yaml.safe_load(EXPECTED.read_text())
     got = {i: v.outcome for i, v in control.items()}
-    assert got == expected, {i: (expected.get(i), got.get(i), control[i].detail) for i in got if got[i] != expected.get(i)}
+    assert got == expected, {
+        i: (expected.get(i), got.get(i), control[i].detail) for i in got if got[i] != expected.get(i)
+    }

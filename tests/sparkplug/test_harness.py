@@ -13,9 +13,9 @@ MQTT5_ONLY = {"principles-persistence-clean-session-50", "payloads-ndeath-will-m
 
 def test_the_good_stream_passes_every_check() -> None:
     verdicts = evaluate(good())
-    assert {i: v for i, v in verdicts.items() if v.outcome != PASS} == {
-        i: verdicts[i] for i in MQTT5_ONLY
-    }, "a 3.1.1 session has no evidence for the 5.0 rules and must fail nothing"
+    assert {i: v for i, v in verdicts.items() if v.outcome != PASS} == {i: verdicts[i] for i in MQTT5_ONLY}, (
+        "a 3.1.1 session has no evidence for the 5.0 rules and must fail nothing"
+    )
     assert all(verdicts[i].outcome == UNTESTED for i in MQTT5_ONLY)
 
 
@@ -27,7 +27,7 @@ def test_the_good_stream_over_mqtt5_passes_the_5_0_rules_too() -> None:
     }
 
 
-@pytest.mark.parametrize("fault", sorted(BROKEN) + ["no_will_reason"])
+@pytest.mark.parametrize("fault", [*sorted(BROKEN), "no_will_reason"])
 def test_a_broken_stream_fails_exactly_its_assertions(fault: str) -> None:
     session = good(mqtt5=True, no_will_reason=True) if fault == "no_will_reason" else good(**{fault: True})
     want = {"payloads-ndeath-will-message-publisher-disconnect-mqtt50"} if fault == "no_will_reason" else BROKEN[fault]

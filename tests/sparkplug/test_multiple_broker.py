@@ -1,4 +1,5 @@
-"""TCK-lite MultipleBroker: two servers: one at a time, BIRTHs on each only after the host is online there, walking on to the next.
+"""TCK-lite MultipleBroker: two servers: one at a time, BIRTHs on each only after the host is online there,
+walking on to the next.
 
 One test per assertion id the TCK's MultipleBrokerTest references (assertions.yaml), each judged on our edge
 node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).

@@ -1,4 +1,5 @@
-"""TCK-lite PrimaryHost: the primary host's STATE: no BIRTH until a valid online, NDEATH and the next server on a valid offline, stale ones ignored.
+"""TCK-lite PrimaryHost: the primary host's STATE: no BIRTH until a valid online, NDEATH and the next server
+on a valid offline, stale ones ignored.
 
 One test per assertion id the TCK's PrimaryHostTest references (assertions.yaml), each judged on our edge
 node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).

@@ -1,4 +1,5 @@
-"""TCK-lite SendComplexData: metric and property encoding: aliases only in DATA, datatypes, property sets, the Quality property.
+"""TCK-lite SendComplexData: metric and property encoding: aliases only in DATA, datatypes, property sets, the
+Quality property.
 
 One test per assertion id the TCK's SendComplexDataTest references (assertions.yaml), each judged on our edge
 node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).

@@ -1,4 +1,5 @@
-"""TCK-lite SessionEstablishment: CONNECT and its Will, the subscriptions, waiting for the primary host, NBIRTH and DBIRTH (topics, flags, seq, bdSeq, Rebirth metric, metrics, aliases) and their order.
+"""TCK-lite SessionEstablishment: CONNECT and its Will, the subscriptions, waiting for the primary host,
+NBIRTH and DBIRTH (topics, flags, seq, bdSeq, Rebirth metric, metrics, aliases) and their order.
 
 One test per assertion id the TCK's SessionEstablishmentTest references (assertions.yaml), each judged on our edge
 node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).

@@ -1,4 +1,5 @@
-"""TCK-lite SessionTermination: NDEATH before an intentional disconnect, the DISCONNECT after it, NDEATH and DDEATH topics and flags, and a DDEATH for a device that went offline.
+"""TCK-lite SessionTermination: NDEATH before an intentional disconnect, the DISCONNECT after it, NDEATH and
+DDEATH topics and flags, and a DDEATH for a device that went offline.
 
 One test per assertion id the TCK's SessionTerminationTest references (assertions.yaml), each judged on our edge
 node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).
