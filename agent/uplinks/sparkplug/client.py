@@ -91,9 +91,12 @@ class Connection:
     async def open(self) -> None:
         """Connect and wait for the CONNACK (ConnectionLost if refused or unreachable)."""
         cfg, client = self.cfg, self.client
+        # MQTT 5: Clean Start on every CONNECT (paho's default is the first one only).
+        clean: dict[str, Any] = {"clean_start": True} if cfg.protocol == "5" else {}
         try:
             await self.loop.run_in_executor(
-                None, lambda: client.connect(self.server.host, cfg.port(self.server), keepalive=int(cfg.keepalive))
+                None,
+                lambda: client.connect(self.server.host, cfg.port(self.server), keepalive=int(cfg.keepalive), **clean),
             )
         except (OSError, ssl.SSLError) as exc:
             raise ConnectionLost(f"cannot connect to {self.where}: {exc}") from exc

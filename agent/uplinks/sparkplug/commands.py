@@ -103,7 +103,9 @@ class Commands:
             self.host_online.set()
         else:
             self.host_online.clear()
-            if self.offline is not None and not self.offline.done():
+            # Before the BIRTHs (e.g. the retained offline STATE on connect) the node just waits.
+            born = self.session is not None and self.session.born
+            if born and self.offline is not None and not self.offline.done():
                 self.offline.set_result(f"primary host {self.cfg.primary_host_id} went offline")
 
     # ---- NCMD ----------------------------------------------------------------------------

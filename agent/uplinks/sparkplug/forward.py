@@ -14,21 +14,34 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.uplinks.sparkplug.metrics import Value
 
 MAX_METRICS = 500
 PAYLOADS_PER_SECOND = 10
-QUEUE_CAP = 20_000  # backlog metrics held in memory; the rest wait in the buffer file
+# Backlog metrics held in memory (about 40 bytes each: a 24 h backlog of 10 metrics at 1 Hz is
+# 864,000); the rest wait in the buffer file. Reading the backlog ahead is what lets live rows,
+# which the feed hands out after it, leave within a second or two while the backlog drains.
+QUEUE_CAP = 1_000_000
 
 
 @dataclass(slots=True)
 class Chunk:
-    """Historical values of one device from one row (the row is acked with its last chunk)."""
+    """Historical values of one device from one row, kept compact (names shared, values in a
+    tuple); the row is acked with its last chunk."""
 
-    device: str
-    values: list[Value]
+    names: tuple[str, ...]
+    values: tuple[Any, ...]
+    qualities: tuple[str, ...] | None  # None: all good
+    timestamp: int
     row_id: int | None
+
+    def expand(self) -> list[Value]:
+        """The values again (datatype and unit are filled in from the BIRTH by the caller)."""
+        quality = self.qualities or ("good",) * len(self.names)
+        return [Value(n, v, 0, None, q, self.timestamp) for n, v, q in zip(self.names, self.values, quality,
+                                                                          strict=True)]  # fmt: skip
 
 
 @dataclass
@@ -36,10 +49,12 @@ class Forward:
     """The session's unconfirmed rows and its queue of historical values."""
 
     keepalive: float
-    history: deque[Chunk] = field(default_factory=deque)
+    # Per device, in the order its rows came; devices take turns, one payload each.
+    history: dict[str, deque[Chunk]] = field(default_factory=dict)
     queued: int = 0  # metrics in ``history``
     unconfirmed: deque[tuple[float, list[int]]] = field(default_factory=deque)
     next_at: float = 0.0
+    _names: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)  # one copy of each name list
 
     def reset(self) -> None:
         """A new connection: nothing written on the old one counts, nothing queued is kept."""
@@ -54,13 +69,19 @@ class Forward:
 
     def add(self, device: str, values: list[Value], row_id: int) -> None:
         """Queue one backlog row's values, split so no payload exceeds MAX_METRICS."""
+        queue = self.history.setdefault(device, deque())
         if not values:
-            self.history.append(Chunk(device, [], row_id))
+            queue.append(Chunk((), (), None, 0, row_id))
             return
         for start in range(0, len(values), MAX_METRICS):
             part = values[start : start + MAX_METRICS]
             last = start + MAX_METRICS >= len(values)
-            self.history.append(Chunk(device, part, row_id if last else None))
+            names = tuple(v.name for v in part)
+            names = self._names.setdefault(names, names)
+            qualities = tuple(v.quality for v in part)
+            chunk = Chunk(names, tuple(v.value for v in part), None if all(q == "good" for q in qualities)
+                          else qualities, part[0].timestamp, row_id if last else None)  # fmt: skip
+            queue.append(chunk)
             self.queued += len(part)
 
     def due(self, now: float) -> bool:
@@ -69,17 +90,20 @@ class Forward:
 
     def take(self, now: float) -> tuple[str, list[Value], list[int]]:
         """The next historical payload: one device's queued values, up to MAX_METRICS, and their rows."""
-        first = self.history[0]
-        device, values, ids = first.device, list[Value](), list[int]()
-        while self.history and self.history[0].device == device:
-            chunk = self.history[0]
+        device = next(iter(self.history))
+        queue = self.history.pop(device)
+        values, ids = list[Value](), list[int]()
+        while queue:
+            chunk = queue[0]
             if values and len(values) + len(chunk.values) > MAX_METRICS:
                 break
-            self.history.popleft()
-            values += chunk.values
+            queue.popleft()
+            values += chunk.expand()
             self.queued -= len(chunk.values)
             if chunk.row_id is not None:
                 ids.append(chunk.row_id)
+        if queue:
+            self.history[device] = queue  # to the back: the next device's turn
         self.next_at = now + 1.0 / PAYLOADS_PER_SECOND
         return device, values, ids
 

@@ -15,7 +15,13 @@ from typing import Any
 import orjson
 
 from agent.contract.data import measurement_point
-from agent.contract.events import CROSSWALK_PRESENCE, DEVICE_STATUS, METER_READING, PARKING_OCCUPANCY
+from agent.contract.events import (
+    CROSSWALK_PRESENCE,
+    DEVICE_STATUS,
+    GATEWAY_HEALTH,
+    METER_READING,
+    PARKING_OCCUPANCY,
+)
 
 # Sparkplug B DataType numbers (sparkplug_b.proto, enum DataType) this edge node uses.
 INT32, INT64, UINT64, FLOAT, DOUBLE, BOOLEAN, STRING = 3, 4, 8, 9, 10, 11, 12
@@ -24,6 +30,22 @@ LONG_TYPES = frozenset({4, 8, 13})  # carried in long_value (uint64)
 TYPE_NAMES = {INT32: "Int32", INT64: "Int64", UINT64: "UInt64", FLOAT: "Float", DOUBLE: "Double",
               BOOLEAN: "Boolean", STRING: "String"}  # fmt: skip
 BOOLEAN_QUANTITIES = frozenset({"digital_input"})  # 0/1 states (coils, bits), as the OPC UA server types them
+NODE = ""  # the edge node itself, as a "device" id: its metrics go in NBIRTH/NDATA
+# The gateway's health as node metrics: name, where in the health event's data, datatype. A fixed
+# list, so NBIRTH names them all (null until the first health event) and no new one forces a rebirth.
+HEALTH_METRICS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("Gateway/uptime_s", ("uptime_s",), DOUBLE),
+    ("Gateway/devices/total", ("devices", "total"), INT64),
+    ("Gateway/devices/online", ("devices", "online"), INT64),
+    ("Gateway/buffer/events", ("buffer", "events"), INT64),
+    ("Gateway/buffer/bytes", ("buffer", "bytes"), INT64),
+    ("Gateway/buffer/oldest_age_s", ("buffer", "oldest_age_s"), DOUBLE),
+    ("Gateway/uplink/connected", ("uplink", "connected"), BOOLEAN),
+    ("Gateway/process/cpu_percent", ("process", "cpu_percent"), DOUBLE),
+    ("Gateway/process/rss_bytes", ("process", "rss_bytes"), INT64),
+    ("Gateway/host/disk_free_bytes", ("host", "disk_free_bytes"), INT64),
+    ("Gateway/host/temperature_c", ("host", "temperature_c"), DOUBLE),
+)
 
 
 @dataclass(slots=True)
@@ -75,6 +97,8 @@ def parse(payload: bytes) -> Event | None:
         for m in data.get("measurements", ()):
             name = measurement_point(m)
             value, unit, quality = m.get("value"), m.get("unit") or None, m.get("quality", "good")
+            if not isinstance(value, bool | int | float | str):  # nothing a metric can hold
+                value, quality = None, "bad"
             values.append(Value(name, value, datatype_of(value, unit, m.get("quantity")), unit, quality, ts, name))
         return Event(device, kind, values)
     if kind == PARKING_OCCUPANCY:
@@ -87,7 +111,18 @@ def parse(payload: bytes) -> Event | None:
         return Event(device, kind, [Value(f"area/{data['area']}/count", int(data["count"]), INT64, None, "good", ts)])
     if kind == DEVICE_STATUS:
         return Event(device, kind, [], status=str(data.get("status", "offline")))
+    if kind == GATEWAY_HEALTH:
+        return Event(NODE, kind, [Value(name, _dig(data, path), datatype, None, "good", ts)
+                                  for name, path, datatype in HEALTH_METRICS])  # fmt: skip
     return None
+
+
+def _dig(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """The scalar at ``path`` in a health event's data, or None (absent, or not a scalar)."""
+    found: Any = data
+    for key in path:
+        found = found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, int | float | str) else None
 
 
 def coerce(value: Any, datatype: int) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from agent.uplinks.sparkplug.metrics import Value, coerce
+from agent.uplinks.sparkplug.metrics import HEALTH_METRICS, NODE, Value, coerce
 
 
 @dataclass(slots=True)
@@ -31,9 +31,15 @@ class Model:
         self.devices: dict[str, Device] = {}
         self._next_alias = 1
         self.by_alias: dict[int, tuple[str, str]] = {}
+        # The edge node's own metrics (the gateway's health): in NBIRTH, null until first heard of.
+        self.node = Device(NODE, {name: Value(name, None, datatype, None, "good", 0) for name, _, datatype
+                                  in HEALTH_METRICS})  # fmt: skip
+        self.realias(self.node)
 
     def device(self, device_id: str) -> Device:
-        """The device, created the first time."""
+        """The device (the node itself for :data:`NODE`), created the first time."""
+        if device_id == NODE:
+            return self.node
         found = self.devices.get(device_id)
         if found is None:
             found = self.devices[device_id] = Device(device_id)
@@ -66,6 +72,16 @@ class Model:
                 device.current[v.name] = replace(v, value=None, quality="good")
             typed.append(v)
         return typed, new
+
+    def typed(self, device: Device, values: list[Value]) -> list[Value]:
+        """Backlog values with the datatype and unit of their metric's BIRTH (unknown ones left out)."""
+        out = []
+        for v in values:
+            known = device.current.get(v.name)
+            if known is not None:
+                v.datatype, v.unit = known.datatype, known.unit
+                out.append(v)
+        return out
 
     def realias(self, device: Device) -> None:
         """Fresh aliases for every metric of the device (before its DBIRTH after a change)."""

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Iterable
 
 from agent.uplinks.sparkplug.client import Connection
-from agent.uplinks.sparkplug.metrics import Value
+from agent.uplinks.sparkplug.metrics import NODE, Value
 from agent.uplinks.sparkplug.model import Device, Model
-from agent.uplinks.sparkplug.payloads import metrics_payload, node_birth, node_death
+from agent.uplinks.sparkplug.payloads import metrics_payload, node_birth, node_death, now_ms
 
 log = logging.getLogger(__name__)
 NAMESPACE = "spBv1.0"
@@ -63,8 +63,13 @@ class Session:
     def birth_all(self) -> None:
         """NBIRTH (seq 0, the session's bdSeq) and a DBIRTH for every device online with metrics."""
         self.seq = -1
-        self._send(self.topics.nbirth, node_birth(self.bdseq, self._seq(), ()))
-        self.born = True
+        node = self.model.node
+        for value in node.current.values():
+            if not value.timestamp:
+                value.timestamp = now_ms()  # a metric not heard of yet: null as of this birth
+        metrics = [(v, self._alias(node, v.name)) for v in node.current.values()]
+        self._send(self.topics.nbirth, node_birth(self.bdseq, self._seq(), metrics))
+        node.born = self.born = True
         for device in self.model.devices.values():
             device.born = False
             if device.online and device.current:
@@ -89,13 +94,17 @@ class Session:
             device.born = False
 
     def ddata(self, device: Device, values: Iterable[Value], *, historical: bool = False) -> None:
-        """DDATA of these values (aliases only, when on); births the device first if it is not born."""
-        if not device.born:
-            self.dbirth(device)
+        """DDATA (NDATA for the node's own metrics) of these values (aliases only, when on); births
+        the device first if it is not born."""
+        if device.id == NODE:
+            topic = self.topics.ndata
+        else:
+            topic = self.topics.device("DDATA", device.id)
+            if not device.born:
+                self.dbirth(device)
         metrics = [(v, self._alias(device, v.name)) for v in values]
         if metrics:
-            payload = metrics_payload(self._seq(), metrics, birth=False, historical=historical)
-            self._send(self.topics.device("DDATA", device.id), payload)
+            self._send(topic, metrics_payload(self._seq(), metrics, birth=False, historical=historical))
 
     def _alias(self, device: Device, name: str) -> int | None:
         return device.aliases.get(name) if self.aliases else None

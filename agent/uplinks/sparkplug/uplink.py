@@ -30,6 +30,7 @@ from agent.uplinks.sparkplug.payloads import node_death
 log = logging.getLogger(__name__)
 READ_LIMIT = 500  # rows taken from the feed at a time
 BDSEQ_FILE = "sparkplug.bdseq"
+_DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
 
 
 class SparkplugUplink:
@@ -50,6 +51,7 @@ class SparkplugUplink:
         self.session: Session | None = None
         self._conn: Connection | None = None
         self._bad_rows = 0
+        self._stopping = False  # goodbye() said NDEATH: no new session until run() is cancelled
 
     def quiet_allowance(self) -> float:
         """paho notices a dead link within 1.5 keepalives: allow two before calling it stalled."""
@@ -61,6 +63,8 @@ class SparkplugUplink:
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(10.0, cfg.reconnect_max))
         index, failed_in_round = 0, 0
         while True:
+            if self._stopping:
+                await asyncio.Event().wait()  # the caller cancels us next
             server = cfg.servers[index]
             backoff.attempt(time.monotonic())
             held = False
@@ -74,7 +78,10 @@ class SparkplugUplink:
             finally:
                 held = self.status.connected
                 await self._end_session()
-            log.warning("Sparkplug: %s; trying the next server", reason, extra={"subject": "uplink", "state": "down"})
+            if self._stopping:
+                continue
+            if held or reason != self.status.last_error:
+                log.warning("Sparkplug: %s; trying the next server", reason, extra=_DOWN)
             self.status.failed(reason)
             index = (index + 1) % len(cfg.servers)
             failed_in_round = 0 if held else failed_in_round + 1
@@ -150,7 +157,8 @@ class SparkplugUplink:
             self.status.published += len(rows)
             if forward.due(now):
                 device_id, values, ids = forward.take(now)
-                session.ddata(self.model.device(device_id), values, historical=True)
+                device = self.model.device(device_id)
+                session.ddata(device, self.model.typed(device, values), historical=True)
                 forward.sent(ids, now)
             if len(rows) < READ_LIMIT:
                 await self._wait(feed, conn, forward.next_wake(now))
@@ -166,17 +174,30 @@ class SparkplugUplink:
                 w.cancel()
 
     def _row(self, session: Session, row: Stored, now: float) -> None:
-        """One buffered event: live ones go out now, backlog ones join the historical queue."""
+        """One buffered event; one that cannot be carried is logged and passed over (it would
+        otherwise end every session at the same place)."""
         try:
-            event = parse(row.payload)
+            self._carry(session, row, now)
         except Exception as exc:
             self._bad_rows += 1
-            log.warning("Sparkplug: event %d (%s) not carried: %s", row.id, row.type, exc)
-            event = None
+            log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
+            self.forward.sent([row.id], now)
+
+    def _carry(self, session: Session, row: Stored, now: float) -> None:
+        """Live events go out now, backlog ones join the historical queue."""
+        event = parse(row.payload)
         if event is None:
             self.forward.sent([row.id], now)
             return
         device = self.model.device(event.device)
+        if device is self.model.node:
+            values, _ = self.model.learn(device, event.values, historical=row.backlog)
+            if row.backlog:
+                self.forward.add(device.id, values, row.id)
+            else:
+                session.ddata(device, values)
+                self.forward.sent([row.id], now)
+            return
         if event.status is not None:
             device.online = event.status != "offline"
             if not device.online:
@@ -213,6 +234,7 @@ class SparkplugUplink:
 
     async def goodbye(self) -> None:
         """NDEATH, then disconnect (a clean disconnect sends no will)."""
+        self._stopping = True
         await self._end_session()
         await self.commands.close()
 

@@ -41,7 +41,12 @@ class Recorder:
         self.messages: list[Message] = []
         self.lock = threading.Lock()
         self.port = port
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"rec-{time.time()}")
+        # A persistent session, back within half a second of a broker restart: what the edge node
+        # sends before the recorder is back is queued for it (the broker queues QoS 0 too).
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"rec-{time.time()}", clean_session=False
+        )
+        self.client.reconnect_delay_set(0.05, 0.2)
         self.client.on_connect = lambda c, *_: c.subscribe("spBv1.0/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -54,7 +59,10 @@ class Recorder:
             kind, device, payload = "STATE", None, None
         else:
             kind, device = parts[2], parts[4] if len(parts) > 4 else None
-            payload = payload_class().FromString(msg.payload)
+            try:
+                payload = payload_class().FromString(msg.payload)
+            except Exception:  # a test's deliberately broken command
+                payload = None
         with self.lock:
             self.messages.append(
                 Message(
