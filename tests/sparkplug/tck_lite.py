@@ -15,7 +15,6 @@ ASSERTIONS = Path(__file__).with_name("assertions.yaml")
 MQTT5_IDS = frozenset({"principles-persistence-clean-session-50",
                        "payloads-ndeath-will-message-publisher-disconnect-mqtt50"})  # fmt: skip
 
-_NO_NDATA = "untested: no NDATA"  # no node metrics change: gateway health is not published as node metrics yet
 
 # Our edge node fails these, as the verdict's words show; the lead routes them to the uplink's
 # branch (h-spb). A test here fails as soon as the finding changes, fixed or not, so the entry
@@ -25,11 +24,16 @@ OURS_FAILING: dict[str, str] = {
     "operational-behavior-data-publish-dbirth-values": "is_null, but DDATA",
     "operational-behavior-device-ddeath": "fail: pump-1, still offline, left born by DBIRTH",
     "payloads-ndeath-will-message-publisher-disconnect-mqtt50": "fail: DISCONNECT #",
-    **{i: _NO_NDATA for i in ("payloads-ndata-order", "payloads-ndata-qos", "payloads-ndata-retain",
-                              "payloads-ndata-seq", "payloads-ndata-timestamp", "topics-ndata-mqtt",
-                              "topics-ndata-payload", "topics-ndata-seq-num", "topics-ndata-timestamp",
-                              "topics-ndata-topic")},
 }  # fmt: skip
+
+
+# Failures that depend on timing: the verdict is a pass or exactly this finding, nothing else.
+# nbirth-values: after the walk to server B the NBIRTH carried the gateway's node metrics as
+# is_null while the NDATA right after it held their values read before the birth (seen in 2 of 4
+# runs); the same cause as dbirth-values above, where the window is always open.
+OURS_INTERMITTENT: dict[str, str] = {
+    "operational-behavior-data-publish-nbirth-values": "is_null, but NDATA",
+}
 
 
 def ids_for(test: str) -> list[str]:
@@ -46,5 +50,7 @@ def assert_ours(ident: str, ours: dict[str, Verdict], ours_mqtt5: dict[str, Verd
         assert verdict.outcome != PASS and OURS_FAILING[ident] in said, (
             f"{ident}: the known failure {OURS_FAILING[ident]!r} changed to {said!r}: update OURS_FAILING"
         )
+    elif ident in OURS_INTERMITTENT:
+        assert verdict.outcome == PASS or OURS_INTERMITTENT[ident] in said, f"{ident}: {said}"
     else:
         assert verdict.outcome == PASS, f"{ident}: {said}"
