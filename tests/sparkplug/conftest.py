@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,23 @@ def _shared(name: str, record: Callable[[Path], Session], tmp: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
-def ours(tmp_path_factory: pytest.TempPathFactory) -> Verdicts:
-    return _shared("ours", record_ours, tmp_path_factory)
+def both_of_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Verdicts, Verdicts]:
+    """Our main session and the MQTT 5.0 one, recorded side by side (own brokers, own agents): the
+    suite waits for the longer, not the sum."""
+    with ThreadPoolExecutor(2) as pool:
+        main = pool.submit(_shared, "ours", record_ours, tmp_path_factory)
+        mqtt5 = pool.submit(_shared, "ours-mqtt5", record_ours_mqtt5, tmp_path_factory)
+        return main.result(), mqtt5.result()
 
 
 @pytest.fixture(scope="session")
-def ours_mqtt5(tmp_path_factory: pytest.TempPathFactory) -> Verdicts:
-    return _shared("ours-mqtt5", record_ours_mqtt5, tmp_path_factory)
+def ours(both_of_ours: tuple[Verdicts, Verdicts]) -> Verdicts:
+    return both_of_ours[0]
+
+
+@pytest.fixture(scope="session")
+def ours_mqtt5(both_of_ours: tuple[Verdicts, Verdicts]) -> Verdicts:
+    return both_of_ours[1]
 
 
 @pytest.fixture(scope="session")

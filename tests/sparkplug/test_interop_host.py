@@ -14,15 +14,14 @@ import json
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from drivers.modbus.config import PointConfig
 from tests.conftest import AgentProcess, Mosquitto, wait_for, write_config
 from tests.sparkplug.node_peer import NodeScript
 from tests.sparkplug.world import POINTS, ModbusUnit
-from drivers.modbus.config import PointConfig
 
 GROUP, NODE, HOST = "plant", "gw-test", "interop-host"
 SETPOINT, POWER = (PointConfig.model_validate(p) for p in POINTS)
@@ -115,8 +114,11 @@ def test_host_writes_with_dcmd_and_sees_the_value_come_back(interop: Interop) ->
 def test_host_rebirth_brings_every_birth_again_with_the_same_bdseq(interop: Interop) -> None:
     before = len(interop.messages("NBIRTH"))
     interop.command(cmd="rebirth")
-    interop.wait(lambda: len(interop.messages("NBIRTH")) > before and len(interop.messages("DBIRTH", "pump-1")) > before,
-             5, "the rebirth")  # fmt: skip
+
+    def reborn() -> bool:
+        return len(interop.messages("NBIRTH")) > before and len(interop.messages("DBIRTH", "pump-1")) > before
+
+    interop.wait(reborn, 5, "the rebirth")
     first, reborn = interop.messages("NBIRTH")[0], interop.messages("NBIRTH")[-1]
     assert bdseq(reborn) == bdseq(first) and reborn["seq"] == 0
     assert {x["name"]: x["value"] for x in interop.messages("DBIRTH", "pump-1")[-1]["metrics"]} == {
