@@ -6,12 +6,11 @@ from __future__ import annotations
 from tests.sparkplug.checks_birth import _epochs
 from tests.sparkplug.checks_session import REBIRTH, _where
 from tests.sparkplug.packets import Packet
-from tests.sparkplug.session import BIRTHS, DATA, NAMESPACE, EdgeMessage, Session, bdseq_of, metrics
+from tests.sparkplug.session import BIRTHS, DATA, IN_FLIGHT, NAMESPACE, EdgeMessage, Session, bdseq_of, metrics
 from tests.sparkplug.spb import INT32, METRIC_TYPES, PROPERTY_TYPES, decode
 from tests.sparkplug.verdicts import Check, Verdict, check, judge
 
 QUALITY_CODES = {0, 192, 500}
-IN_FLIGHT = 0.02  # s: a DATA the edge had written before a command reached it may pass the proxy after it
 
 
 def _data_payload(kind: str) -> Check:

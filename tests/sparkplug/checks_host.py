@@ -10,7 +10,7 @@ from paho.mqtt.client import topic_matches_sub
 
 from tests.sparkplug.checks_session import _where
 from tests.sparkplug.packets import Packet
-from tests.sparkplug.session import DATA, NAMESPACE, EdgeMessage, Session, state_of
+from tests.sparkplug.session import DATA, IN_FLIGHT, NAMESPACE, EdgeMessage, Session, state_of
 from tests.sparkplug.verdicts import Verdict, check, judge
 
 REACT = 2.0  # s: how soon after a valid offline STATE the edge must have left the server
@@ -113,7 +113,8 @@ def offline_ndeath_disconnect(s: Session) -> Verdict:
             bad.append(f"stayed on {st.packet.server}#{st.packet.conn} after offline STATE #{st.packet.n}")
         elif ndeath is None or ndeath.n > left.n:
             bad.append(f"left {st.packet.server}#{st.packet.conn} without an NDEATH after offline STATE #{st.packet.n}")
-        elif any(m.kind in DATA for m in s.edge if m.conn == st.packet.conn and st.packet.n < m.n < ndeath.n):
+        elif any(m.kind in DATA and m.at > st.packet.at + IN_FLIGHT for m in s.edge
+                 if m.conn == st.packet.conn and st.packet.n < m.n < ndeath.n):  # fmt: skip
             bad.append(f"DATA after offline STATE #{st.packet.n}")
     return judge(bad, len(found), "valid offline STATEs in session")
 

@@ -17,6 +17,9 @@ NAMESPACE = "spBv1.0"
 EDGE_KINDS = ("NBIRTH", "NDEATH", "DBIRTH", "DDEATH", "NDATA", "DDATA", "NCMD", "DCMD")
 DATA = ("NDATA", "DDATA")
 BIRTHS = ("NBIRTH", "DBIRTH")
+# s: a message the edge had written before a STATE or command reached it may pass the proxy just
+# after that STATE or command went the other way; only later ones count as the edge's reaction
+IN_FLIGHT = 0.02
 
 
 @dataclass(frozen=True)

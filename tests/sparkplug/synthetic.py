@@ -124,10 +124,14 @@ def good(**faults: bool) -> Session:
               retain=bool(faults.get("retained_nbirth")))  # fmt: skip
     if faults.get("data_before_dbirth"):
         s.publish("DDATA", "d1", data(10, 230.5))
-    s.publish("DBIRTH", "d1", dbirth("d1"))
+    born_at = s.now
+    first = dbirth("d1")
+    if faults.get("birth_null_known"):  # the value read before the birth comes right after it instead
+        first[0] = {"name": "voltage_l1", "alias": 10, "datatype": DOUBLE, "is_null": True}
+    s.publish("DBIRTH", "d1", first)
     s.publish("DBIRTH", "d2", dbirth("d2"))
     s.publish("NDATA", metrics=data(1, 6.0))
-    s.publish("DDATA", "d1", data(10, 230.2))
+    s.publish("DDATA", "d1", [{"alias": 10, "double_value": 230.2, "timestamp": int(born_at * 1000) - 500}])
     s.command("NCMD", [{"name": "Node Control/Rebirth", "datatype": BOOLEAN, "boolean_value": True}])
     s.publish("NBIRTH", metrics=nbirth(0))
     s.publish("DBIRTH", "d1", dbirth("d1"))
@@ -147,6 +151,8 @@ def good(**faults: bool) -> Session:
     s.state(True, 3000)
     s.publish("NBIRTH", metrics=nbirth(7 if faults.get("bdseq_mismatch") else 1))
     s.publish("DBIRTH", "d1", dbirth("d1"))
+    if faults.get("dead_device_reborn"):  # d2 went offline on A and is born on B as if it were back
+        s.publish("DBIRTH", "d2", dbirth("d2"))
     for i in range(300):  # past 255, so the seq wraps
         s.publish("DDATA", "d1", data(10, 230 + i / 100))
     s.publish("NDEATH", metrics=[{"name": "bdSeq", "datatype": INT64, "long_value": 1}])
@@ -167,6 +173,8 @@ BROKEN: dict[str, set[str]] = {
     },
     "aliased_rebirth": {"operational-behavior-data-commands-rebirth-name-aliases"},
     "data_before_dbirth": {"payloads-ddata-order"},
+    "birth_null_known": {"operational-behavior-data-publish-dbirth-values"},
+    "dead_device_reborn": {"operational-behavior-device-ddeath"},
 }
 """Each fault, and the assertions (one rule, stated under several ids where the spec repeats it) it breaks."""
 
