@@ -23,12 +23,14 @@ from tests.sparkplug.session import Session
 from tests.sparkplug.verdicts import Verdict, evaluate
 
 Verdicts = dict[str, Verdict]
+Judged = tuple[Session, Verdicts]
 
 
-def _shared(name: str, record: Callable[[Path], Session], tmp: pytest.TempPathFactory) -> Verdicts:
+def _shared(name: str, record: Callable[[Path], Session], tmp: pytest.TempPathFactory) -> Judged:
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:
-        return evaluate(record(tmp.mktemp(name)))
+        recorded = record(tmp.mktemp(name))
+        return recorded, evaluate(recorded)
     cache = Path(tempfile.gettempdir()) / "edge-agent-test-locks" / f"sparkplug-{name}-{run}.pickle"
     with exclusive(f"sparkplug-{name}"):
         if cache.exists():
@@ -36,11 +38,11 @@ def _shared(name: str, record: Callable[[Path], Session], tmp: pytest.TempPathFa
         else:
             session = record(tmp.mktemp(name))
             cache.write_bytes(pickle.dumps(session))
-    return evaluate(session)
+    return session, evaluate(session)
 
 
 @pytest.fixture(scope="session")
-def both_of_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Verdicts, Verdicts]:
+def both_of_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Judged, Judged]:
     """Our main session and the MQTT 5.0 one, recorded side by side (own brokers, own agents): the
     suite waits for the longer, not the sum."""
     with ThreadPoolExecutor(2) as pool:
@@ -50,15 +52,25 @@ def both_of_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Verdicts, Ve
 
 
 @pytest.fixture(scope="session")
-def ours(both_of_ours: tuple[Verdicts, Verdicts]) -> Verdicts:
-    return both_of_ours[0]
+def ours(both_of_ours: tuple[Judged, Judged]) -> Verdicts:
+    return both_of_ours[0][1]
 
 
 @pytest.fixture(scope="session")
-def ours_mqtt5(both_of_ours: tuple[Verdicts, Verdicts]) -> Verdicts:
-    return both_of_ours[1]
+def ours_mqtt5(both_of_ours: tuple[Judged, Judged]) -> Verdicts:
+    return both_of_ours[1][1]
 
 
 @pytest.fixture(scope="session")
-def control(tmp_path_factory: pytest.TempPathFactory) -> Verdicts:
+def our_sessions(both_of_ours: tuple[Judged, Judged]) -> list[Session]:
+    return [both_of_ours[0][0], both_of_ours[1][0]]
+
+
+@pytest.fixture(scope="session")
+def control_judged(tmp_path_factory: pytest.TempPathFactory) -> Judged:
     return _shared("control", record_control, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def control(control_judged: Judged) -> Verdicts:
+    return control_judged[1]

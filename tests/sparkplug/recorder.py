@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from tests.conftest import wait_for
+from tests.sparkplug.spb import decode
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Message:
     qos: int
     retain: bool
     payload: bytes
+
+    @property
+    def decoded(self) -> Any:
+        """The Sparkplug Payload (None for STATE's JSON or bytes that are not one)."""
+        return None if self.topic.startswith("spBv1.0/STATE/") else decode(self.payload)
 
 
 class Recorder:
