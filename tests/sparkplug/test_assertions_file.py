@@ -25,6 +25,8 @@ def tck_references() -> dict[str, list[str]]:
     """id -> the TCK edge tests referencing it, from tck_edge_ids.txt (copied from the TCK's sources)."""
     refs: dict[str, list[str]] = {}
     for line in (HERE / "tck_edge_ids.txt").read_text().splitlines():
+        if line.startswith("#"):
+            continue
         test, ident = line.split()
         refs.setdefault(ident, []).append(test)
     return refs
