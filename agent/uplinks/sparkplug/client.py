@@ -13,6 +13,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.uplinks.mqtt.errors import ConnectionLost
 from agent.uplinks.sparkplug.config import Server, SparkplugConfig
@@ -139,6 +141,11 @@ class Connection:
             deadline = time.monotonic() + 1.0
             while not info.is_published() and time.monotonic() < deadline and self.up:
                 await asyncio.sleep(0.01)
-        client.disconnect()
+        if self.cfg.protocol == "5":
+            # MQTT 5: "Disconnect with Will Message", so the broker sends NDEATH too
+            # (payloads-ndeath-will-message-publisher-disconnect-mqtt50).
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+        else:
+            client.disconnect()
         await self.loop.run_in_executor(None, client.loop_stop)
         _settle(self.lost, "closed")

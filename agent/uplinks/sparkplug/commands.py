@@ -43,7 +43,8 @@ class Commands:
         self.cfg, self.topics, self.model, self.inbound, self.origin = cfg, topics, model, inbound, origin
         self.writable = {(w.device, w.point) for w in cfg.writable}
         self.state_topic = Topics.state(cfg.primary_host_id) if cfg.primary_host_id else None
-        self.last_state = -1  # the newest STATE timestamp seen; older ones are ignored
+        self.last_state = -1  # the newest STATE timestamp seen
+        self.last_online = -1  # the newest online STATE's
         self.host_online = asyncio.Event()
         self.offline: asyncio.Future[str] | None = None
         self.session: Session | None = None
@@ -92,21 +93,28 @@ class Commands:
             log.warning("Sparkplug: ignored a STATE of %s that is not the spec's JSON (%s): %r",
                         self.cfg.primary_host_id, exc, payload[:200])  # fmt: skip
             return
-        if stamp < self.last_state:
+        born = self.session is not None and self.session.born
+        walk = born or len(self.cfg.servers) > 1
+        # An online STATE counts if not older than any STATE seen; an offline one in session if not
+        # older than the last online one (message-flow-edge-node-birth-publish-phid-wait-timestamp,
+        # -phid-offline). Before the BIRTHs any offline STATE says the host is not on this server:
+        # with more servers the node walks on to the next (reconnecting to a single one would only
+        # meet the same retained STATE again, so there it waits).
+        floor = self.last_state if online else self.last_online
+        if stamp < floor and (online or born):
             log.info("Sparkplug: ignored an older STATE of %s (timestamp %d < %d)", self.cfg.primary_host_id, stamp,
-                     self.last_state)  # fmt: skip
+                     floor)  # fmt: skip
             return
-        self.last_state = stamp
+        self.last_state = max(self.last_state, stamp)
         if online:
+            self.last_online = stamp
             if not self.host_online.is_set():
                 log.info("Sparkplug: primary host %s is online", self.cfg.primary_host_id)
             self.host_online.set()
-        else:
-            self.host_online.clear()
-            # Before the BIRTHs (e.g. the retained offline STATE on connect) the node just waits.
-            born = self.session is not None and self.session.born
-            if born and self.offline is not None and not self.offline.done():
-                self.offline.set_result(f"primary host {self.cfg.primary_host_id} went offline")
+            return
+        self.host_online.clear()
+        if walk and self.offline is not None and not self.offline.done():
+            self.offline.set_result(f"primary host {self.cfg.primary_host_id} is offline")
 
     # ---- NCMD ----------------------------------------------------------------------------
     def _ncmd(self, payload: bytes) -> None:

@@ -16,7 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.uplinks.sparkplug.metrics import Value
+from agent.uplinks.sparkplug.metrics import Value, compact_meter
+from agent.uplinks.sparkplug.model import Model
 
 MAX_METRICS = 500
 PAYLOADS_PER_SECOND = 10
@@ -84,6 +85,19 @@ class Forward:
             queue.append(chunk)
             self.queued += len(part)
 
+    def add_compact(self, device: str, row: tuple[int, tuple[str, ...], tuple[Any, ...], tuple[str, ...]],
+                    row_id: int) -> None:  # fmt: skip
+        """Queue one backlog row already in compact form: (timestamp, names, values, qualities)."""
+        ts, names, values, qualities = row
+        if len(names) > MAX_METRICS:
+            self.add(device, [Value(n, v, 0, None, q, ts) for n, v, q in zip(names, values, qualities, strict=True)],
+                     row_id)  # fmt: skip
+            return
+        names = self._names.setdefault(names, names)
+        good = all(q == "good" for q in qualities)
+        self.history.setdefault(device, deque()).append(Chunk(names, values, None if good else qualities, ts, row_id))
+        self.queued += len(names)
+
     def due(self, now: float) -> bool:
         """Whether a historical payload may go now."""
         return bool(self.history) and now >= self.next_at
@@ -130,3 +144,19 @@ class Forward:
         if self.unconfirmed:
             times.append(self.unconfirmed[0][0] + self.keepalive - now)
         return max(0.0, min(times))
+
+
+def queue_backlog(model: Model, forward: Forward, payload: bytes, row_id: int) -> bool:
+    """A backlog meter reading of a born device whose metrics are all known, queued without the
+    general path's objects (the read-ahead of a long backlog is mostly these); False: not one."""
+    compact = compact_meter(payload)
+    if compact is None:
+        return False
+    device_id, ts, names, values, qualities = compact
+    device = model.devices.get(device_id)
+    if device is None or not device.born or not all(n in device.current for n in names):
+        return False
+    if not all(v is None or isinstance(v, bool | int | float | str) for v in values):
+        return False  # the general path makes such a value null with bad quality
+    forward.add_compact(device_id, (ts, names, values, qualities), row_id)
+    return True

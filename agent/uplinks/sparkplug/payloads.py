@@ -12,10 +12,10 @@ from agent.uplinks.sparkplug.metrics import (
     DOUBLE,
     FLOAT,
     INT32,
+    INT64,
     INT_TYPES,
     LONG_TYPES,
     STRING,
-    UINT64,
     Value,
 )
 from agent.uplinks.sparkplug.proto import new_payload, payload_class
@@ -89,7 +89,11 @@ def add_metric(payload: Any, value: Value, *, alias: int | None, birth: bool, hi
     if historical:
         metric.is_historical = True
     bad = value.quality == "bad"
-    set_value(metric, value.datatype, None if bad else value.value)
+    try:
+        set_value(metric, value.datatype, None if bad else value.value)
+    except (TypeError, ValueError, OverflowError):  # not a value of the metric's BIRTH datatype
+        bad = True
+        set_value(metric, value.datatype, None)
     if birth and value.unit:
         _property(metric.properties, ENG_UNIT, STRING, value.unit)
     if bad:
@@ -103,7 +107,7 @@ def node_birth(bdseq: int, seq: int, node_metrics: Iterable[tuple[Value, int | N
     payload = new_payload()
     ts = now_ms()
     payload.timestamp, payload.seq = ts, seq
-    add_metric(payload, Value(BDSEQ, bdseq, UINT64, None, "good", ts), alias=None, birth=True)
+    add_metric(payload, Value(BDSEQ, bdseq, INT64, None, "good", ts), alias=None, birth=True)
     add_metric(payload, Value(REBIRTH, False, BOOLEAN, None, "good", ts), alias=None, birth=True)
     for value, alias in node_metrics:
         add_metric(payload, value, alias=alias, birth=True)
@@ -115,7 +119,7 @@ def node_death(bdseq: int) -> bytes:
     payload = new_payload()
     ts = now_ms()
     payload.timestamp = ts
-    add_metric(payload, Value(BDSEQ, bdseq, UINT64, None, "good", ts), alias=None, birth=True)
+    add_metric(payload, Value(BDSEQ, bdseq, INT64, None, "good", ts), alias=None, birth=True)
     return bytes(payload.SerializeToString())
 
 

@@ -60,8 +60,15 @@ def _compile(target: Path) -> None:
 def descriptor_file() -> Path:
     """The compiled descriptor set of the pinned .proto (compiled now if not cached)."""
     digest = hashlib.sha256(PROTO.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / "sparkplug" / f"sparkplug_b-{digest}.desc"
-    if not target.is_file():
+    name = f"sparkplug_b-{digest}.desc"
+    target = _cache_dir() / "sparkplug" / name
+    if target.is_file():
+        return target
+    try:
+        _compile(target)
+    except OSError:
+        # A service user without a writable home: compile for this process only.
+        target = Path(tempfile.mkdtemp(prefix="edge-agent-sparkplug-")) / name
         _compile(target)
     return target
 

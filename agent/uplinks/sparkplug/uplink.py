@@ -21,14 +21,15 @@ from agent.uplinks.sparkplug.bdseq import BdSeq
 from agent.uplinks.sparkplug.client import Connection
 from agent.uplinks.sparkplug.commands import Commands, HostOffline
 from agent.uplinks.sparkplug.config import SparkplugConfig
-from agent.uplinks.sparkplug.forward import Forward
-from agent.uplinks.sparkplug.metrics import parse
-from agent.uplinks.sparkplug.model import Model
+from agent.uplinks.sparkplug.forward import Forward, queue_backlog
+from agent.uplinks.sparkplug.metrics import Event, Value, parse
+from agent.uplinks.sparkplug.model import Device, Model
 from agent.uplinks.sparkplug.node import Session, Topics
 from agent.uplinks.sparkplug.payloads import node_death
 
 log = logging.getLogger(__name__)
 READ_LIMIT = 500  # rows taken from the feed at a time
+WARMUP, SETTLE = 2.0, 0.5  # first session of a run: wait for the devices' first readings before NBIRTH
 BDSEQ_FILE = "sparkplug.bdseq"
 _DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
 
@@ -104,7 +105,6 @@ class SparkplugUplink:
             self.status.connects += 1
             log.info("Sparkplug edge node %s/%s online on %s (bdSeq %d)", self.topics.group, self.topics.node,
                      conn.where, bdseq, extra={"subject": "uplink", "state": "connected"})  # fmt: skip
-            session.birth_all()
             await self._publish_until_lost(feed, conn, session)
         finally:
             reader.cancel()
@@ -131,8 +131,10 @@ class SparkplugUplink:
         while not self.commands.host_online.is_set():
             self._check(conn)
             online: asyncio.Future[Any] = asyncio.ensure_future(self.commands.host_online.wait())
+            offline = self.commands.offline
             try:
-                await asyncio.wait([online, conn.lost], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([online, conn.lost, *([offline] if offline else [])], timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             finally:
                 online.cancel()
         self._check(conn)
@@ -141,6 +143,20 @@ class SparkplugUplink:
         cursors: dict[int, int] = {}  # a new dict: rows from before this session come as backlog
         forward = self.forward
         forward.reset()
+        # The first rows are learned before the BIRTHs, so the devices they name are born with the
+        # NBIRTH; on the first session of a run, the devices' first readings are waited for.
+        first = await self._first_rows(feed, conn, cursors)
+        for row in first:
+            try:
+                self._learn(row)
+            except Exception:  # _row logs it below
+                log.debug("Sparkplug: event %d not learned", row.id, exc_info=True)
+        session.birth_all()
+        now = time.monotonic()
+        for row in first:
+            cursors[row.priority] = row.id
+            self._row(session, row, now)
+        self.status.published += len(first)
         while True:
             feed.committed.clear()
             self._check(conn)
@@ -163,6 +179,27 @@ class SparkplugUplink:
             if len(rows) < READ_LIMIT:
                 await self._wait(feed, conn, forward.next_wake(now))
 
+    async def _first_rows(self, feed: EventFeed, conn: Connection, cursors: dict[int, int]) -> list[Stored]:
+        """The rows the session starts with. With nothing buffered and no device known yet (the
+        agent just started), wait up to WARMUP for the first readings, then SETTLE more for the
+        devices polled a little later."""
+        rows = await feed.next_batch(cursors, READ_LIMIT)
+        for row in rows:
+            cursors[row.priority] = row.id
+        if rows or self.model.devices:
+            return rows
+        deadline = time.monotonic() + WARMUP
+        while time.monotonic() < deadline and len(rows) < READ_LIMIT:
+            feed.committed.clear()
+            await self._wait(feed, conn, deadline - time.monotonic())
+            self._check(conn)
+            for row in await feed.next_batch(cursors, READ_LIMIT - len(rows)):
+                cursors[row.priority] = row.id
+                rows.append(row)
+            if rows:
+                deadline = min(deadline, time.monotonic() + SETTLE)
+        return rows
+
     async def _wait(self, feed: EventFeed, conn: Connection, timeout: float) -> None:
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(feed.committed.wait())]
         offline = self.commands.offline
@@ -183,34 +220,46 @@ class SparkplugUplink:
             log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
             self.forward.sent([row.id], now)
 
-    def _carry(self, session: Session, row: Stored, now: float) -> None:
-        """Live events go out now, backlog ones join the historical queue."""
+    def _learn(self, row: Stored) -> tuple[Event | None, Device | None, list[Value], bool]:
+        """What a row tells the model (devices, metrics, online), nothing sent: (event, device,
+        its values as born, whether the device or a metric is new)."""
         event = parse(row.payload)
         if event is None:
-            self.forward.sent([row.id], now)
-            return
+            return None, None, [], False
         device = self.model.device(event.device)
-        if device is self.model.node:
-            values, _ = self.model.learn(device, event.values, historical=row.backlog)
-            if row.backlog:
-                self.forward.add(device.id, values, row.id)
-            else:
-                session.ddata(device, values)
-                self.forward.sent([row.id], now)
-            return
         if event.status is not None:
             device.online = event.status != "offline"
+            return event, device, [], False
+        values, new = self.model.learn(device, event.values, historical=row.backlog)
+        if device is not self.model.node:
+            device.online = True
+        return event, device, values, new
+
+    def _carry(self, session: Session, row: Stored, now: float) -> None:
+        """Live events go out now, backlog ones join the historical queue."""
+        if row.backlog and queue_backlog(self.model, self.forward, row.payload, row.id):
+            return
+        event, device, values, new = self._learn(row)
+        if event is None or device is None:
+            self.forward.sent([row.id], now)
+            return
+        if event.status is not None:
             if not device.online:
                 session.ddeath(device)
             elif device.current and not device.born:
-                session.dbirth(device)
+                session.dbirth(device)  # back online: born again alone, with the same aliases
             self.forward.sent([row.id], now)
             return
-        values, new = self.model.learn(device, event.values, historical=row.backlog)
-        device.online = True
         if new or not device.born:
-            session.dbirth(device, fresh=new)  # the live values are in it as current ones
-            if not row.backlog:
+            if new:
+                # A device or metric not born this session: the whole node is born again, so every
+                # DBIRTH follows the NBIRTH with no DATA between (payloads-dbirth-order), with
+                # fresh aliases for this device (payloads-alias-uniqueness).
+                self.model.realias(device)
+                session.birth_all()
+            else:
+                session.dbirth(device)
+            if not row.backlog:  # the live values are in the BIRTH as current ones
                 self.forward.sent([row.id], now)
                 return
         if row.backlog:

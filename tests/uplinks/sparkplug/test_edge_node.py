@@ -36,6 +36,8 @@ POINTS = [
 DEVICES = (
     "  - {id: meter-1, driver: virtual, kind: meter, interval: 200ms}\n"
     "  - {id: bay-1, driver: virtual, kind: parking, interval: 200ms, bay: P-07}\n"
+    "  - {id: flaky-1, driver: virtual, kind: crosswalk, interval: 100ms, fail_every: 6, offline_after: 1,"
+    " area: crossing-n}\n"
     "  - {id: pump-1, driver: modbus, host: 127.0.0.1, port: %d, interval: 200ms, timeout: 300ms, points: %s}\n"
 )
 WRITABLE = "writable: [{device: pump-1, point: setpoint}, {device: pump-1, point: power}]"
@@ -113,7 +115,7 @@ def test_session_establishment_births_before_data(world: World) -> None:
     nbirth = msgs[0]
     assert nbirth.payload.seq == 0 and not nbirth.retain and nbirth.qos == 0
     metrics = nbirth.metrics()
-    assert metrics["bdSeq"].datatype == 8 and metrics["bdSeq"].long_value == 0  # the first session of this state
+    assert metrics["bdSeq"].datatype == INT64 and metrics["bdSeq"].long_value == 0  # the first session of this state
     health = metrics["Gateway/devices/total"]  # the gateway's health as node metrics, aliased
     assert health.datatype == INT64 and health.HasField("alias") and metrics["Gateway/uptime_s"].datatype == DOUBLE
     rebirth = metrics["Node Control/Rebirth"]
@@ -129,11 +131,17 @@ def test_session_establishment_births_before_data(world: World) -> None:
         == {"engUnit": "V"}  # fmt: skip
     bay = world.rec.of("DBIRTH", "bay-1")[0].metrics()
     assert bay["bay/P-07/occupied"].datatype == BOOLEAN and bay["bay/P-07/confidence"].datatype == DOUBLE
-    aliases = [m.alias for b in world.rec.of("DBIRTH") for m in b.payload.metrics]
-    assert len(aliases) == len(set(aliases)), "aliases are unique across the node"
+    # Every BIRTH of the latest round (a late device births the node again): aliases unique across the node.
+    last = max(i for i, m in enumerate(msgs) if m.kind == "NBIRTH")
+    births = list(itertools.takewhile(lambda m: m.kind in ("NBIRTH", "DBIRTH"), msgs[last:]))
+    assert {"meter-1", "bay-1", "pump-1"} <= {m.device for m in births}, "every DBIRTH right after the NBIRTH"
+    aliases = [m.alias for b in births for m in b.payload.metrics if m.HasField("alias")]
+    assert len(aliases) == len(set(aliases)) >= 19, "aliases are unique across the node"
     # seq runs 0..n over every message of the session, NBIRTH first.
-    seqs = [m.payload.seq for m in msgs if m.kind != "NDEATH"]
-    assert seqs == [i % 256 for i in range(len(seqs))]
+    starts = [i for i, m in enumerate(msgs) if m.kind == "NBIRTH"] + [len(msgs)]
+    for begin, end in itertools.pairwise(starts):  # a late device births the node again: seq from 0
+        seqs = [m.payload.seq for m in msgs[begin:end] if m.kind != "NDEATH"]
+        assert seqs == [i % 256 for i in range(len(seqs))]
     assert all(m.qos == 0 and not m.retain for m in msgs)
 
 
@@ -163,6 +171,19 @@ def test_rebirth_on_ncmd(world: World) -> None:
     after = world.rec.messages[world.rec.messages.index(reborn) :]
     kinds = [m.kind for m in after[:4]]
     assert kinds == ["NBIRTH", "DBIRTH", "DBIRTH", "DBIRTH"], kinds
+
+
+def test_a_device_offline_gets_ddeath_and_back_online_dbirth(world: World) -> None:
+    births_seen(world)
+    death = world.rec.wait("DDEATH", "flaky-1", timeout=5)[0]
+    assert death.qos == 0 and not death.retain and not death.payload.metrics
+    wait_for(lambda: [m for m in world.rec.of("DBIRTH", "flaky-1") if m.at > death.at], 5, "the DBIRTH once back")
+    with world.rec.lock:
+        after = [m for m in world.rec.messages if m.device == "flaky-1" and m.at >= death.at]
+    reborn = next(i for i, m in enumerate(after) if m.kind == "DBIRTH")
+    assert all(m.kind != "DDATA" for m in after[:reborn]), "no DDATA of a dead device"
+    count = after[reborn].metrics()["area/crossing-n/count"]
+    assert count.datatype == INT64 and count.HasField("alias")
 
 
 def dcmd(world: World, device: str, alias: int, datatype: int, **value: Any) -> None:
@@ -228,7 +249,7 @@ def test_store_and_forward_across_a_broker_outage(world: World) -> None:
     time.sleep(0.5)
     world.broker.stop()
     down_at = int(time.time() * 1000)
-    time.sleep(3)
+    time.sleep(2)
     world.broker.start()
     up_at = int(time.time() * 1000)
     wait_for(lambda: any(m.payload.timestamp > down_at for m in node_msgs(world.rec, "NBIRTH")), 15,
@@ -269,9 +290,10 @@ def test_store_and_forward_across_a_broker_outage(world: World) -> None:
 def test_bdseq_will_and_restart(world: World) -> None:
     births_seen(world)
     last = node_msgs(world.rec, "NBIRTH")[-1].metrics()["bdSeq"].long_value
+    killed = time.monotonic()
     world.agent.signal(signal.SIGKILL)
     world.agent.wait(5)
-    death = wait_for(lambda: node_msgs(world.rec, "NDEATH"), 10, "the NDEATH will")[-1]
+    death = wait_for(lambda: [m for m in node_msgs(world.rec, "NDEATH") if m.at > killed], 10, "the NDEATH will")[0]
     assert death.metrics()["bdSeq"].long_value == last and not death.payload.HasField("seq")
     assert death.qos == 1 and not death.retain
     mark = time.monotonic()

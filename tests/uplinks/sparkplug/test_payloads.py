@@ -63,10 +63,17 @@ def test_quality_property_and_null() -> None:
     assert (list(b.properties.keys), b.properties.values[0].int_value) == (["Quality"], 0)
 
 
+def test_a_value_the_datatype_cannot_hold_goes_null_with_bad_quality() -> None:
+    payload = payload_class().FromString(metrics_payload(1, [(Value("v", "n/a", DOUBLE, None, "good", TS), 1)],
+                                                         birth=False, historical=True))  # fmt: skip
+    (m,) = payload.metrics
+    assert m.is_null and m.is_historical and m.properties.values[0].int_value == 0
+
+
 def test_node_birth_and_death() -> None:
     birth = payload_class().FromString(node_birth(255, 0, ()))
     names = [(m.name, m.datatype, m.HasField("alias")) for m in birth.metrics]
-    assert names == [("bdSeq", UINT64, False), ("Node Control/Rebirth", BOOLEAN, False)]
+    assert names == [("bdSeq", INT64, False), ("Node Control/Rebirth", BOOLEAN, False)]  # topics-nbirth-bdseq
     assert birth.metrics[0].long_value == 255 and birth.metrics[1].boolean_value is False
     death = payload_class().FromString(node_death(255))
     assert not death.HasField("seq") and death.metrics[0].long_value == 255
