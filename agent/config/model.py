@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config.suggest import did_you_mean, known_keys
 from agent.config.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yaml, read_text
 from agent.contract.events import GATEWAY_STREAM
 from agent.contract.units import parse_size
@@ -342,6 +343,8 @@ def config_warnings(config: AgentConfigBase) -> list[str]:
         problem = open_permissions(path)
         if problem is not None:
             warnings.append(f"{field}: {problem}")
+    for index, device in enumerate(config.devices):
+        warnings += device.warnings(f"devices[{index}]")
     return warnings
 
 
@@ -406,12 +409,14 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
             keys, message = _split(message)
         kind = error["type"]
         if kind == "extra_forbidden":
-            message = "unknown key (check the spelling; see `edge-agent schema`)"
+            message = "unknown key (check the spelling; see `edge-agent schema`)" + did_you_mean(
+                keys[-1] if keys else None, known_keys()
+            )
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":
             given = error["input"].get("driver") if isinstance(error["input"], dict) else error["input"]
-            message = f"unknown driver {clip(given)} (installed: {drivers})"
+            message = f"unknown driver {clip(given)} (installed: {drivers})" + did_you_mean(given, plugins)
         elif kind == "union_tag_not_found":
             message = f"missing 'driver' key (installed: {drivers})"
         elif kind in ("literal_error", "enum") or kind.startswith(("greater_than", "less_than")):
