@@ -40,7 +40,11 @@ class TcpProber:
 
         self.loop = asyncio.new_event_loop()
         self.pool = BusPool()
-        self.bus = self.pool.acquire(make_config(1))
+
+        async def acquire() -> Any:  # pymodbus makes its client inside a running loop
+            return self.pool.acquire(make_config(1))
+
+        self.bus = self.loop.run_until_complete(acquire())
         self.failure: str | None = None
 
     def read(self, unit: int, table: str, address: int, count: int) -> Answer:
@@ -98,7 +102,7 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
     started = time.monotonic()
     stop = threading.Event()
     ticker = threading.Thread(target=_tick, args=(state, stop, started, where), daemon=True)
-    print(f"{'UNIT':>4}  {'LINE':<10}  {'ANSWER':<30}  PROFILE", flush=True)
+    print(f"{'UNIT':>4}  {'BAUD':>6}  {'PARITY':<6}  {'PROFILE':<18}  ANSWER", flush=True)
     interrupted = refused = False
     ticker.start()
     try:
@@ -106,8 +110,8 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
         probe = (args.table, args.address)
         for hit in sweep(prober, units, lines, probe, stopbits=args.stopbits, expect=args.expect,
                          configure=configure, progress=state):  # fmt: skip
-            print(f"{hit.unit:>4}  {hit.setting:<10}  {hit.verdict:<30}  {hit.profile or '-'} ({hit.evidence})",
-                  flush=True)  # fmt: skip
+            print(f"{hit.unit:>4}  {hit.baud or '-':>6}  {hit.parity or '-':<6}  {hit.profile or '-':<18}  "
+                  f"{hit.verdict}\n{'':>6}profile: {hit.evidence}", flush=True)  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
     except SettingRefused as exc:
@@ -132,7 +136,7 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
     if not found:
         hint = "; check power, wiring (A/B) and termination"
         if state.garbled:
-            hint = (f"; {state.garbled} garbled answers: wrong baud rate or parity suspected, check the device's "
+            hint = (f"; {state.garbled} garbled answers: wrong parity or baud rate suspected, check the device's "
                     "settings and the A/B wiring")  # fmt: skip
         print(f"nothing answers on {where}{hint}", file=sys.stderr)
         return 130 if interrupted else 1

@@ -209,7 +209,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         await sim.serve_tcp(host or "127.0.0.1", int(port))
-        print(f"serving {args.profile} units {args.units} on Modbus TCP {args.tcp}; "
+        print(f"serving {args.profile} units {args.units} on Modbus TCP {args.tcp}\n"
               f"next: edge-agent scan modbus --host {args.tcp} --add-to site.yaml", flush=True)  # fmt: skip
     else:
         path, parity = args.rtu, args.parity
@@ -220,7 +220,7 @@ async def _simulate(args: argparse.Namespace) -> int:
             keep.meter_parity, parity = args.parity, "N"  # the pty refuses parity: the relay emulates it
             path = keep.device
             print(f"serving {args.profile} units {args.units} (RTU {args.baud} 8{args.parity}1) on {path}; "
-                  f"point the agent at serial.port: {keep.client}; "
+                  f"point the agent at serial.port: {keep.client}\n"
                   f"next: edge-agent scan modbus --port {keep.client} --add-to site.yaml", flush=True)  # fmt: skip
         await sim.serve_serial(path, baudrate=args.baud, parity=parity)
     try:
