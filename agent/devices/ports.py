@@ -93,16 +93,15 @@ def port_problem(port: str, error: BaseException | None = None, setting: str | N
         user = pwd.getpwuid(os.geteuid()).pw_name
         return (f"permission denied on {port}: it belongs to group '{group}'; "
                 f"run: sudo usermod -aG {group} {user} (then log in again, or restart the service)")  # fmt: skip
-    if _locked(port):
-        holders = port_holders(port)
-        who = f": open in {'; '.join(holders)}" if holders else ""
-        return f"{port} is busy{who}; stop that process (the agent: systemctl stop edge-agent), then try again"
-    code = _errno(error)
-    if code == errno.EINVAL:
+    if _errno(error) == errno.EINVAL:  # before the lock check: the caller may hold the port itself
         what = setting or "these line settings"
         why = ("a pseudo-terminal has no parity bit: use parity N on it (the simulator rehearses parity)"
                if is_pty(port) else "use settings the adapter supports (serial.baudrate, serial.parity)")  # fmt: skip
         return f"{port} refuses {what} (invalid argument); {why}"
+    if _locked(port):
+        holders = port_holders(port)
+        who = f": open in {'; '.join(holders)}" if holders else ""
+        return f"{port} is busy{who}; stop that process (the agent: systemctl stop edge-agent), then try again"
     if error is not None:
         return f"cannot open {port}: {_text(error)}"
     return None

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from drivers.modbus import codec
 from drivers.modbus import profiles as profile_store
-from drivers.modbus.rtu_line import Answer, setting_name
+from drivers.modbus.rtu_line import Answer, SettingRefused, setting_name
 
 # Line settings by how often meters leave the factory or are set so (likeliest first).
 LIKELY = [(9600, "N"), (9600, "E"), (19200, "N"), (19200, "E"), (38400, "N"), (4800, "N"), (2400, "N"),
@@ -65,6 +65,7 @@ class Progress:
     total: int = 0
     found: list[Hit] = field(default_factory=list)
     garbled: int = 0
+    refused: list[str] = field(default_factory=list)  # settings the port refused, skipped
 
 
 def settings(baud: int | None, parity: str | None) -> list[tuple[int, str]]:
@@ -95,8 +96,15 @@ def sweep(
     table, address = probe
     for baud, parity in passes:
         if baud is not None and parity is not None and configure is not None:
-            configure(baud, parity)
             state.setting = setting_name(baud, parity, stopbits)
+            try:
+                configure(baud, parity)
+            except SettingRefused:
+                if len(passes) == 1:
+                    raise  # the one setting asked for: the technician must hear why
+                state.refused.append(state.setting)  # a pty refuses parity: the other settings may still answer
+                state.done += len(units)
+                continue
         found_here = 0
         for unit in units:
             state.unit = unit

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.devices.ports import port_problem
+from agent.devices.ports import is_pty, port_problem
 from drivers.modbus.rtu_line import Answer, RtuLine, SettingRefused
 from drivers.modbus.scan import Hit, Progress, registers_answer, settings, sweep
 from drivers.modbus.site_add import AddRefused, add_device
@@ -130,6 +130,9 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
     seconds = time.monotonic() - started
     found = state.found
     note = " (interrupted)" if interrupted else ""
+    if state.refused:
+        why = "a pseudo-terminal has no parity bit" if is_pty(args.port) else "the adapter does not support them"
+        print(f"skipped settings {args.port} refuses: {', '.join(state.refused)} ({why})", file=sys.stderr)
     print(f"{len(found)} unit(s) found on {where} in {seconds:.1f} s, {state.done} probes{note}", file=sys.stderr)
     if refused and not found:
         return 1

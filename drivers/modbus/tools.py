@@ -206,11 +206,12 @@ async def _simulate(args: argparse.Namespace) -> int:
     sim = Simulator(units, identity={"VendorName": str(profile.get("vendor", "")),
                                      "ProductCode": str(profile.get("model", ""))})  # fmt: skip
     keep: Any = None
+    scan = f" --units {args.units} --add-to site.yaml"  # the command a technician rehearses next
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         await sim.serve_tcp(host or "127.0.0.1", int(port))
         print(f"serving {args.profile} units {args.units} on Modbus TCP {args.tcp}\n"
-              f"next: edge-agent scan modbus --host {args.tcp} --add-to site.yaml", flush=True)  # fmt: skip
+              f"next: edge-agent scan modbus --host {args.tcp}{scan}", flush=True)  # fmt: skip
     else:
         path, parity = args.rtu, args.parity
         if path == "pty":
@@ -221,7 +222,7 @@ async def _simulate(args: argparse.Namespace) -> int:
             path = keep.device
             print(f"serving {args.profile} units {args.units} (RTU {args.baud} 8{args.parity}1) on {path}; "
                   f"point the agent at serial.port: {keep.client}\n"
-                  f"next: edge-agent scan modbus --port {keep.client} --add-to site.yaml", flush=True)  # fmt: skip
+                  f"next: edge-agent scan modbus --port {keep.client}{scan}", flush=True)  # fmt: skip
         await sim.serve_serial(path, baudrate=args.baud, parity=parity)
     try:
         await asyncio.Event().wait()

@@ -682,7 +682,8 @@ def test_usb_adapter_unplugged_and_plugged_back(tmp_path: Path) -> None:
             link.unlink()
             for _ in range(3):
                 assert await driver.poll(driver.requests) is None
-            assert ctx.outcomes[-1].startswith(f"cannot connect to {link}: serial port {link} not found; "), ctx.outcomes
+            gone = f"cannot connect to {link}: serial port {link} not found; "
+            assert ctx.outcomes[-1].startswith(gone), ctx.outcomes
             # plug back in: a new tty behind the same by-id name
             line = PtyPair()
             link.symlink_to(line.client)
