@@ -397,6 +397,7 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
         if isinstance(devices, list)
         else set()
     )
+    suggested = 0
     for error in exc.errors(include_url=False)[:_MOST_ERRORS]:
         keys, beyond = _data_path(error["loc"], data)
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -409,9 +410,10 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
             keys, message = _split(message)
         kind = error["type"]
         if kind == "extra_forbidden":
-            message = "unknown key (check the spelling; see `edge-agent schema`)" + did_you_mean(
-                keys[-1] if keys else None, known_keys()
-            )
+            message = "unknown key (check the spelling; see `edge-agent schema`)"
+            suggested += 1
+            if suggested <= MAX_PROBLEMS:  # a file of thousands of unknown keys: only the ones listed
+                message += did_you_mean(keys[-1] if keys else None, known_keys())
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import logging
 import sys
 import termios
 from pathlib import Path
@@ -191,6 +192,8 @@ def simulate_main(argv: list[str]) -> int:
 async def _simulate(args: argparse.Namespace) -> int:
     from drivers.modbus.config import PointConfig
     from drivers.modbus.simulator import SimulatedUnit, Simulator
+
+    logging.getLogger("pymodbus").setLevel(logging.WARNING)  # not its "Server listening." on the technician's screen
 
     try:
         profile = profile_store.load(args.profile)

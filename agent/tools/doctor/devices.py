@@ -82,7 +82,7 @@ async def check_device(device: DeviceConfig, timeout: float) -> Row:
                 "device",
                 target,
                 "FAIL",
-                f"{batch}; {'; '.join(holders)}",
+                batch if " is busy: open in " in batch else f"{batch}; {'; '.join(holders)}",  # named once
                 "stop that process (the agent: systemctl stop edge-agent), then run the doctor again",
             )
         return Row("device", target, "FAIL", batch, _DEVICE_FIX)
