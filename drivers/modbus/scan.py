@@ -115,7 +115,10 @@ def sweep(
             if not answer.answered:
                 continue
             hit = Hit(unit, baud, parity, stopbits, answer.verdict)
-            hit.profile, hit.evidence = match_profile(prober, unit)
+            if answer.verdict.startswith(("exception 10 ", "exception 11 ")):
+                hit.evidence = "a gateway answers for it: no device behind"
+            else:
+                hit.profile, hit.evidence = match_profile(prober, unit)
             state.found.append(hit)
             found_here += 1
             yield hit
