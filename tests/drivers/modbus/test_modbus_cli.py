@@ -252,3 +252,18 @@ def test_validate_warns_on_a_missing_port_and_a_modicon_address_and_suggests_nea
     shown = capsys.readouterr().out
     for verb in ("scan {modbus", "read {modbus", "simulate {"):
         assert f"\n  {verb}" in shown, shown
+
+
+def test_lenient_simulator_answers_0_outside_its_profile_the_old_way() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm120",
+                             "--tcp", f"127.0.0.1:{port}", "--lenient"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("serving eastron-sdm120")
+        read = cli("read", "modbus", "--host", f"127.0.0.1:{port}", "--address", "30769", "--type", "float32")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.splitlines()[1].split() == ["768", "0000", "0000", "0.0"], read.stdout
