@@ -208,6 +208,17 @@ class Subscriber:
             missing = {d: sorted(set(range(1, upto[d] + 1)) - set(self.seqs(d)))[:20] for d in upto}
             raise AssertionError(f"not received within {timeout}s (first 20 missing): {missing}") from None
 
+    def wait_quiet(self, quiet: float = 1.0, timeout: float = 30) -> None:
+        """Wait until nothing new arrived for ``quiet`` seconds: the broker has handed over what it holds
+        (on a loaded machine the subscriber may trail the PUBACKs the agent got by seconds)."""
+        deadline = time.monotonic() + timeout
+        count, since = len(self.raw), time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, f"still receiving after {timeout}s"
+            time.sleep(0.05)
+            if len(self.raw) != count:
+                count, since = len(self.raw), time.monotonic()
+
     def status_payloads(self) -> list[bytes]:
         with self.lock:
             return [p for t, p, _ in self.raw if _is_availability(t)]
@@ -318,7 +329,23 @@ class AgentProcess:
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.wait_handles(sig)
         self.proc.send_signal(sig)
+
+    def wait_handles(self, sig: int, timeout: float = 30) -> None:
+        """Wait until the agent catches ``sig`` (its handlers are installed once it runs): sent
+        earlier, on a loaded machine still importing, it would kill the process outright."""
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status")
+
+        def caught() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                return True  # exited: the caller's wait() says how
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            return bool(int(fields["SigCgt"], 16) >> (sig - 1) & 1)
+
+        wait_for(caught, timeout, f"the agent to handle signal {sig}")
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None

@@ -66,6 +66,7 @@ def test_live_truncation_during_an_outage_is_recovered_without_a_restart(
     time.sleep(2)
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
+    sub.wait_quiet()  # what the broker acknowledged has reached the subscriber
     log = agent.output()
     assert "is corrupt" in log and "Traceback" not in log
 
