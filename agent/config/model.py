@@ -44,7 +44,12 @@ log = logging.getLogger(__name__)
 class GatewayConfig(StrictModel):
     """Who this gateway is."""
 
-    id: str = Field(pattern=GATEWAY_ID_PATTERN, description="Gateway id, unique in the fleet: [a-z0-9][a-z0-9-]*.")
+    id: str = Field(
+        default="",
+        pattern=f"^$|{GATEWAY_ID_PATTERN}",
+        description="Gateway id, unique in the fleet: [a-z0-9][a-z0-9-]*. Required unless fleet.identity.claim "
+        "is set: then it comes from the identity the responder issued.",
+    )
     site: str | None = Field(default=None, description="Free-form site name (substation, car park...).")
     health_interval: Duration = Field(
         default=60.0, ge=1, description="How often a city.gateway.health event is published."
@@ -195,6 +200,16 @@ class AgentConfigBase(StrictModel):
         problems = device_id_problems([d.id for d in self.devices])
         if problems:
             raise ValueError(problems[0])
+        return self
+
+    @model_validator(mode="after")
+    def _identity(self) -> AgentConfigBase:
+        if self.fleet.identity is not None:
+            from agent.fleet.identity.site import apply_identity
+
+            apply_identity(self)  # the issued id and client certificate (agent/fleet/identity/site.py)
+        elif not self.gateway.id:
+            raise ValueError("gateway.id: required key is missing")
         return self
 
 
@@ -401,7 +416,7 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
         if len(keys) >= 2 and keys[0] == "devices" and keys[1] in unknown and keys[2:] != ["driver"]:
             continue
         message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if message.startswith("devices[") and ": " in message:
+        if message.startswith(("devices[", "gateway.", "uplink.", "fleet.")) and ": " in message:
             # Cross-field checks name their own path; use it so the line number is right.
             keys, message = _split(message)
         kind = error["type"]

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.devices.api import DevicePoint, StrictModel
+from agent.fleet.identity.config import IdentityConfig
 
 Scope = Literal["config", "read", "write", "restart", "diagnostics", "keys", "bundle"]
 KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -57,6 +58,9 @@ class FleetConfig(StrictModel):
     )
     requests_per_minute: int = Field(
         default=120, ge=1, le=6000, description="Inbound requests taken per minute at most; the rest are refused."
+    )
+    identity: IdentityConfig | None = Field(
+        default=None, description="The MQTT client certificate comes from the provisioning responder (null: off)."
     )
 
     @field_validator("groups")

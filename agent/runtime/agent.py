@@ -324,6 +324,13 @@ async def run_agent(config: AgentConfigBase, *, config_path: Path | None = None)
     if not faulthandler.is_enabled():
         # A watchdog kill (SIGABRT) or a crash leaves every thread's stack in the log.
         faulthandler.enable()
+    if config.fleet.identity is not None:  # no identity yet: claim one before anything starts
+        from agent.fleet.identity.startup import provision_at_start
+
+        provisioned = await provision_at_start(config, config_path)
+        if provisioned is None:
+            return  # stopped while claiming
+        config = provisioned
     agent = Agent(config, config_path=config_path, own_process=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

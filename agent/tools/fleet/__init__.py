@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from agent.tools.fleet import ca, provision_responder
 from agent.tools.fleet.cmd import cmd
 from agent.tools.fleet.common import add_broker_args, add_signing_args
 from agent.tools.fleet.diagnostics import diagnostics
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p)
     p.add_argument("--wait", type=float, default=COLLECT, help="seconds to collect retained messages")
     p.set_defaults(func=status)
+    provision_responder.add_parser(sub, add_broker_args)
+    ca.add_parser(sub)
     return parser
 
 

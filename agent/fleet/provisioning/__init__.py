@@ -1,0 +1,1 @@
+"""The operator's provisioning responder: allow-list, issuing CA, rate limit, CRL (docs/fleet.md, "Provisioning")."""

@@ -1,0 +1,103 @@
+"""The responder's broker side: requests in on the claim and renewal topics, answers out.
+
+Claims arrive on ``{claim_root}/{claim_cn}/{serial}/request`` and are answered on
+``{claim_root}/{claim_cn}/{serial}/answer``; renewals on ``{fleet_root}/{gw}/identity/request``,
+answered on ``{fleet_root}/{gw}/identity/answer``. Nowhere else: an MQTT 5 Response Topic that
+names another topic is ignored (and logged); its Correlation Data is echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from agent.fleet.provisioning.decide import Decider, Decision, Request
+
+log = logging.getLogger("agent.fleet.provisioning")
+
+
+class Responder:
+    """Subscribes, decides, answers; counts what it did."""
+
+    def __init__(self, decider: Decider, client: Any, *, v5: bool) -> None:
+        """``client``: a paho client (connected by the caller); callbacks are set here."""
+        self.decider = decider
+        self.client = client
+        self.v5 = v5
+        self.counts: dict[str, int] = {}
+        self.cpu_seconds = 0.0  # spent deciding (CSR checks and signing)
+        self._lock = threading.Lock()
+        config = decider.config
+        self.claim_filter = f"{config.claim_root}/+/+/request"
+        self.renew_filter = f"{config.fleet_root}/+/identity/request"
+        client.on_message = self._on_message
+        client.on_connect = self._on_connect
+
+    def _on_connect(self, client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker refused the responder's connection: %s", reason)
+            return
+        client.subscribe([(self.claim_filter, 1), (self.renew_filter, 1)])
+        log.info("provisioning responder listening on %s and %s", self.claim_filter, self.renew_filter)
+
+    def request_of(self, topic: str, payload: bytes) -> tuple[Request, str] | None:
+        """The request and its answer topic, or None if the topic is not a request topic."""
+        config = self.decider.config
+        claim_depth = config.claim_root.count("/") + 4
+        parts = topic.split("/")
+        if topic.startswith(config.claim_root + "/") and len(parts) == claim_depth and parts[-1] == "request":
+            who, serial = parts[-3], parts[-2]
+            return Request("claim", who, serial, payload), "/".join([*parts[:-1], "answer"])
+        renew_depth = config.fleet_root.count("/") + 4
+        if (
+            topic.startswith(config.fleet_root + "/")
+            and len(parts) == renew_depth
+            and parts[-2:] == ["identity", "request"]
+        ):
+            return Request("renewal", parts[-3], None, payload), "/".join([*parts[:-1], "answer"])
+        return None
+
+    def _on_message(self, client: Any, _userdata: Any, message: Any) -> None:
+        found = self.request_of(message.topic, message.payload)
+        if found is None:
+            return
+        request, answer_topic = found
+        started = time.process_time()
+        with self._lock:
+            decision = self.decider.decide(request)
+            self.cpu_seconds += time.process_time() - started
+            self.counts[decision.outcome] = self.counts.get(decision.outcome, 0) + 1
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None)
+        if response_topic and response_topic != answer_topic:
+            log.warning(
+                "%s from %s: Response Topic %r is outside the requester's subtree: ignored, answering on %s",
+                request.kind, request.who, str(response_topic)[:120], answer_topic,
+            )  # fmt: skip
+        _log_decision(request, decision)
+        client.publish(answer_topic, json.dumps(decision.answer).encode(), qos=1, properties=self._answer_props(props))
+
+    def _answer_props(self, request_props: Any) -> Any:
+        correlation = getattr(request_props, "CorrelationData", None)
+        if not self.v5 or correlation is None:
+            return None
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = bytes(correlation)
+        return props
+
+
+def _log_decision(request: Request, decision: Decision) -> None:
+    """Every decision, one line: what, who, outcome, why (never the CSR or the certificate)."""
+    level = logging.INFO if decision.outcome != "refused" else logging.WARNING
+    log.log(
+        level,
+        "%s serial=%s gateway=%s from=%s outcome=%s reason=%s",
+        request.kind, decision.serial or "-", decision.gateway_id or "-", request.who[:64], decision.outcome,
+        decision.reason,
+    )  # fmt: skip
