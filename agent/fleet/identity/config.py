@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.devices.api import Duration, StrictModel, readable_file, resolve_path
+from agent.fleet.identity.pkcs11_config import Pkcs11Config, check_key_store
 
 SERIAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # one topic level: no / + # or spaces
 MODEL_FILES = (Path("/sys/firmware/devicetree/base/model"), Path("/sys/class/dmi/id/product_name"))
@@ -84,8 +85,10 @@ class IdentityConfig(StrictModel):
     claim: ClaimConfig | None = Field(
         default=None, description="First boot, and re-provisioning after an expired certificate."
     )
+    pkcs11: Pkcs11Config | None = Field(default=None, description="The token of key_store: pkcs11 (docs/fleet.md).")
 
     _paths = field_validator("ca_file", mode="before")(resolve_path)
+    _key_store = model_validator(mode="after")(check_key_store)
 
     @field_validator("ca_file")
     @classmethod
