@@ -18,6 +18,7 @@ from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
 from agent.docblock import replace_block
 from agent.fleet.config import FleetConfig, FleetKey
+from agent.fleet.identity.config import ClaimConfig, IdentityConfig
 from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -91,8 +92,10 @@ def render_markdown() -> str:
         *_uplink_sections(),
         ("buffer", "buffer.", BufferConfig, ()),
         ("observability", "observability.", ObservabilityConfig, ()),
-        ("fleet", "fleet.", FleetConfig, ()),
+        ("fleet", "fleet.", FleetConfig, ("identity",)),
         ("fleet.keys[]", "fleet.keys[].", FleetKey, ()),
+        ("fleet.identity", "fleet.identity.", IdentityConfig, ("claim",)),
+        ("fleet.identity.claim", "fleet.identity.claim.", ClaimConfig, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]

@@ -93,11 +93,15 @@ class Responder:
 
 
 def _log_decision(request: Request, decision: Decision) -> None:
-    """Every decision, one line: what, who, outcome, why (never the CSR or the certificate)."""
+    """Every decision, one line: what, who, outcome, why (never the CSR or the certificate).
+
+    The outcome is part of the template and the serial is the record's ``device``, so the log's
+    fold of repeated lines (observability/logs.py) only ever folds the same decision for the
+    same serial, and counts it.
+    """
     level = logging.INFO if decision.outcome != "refused" else logging.WARNING
+    template = "%s serial=%s gateway=%s from=%s outcome=" + decision.outcome + " reason=%s"
     log.log(
-        level,
-        "%s serial=%s gateway=%s from=%s outcome=%s reason=%s",
-        request.kind, decision.serial or "-", decision.gateway_id or "-", request.who[:64], decision.outcome,
-        decision.reason,
+        level, template, request.kind, decision.serial or "-", decision.gateway_id or "-", request.who[:64],
+        decision.reason, extra={"device": decision.serial or "-"},
     )  # fmt: skip
