@@ -29,7 +29,11 @@ class Pkcs11Config(StrictModel):
     """The PKCS#11 module, the token by label, and the file holding the user PIN."""
 
     module: Path = Field(description="The token's PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.")
-    token_label: str = Field(min_length=1, max_length=32, description="The token's label (CKA_LABEL of the token).")
+    token_label: str = Field(
+        min_length=1,
+        max_length=32,
+        description="The token's label, as softhsm2-util --show-slots or pkcs11-tool -L print it.",
+    )
     pin_file: Path = Field(description="File holding the user PIN (mode 0600; the PIN is never logged).")
     key_label: str = Field(
         default=DEFAULT_KEY_LABEL,
