@@ -223,6 +223,8 @@ def test_a_wrong_pin_names_the_token_and_the_file_but_not_the_pin(
     assert not _privates("pin")
     with pytest.raises(KeyStoreError, match=r"'no-such-token'.*no token with that label"):
         _store(hsm, "pin", token_label="no-such-token").generate()  # noqa: S106 (a label, not a password)
+    with pytest.raises(KeyStoreError, match=r"\(/etc/hostname\): cannot load the module"):
+        _store(hsm, "pin", module=Path("/etc/hostname")).generate()
     wrong.chmod(0o644)
     with pytest.raises(KeyStoreError, match=r"pin_file: .*permissions 0644 are too open for a PIN; chmod 600"):
         Pkcs11KeyStore(Pkcs11Config.model_construct(module=SOFTHSM, token_label=TOKEN, pin_file=wrong)).generate()
