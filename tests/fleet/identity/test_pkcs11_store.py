@@ -230,6 +230,65 @@ def test_a_wrong_pin_names_the_token_and_the_file_but_not_the_pin(
         Pkcs11KeyStore(Pkcs11Config.model_construct(module=SOFTHSM, token_label=TOKEN, pin_file=wrong)).generate()
 
 
+_ENGINE_CONF = """openssl_conf = init
+[init]
+engines = engines
+[engines]
+pkcs11 = pkcs11
+[pkcs11]
+engine_id = pkcs11
+dynamic_path = {engine}
+MODULE_PATH = {module}
+PIN = {pin}
+init = 1
+"""
+
+
+def _engine() -> Path:
+    """Debian 12's libengine-pkcs11-openssl, in OpenSSL's engines folder (per architecture)."""
+    shown = subprocess.run(["openssl", "version", "-e"], capture_output=True, text=True, check=True).stdout
+    return Path(shown.split('"')[1]) / "pkcs11.so"
+
+
+_LOAD = """
+import ssl, sys
+try:
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(sys.argv[1], sys.argv[2])
+except (OSError, ssl.SSLError) as exc:
+    print("refused", type(exc).__name__)
+else:
+    print("loaded")
+"""
+
+
+def test_the_engine_reaches_the_token_key_but_pythons_ssl_does_not(hsm: dict[str, Any], tmp_path: Path) -> None:
+    """Why validate refuses key_store: pkcs11 (docs/fleet.md): if this starts failing, revisit the refusal."""
+    store = _store(hsm, "tls")
+    store.generate()
+    store.promote()
+    ca, ca_key = make_ca("lab root")
+    leaf = Issuer(ca, b"", ca_key).issue(store.csr("current", FIELDS).decode(), "gw-017", days=1)
+    cert = tmp_path / "cert.pem"
+    cert.write_bytes(pem(leaf))
+    conf = tmp_path / "engine.cnf"
+    conf.write_text(_ENGINE_CONF.format(engine=_engine(), module=SOFTHSM, pin=PIN))
+    env = os.environ | {"OPENSSL_CONF": str(conf), "SOFTHSM2_CONF": str(hsm["conf"])}
+    uri = f"pkcs11:token={TOKEN};object=tls.current;type=private"
+    openssl = subprocess.run(
+        ["openssl", "pkey", "-engine", "pkcs11", "-inform", "engine", "-in", uri, "-pubout"],
+        env=env, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert openssl.returncode == 0, openssl.stderr
+    engine_key = serialization.load_pem_public_key(openssl.stdout)
+    assert _public_der(engine_key) == _public_der(store.public_key("current"))  # type: ignore[arg-type]
+    # The URI is taken for a file name; the certificate file holds no key (the engine is not asked).
+    for keyfile, why in ((uri, "FileNotFoundError"), (str(cert), "SSLError")):
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD, str(cert), keyfile], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.stdout.split() == ["refused", why], done.stdout + done.stderr
+
+
 def _site(folder: Path, identity: str) -> Path:
     ca, _ = make_ca("lab root")
     (folder / "ca.pem").write_bytes(pem(ca))
