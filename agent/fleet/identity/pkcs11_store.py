@@ -127,9 +127,7 @@ class Pkcs11KeyStore:
         with self._session() as session:
             pending = self._private(session, "pending")
             pending[Attribute.LABEL] = self._label("current")  # the switch: a crash after it is tidied later
-            self._tidy(session)  # the old current pair: its generation is lower
-            for public in _all(session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: pending.id}):
-                public[Attribute.LABEL] = self._label("current")
+            self._tidy(session)  # the old current pair (lower generation) goes, the public half is relabelled
 
     def tls_key_file(self) -> Path | None:
         """None: the key cannot leave the token, and Python's ssl reads client keys only from files."""
@@ -207,10 +205,14 @@ class Pkcs11KeyStore:
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
 
     def _tidy(self, session: Any) -> None:
-        """Destroy the older of two current keys a crash in :meth:`promote` left behind."""
+        """Finish a promotion a crash interrupted: the older current pair goes, the public half is relabelled."""
         current = sorted(self._privates(session, "current"), key=_generation)
         for stale in current[:-1]:
             self._destroy_pair(session, stale)
+        if current:
+            for public in _all(session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: current[-1].id}):
+                if public.label != self._label("current"):
+                    public[Attribute.LABEL] = self._label("current")
 
     def _destroy_pair(self, session: Any, private: Any) -> None:
         key_id = private.id

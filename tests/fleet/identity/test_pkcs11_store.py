@@ -41,6 +41,11 @@ def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _point(spki_der: bytes) -> bytes:
+    key = serialization.load_der_public_key(spki_der)
+    return key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+
 def _secret(path: Path, text: str) -> Path:
     path.write_text(text + "\n")
     path.chmod(0o600)
@@ -204,8 +209,11 @@ def test_a_crash_right_after_the_relabel_leaves_the_new_key_current(hsm: dict[st
     assert not store.has("pending")
     request = x509.load_pem_x509_csr(store.csr("current", FIELDS))
     assert request.is_signature_valid and _public_der(request.public_key()) == new  # type: ignore[arg-type]
-    store.generate()  # the next write clears the pair the crash left
+    store.generate()  # the next write clears the pair the crash left and relabels the public half
     assert [w for w, _ in _privates("crash")] == ["current", "pending"]
+    with token.open(user_pin=PIN) as session:
+        public = session.get_key(ObjectClass.PUBLIC_KEY, label="crash.current")
+        assert bytes(public[Attribute.EC_POINT])[2:] == _point(new)
     assert _public_der(store.public_key("current")) == new
 
 
