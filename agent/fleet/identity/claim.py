@@ -21,6 +21,7 @@ import queue
 import random
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -165,12 +166,11 @@ class Claimer:
 
     def _answer(self, nonce: str) -> dict[str, Any] | None:
         """Our answer (by nonce, and by correlation data when there is any), or None after the timeout."""
-        deadline = self.settings.answer_timeout
-        while deadline > 0 and not self._stop.is_set():
+        deadline = time.monotonic() + self.settings.answer_timeout
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
             try:
-                payload, correlation = self.answers.get(timeout=min(1.0, deadline))
+                payload, correlation = self.answers.get(timeout=min(1.0, left))
             except queue.Empty:
-                deadline -= 1.0
                 continue
             if correlation is not None and correlation != bytes.fromhex(nonce):
                 continue

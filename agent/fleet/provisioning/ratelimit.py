@@ -8,12 +8,14 @@ from collections.abc import Callable
 
 
 class TokenBucket:
-    """``rate`` tokens a second, holding at most ``rate`` (so no second ever sees more than ``rate``)."""
+    """``rate`` tokens a second, holding at most one: requests are paced 1/rate apart, so no second
+    ever sees more than ``rate`` (a bucket holding ``rate`` would let 2 x rate through in the
+    second after a quiet spell)."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         """Full at the start."""
         self.rate = rate
-        self.capacity = max(1.0, rate)
+        self.capacity = 1.0
         self._clock = clock
         self._tokens = self.capacity
         self._at = clock()
@@ -26,8 +28,8 @@ class TokenBucket:
         self._at = now
         self._owed = max(0.0, self._owed - gained)
         self._tokens = min(self.capacity, self._tokens + gained)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:
+            self._tokens = max(0.0, self._tokens - 1.0)
             return 0.0
         self._owed += 1.0
         # Spread the waiting requests over the seconds the bucket needs to serve them all.

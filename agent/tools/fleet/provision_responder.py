@@ -37,10 +37,11 @@ def provision_responder(args: argparse.Namespace) -> int:
     from agent.fleet.provisioning.decide import Decider
     from agent.fleet.provisioning.ledger import Ledger
     from agent.fleet.provisioning.ratelimit import TokenBucket
-    from agent.fleet.provisioning.responder import Responder
+    from agent.fleet.provisioning.responder import Responder, audit_every_decision
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    audit_every_decision()
     try:
         config = load_responder_config(args.config)
         for path in (config.ca.key_file, config.state_file):

@@ -107,9 +107,7 @@ def _intermediate(root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey) 
         .not_valid_before(_now() - BACKDATE)
         .not_valid_after(_now() + dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
@@ -203,13 +201,14 @@ def responder_yaml(lab: Lab, folder: Path, allow: list[dict[str, Any]], **extra:
     return path
 
 
-def start_responder(lab: Lab, port: int, config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_responder(lab: Lab, port: int, config: Path, log: Path, protocol: str = "5") -> subprocess.Popen[bytes]:
     handle = log.open("ab")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "agent", "fleet", "provision-responder", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--ca-file", str(lab.folder / "ca.pem"),
             "--cert-file", str(lab.folder / "provisioner.crt"), "--key-file", str(lab.folder / "provisioner.key"),
+            "--protocol", protocol,
         ],
         stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
@@ -218,7 +217,9 @@ def start_responder(lab: Lab, port: int, config: Path, log: Path) -> subprocess.
     return proc
 
 
-def site_yaml(path: Path, lab: Lab, port: int, serial: str, *, gateway: str = "", claim: bool = True) -> Path:
+def site_yaml(
+    path: Path, lab: Lab, port: int, serial: str, *, gateway: str = "", claim: bool = True, protocol: str = "3.1.1"
+) -> Path:
     """A gateway's site file under fleet.identity (the claim credential unless ``claim`` is False)."""
     claim_block = (
         f"    claim: {{cert_file: {lab.folder / (CLAIM_CN + '.crt')}, key_file: {lab.folder / (CLAIM_CN + '.key')},"
@@ -229,7 +230,7 @@ def site_yaml(path: Path, lab: Lab, port: int, serial: str, *, gateway: str = ""
     path.write_text(
         f"gateway: {{{'id: ' + gateway + ', ' if gateway else ''}site: lab, health_interval: 60s}}\n"
         "uplink:\n"
-        f"  mqtt: {{host: 127.0.0.1, port: {port}, topic_prefix: ioc/v1, keepalive: 5s,"
+        f"  mqtt: {{host: 127.0.0.1, port: {port}, topic_prefix: ioc/v1, keepalive: 5s, protocol: '{protocol}',"
         f" reconnect_min: 200ms, reconnect_max: 1s, tls: {{ca_file: {lab.folder / 'ca.pem'}}}}}\n"
         f"buffer: {{path: {path.parent / 'buffer.db'}}}\n"
         "fleet:\n"

@@ -9,17 +9,24 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import secrets
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from agent.fleet.identity.keystore import CsrFields, FileKeyStore
+from agent.fleet.identity.verify import check_chain
 from agent.fleet.provisioning.ca import client_certificate, pem
 from tests.conftest import AgentProcess, free_port, last_seqs, wait_for
 from tests.fleet.identity.kit import CLAIM_CN, Lab, TlsBroker, TlsClient, responder_yaml, site_yaml, start_responder
@@ -27,6 +34,7 @@ from tests.fleet.identity.kit import CLAIM_CN, Lab, TlsBroker, TlsClient, respon
 ALLOW = [
     {"serial": "SN-0001", "gateway_id": "gw-001", "groups": ["north"]},
     {"serial": "SN-0002", "gateway_id": "gw-002", "reprovision": True},
+    {"serial": "SN-0005", "gateway_id": "gw-005"},
 ]
 
 
@@ -75,7 +83,8 @@ def agents() -> Iterator[list[AgentProcess]]:
 def test_claim_then_events_under_the_issued_id_and_no_key_byte_anywhere(
     lab: dict[str, Any], tmp_path: Path, agents: list[AgentProcess]
 ) -> None:
-    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001")
+    # MQTT 5: the request carries its answer topic and the nonce as Correlation Data, echoed back.
+    config = site_yaml(tmp_path / "site.yaml", lab["lab"], lab["port"], "SN-0001", protocol="5")
     agents.append(_agent(tmp_path, config))
     watcher: TlsClient = lab["watcher"]
     wait_for(lambda: _events(watcher, "gw-001"), 20, "the first event of the provisioned gateway")
@@ -106,6 +115,10 @@ def test_claim_then_events_under_the_issued_id_and_no_key_byte_anywhere(
     assert haystacks and all(n not in h for n in needles for h in haystacks)
     log = lab["log"].read_text()
     assert "claim serial=SN-0001 gateway=gw-001" in log and "outcome=issued" in log
+    # A reload reads the same identity: same gateway id, same client certificate, nothing to restart.
+    agents[0].signal(signal.SIGHUP)
+    wait_for(lambda: "config reloaded" in agents[0].output(), 10, "the reload")
+    assert "config reloaded from" in agents[0].output() and "no changes" in agents[0].output()
 
 
 def test_a_second_claim_and_an_unknown_serial_are_refused(
@@ -120,19 +133,18 @@ def test_a_second_claim_and_an_unknown_serial_are_refused(
     for folder, serial in ((again, "SN-0001"), (unknown, "SN-9999")):
         folder.mkdir()
         agents.append(_agent(folder, site_yaml(folder / "site.yaml", lab["lab"], lab["port"], serial)))
-    for folder in (again, unknown):
-        wait_for(lambda f=folder: "claim: asking again in" in (f / "agent.log").read_text(), 20, "the refusal")
+    reasons = {again: "serial SN-0001: already provisioned as gw-001", unknown: "serial SN-9999: not on the allow-list"}
+    for folder, reason in reasons.items():
+        wait_for(lambda f=folder, r=reason: r in (f / "agent.log").read_text(), 20, f"the refusal: {reason}")
     log = lab["log"].read_text()
-    assert "serial SN-0001: already provisioned as gw-001" in (again / "agent.log").read_text()
-    assert "serial SN-9999: not on the allow-list" in (unknown / "agent.log").read_text()
     assert "claim serial=SN-9999 gateway=- from=claim-lab outcome=refused" in log
     # Not retried within 60 s: the wait is at least 60 s, and no second request came meanwhile.
-    for folder in (again, unknown):
-        text = (folder / "agent.log").read_text()
+    for folder, reason in reasons.items():
+        text = (folder / "agent.log").read_text().split(reason)[1]
         wait = float(text.split("claim: asking again in ")[1].split(" s")[0])
         assert wait >= 60, text
         assert not (folder / "fleet" / "identity" / "identity.json").exists()
-    assert log.count("claim serial=SN-9999") == 1
+    assert log.count("claim serial=SN-9999 gateway=- from=claim-lab outcome=refused") == 1
 
 
 def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> None:
@@ -146,11 +158,43 @@ def test_the_claim_identity_is_confined_to_its_subtree(lab: dict[str, Any]) -> N
         claim.publish(f"prov/{CLAIM_CN}/SN-X/request", b'{"allowed": true}')
         wait_for(lambda: watcher.received(f"prov/{CLAIM_CN}/SN-X/request"), 10, "the allowed publish")
         assert not [p for _, p in watcher.received() if b"denied" in p]
-        # Its subscription to everything got only its own subtree (the ping), nothing under fleet/ or ioc/.
-        wait_for(lambda: claim.received("prov/"), 5, "its own message")
+        # Its subscriptions to fleet/#, ioc/# and # deliver only its own answers: the responder's
+        # login publishes under fleet/ first and then in the claim's subtree, and only the latter arrives.
+        provisioner = TlsClient(lab["lab"], lab["port"], "provisioner")
+        try:
+            provisioner.publish("fleet/v1/gw-001/identity/answer", b'{"not": "for the claim"}')
+            provisioner.publish(f"prov/{CLAIM_CN}/SN-Y/answer", b'{"for": "the claim"}')
+        finally:
+            provisioner.close()
+        wait_for(lambda: claim.received(f"prov/{CLAIM_CN}/SN-Y/answer"), 5, "its own answer")
+        assert watcher.received("fleet/v1/gw-001/identity/answer")
         assert {t.split("/")[0] for t, _ in claim.received()} == {"prov"}
     finally:
         claim.close()
+
+
+def test_an_mqtt5_response_topic_elsewhere_is_ignored(lab: dict[str, Any]) -> None:
+    the_lab: Lab = lab["lab"]
+    answers: list[tuple[str, bytes | None]] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="test-claim-v5", protocol=MQTTProtocolVersion.MQTTv5)
+    client.tls_set(ca_certs=str(the_lab.folder / "ca.pem"), certfile=str(the_lab.folder / f"{CLAIM_CN}.crt"),
+                   keyfile=str(the_lab.folder / f"{CLAIM_CN}.key"))  # fmt: skip
+    client.on_message = lambda _c, _u, m: answers.append((m.topic, getattr(m.properties, "CorrelationData", None)))
+    client.connect("127.0.0.1", lab["port"])
+    client.loop_start()
+    try:
+        client.subscribe(f"prov/{CLAIM_CN}/SN-V5/#", qos=1)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = f"prov/{CLAIM_CN}/SN-V5/elsewhere"
+        props.CorrelationData = b"corr-1"
+        body = json.dumps({"serial": "SN-V5", "nonce": "c" * 32, "csr": "x"}).encode()
+        client.publish(f"prov/{CLAIM_CN}/SN-V5/request", body, qos=1, properties=props).wait_for_publish(5)
+        wait_for(lambda: answers, 10, "the answer")
+        assert answers == [(f"prov/{CLAIM_CN}/SN-V5/answer", b"corr-1")]
+        wait_for(lambda: "is outside the requester's subtree: ignored" in lab["log"].read_text(), 5, "the log line")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_reprovisioning_after_expiry_keeps_the_id_and_the_buffer(
@@ -209,3 +253,44 @@ def test_a_group_readable_key_refuses_to_start(lab: dict[str, Any], tmp_path: Pa
     assert f"{key}: permissions 0640 are too open for a private key; chmod 600 {key}" in done.stderr, done.stderr
 
 
+def test_renewal_over_the_gateways_own_connection(lab: dict[str, Any], tmp_path: Path) -> None:
+    """Claimed first (with paho and the key store, as the claim loop does), then renewed as gw-005."""
+    the_lab: Lab = lab["lab"]
+    store = FileKeyStore(tmp_path / "identity")
+    store.generate()
+    fields = CsrFields("SN-0005", "test", "0", "0" * 32, "x")
+
+    def ask(login: str, topic: str) -> dict[str, Any]:
+        client = TlsClient(the_lab, lab["port"], login, [topic.replace("/request", "/answer")])
+        try:
+            nonce = secrets.token_hex(16)
+            body = {"serial": "SN-0005", "nonce": nonce, "csr": store.csr("pending", fields).decode()}
+            client.publish(topic, json.dumps(body).encode())
+            found = wait_for(lambda: client.received(topic.replace("/request", "/answer")), 10, f"answer on {topic}")
+            answer: dict[str, Any] = json.loads(found[0][1])
+            assert answer["nonce"] == nonce
+            return answer
+        finally:
+            client.close()
+
+    claimed = ask(CLAIM_CN, f"prov/{CLAIM_CN}/SN-0005/request")
+    assert claimed["status"] == "issued", claimed
+    the_lab.write("gw-005.crt", claimed["certificate_chain"].encode())
+    the_lab.write("gw-005.key", (tmp_path / "identity" / "key.next.pem").read_bytes(), 0o600)
+    store.generate()  # the renewal's new key
+    renewed = ask("gw-005", "fleet/v1/gw-005/identity/request")
+    assert renewed["status"] == "issued" and renewed["gateway_id"] == "gw-005", renewed
+    check_chain(renewed["certificate_chain"], [the_lab.root], store.public_key("pending"), "gw-005")
+    assert "renewal serial=SN-0005 gateway=gw-005 from=gw-005 outcome=issued" in lab["log"].read_text()
+    # Another gateway's renewal topic is not gw-005's to write: the broker drops it. Its own topic,
+    # written next, is answered: once that decision is logged, the other would have been before it.
+    client = TlsClient(the_lab, lab["port"], "gw-005")
+    try:
+        client.publish("fleet/v1/gw-001/identity/request", json.dumps({"serial": "SN-0001"}).encode())
+        client.publish("fleet/v1/gw-005/identity/request", b"{}")
+    finally:
+        client.close()
+    wait_for(
+        lambda: "renewal serial=- gateway=- from=gw-005 outcome=refused" in lab["log"].read_text(), 10, "the refusal"
+    )
+    assert "from=gw-001" not in lab["log"].read_text()
