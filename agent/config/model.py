@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config.suggest import did_you_mean, known_keys
 from agent.config.yaml_load import ECHO_CHARS, YamlLoadError, clip, clip_text, load_yaml, read_text
 from agent.contract.events import GATEWAY_STREAM
 from agent.contract.units import parse_size
@@ -357,6 +358,8 @@ def config_warnings(config: AgentConfigBase) -> list[str]:
         problem = open_permissions(path)
         if problem is not None:
             warnings.append(f"{field}: {problem}")
+    for index, device in enumerate(config.devices):
+        warnings += device.warnings(f"devices[{index}]")
     return warnings
 
 
@@ -409,6 +412,7 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
         if isinstance(devices, list)
         else set()
     )
+    suggested = 0
     for error in exc.errors(include_url=False)[:_MOST_ERRORS]:
         keys, beyond = _data_path(error["loc"], data)
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
@@ -422,11 +426,14 @@ def _each_problem(exc: ValidationError, data: dict[Any, Any], lines: _Lines, pat
         kind = error["type"]
         if kind == "extra_forbidden":
             message = "unknown key (check the spelling; see `edge-agent schema`)"
+            suggested += 1
+            if suggested <= MAX_PROBLEMS:  # a file of thousands of unknown keys: only the ones listed
+                message += did_you_mean(keys[-1] if keys else None, known_keys())
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("union_tag_invalid", "literal_error") and keys and keys[-1] == "driver":
             given = error["input"].get("driver") if isinstance(error["input"], dict) else error["input"]
-            message = f"unknown driver {clip(given)} (installed: {drivers})"
+            message = f"unknown driver {clip(given)} (installed: {drivers})" + did_you_mean(given, plugins)
         elif kind == "union_tag_not_found":
             message = f"missing 'driver' key (installed: {drivers})"
         elif kind in ("literal_error", "enum") or kind.startswith(("greater_than", "less_than")):

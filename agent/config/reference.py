@@ -20,6 +20,7 @@ from agent.docblock import replace_block
 from agent.fleet.config import FleetConfig, FleetKey
 from agent.fleet.identity.config import ClaimConfig, IdentityConfig
 from agent.fleet.identity.pkcs11_config import Pkcs11Config
+from agent.fleet.identity.renew_config import RenewConfig
 from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -95,8 +96,9 @@ def render_markdown() -> str:
         ("observability", "observability.", ObservabilityConfig, ()),
         ("fleet", "fleet.", FleetConfig, ("identity",)),
         ("fleet.keys[]", "fleet.keys[].", FleetKey, ()),
-        ("fleet.identity", "fleet.identity.", IdentityConfig, ("claim", "pkcs11")),
+        ("fleet.identity", "fleet.identity.", IdentityConfig, ("claim", "renew", "pkcs11")),
         ("fleet.identity.claim", "fleet.identity.claim.", ClaimConfig, ()),
+        ("fleet.identity.renew", "fleet.identity.renew.", RenewConfig, ()),
         ("fleet.identity.pkcs11", "fleet.identity.pkcs11.", Pkcs11Config, ()),
     ]
     for title, prefix, model, skip in sections:

@@ -23,6 +23,8 @@ PARKING_OCCUPANCY = "city.parking.occupancy"
 CROSSWALK_PRESENCE = "city.crosswalk.presence"
 DEVICE_STATUS = "city.device.status"
 GATEWAY_HEALTH = "city.gateway.health"
+# The client certificate expires within days (fleet.identity.renew.expiring_days): at most once a day.
+GATEWAY_CERT_EXPIRING = "city.gateway.cert.expiring"
 # Not buffered, no seq: a retained state document on {prefix}/{gateway}/inventory (fleet channel).
 GATEWAY_INVENTORY = "city.gateway.inventory"
 CAMERA_SNAPSHOT = "city.camera.snapshot"
@@ -36,6 +38,7 @@ EVENT_TYPES = (
     GATEWAY_HEALTH,
     CAMERA_SNAPSHOT,
     GATEWAY_INVENTORY,
+    GATEWAY_CERT_EXPIRING,
 )
 
 # The contract's major version: the topic prefix's (ioc/v1) and the schema files' folder. Within it changes are
@@ -68,6 +71,7 @@ DEFAULT_PRIORITIES: dict[str, Priority] = {
     CROSSWALK_PRESENCE: Priority.EVENT,
     DEVICE_STATUS: Priority.ALARM,
     GATEWAY_HEALTH: Priority.ALARM,
+    GATEWAY_CERT_EXPIRING: Priority.ALARM,
     CAMERA_SNAPSHOT: Priority.MEDIA,
 }
 

@@ -327,14 +327,38 @@ class InventoryProfile(_Open):
     devices: list[str] = Field(description="Devices that use it.")
 
 
+class InventoryRenewal(_Open):
+    """Renewal of the gateway's own certificate (fleet.identity)."""
+
+    renew_at: str | None = Field(description="When the next renewal is due (RFC 3339 UTC).")
+    next_attempt: str | None = Field(description="After a failure: when it is tried again; null otherwise.")
+    last_error: str | None = Field(description="Why the last attempt failed; null after a success.")
+    renewals: int = Field(ge=0, description="Renewals since the agent started.")
+
+
 class InventoryCertificate(_Open):
-    """The MQTT client certificate (uplink.mqtt.tls.cert_file)."""
+    """The MQTT client certificate (the fleet identity's cert.pem, or uplink.mqtt.tls.cert_file)."""
 
     path: str
     subject: str | None = Field(description="RFC 4514, e.g. CN=gw-017; null if the file cannot be read.")
     not_after: str | None = Field(description="End of validity (RFC 3339 UTC).")
     days_left: int | None = Field(description="Whole days until not_after; negative once expired.")
     error: str | None = Field(default=None, description="Why the file could not be read.")
+    renewal: InventoryRenewal | None = Field(default=None, description="With fleet.identity: renewal's state.")
+
+
+class CertExpiring(_Open):
+    """``city.gateway.cert.expiring`` (class alarm), device ``gateway``: the client certificate expires
+    within ``fleet.identity.renew.expiring_days`` (default 7) and renewal has not replaced it yet; at
+    most once a day."""
+
+    subject: str | None = Field(description="The certificate's subject (RFC 4514), e.g. CN=gw-017.")
+    serial_number: str | None = Field(description="The certificate's serial number (hex).")
+    not_after: str | None = Field(description="End of validity (RFC 3339 UTC).")
+    seconds_left: int = Field(description="Seconds until not_after; negative once expired.")
+    days_left: int = Field(description="Whole days until not_after.")
+    last_error: str | None = Field(description="Why the last renewal attempt failed; null if none failed.")
+    next_attempt: str | None = Field(description="When renewal is tried again (RFC 3339 UTC); null if not scheduled.")
 
 
 class InventoryClock(_Open):
@@ -381,6 +405,7 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     events.GATEWAY_HEALTH: GatewayHealth,
     events.CAMERA_SNAPSHOT: CameraSnapshot,
     events.GATEWAY_INVENTORY: GatewayInventory,
+    events.GATEWAY_CERT_EXPIRING: CertExpiring,
 }
 
 

@@ -163,6 +163,11 @@ class DeviceConfig(StrictModel):
         """
         return {}
 
+    def warnings(self, field: str) -> list[str]:
+        """What this device's valid config allows but likely did not mean: ``field.path: finding; fix`` lines."""
+        del field
+        return []
+
 
 class DriverContext(ABC):
     """What the runtime offers a running driver."""

@@ -151,6 +151,7 @@ class InventoryFiles:
         self.base_dir = base_dir
         self.files = FileFacts()
         self._profiles: tuple[Any, dict[str, tuple[Path | None, list[str]]]] = (None, {})
+        self.identity_cert: Callable[[], Path] | None = None  # with fleet.identity: its current cert.pem
 
     def models(self, config: AgentConfigBase) -> list[dict[str, Any]]:
         """Each model manifest devices load, with the model file's sha256."""
@@ -208,7 +209,7 @@ class InventoryFiles:
     def certificate(self, config: AgentConfigBase, now: datetime) -> dict[str, Any] | None:
         """The MQTT uplink's client certificate: subject and expiry (None: it has none)."""
         tls = getattr(config.uplink.present().get("mqtt"), "tls", None)
-        path = getattr(tls, "cert_file", None)
+        path = self.identity_cert() if self.identity_cert is not None else getattr(tls, "cert_file", None)
         if path is None:
             return None
         return certificate_facts(Path(path), now, self.files)
@@ -256,6 +257,7 @@ class Inventory:
         self._failing = False
         # Remote configuration replaces this with its own (version, hash, origin) of what runs.
         self.config_state: ConfigState = local_config_state(lambda: self._status.config)
+        self.renewal: Callable[[], dict[str, Any]] | None = None  # with fleet.identity: renewal's state
         self.puts = 0
 
     def check_now(self) -> None:
@@ -267,6 +269,8 @@ class Inventory:
         config = self._status.config
         now = datetime.now(UTC)
         models, profiles, certificate = await asyncio.to_thread(self._read_files, config, now)
+        if certificate is not None and self.renewal is not None:
+            certificate["renewal"] = self.renewal()
         return {
             "agent_version": __version__,
             "python": platform.python_version(),

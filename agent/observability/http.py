@@ -143,6 +143,19 @@ class AgentCollector(Collector):
                 fleet.add_metric([kind, outcome], n)
             yield fleet
 
+        if s.cert_expiry is not None:
+            yield GaugeMetricFamily(
+                _name("client_cert_expiry_seconds"),
+                "Seconds until the MQTT client certificate expires (fleet.identity); negative once expired.",
+                value=s.cert_expiry,
+            )
+            failures = CounterMetricFamily(
+                _name("cert_renewal_failures"), "Failed certificate renewals, by reason.", labels=["reason"]
+            )
+            for reason, n in sorted(s.cert_renewal_failures.items()):
+                failures.add_metric([reason], n)
+            yield failures
+
         up = GaugeMetricFamily(
             _name("device_up"), "1 while the device answers (status online).", labels=["device", "driver"]
         )

@@ -354,3 +354,5 @@ class Snapshot:
     load1: float | None
     # (kind, outcome) -> requests and documents from the operations centre (empty: fleet off)
     fleet: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    cert_expiry: float | None = None  # seconds until the client certificate expires (fleet.identity)
+    cert_renewal_failures: Mapping[str, int] = field(default_factory=dict)  # failed renewals by reason

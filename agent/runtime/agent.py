@@ -39,8 +39,10 @@ from agent.store.event_store import EventStore
 from agent.uplinks.api import Command, Reply
 
 if TYPE_CHECKING:  # the fleet channel loads cryptography (7 MB): only when it is on
+    from agent.fleet.bundles.runner import BundleRunner
     from agent.fleet.desired.apply import DesiredConfig
     from agent.fleet.desired.startup import Start
+    from agent.fleet.identity.renewal import Renewer
     from agent.fleet.inventory import Inventory
     from agent.fleet.latest import LatestValues
 
@@ -87,7 +89,10 @@ class Agent:
         # Writes reach a device through the device set, built last: readings then go straight
         # to the pipeline's bound method, one call per reading on the hot path.
         self.inbound = InboundRouter(lambda device: self.devices.driver_of(device))
-        self.uplinks = Uplinks(config, self.inbound, self.inbound.reports if config.fleet.enabled else None)
+        self.renewer: Renewer | None = None  # with fleet.identity: keeps the client certificate valid
+        identity = _identity(config)
+        reports = self.inbound.reports if config.fleet.enabled else None
+        self.uplinks = Uplinks(config, self.inbound, reports, identity)
         self.store = EventStore(
             self.uplinks.outboxes(config.buffer), gateway=config.gateway.id, on_dropped=self._dropped
         )
@@ -100,8 +105,21 @@ class Agent:
         self.inbound.handle("status", self._status_command)
         self.inventory: Inventory | None = None  # with the fleet channel: the retained inventory event
         self.desired: DesiredConfig | None = None  # remote configuration, with the fleet channel
+        self.bundles: BundleRunner | None = None  # update bundles, with remote configuration
         self.latest = _fleet_channel(self, desired_start) if config.fleet.enabled else None
+        if identity is not None:
+            self._renewal(identity)
         _register_secrets(config)
+
+    def _renewal(self, identity: Any) -> None:
+        from agent.fleet.identity.renewal_run import build_renewer, renewal_facts
+
+        inventory = self.inventory
+        changed = inventory.check_now if inventory is not None else (lambda: None)
+        renewer = self.renewer = build_renewer(lambda: self.config, identity, self.pipeline.emit, changed)
+        if inventory is not None:
+            inventory.files.identity_cert = lambda: identity.current.cert_file
+            inventory.renewal = lambda: renewal_facts(renewer)
 
     # Late-bound: the store reports drops before the health reporter exists.
     def _dropped(self, feed: str, dropped: list[Any]) -> None:
@@ -217,6 +235,10 @@ class Agent:
             self._tasks.append(loop.create_task(self.health.run(interval), name="health"))
             if self.inventory is not None:
                 self._tasks.append(loop.create_task(self.inventory.run(), name="inventory"))
+            if self.renewer is not None:
+                self._tasks.append(loop.create_task(self.renewer.run(), name="renewal"))
+            if self.bundles is not None:
+                self._tasks.append(loop.create_task(self.bundles.run(), name="bundles"))
             for cfg in self.config.devices:
                 if cfg.enabled:
                     self.devices.start(cfg)
@@ -299,6 +321,11 @@ def _fleet_channel(agent: Agent, desired_start: Start | None) -> LatestValues:
         agent.inbound.take_documents("config", desired.take)
         agent.load_file = desired.load_file
         agent.desired = desired
+        from agent.fleet.bundles.runner import BundleRunner
+
+        agent.bundles = BundleRunner(agent, desired)
+        agent.inbound.take_documents("bundle_offer", agent.bundles.receiver.offer)
+        agent.inbound.take_documents("bundle_chunk", agent.bundles.receiver.chunk)
         local = agent.inventory.config_state
 
         def config_state() -> dict[str, Any]:
@@ -310,6 +337,15 @@ def _fleet_channel(agent: Agent, desired_start: Start | None) -> LatestValues:
 
         agent.inventory.config_state = config_state
     return latest
+
+
+def _identity(config: AgentConfigBase) -> Any:
+    """The uplink's identity holder when the fleet identity is on (cryptography loads only then)."""
+    if config.fleet.identity is None:
+        return None
+    from agent.fleet.identity.renewal_run import identity_holder
+
+    return identity_holder(config)
 
 
 def _register_secrets(config: AgentConfigBase) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from agent import __version__
@@ -168,4 +169,14 @@ class Service:
             mem_available=available if total is not None else None,
             load1=load[0] if load else None,
             fleet=agent.fleet_figures(),
+            cert_expiry=_cert_expiry(agent),
+            cert_renewal_failures=dict(agent.renewer.state.failures) if agent.renewer is not None else {},
         )
+
+
+def _cert_expiry(agent: Agent) -> float | None:
+    """Seconds until the client certificate expires, when the agent renews it."""
+    state = agent.renewer.state if agent.renewer is not None else None
+    if state is None or state.not_after is None:
+        return None
+    return (state.not_after - datetime.now(UTC)).total_seconds()

@@ -16,6 +16,7 @@ from agent.store.feed import Feed
 from agent.store.outbox import Outbox
 from agent.uplinks.api import (
     DurableUplink,
+    Identity,
     Inbound,
     LiveSink,
     Reports,
@@ -79,13 +80,21 @@ class DurableRunner:
 class Uplinks:
     """Every configured uplink, durable and live."""
 
-    def __init__(self, config: AgentConfigBase, inbound: Inbound, reports: Reports | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfigBase,
+        inbound: Inbound,
+        reports: Reports | None = None,
+        identity: Identity | None = None,
+    ) -> None:
         """Build an instance of each active uplink (plugins are imported now, connections later).
 
-        ``reports``: what the fleet channel publishes, when it is on.
+        ``reports``: what the fleet channel publishes, when it is on; ``identity``: the client
+        certificate the main uplink connects with, when the core manages it (fleet.identity).
         """
         self._inbound = inbound
         self._reports = reports
+        self._identity = identity
         self._gateway = config.gateway.id
         self._state_dir = config.buffer.path.parent
         self._control_root = config.fleet.root if config.fleet.enabled else None
@@ -104,9 +113,11 @@ class Uplinks:
 
     def _context(self, plugin: UplinkPlugin) -> UplinkContext:
         title = plugin.title or plugin.name
+        identity = self._identity if plugin.owns_buffer_file else None  # the main uplink's
         return UplinkContext(
-            plugin.name, title, self._gateway, self._inbound, self._state_dir, self._control_root, self._reports
-        )
+            plugin.name, title, self._gateway, self._inbound, self._state_dir, self._control_root, self._reports,
+            identity=identity,
+        )  # fmt: skip
 
     @property
     def main(self) -> DurableRunner:

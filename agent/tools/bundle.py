@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", help="config sections to take (default: as `fleet sign`)")
     p.add_argument("--min-agent-version", help="oldest agent that may apply it (default: this one)")
     p.add_argument("--ttl", default="30d", help="how long it may be applied: 3600, 12h, 30d (at most 30 days)")
+    p.add_argument("--health-window", type=float, help="seconds the agent watches it before the commit (default 120)")
     p.add_argument("--key", type=Path, help="sign it now with this key (else: bundle sign later)")
     p.add_argument("--key-id", help="the key's id (default: derived from it)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -45,15 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("apply", help="verify, show what changes, stage, switch, check and commit a bundle")
+    p = sub.add_parser("apply", help="verify, show what changes, hand it to the running agent (or install offline)")
     p.add_argument("file", type=Path)
     p.add_argument("-c", "--config", type=Path, required=True, help="the gateway's site file (its id, groups, keys)")
     p.add_argument("--state-dir", type=Path, help="state directory (default: the buffer's folder)")
     p.add_argument("--dry-run", action="store_true", help="verify and show what would change; change nothing")
     p.add_argument("--reserve", type=int, help="bytes to leave free for the buffer (default: 5%% of the disk)")
+    p.add_argument("--wait", type=float, default=3900.0, help="seconds to wait for a running agent's outcome")
+    p.add_argument("--allow-downgrade", type=Path, help="a signed directive (allow-downgrade) for an older version")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_apply)
+    p = sub.add_parser("allow-downgrade", help="sign a directive letting gateways take one older version (once)")
+    p.add_argument("--version", type=int, required=True, help="the older bundle version it allows")
+    p.add_argument("--target", required=True, help="gateway id or group:<name>")
+    p.add_argument("--key", type=Path, required=True, help="private key file, scope bundle")
+    p.add_argument("--key-id", help="the key's id (default: derived from it)")
+    p.add_argument("--ttl", default="7d", help="how long it may be used: 3600, 12h, 7d (at most 30 days)")
+    p.add_argument("--out", type=Path, required=True, help="file to write (signed, not secret)")
+    p.set_defaults(func=_allow_downgrade)
     return parser
+
+
+def _allow_downgrade(args: argparse.Namespace) -> int:
+    from agent.fleet.bundles.downgrade import make
+    from agent.tools.fleet.documents import parse_ttl
+
+    try:
+        key, key_id = _signing_key(args.key, args.key_id)
+        data = make(args.version, target=_targets([args.target])[0], ttl=parse_ttl(args.ttl), key=key, key_id=key_id)
+        with open(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+            out.write(data)
+    except (ValueError, OSError) as exc:
+        return _usage("allow-downgrade", str(exc))
+    print(f"{args.out}: version {args.version} allowed on {args.target} (once), signed by {key_id}")
+    return EXIT_OK
 
 
 def bundle_main(argv: list[str]) -> int:
@@ -102,6 +129,7 @@ def _build(args: argparse.Namespace) -> int:
             version=args.version,
             targets=targets,
             min_agent_version=args.min_agent_version or agent.__version__,
+            health_window=args.health_window,
             ttl=ttl,
         )
         size = write_bundle(args.out, envelope(body, key, key_id), items, force=args.force)

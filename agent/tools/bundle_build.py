@@ -158,10 +158,17 @@ def manifest_body(
     min_agent_version: str,
     ttl: float,
     now: datetime | None = None,
+    health_window: float | None = None,
 ) -> tuple[dict[str, Any], list[FileEntry]]:
     """The signed body: the envelope's fields and the list of files (``ValueError`` naming a bad field)."""
     entries = [FileEntry(path, *_digest(source)) for path, source in items]
-    fields = body_fields(version=version, targets=targets, min_agent_version=min_agent_version, files=entries)
+    fields = body_fields(
+        version=version,
+        targets=targets,
+        min_agent_version=min_agent_version,
+        files=entries,
+        health_window=health_window,
+    )
     return make_body(target=targets[0], ttl=ttl, fields=fields, now=now), entries
 
 

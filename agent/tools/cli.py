@@ -55,6 +55,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"  warning: {warning}")
     _print_remote(config, args.config)
+    print(f"next: edge-agent run -c {args.config}   (or, installed: sudo systemctl restart edge-agent)")
     return 0
 
 
@@ -196,12 +197,30 @@ def _run_tool(argv: list[str]) -> int | None:
     return plugins[rest[0]].tools()[verb](rest[1:])  # type: ignore[misc]
 
 
+# Commissioning verbs first, in the order a technician uses them.
+_VERB_HELP = {
+    "scan": "find the units on a bus, name their profiles, add them to a site file (--add-to)",
+    "read": "one typed read of a device's registers",
+    "simulate": "serve a device on TCP or a pseudo-terminal, to rehearse without it",
+    "profiles": "list the device profiles (register maps)",
+}
+
+
+def _tools_help() -> str:
+    """The driver tools, one per line, as ``edge-agent <verb> {drivers}`` with what each does."""
+    verbs = _tool_verbs()
+    order = [v for v in _VERB_HELP if v in verbs] + sorted(v for v in verbs if v not in _VERB_HELP)
+    lines = [(f"  {v} {{{','.join(verbs[v])}}}".ljust(34) + _VERB_HELP.get(v, "")).rstrip() for v in order]
+    return "driver tools (edge-agent <tool> <driver> --help):\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs and tests)."""
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description=__doc__,
-        epilog="Driver tools: " + "; ".join(f"{v} {{{','.join(d)}}}" for v, d in sorted(_tool_verbs().items())),
+        epilog=_tools_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -17,6 +17,16 @@ Either kind may take commands and documents *in* from the operations centre thro
 :class:`Inbound` channel in its :class:`UplinkContext` (a device write, a status request;
 remote configuration arrives this way too). The core answers every request with a
 :class:`Reply`; an uplink carries it back however its protocol does.
+
+An uplink that authenticates with a client certificate may get an :class:`Identity` in its
+context: the files it connects with, which the core changes while it runs (certificate
+renewal, docs/fleet.md). The core *offers* new files; the uplink drains what it has in flight,
+disconnects cleanly and connects with them, then *confirms* (the far end accepted the new
+identity once: a CONNACK) or *refuses* (TLS handshake or CONNACK refused, with the reason) and
+goes back to the current files at once. Until confirmed the current files stay in use and on
+disk; the core moves files only after a confirmation and tells the uplink with
+:meth:`Identity.moved`. The same object carries the renewal request out and its answer in, on
+an uplink that also carries the fleet channel.
 """
 
 from __future__ import annotations
@@ -219,6 +229,91 @@ class Reports:
 
 
 @dataclass(frozen=True)
+class IdentityFiles:
+    """A client certificate chain (leaf first) and its private key, as files ``ssl`` loads."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class Identity:
+    """The client identity an uplink connects with, which the core may replace while it runs.
+
+    Core side: :meth:`offer` new files and await the outcome; :meth:`moved` after renaming
+    confirmed files into place; :meth:`ask` to send a renewal request. Uplink side: connect with
+    :meth:`files`; when :attr:`pending` is set, drain, reconnect with it and call :meth:`confirm`
+    or :meth:`refuse`; publish :attr:`request` and hand answers to :meth:`answered`.
+    """
+
+    def __init__(self, current: IdentityFiles, root: str = "fleet/v1") -> None:
+        """The files in use now; ``root``: the topic root renewal requests go under (fleet.root)."""
+        self.current = current
+        self.root = root
+        self.pending: IdentityFiles | None = None
+        self._outcome: asyncio.Future[str | None] | None = None
+        self.request: bytes | None = None  # a renewal request to publish (each connection, until answered)
+        self.request_version = 0
+        self._answers: asyncio.Queue[bytes] | None = None
+        self._asked: asyncio.Event | None = None
+
+    def files(self) -> IdentityFiles:
+        """What to connect with now: the offered files while a swap is being tried, else the current."""
+        return self.pending or self.current
+
+    def offer(self, files: IdentityFiles) -> asyncio.Future[str | None]:
+        """Ask the uplink to connect with ``files``; the future ends with None (confirmed) or a reason."""
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result("replaced by a newer offer")
+        self.pending = files
+        self._outcome = asyncio.get_running_loop().create_future()
+        return self._outcome
+
+    def withdraw(self, reason: str) -> None:
+        """Core: give up an offer not taken up yet (e.g. it timed out); the current files stay."""
+        self.refuse(reason)
+
+    def confirm(self) -> None:
+        """Uplink: the offered files connected once; they are now the current ones."""
+        if self.pending is not None:
+            self.current, self.pending = self.pending, None
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(None)
+
+    def refuse(self, reason: str) -> None:
+        """Uplink: the offered files were refused (``reason``); it goes on with the current ones."""
+        self.pending = None
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(reason)
+
+    def moved(self, files: IdentityFiles) -> None:
+        """Core: the current identity's files now live here (same contents; no reconnect)."""
+        self.current = files
+
+    def ask(self, body: bytes | None) -> asyncio.Queue[bytes]:
+        """Core: publish ``body`` as the renewal request (None: withdraw it); answers arrive on the queue."""
+        self.request = body
+        self.request_version += 1
+        self._answers = asyncio.Queue(maxsize=16)
+        if self._asked is not None:
+            self._asked.set()
+            self._asked = None
+        return self._answers
+
+    async def asked(self, since: int) -> int:
+        """Uplink: wait until :attr:`request_version` passes ``since``; returns the new version."""
+        while self.request_version <= since:
+            if self._asked is None:
+                self._asked = asyncio.Event()
+            await self._asked.wait()
+        return self.request_version
+
+    def answered(self, body: bytes) -> None:
+        """Uplink: an answer to a renewal request arrived (extra ones beyond the queue are dropped)."""
+        if self._answers is not None and not self._answers.full():
+            self._answers.put_nowait(body)
+
+
+@dataclass(frozen=True)
 class UplinkContext:
     """What the core gives an uplink when it creates one."""
 
@@ -232,6 +327,9 @@ class UplinkContext:
     # The uplink's status, kept by the core across the instances a reload replaces, so its
     # counters never go back: a durable uplink reports through this one object.
     status: UplinkStatus = field(default_factory=UplinkStatus)
+    # The client certificate and key to connect with, when the core manages them (fleet
+    # identity); an uplink given one uses it instead of its own certificate settings.
+    identity: Identity | None = None
 
 
 class DurableUplink(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
+from agent.devices.ports import port_problem
 from drivers.modbus.config import ModbusConfig
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,7 @@ class Bus:
     users: int = 0
     received: bytes = b""  # what came back since the last request was sent
     malformed: str | None = None  # why an answer to the current request did not decode, if one did not
+    problem: str | None = None  # why the port did not open (missing, forbidden, busy, a refused setting)
     _quiet_at: float = 0.0
     _waiting: bool = False  # a request was sent and its answer is awaited
 
@@ -166,7 +169,9 @@ class Bus:
         async with self.lock:
             if not self.client.connected and not await self._connect():
                 raise_if_cancelling()
-                raise error(f"cannot connect to {self.key.split(':', 1)[1]}", link=True)
+                where = self.key.split(":", 1)[1]
+                why = f": {self.problem}" if self.problem else ""
+                raise error(f"cannot connect to {where}{why}", link=True)
             wait = self._quiet_at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -196,11 +201,20 @@ class Bus:
         return response
 
     async def _connect(self) -> bool:
+        self.problem = None
+        failure: BaseException | None = None
         try:
-            return bool(await self.client.connect())
-        except (OSError, ModbusException) as exc:
+            if await self.client.connect():
+                return True
+        except (OSError, ModbusException, termios.error) as exc:  # termios: a setting the port refuses
             log.debug("%s: connect failed: %s", self.key, exc)
-            return False
+            failure = exc
+        if self.rtu and self.key.startswith("rtu:"):
+            # The cause and its fix, in the words of `edge-agent read` and `doctor`, from the first failure.
+            params = self.client.comm_params
+            setting = f"{params.baudrate} {params.bytesize}{params.parity}{params.stopbits}"
+            self.problem = await asyncio.to_thread(port_problem, self.key.split(":", 1)[1], failure, setting)
+        return False
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from agent.contract.vocabulary import QUANTITY_UNITS
 from agent.devices.api import DeviceConfig, Duration, StrictModel
+from agent.devices.ports import missing
 from drivers.modbus.profiles import ProfileError, apply_profile, available
 
 Table = Literal["holding", "input", "coil", "discrete"]
@@ -30,6 +32,7 @@ UNWRITABLE_TYPES = ("string", "bitfield")
 WriteFunction = Literal[5, 6, 15, 16]
 ALL_WRITE_FUNCTIONS: tuple[WriteFunction, ...] = (5, 6, 15, 16)
 PROTOCOL_MAX_REGISTERS = 125  # Modbus: one read of holding/input registers returns at most 125
+_MODICON_LEAD = {"discrete": "1", "input": "3", "holding": "4"}  # a Modicon reference's first digit per table
 PROTOCOL_MAX_BITS = 2000  # ... and of coils/discrete inputs at most 2000
 
 
@@ -215,6 +218,21 @@ class ModbusConfig(DeviceConfig):
         if self.transport == "rtu" and self.serial is not None:
             return [self.serial.port]
         return []
+
+    def warnings(self, field: str) -> list[str]:
+        """A serial port not there (yet), and addresses that look like Modicon references (30225)."""
+        out = []
+        if self.transport == "rtu" and self.serial is not None and not os.path.exists(self.serial.port):
+            out.append(f"{field}.serial.port: {missing(self.serial.port)} (the agent waits for it)")
+        for point in self.points:
+            lead = _MODICON_LEAD.get(point.table)
+            if lead is not None and 10001 <= point.address <= 49999 and str(point.address)[0] == lead:
+                zero_based = point.address % 10000 - 1
+                out.append(f"{field} ({self.id}) point {point.name}: address {point.address} looks like a Modicon "
+                           f"reference ({lead}xxxx = {point.table} register {point.address % 10000}); addresses "
+                           f"here are zero-based PDU addresses: if the manual says {point.address}, write "
+                           f"address: {zero_based}")  # fmt: skip
+        return out
 
     def profile_files(self, base_dir: Path | None) -> dict[str, Path | None]:
         """The profile merged into this device, and the file the search finds for it now."""

@@ -136,6 +136,7 @@ class ModbusDriver(Driver):
             for p in config.points
         }
         self._bus: Bus | None = None
+        self._link_failure: str | None = None  # the link failure last logged (each new one is, at once)
         self._good: dict[str, float | int | str] = {}  # last good value per point
         self._reported: dict[str, tuple[Any, str]] = {}  # last reported (value, quality) per point
         self._since: dict[str, datetime] = {}  # when each bay entered its state
@@ -299,6 +300,10 @@ class ModbusDriver(Driver):
             self.stats["failed_requests"] += 1
             if exc.garbled is not None:
                 self._garbled(exc)
+            if exc.link and exc.reason != self._link_failure:
+                # At once, not when the device goes offline polls later: the cause and fix for the technician.
+                log.warning("device %s: %s", self.config.id, exc.reason)
+            self._link_failure = exc.reason if exc.link else self._link_failure
             failure = exc.reason if exc.link or exc.reason == "timeout" else None
             parts = split(read) if exc.exception_code in _SPLIT_ON else [read]
             if len(parts) > 1:
@@ -308,6 +313,7 @@ class ModbusDriver(Driver):
                         self._refused(read, kept, exc.reason)
                     return samples, kept, failure
             return [(p, None, exc.reason) for p in read.points], [read], failure
+        self._link_failure = None
         return self._decode(read, values), [read], None
 
     def _decode(self, read: Request, values: list[int] | list[bool]) -> list[_Sample]:

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from agent.config.suggest import did_you_mean
 from agent.config.yaml_load import YamlLoadError, clip, load_yaml, read_text
 
 # Searched in order: $EDGE_AGENT_PROFILES, next to the site file, the system's, then the ones
@@ -75,7 +76,8 @@ def load(name: str, base_dir: str | Path | None = None) -> dict[str, Any]:
     """The profile's parsed file (``profile``, ``vendor``, ``model``, ``manual``, ``defaults``, ``points``)."""
     files = available(base_dir)
     if name not in files:
-        raise ProfileError(f"unknown profile {clip(name)} (available: {', '.join(sorted(files)) or 'none'})")
+        raise ProfileError(f"unknown profile {clip(name)} (available: {', '.join(sorted(files)) or 'none'})"
+                           + did_you_mean(name, files))  # fmt: skip
     path = files[name]
     return _read(path, path.stat().st_mtime_ns)
 

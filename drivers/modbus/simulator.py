@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymodbus import FramerType
+from pymodbus import FramerType, ModbusDeviceIdentification
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusDeviceContext, ModbusServerContext
 from pymodbus.datastore.store import BaseModbusDataBlock
@@ -212,9 +212,16 @@ def _overcount(frame: bytes, framer: FramerType) -> bytes:
 class Simulator:
     """A pymodbus server (TCP, RTU over TCP, or RTU on a serial port) serving simulated units."""
 
-    def __init__(self, units: list[SimulatedUnit], *, period: float = 0.5) -> None:
-        """Units are served from :meth:`serve_tcp` / :meth:`serve_serial`; values move every ``period``."""
+    def __init__(
+        self, units: list[SimulatedUnit], *, period: float = 0.5, identity: dict[str, str] | None = None
+    ) -> None:
+        """Units are served from :meth:`serve_tcp` / :meth:`serve_serial`; values move every ``period``.
+
+        ``identity``: FC 43/14 objects (VendorName, ProductCode, ...) to answer with (pymodbus keeps
+        them process-wide); None: empty ones.
+        """
         self.units = {u.unit: u for u in units}
+        self.identity = ModbusDeviceIdentification(info_name=identity) if identity else None  # type: ignore[no-untyped-call]
         self.period = period
         self.requests = 0
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
@@ -251,7 +258,7 @@ class Simulator:
     async def serve_tcp(self, host: str = "127.0.0.1", port: int = 5020, *, rtu_framing: bool = False) -> None:
         """Listen on ``host:port`` until :meth:`stop`; returns once listening."""
         self._framer = FramerType.RTU if rtu_framing else FramerType.SOCKET
-        server = ModbusTcpServer(self._context, framer=self._framer, address=(host, port),
+        server = ModbusTcpServer(self._context, framer=self._framer, address=(host, port), identity=self.identity,
                                  trace_packet=self._trace)  # fmt: skip
         await self._start(server)
 
@@ -261,7 +268,7 @@ class Simulator:
         # On RS-485 a unit that is not there is silent; it does not answer for others.
         server = ModbusSerialServer(self._context, framer=FramerType.RTU, port=port, baudrate=baudrate,
                                     parity=parity, stopbits=stopbits, ignore_missing_devices=True,
-                                    trace_packet=self._trace)  # fmt: skip
+                                    identity=self.identity, trace_packet=self._trace)  # fmt: skip
         await self._start(server)
 
     async def _start(self, server: ModbusTcpServer | ModbusSerialServer) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import grp
-import os
+import logging
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
+from agent.devices.ports import port_problem
 from drivers.modbus import profiles as profile_store
 
 COMMON_BAUDS = (9600, 19200, 38400, 4800, 2400, 57600, 115200)
@@ -40,19 +41,6 @@ def profiles_main(argv: list[str]) -> int:
     return 0
 
 
-def _port_problem(port: str) -> str | None:
-    """A specific, actionable reason why ``port`` cannot be opened, or None."""
-    if not os.path.exists(port):
-        by_id = sorted(Path("/dev/serial/by-id").glob("*")) if Path("/dev/serial/by-id").is_dir() else []
-        hint = f"; adapters present: {', '.join(map(str, by_id))}" if by_id else "; is the USB adapter plugged in?"
-        return f"serial port {port} not found{hint}"
-    if not os.access(port, os.R_OK | os.W_OK):
-        group = grp.getgrgid(os.stat(port).st_gid).gr_name
-        return (f"permission denied on {port}: it belongs to group '{group}'; "
-                f"run: sudo usermod -aG {group} $USER (then log in again)")  # fmt: skip
-    return None
-
-
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="serial port (RTU), e.g. /dev/ttyUSB0")
@@ -61,13 +49,14 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baud", type=int, help="baud rate (RTU); scan tries common ones if omitted")
     parser.add_argument("--parity", choices=COMMON_PARITIES, help="parity (RTU); scan tries N, E, O if omitted")
     parser.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
-    parser.add_argument("--timeout", type=float, default=0.3, help="seconds per request")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for an answer "
+                        "(read: 0.3; scan: 35 ms turnaround + the answer's length)")  # fmt: skip
 
 
 def _device(args: argparse.Namespace, unit: int, baud: int | None, parity: str | None, **extra: Any) -> Any:
     from drivers.modbus.config import ModbusConfig
 
-    raw: dict[str, Any] = {"id": "cli", "driver": "modbus", "unit": unit, "timeout": args.timeout, **extra}
+    raw: dict[str, Any] = {"id": "cli", "driver": "modbus", "unit": unit, "timeout": args.timeout or 0.3, **extra}
     if args.port:
         raw |= {"transport": "rtu", "serial": {"port": args.port, "baudrate": baud or 9600,
                                                "parity": parity or "N", "stopbits": args.stopbits}}  # fmt: skip
@@ -78,68 +67,29 @@ def _device(args: argparse.Namespace, unit: int, baud: int | None, parity: str |
     return ModbusConfig.model_validate(raw)
 
 
-async def _probe(config: Any, table: str, address: int) -> str:
-    """'ok', 'exception N' (it answered), or the failure reason."""
-    from drivers.modbus.bus import BusPool, ModbusReadError
-
-    pool = BusPool()
-    bus = pool.acquire(config)
-    try:
-        await bus.read(table, address, 1, config.unit)
-    except ModbusReadError as exc:
-        return exc.reason
-    finally:
-        pool.release(bus)
-    return "ok"
-
-
 def scan_main(argv: list[str]) -> int:
-    """Find which unit ids answer, trying common baud rates and parities on a serial port."""
+    """Find which units answer (1-247 at 9600 baud in about 11 s), at which line setting, and their profiles."""
+    from drivers.modbus import scan_cli
+
     parser = argparse.ArgumentParser(prog="edge-agent scan modbus", description=scan_main.__doc__)
     _connection_args(parser)
-    parser.add_argument("--units", default="1-247", help="unit ids to try, e.g. 1-10 or 1,2,5")
-    parser.add_argument("--table", default="holding", choices=("holding", "input", "coil", "discrete"))
-    parser.add_argument("--address", type=int, default=0, help="register to probe (zero-based)")
+    scan_cli.add_arguments(parser)
     args = parser.parse_args(argv)
-    units = _units(args.units)
-    if args.port and (problem := _port_problem(args.port)):
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    lines = ([(b, p) for b in ([args.baud] if args.baud else COMMON_BAUDS)
-              for p in ([args.parity] if args.parity else COMMON_PARITIES)]
-             if args.port else [(None, None)])  # fmt: skip
-    found: list[tuple[int, int | None, str | None, str]] = []
-    garbled = 0
-    for baud, parity in lines:
-        for unit in units:
-            verdict = asyncio.run(_probe(_device(args, unit, baud, parity), args.table, args.address))
-            if verdict == "ok" or verdict.startswith("exception"):
-                found.append((unit, baud, parity, verdict))
-            elif verdict.startswith("garbled"):
-                garbled += 1
-            elif verdict.startswith("cannot connect") and not args.port:
-                print(f"error: {verdict}", file=sys.stderr)
-                return 1
-        if found and args.port:
-            break  # one line setting answers; other settings would only garble
-    if not found:
-        hint = ""
-        if garbled:
-            hint = (f" ({garbled} garbled answers: wrong parity or baud rate suspected; "
-                    "check the device's settings and A/B wiring)")  # fmt: skip
-        print(f"nothing answers on {args.port or args.host}{hint}", file=sys.stderr)
-        return 1
-    print(f"{'UNIT':>4}  {'BAUD':>6}  {'PARITY':<6}  ANSWER")
-    for unit, baud, parity, verdict in found:
-        print(f"{unit:>4}  {baud or '-':>6}  {parity or '-':<6}  {verdict}")
-    return 0
+    try:
+        units = _units(args.units)
+    except ValueError:
+        parser.error(f"--units: expected ids 1-247 like 1-10 or 1,2,5, got {args.units!r}")
+    return scan_cli.run_scan(args, units, lambda unit: _device(args, unit, args.baud, args.parity))
 
 
 def _units(text: str) -> list[int]:
+    """``1-10,15`` as unit ids. Raises ValueError outside 0..247 or when not numbers."""
     out: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         out += list(range(int(lo), int(hi or lo) + 1))
+    if not out or not all(0 <= u <= 247 for u in out):
+        raise ValueError(text)
     return out
 
 
@@ -167,7 +117,7 @@ def read_main(argv: list[str]) -> int:
         except ValueError as exc:
             print(f"error: {exc}; or give --table with a zero-based address", file=sys.stderr)
             return 2
-    if args.port and (problem := _port_problem(args.port)):
+    if args.port and (problem := port_problem(args.port)):
         print(f"error: {problem}", file=sys.stderr)
         return 1
     kind = "bool" if table in BIT_TABLES else args.type
@@ -208,28 +158,33 @@ async def _read(config: Any, table: str, address: int, points: list[dict[str, An
 
 
 def simulate_main(argv: list[str]) -> int:
-    """Serve a profile's points with changing values on TCP or on a pseudo-terminal (RTU)."""
+    """Serve a profile's points with changing values on TCP or on a pseudo-terminal (RTU), as the meter would."""
     parser = argparse.ArgumentParser(prog="edge-agent simulate modbus", description=simulate_main.__doc__)
     parser.add_argument("--profile", required=True, help="profile id (edge-agent profiles)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", metavar="HOST:PORT", help="serve Modbus TCP, e.g. 127.0.0.1:5020")
-    where.add_argument(
-        "--rtu",
-        nargs="?",
-        const="pty",
-        metavar="PORT",
-        help="serve RTU on a serial port, or on a new pseudo-terminal (prints its path)",
-    )
+    where.add_argument("--rtu", nargs="?", const="pty", metavar="PORT",
+                       help="serve RTU on a serial port, or on a new pseudo-terminal (prints its path)")  # fmt: skip
     parser.add_argument("--units", default="1", help="unit ids to serve, e.g. 1-8")
-    parser.add_argument("--baud", type=int, default=9600)
+    parser.add_argument("--baud", type=int, default=9600, help="the meter's baud rate (a client at another "
+                        "rate on the pty gets garbled answers, as from a real meter)")  # fmt: skip
+    parser.add_argument("--parity", choices=COMMON_PARITIES, default="N",
+                        help="the meter's parity; on a pty (which has no parity bit) a client is at N, so E or O "
+                             "rehearses a parity mismatch")  # fmt: skip
+    parser.add_argument("--lenient", action="store_true", help="answer 0 for registers outside the profile "
+                        "(default: exception 2, as meters do)")  # fmt: skip
     parser.add_argument("--garble", action="store_true",
                         help="corrupt every answer's CRC: what a wrong baud rate or parity looks like")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         return asyncio.run(_simulate(args))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
+    except (OSError, termios.error) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             print(f"error: {args.tcp} is already in use", file=sys.stderr)
+            return 1
+        if args.rtu:
+            setting = f"{args.baud} 8{args.parity}1"
+            print(f"error: {port_problem(args.rtu, exc, setting) or exc}", file=sys.stderr)
             return 1
         raise
 
@@ -238,6 +193,8 @@ async def _simulate(args: argparse.Namespace) -> int:
     from drivers.modbus.config import PointConfig
     from drivers.modbus.simulator import SimulatedUnit, Simulator
 
+    logging.getLogger("pymodbus").setLevel(logging.WARNING)  # not its "Server listening." on the technician's screen
+
     try:
         profile = profile_store.load(args.profile)
     except profile_store.ProfileError as exc:
@@ -245,26 +202,31 @@ async def _simulate(args: argparse.Namespace) -> int:
         return 2
     defaults = profile.get("defaults") or {}
     points = [PointConfig.model_validate(p) for p in profile["points"]]
-    units = [SimulatedUnit(u, points, byte_order=defaults.get("byte_order", "big"),
+    units = [SimulatedUnit(u, points, byte_order=defaults.get("byte_order", "big"), strict=not args.lenient,
                            word_order=defaults.get("word_order", "big")) for u in _units(args.units)]  # fmt: skip
     for unit in units:
         unit.faults.corrupt_crc = args.garble
-    sim = Simulator(units)
+    sim = Simulator(units, identity={"VendorName": str(profile.get("vendor", "")),
+                                     "ProductCode": str(profile.get("model", ""))})  # fmt: skip
     keep: Any = None
+    scan = f" --units {args.units} --add-to site.yaml"  # the command a technician rehearses next
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         await sim.serve_tcp(host or "127.0.0.1", int(port))
-        print(f"serving {args.profile} units {args.units} on Modbus TCP {args.tcp}", flush=True)
+        print(f"serving {args.profile} units {args.units} on Modbus TCP {args.tcp}\n"
+              f"next: edge-agent scan modbus --host {args.tcp}{scan}", flush=True)  # fmt: skip
     else:
-        path = args.rtu
+        path, parity = args.rtu, args.parity
         if path == "pty":
             from drivers.modbus.pty import PtyPair
 
             keep = PtyPair()
+            keep.meter_parity, parity = args.parity, "N"  # the pty refuses parity: the relay emulates it
             path = keep.device
-            print(f"serving {args.profile} units {args.units} (RTU) on {path}; point the agent at "
-                  f"serial.port: {keep.client}", flush=True)  # fmt: skip
-        await sim.serve_serial(path, baudrate=args.baud)
+            print(f"serving {args.profile} units {args.units} (RTU {args.baud} 8{args.parity}1) on {path}; "
+                  f"point the agent at serial.port: {keep.client}\n"
+                  f"next: edge-agent scan modbus --port {keep.client}{scan}", flush=True)  # fmt: skip
+        await sim.serve_serial(path, baudrate=args.baud, parity=parity)
     try:
         await asyncio.Event().wait()
     finally:

@@ -310,7 +310,7 @@ def test_cli_validate_prints_warnings_and_exits_0(tmp_path: Path) -> None:
     assert lines[0] == f"ok: {site} (gateway gw-1, 2 devices), 5 warning(s):"
     assert lines[1] == f"  warning: uplink.mqtt.password_file: permissions 0644 for '{tmp_path / 'mqtt-pw'}' are too " \
                        f"open; chmod 600 {tmp_path / 'mqtt-pw'}"  # fmt: skip
-    assert len(lines) == 6
+    assert len(lines) == 7 and lines[-1].startswith(f"next: edge-agent run -c {site}"), lines
 
 
 def test_a_password_file_is_read_no_further_than_a_password_can_be(tmp_path: Path) -> None:

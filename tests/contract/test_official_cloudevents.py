@@ -25,6 +25,7 @@ from agent.contract.events import (
     CROSSWALK_PRESENCE,
     DEVICE_STATUS,
     EVENT_TYPES,
+    GATEWAY_CERT_EXPIRING,
     GATEWAY_HEALTH,
     GATEWAY_INVENTORY,
     METER_READING,
@@ -60,6 +61,8 @@ def _built(event_type: str, data: dict[str, Any], device: str = "meter-1") -> by
     )
 
 
+EXPIRING = {"subject": "CN=gw-demo-01", "serial_number": "1f", "not_after": "2026-11-30T08:00:00Z",
+            "seconds_left": 604000, "days_left": 6, "last_error": "no answer", "next_attempt": None}  # fmt: skip
 BUILT = {
     "meter, every optional field": lambda: _built(
         METER_READING,
@@ -80,6 +83,7 @@ BUILT = {
         DEVICE_STATUS, build.device_status("offline", "connection refused", "modbus", 3, NOW - timedelta(seconds=9))
     ),
     "device online": lambda: _built(DEVICE_STATUS, build.device_status("online", None, "virtual", 0, NOW)),
+    "certificate expiring": lambda: _built(GATEWAY_CERT_EXPIRING, EXPIRING, "gateway"),
 }
 
 
@@ -144,7 +148,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[s
         single = {json.loads(p)["type"] for t, p in got if t.startswith("ioc/v1/gw-single/")}
         batches = [p for t, p in got if t == "ioc/v1/gw-batch/batch"]
         batched = {e["type"] for p in batches for e in json.loads(p)}
-        return set(EVENT_TYPES) - {CAMERA_SNAPSHOT} <= single and {GATEWAY_HEALTH, DEVICE_STATUS} <= batched
+        expected = set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING}
+        return expected <= single and {GATEWAY_HEALTH, DEVICE_STATUS} <= batched
 
     try:
         wait_for(complete, 30, "every event type from gw-single and batches with health and status from gw-batch")
@@ -163,14 +168,15 @@ def test_a_running_agents_events_of_every_type_pass_every_check(published: list[
         if topic.startswith("ioc/v1/gw-single/"):
             event = check_event(payload)
             seen[event["type"]] = seen.get(event["type"], 0) + 1
-    assert set(seen) == set(EVENT_TYPES) - {CAMERA_SNAPSHOT}, seen  # the snapshot: the test above
+    # the snapshot: the test above; the certificate warning: tests/fleet/test_renewal_e2e.py
+    assert set(seen) == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING}, seen
 
 
 def test_a_running_agents_batches_pass_every_check(published: list[tuple[str, bytes]]) -> None:
     batches = [p for t, p in published if t == "ioc/v1/gw-batch/batch"]
     events = [e for p in batches for e in check_batch(p)]
     assert len(events) > len(batches)  # at least one batch held several events
-    assert {e["type"] for e in events} == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_INVENTORY}
+    assert {e["type"] for e in events} == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_INVENTORY, GATEWAY_CERT_EXPIRING}
 
 
 def test_the_inventory_names_its_schema(published: list[tuple[str, bytes]]) -> None:

@@ -91,12 +91,14 @@ def build(
     ttl: float = 86400,
     now: datetime | None = None,
     min_agent_version: str = "0.1.0",
+    health_window: float | None = None,
 ) -> Path:
     """A bundle file built and signed as `bundle build --key` does."""
     items = collect(folder, None)
     body, _ = manifest_body(
-        items, version=version, targets=list(targets), min_agent_version=min_agent_version, ttl=ttl, now=now
-    )
+        items, version=version, targets=list(targets), min_agent_version=min_agent_version, ttl=ttl, now=now,
+        health_window=health_window,
+    )  # fmt: skip
     write_bundle(out, envelope(body, key, key_id), items, force=True)
     return out
 

@@ -33,7 +33,9 @@ TOP_LEVEL = ("config.json", "profiles", "models")  # what a bundle may hold, by 
 MAX_FILES = 1000  # a manifest line is ~130 bytes: well under the envelope's 256 KiB
 MAX_FILE_BYTES = 8 * 1024**3 - 1  # ustar's size field: 11 octal digits
 MAX_PATH = 200
-_FIELDS = (*RESERVED, "format", "version", "targets", "min_agent_version", "files")
+_FIELDS = (*RESERVED, "format", "version", "targets", "min_agent_version", "files", "health_window")
+HEALTH_WINDOW_DEFAULT = 120.0  # seconds the running agent watches a bundle before its commit
+HEALTH_WINDOW_RANGE = (1.0, 3600.0)
 _PATH_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _AGENT_VERSION = re.compile(r"^\d{1,6}(\.\d{1,6}){0,3}$")
@@ -72,6 +74,7 @@ class Manifest:
     issued_at: str
     expires_at: str
     signed_by: str | None  # the key id whose signature verified; None when not checked
+    health_window: float = HEALTH_WINDOW_DEFAULT
 
     @property
     def total_bytes(self) -> int:
@@ -107,7 +110,14 @@ def check_path(path: object, where: str) -> str:
     return path
 
 
-def body_fields(*, version: int, targets: list[str], min_agent_version: str, files: list[FileEntry]) -> dict[str, Any]:
+def body_fields(
+    *,
+    version: int,
+    targets: list[str],
+    min_agent_version: str,
+    files: list[FileEntry],
+    health_window: float | None = None,
+) -> dict[str, Any]:
     """The manifest's own fields, for ``envelope.make_body`` (which adds target, times and nonce).
 
     Raises:
@@ -120,6 +130,8 @@ def body_fields(*, version: int, targets: list[str], min_agent_version: str, fil
         "min_agent_version": min_agent_version,
         "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in files],
     }
+    if health_window is not None:
+        doc["health_window"] = health_window
     try:
         _fields(doc)
     except BundleError as exc:
@@ -241,6 +253,10 @@ def _fields(body: Mapping[str, Any]) -> Manifest:
         if folded in seen:
             raise _bad("files", f"{entry.path} is listed twice")
         seen.add(folded)
+    window = body.get("health_window", HEALTH_WINDOW_DEFAULT)
+    low, high = HEALTH_WINDOW_RANGE
+    if not isinstance(window, int | float) or isinstance(window, bool) or not low <= window <= high:
+        raise _bad("health_window", f"must be a number of seconds from {low:g} to {high:g}")
     return Manifest(
         version,
         tuple(targets),
@@ -249,6 +265,7 @@ def _fields(body: Mapping[str, Any]) -> Manifest:
         str(body.get("issued_at", "")),
         str(body.get("expires_at", "")),
         None,
+        float(window),
     )
 
 

@@ -69,6 +69,7 @@ class Staged:
 
     manifest: Manifest
     folder: Path
+    downgrade: bool = False  # older than the highest, allowed by a signed directive (bundles/downgrade.py)
 
 
 class BundleStore:
@@ -135,8 +136,10 @@ class BundleStore:
         return problems
 
     # ---- the staged apply ----------------------------------------------------------------
-    def admit(self, manifest: Manifest, *, reserve_bytes: int | None = None) -> None:
+    def admit(self, manifest: Manifest, *, reserve_bytes: int | None = None, allow_version: int | None = None) -> None:
         """May this bundle be applied here: version, agent version, free space?
+
+        ``allow_version``: the older version a verified downgrade directive names (that one is not stale).
 
         Raises:
             BundleError: ``stale``, ``rolled_back_before``, ``busy``, ``agent_too_old`` or ``no_space``.
@@ -146,7 +149,7 @@ class BundleStore:
             raise BundleError("busy", [f"an apply of version {state.pending.get('version')} is in progress"])
         if manifest.version in state.rolled_back:
             raise BundleError("rolled_back_before", [f"version {manifest.version} was rolled back: never retried"])
-        if manifest.version < state.highest:
+        if manifest.version < state.highest and manifest.version != allow_version:
             raise BundleError("stale", [f"version {manifest.version} older than installed {state.highest}"])
         if manifest.version == state.highest:
             raise BundleError("stale", [f"version {manifest.version} is already installed"])
@@ -164,6 +167,7 @@ class BundleStore:
         *,
         reserve_bytes: int | None = None,
         progress: Callable[[str], None] | None = None,
+        allow_version: int | None = None,
     ) -> Staged:
         """Verify ``path`` while unpacking it; the folder is renamed into place only once all of it checked.
 
@@ -183,7 +187,7 @@ class BundleStore:
 
         def admitted(envelope: bytes) -> Manifest:
             manifest = check_envelope(envelope)
-            self.admit(manifest, reserve_bytes=reserve_bytes)
+            self.admit(manifest, reserve_bytes=reserve_bytes, allow_version=allow_version)
             return manifest
 
         try:
@@ -201,13 +205,15 @@ class BundleStore:
             with suppress(OSError):
                 staging.rmdir()
             raise
-        return Staged(result.manifest, final)
+        return Staged(result.manifest, final, result.manifest.version < self.state().highest)
 
     def switch(self, staged: Staged) -> None:
         """Make ``staged`` current: recorded as pending first, then ``current`` replaced by rename."""
         state = self.state()
         running = self.current()
         state.pending = {"version": staged.manifest.version, "previous": running[0] if running else None}
+        if staged.downgrade:
+            state.pending["downgrade"] = True
         self._save(state)
         self._point(staged.manifest.version)
         audit.info("bundle version %d switched to (pending commit)", staged.manifest.version)
@@ -223,7 +229,8 @@ class BundleStore:
             raise BundleError("nothing_pending", ["no switched bundle waits for a commit"])
         version = int(state.pending["version"])
         state.installed = [*[v for v in state.installed if v != version], version][-KEEP:]
-        state.highest = max(state.highest, version)
+        # A downgrade's version becomes the highest: the versions above it may come again, newer ones too.
+        state.highest = version if state.pending.get("downgrade") else max(state.highest, version)
         state.pending = None
         self._save(state)
         self._prune(state)
@@ -294,12 +301,18 @@ class BundleStore:
             if child.name.startswith("v") and child.name not in keep and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
 
+    def reserve(self) -> int:
+        """Bytes an apply leaves free for the buffer: 5 % of the file system, at least ``MIN_RESERVE``."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vfs = os.statvfs(self.root)
+        return max(MIN_RESERVE, vfs.f_blocks * vfs.f_frsize // 20)
+
     def _check_space(self, manifest: Manifest, reserve_bytes: int | None) -> None:
         """The bundle must fit and leave a reserve: the buffer beside it is never what makes room."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         vfs = os.statvfs(self.root)
         free = vfs.f_bavail * vfs.f_frsize
-        reserve = reserve_bytes if reserve_bytes is not None else max(MIN_RESERVE, vfs.f_blocks * vfs.f_frsize // 20)
+        reserve = reserve_bytes if reserve_bytes is not None else self.reserve()
         block = vfs.f_frsize or 4096
         need = sum(-(-e.size // block) * block + block for e in manifest.files) + 64 * 1024
         if need + reserve > free:

@@ -104,6 +104,11 @@ class DesiredConfig:
             except Exception:  # a bug: logged, the next document still gets its turn
                 log.exception("a desired config document could not be handled")
 
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The remote sections that run (a bundle without config.json keeps them)."""
+        return dict(self._sections)
+
     def load_file(self, path: Path) -> AgentConfigBase:
         """For SIGHUP: the local file as it is now, with the running remote sections over it."""
         return load_effective(path, self._sections) if self._sections else load_config(path)
@@ -119,6 +124,8 @@ class DesiredConfig:
             return  # our own retained document, again after a reconnect
         self._unsynced = None  # a newer document: the one waiting for the clock is superseded
         seen = self._handled.get(digest)
+        if seen is not None and seen.get("status") == "superseded":
+            return
         if seen is not None:
             last, again = self.reporter.last, self._report_of(seen)
             if last is None or (last.version, last.status, last.reason) != (again.version, again.status, again.reason):
@@ -165,7 +172,7 @@ class DesiredConfig:
         if desired.version in self._rolled_back:
             message = f"version {desired.version} was rolled back before and is never retried"
             raise Rejected("rolled_back_before", message, [Problem("payload.version", "rolled_back_before", message)])
-        if desired.version <= running.version:
+        if desired.version <= running.version and not desired.downgrade:
             message = f"version {desired.version} is not above the applied version {running.version}"
             raise Rejected("stale", message, [Problem("payload.version", "stale", message)])
         try:
@@ -180,8 +187,32 @@ class DesiredConfig:
             check_fleet_section(new.fleet, self._agent.config.fleet)
         return new
 
+    async def apply_bundle(self, desired: Desired, commit: Callable[[], object]) -> dict[str, Any] | None:
+        """A bundle's config on this same version line (agent/fleet/bundles/runner.py): checked, applied,
+        watched; ``commit`` runs once healthy, before the config is saved as the last good one.
+
+        Returns None once applied, else the outcome's entry (``status`` rejected or rolled_back).
+        """
+        try:
+            new = await self._check(desired)
+        except Rejected as exc:
+            self._reject(desired.envelope, desired.digest, exc)
+            return self._handled.get(desired.digest)
+        if new is None:  # what runs already: nothing to reload
+            commit()
+            return None
+        previous, version = self._applied, self.running.version
+        await self._apply(desired, new, commit)
+        if self._applied != desired.digest:
+            return self._handled.get(desired.digest)
+        if previous is not None:  # its retained document comes again on each reconnect: neither news nor a replay
+            entry = self._entry(previous, version, None, "superseded", f"bundle version {desired.version}", [])
+            self._state.remember(entry)
+            self._handled[previous] = entry
+        return None
+
     # ---- apply ------------------------------------------------------------------------
-    async def _apply(self, desired: Desired, new: AgentConfigBase) -> None:
+    async def _apply(self, desired: Desired, new: AgentConfigBase, commit: Callable[[], object] | None = None) -> None:
         agent = self._agent
         old, old_running, old_sections = agent.config, self.running, self._sections
         before = health.online(agent)
@@ -218,6 +249,8 @@ class DesiredConfig:
             if problems:
                 await self._roll_back(desired, old, old_running, old_sections, problems, health.reason_of(problems))
                 return
+            if commit is not None:  # a bundle's files are committed first: agent/fleet/bundles/startup.py
+                commit()
             self._save_applied(desired)
             self._state.clear_pending()
             self._audit(desired, "applied")

@@ -61,6 +61,7 @@ class Desired:
     key_id: str = ""
     digest: str = ""  # sha256 of the envelope's bytes: the same retained message arrives on each reconnect
     envelope: bytes = field(default=b"", repr=False)
+    downgrade: bool = False  # a bundle's older version, allowed by a signed directive (bundles/downgrade.py)
 
 
 def sections_hash(sections: Mapping[str, Any]) -> str:

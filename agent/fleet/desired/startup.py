@@ -39,6 +39,9 @@ class Start:
 def at_start(local: AgentConfigBase, path: Path) -> tuple[AgentConfigBase, Start]:
     """The config to run and the state behind it (raises OSError if the state cannot be written)."""
     state = DesiredState(state_dir(local.buffer.path))
+    from agent.fleet.bundles.startup import prepare  # an update bundle's part of the same state
+
+    prepare(local.buffer.path, state)
     applied = state.applied()
     pending = state.pending()
     rolled_back: dict[str, Any] | None = None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
-from contextlib import suppress
 from pathlib import Path
 
 from agent.config.model import AgentConfigBase
+from agent.devices.ports import missing, port_holders
 from agent.tools.doctor.access import R, ServiceUser, W, access_fix, denied, describe, group_fix, group_name
 from agent.tools.doctor.report import Row
+
+__all__ = ["check_device_file", "check_device_files", "port_holders", "present_devices"]
 
 
 def check_device_files(config: AgentConfigBase, user: ServiceUser) -> list[Row]:
@@ -29,8 +31,10 @@ def check_device_file(path: str, device_ids: list[str], user: ServiceUser) -> Ro
     target = f"{path} ({', '.join(device_ids)})"
     p = Path(path)
     if not p.exists():
-        finding = f"{path} is missing" + (f" (a link to {os.readlink(p)})" if p.is_symlink() else "")
         kind, present = present_devices(path)
+        # A serial port gets the sentence read, scan and the running agent print.
+        finding = missing(path) if kind != "camera" else f"{path} is missing"
+        finding += f" (a link to {os.readlink(p)})" if p.is_symlink() else ""
         fix = (
             f"plug the adapter in (dmesg shows it), or correct the path in the config; present: {', '.join(present)}"
             if present
@@ -66,25 +70,3 @@ def present_devices(path: str) -> tuple[str, list[str]]:
         if found:
             return kind, found
     return kind, []
-
-
-def port_holders(path: str) -> list[str]:
-    """Other processes holding ``path`` open, as ``pid (command)``; [] if none (or not visible)."""
-    real = os.path.realpath(path)
-    holders = []
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            with suppress(OSError):
-                if os.readlink(fd) == real:
-                    with suppress(OSError):
-                        command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                        holders.append(f"pid {proc.name} ({command.strip()[:60]})")
-                    break
-    return holders

@@ -11,8 +11,8 @@ from typing import Any
 from agent.config.model import AgentConfigBase
 from agent.contract.events import CROSSWALK_PRESENCE, METER_READING, PARKING_OCCUPANCY, Reading
 from agent.devices.api import DeviceConfig, Driver, DriverContext
+from agent.devices.ports import missing, port_holders
 from agent.devices.registry import load_plugins
-from agent.tools.doctor.device_files import port_holders
 from agent.tools.doctor.report import Row, broken, exception_text
 
 STOP_TIMEOUT = 2.0
@@ -73,7 +73,7 @@ async def check_device(device: DeviceConfig, timeout: float) -> Row:
     holders: list[str] = []
     for path in device.device_paths():
         if not Path(path).exists():
-            return Row("device", target, "FAIL", f"not read: {path} is missing", "see the device-file row")
+            return Row("device", target, "FAIL", f"not read: {missing(path)}", "see the device-file row")
         holders += [f"{path} is open in {h}" for h in await asyncio.to_thread(port_holders, path)]
     batch = await read_device(device, timeout)
     if isinstance(batch, str):
@@ -82,7 +82,7 @@ async def check_device(device: DeviceConfig, timeout: float) -> Row:
                 "device",
                 target,
                 "FAIL",
-                f"{batch}; {'; '.join(holders)}",
+                batch if " is busy: open in " in batch else f"{batch}; {'; '.join(holders)}",  # named once
                 "stop that process (the agent: systemctl stop edge-agent), then run the doctor again",
             )
         return Row("device", target, "FAIL", batch, _DEVICE_FIX)

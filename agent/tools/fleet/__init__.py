@@ -16,6 +16,7 @@ from agent.tools.fleet.common import add_broker_args, add_signing_args
 from agent.tools.fleet.diagnostics import diagnostics
 from agent.tools.fleet.keygen import keygen
 from agent.tools.fleet.push import push_config
+from agent.tools.fleet.push_bundle import add_parser as push_bundle_parser
 from agent.tools.fleet.sign import sign_config
 from agent.tools.fleet.status import COLLECT, status
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=diagnostics)
     _config_commands(sub)
+    push_bundle_parser(sub)
     p = sub.add_parser("status", help="a row per gateway from its retained status, inventory and reported config")
     p.add_argument("--to", help="gateways that must be there, e.g. gw-001..gw-100,gw-200 (default: all seen)")
     add_broker_args(p)

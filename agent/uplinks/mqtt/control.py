@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.uplinks.api import Inbound, Reply, Reports
+from agent.uplinks.api import Identity, Inbound, Reply, Reports
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +87,37 @@ class ControlChannel:
         reports: Reports | None = None,
         topic_prefix: str = "ioc/v1",
         v5: bool = False,
+        identity: Identity | None = None,
+        commands: bool = True,
     ) -> None:
         """``publish(topic, payload, retain, properties)`` sends on the current connection (False: not
-        connected); ``v5``: the connection is MQTT 5, so requests may carry response properties."""
+        connected); ``v5``: the connection is MQTT 5, so requests may carry response properties;
+        ``identity``: renewal requests go out and answers come in here (docs/fleet.md);
+        ``commands``: False carries renewal alone (no requests, no desired document)."""
         self.requests = f"{root}/{gateway}/req/+/+"
         self.desired = f"{root}/{gateway}/desired"
         self._replies = f"{root}/{gateway}/res"
+        self._identity = identity
+        self._commands = commands
+        self.identity_answer = f"{root}/{gateway}/identity/answer"
+        self._identity_request = f"{root}/{gateway}/identity/request"
         # Where each report goes: the inventory is an event for the operations centre too.
         self._report_topics = {
             "reported": f"{root}/{gateway}/reported",
             "inventory": f"{topic_prefix}/{gateway}/inventory",
         }
+        # Update bundles (agent/fleet/bundles/transfer.py): a retained offer and chunks in, a status out.
+        self.bundle_topics = {f"{root}/{gateway}/bundle/offer": "bundle_offer",
+                              f"{root}/{gateway}/bundle/chunk": "bundle_chunk"}  # fmt: skip
+        self._report_topics["bundle"] = f"{root}/{gateway}/bundle/status"
+        self._bundle_tasks: set[asyncio.Task[None]] = set()
         self._inbound = inbound
         self._publish = publish
         self._reports = reports
         self._pace = Pace(REPLIES_PER_SECOND, REPLY_BYTES_PER_SECOND)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reporter: asyncio.Task[None] | None = None
+        self._asker: asyncio.Task[None] | None = None
         self._document: bytes | None = None  # the newest desired document not handed over yet
         self._documents: asyncio.Task[None] | None = None
         self.ignored = 0
@@ -114,19 +128,39 @@ class ControlChannel:
     @property
     def subscriptions(self) -> list[tuple[str, int]]:
         """What to subscribe to on every (clean) connection."""
-        return [(self.requests, 1), (self.desired, 1)]
+        renewal = [(self.identity_answer, 1)] if self._identity is not None else []
+        bundles = [(topic, 1) for topic in self.bundle_topics]
+        return [*([(self.requests, 1), (self.desired, 1), *bundles] if self._commands else []), *renewal]
 
     def connected(self) -> None:
         """A new connection: publish every report again (the broker may have lost them), then each change."""
         self.connection_ended()
+        loop = asyncio.get_running_loop()
         if self._reports is not None:
-            self._reporter = asyncio.get_running_loop().create_task(self._report(self._reports), name="fleet-reports")
+            self._reporter = loop.create_task(self._report(self._reports), name="fleet-reports")
+        if self._identity is not None:
+            self._asker = loop.create_task(self._ask(self._identity), name="fleet-renewal-request")
 
     def connection_ended(self) -> None:
         """Stop publishing reports until the next connection."""
-        if self._reporter is not None:
-            self._reporter.cancel()
-            self._reporter = None
+        for task in (self._reporter, self._asker):
+            if task is not None:
+                task.cancel()
+        self._reporter = self._asker = None
+
+    async def _ask(self, identity: Identity) -> None:
+        """The renewal request, once per connection and again when the core makes a new one
+        (not retained: a request must not be answered again after it was answered)."""
+        done = 0  # the request version handled on this connection
+        while True:
+            version, body = identity.request_version, identity.request
+            if version != done:
+                done = version
+                if body is not None:
+                    await self._pace.wait(len(body))
+                    if not self._publish(self._identity_request, body, False, None):
+                        return
+            await identity.asked(done)
 
     async def _report(self, reports: Reports) -> None:
         sent: dict[str, bytes] = {}
@@ -144,8 +178,22 @@ class ControlChannel:
 
     def on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         """paho's callback (on the event loop): take the request or document, answer later."""
+        if message.topic == self.identity_answer:
+            if self._identity is not None and not message.retain and len(message.payload) <= MAX_REQUEST_BYTES:
+                self._identity.answered(bytes(message.payload))
+            return
+        if not self._commands:
+            self.ignored += 1  # renewal only: nothing else was subscribed to
+            return
         if message.topic == self.desired:
             self._take_document(bytes(message.payload))
+            return
+        kind = self.bundle_topics.get(message.topic)
+        if kind is not None:  # in arrival order: each handler's first step runs before the next task's
+            task = asyncio.get_running_loop().create_task(self._inbound.document(kind, bytes(message.payload),
+                                                                                 origin="mqtt"))  # fmt: skip
+            self._bundle_tasks.add(task)
+            task.add_done_callback(self._bundle_tasks.discard)
             return
         parts = message.topic.split("/")
         request_id, name = parts[-2], parts[-1]

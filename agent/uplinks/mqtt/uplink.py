@@ -42,6 +42,7 @@ from agent.uplinks.mqtt.errors import ConnectionLost, Resend
 from agent.uplinks.mqtt.link import ANSWER_FLOOR as ANSWER_FLOOR  # tests import it from here
 from agent.uplinks.mqtt.link import TICK, Link
 from agent.uplinks.mqtt.publisher import Publisher
+from agent.uplinks.mqtt.swap import SWAP_DRAIN, Swap
 from agent.uplinks.mqtt.window import Window
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def _state(state: str) -> dict[str, str]:
     return {"subject": "uplink", "state": state}
 
 
-def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str) -> paho.Client:
-    """A paho client for one clean session, its callbacks not set yet."""
+def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str, swap: Swap) -> paho.Client:
+    """A paho client for one clean session, its callbacks not set yet; TLS as ``swap`` says."""
     v5 = cfg.protocol == "5"
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -79,25 +80,27 @@ def _paho_client(cfg: MqttConfig, gateway: str, will_topic: str) -> paho.Client:
     client.will_set(will_topic, OFFLINE, qos=1, retain=True)
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.password())
-    if cfg.tls.active:
-        cfg.tls.apply_to(client)
+    swap.apply_tls(client, cfg)
     return client
 
 
 def _control_channel(
     config: MqttConfig, gateway: str, context: UplinkContext | None, publish: Publish
 ) -> ControlChannel | None:
-    """The fleet channel on this connection, if the core turned it on (a control root)."""
-    if context is None or not context.control_root:
+    """The fleet channel on this connection, if the core turned it on (a control root); without
+    one, an identity alone still gets its renewal topics."""
+    if context is None or not (context.control_root or context.identity):
         return None
     return ControlChannel(
-        context.control_root,
+        context.control_root or context.identity.root,  # type: ignore[union-attr]
         gateway,
         context.inbound,
         publish,
         reports=context.reports,
         topic_prefix=config.topic_prefix,
         v5=config.protocol == "5",
+        identity=context.identity,
+        commands=bool(context.control_root),
     )
 
 
@@ -168,11 +171,12 @@ class MqttUplink:
             refused=self._refused,
         )
         self._publisher = Publisher(config, gateway, self._window, self._acks)
+        self._swap = Swap(context.identity if context is not None else None)  # client certificate changes
 
     # ---- connection ---------------------------------------------------------------
     def _new_client(self, loop: asyncio.AbstractEventLoop) -> paho.Client:
         cfg = self.config
-        client = _paho_client(cfg, self.gateway, self._status_topic)
+        client = _paho_client(cfg, self.gateway, self._status_topic, self._swap)
         lost: asyncio.Future[str] = loop.create_future()
         connected: asyncio.Future[None] = loop.create_future()
         self._lost = lost
@@ -311,6 +315,7 @@ class MqttUplink:
             backoff.attempt(time.monotonic())
             try:
                 await self._connect()
+                self._swap.connected()
                 backoff.connected(time.monotonic())
                 self.status.connected = True
                 self.status.connects += 1
@@ -321,7 +326,7 @@ class MqttUplink:
             except Resend as exc:
                 reason, resend = str(exc), True
             except ConnectionLost as exc:
-                reason = str(exc)
+                reason, resend = str(exc), self._swap.failed(exc)  # a refused new certificate: old one at once
             except Exception as exc:
                 # e.g. the buffer failed to read: log it, drop the connection, start over.
                 log.exception("uplink error")
@@ -371,12 +376,14 @@ class MqttUplink:
                 if self._link.check(now, self._window.oldest(), self.config.keepalive):
                     client._send_pingreq()
                     self._flush_writes()
-                if draining_since is None and self._window.resend_due(now, window):
+                if draining_since is None and (self._window.resend_due(now, window) or self._swap.due()):
                     draining_since = now  # stop publishing; let the PUBACKs in flight arrive
                 wait: float = TICK
                 if draining_since is not None:
-                    drain = max(DRAIN_FLOOR, self._link.srtt or 0.0)
+                    drain = SWAP_DRAIN if self._swap.due() else max(DRAIN_FLOOR, self._link.srtt or 0.0)
                     if not inflight or now - draining_since >= drain:
+                        if self._swap.due():
+                            raise self._swap.drained(len(self._window.missing))
                         raise Resend(f"{len(self._window.missing)} PUBACK(s) missing; reconnecting to send them again")
                     room = 0
                     wait = draining_since + drain - now

@@ -1,0 +1,140 @@
+"""Settings of the Sparkplug B edge node (``uplink.sparkplug`` in the site file).
+
+Broker, TLS and password rules are ``uplink.mqtt``'s (its :class:`TlsConfig` and password file
+handling); the Sparkplug ids may not hold the MQTT topic characters ``/``, ``+`` or ``#``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from agent.config.model import is_loopback
+from agent.devices.api import DevicePoint, Duration, StrictModel, readable_file, resolve_path
+from agent.uplinks.api import UplinkSettings
+from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, TlsConfig, _read_secret
+
+PASSWORD_ENV = "EDGE_AGENT_SPARKPLUG_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+TOPIC_CHARS = ("/", "+", "#")
+
+
+def sparkplug_id(value: str | None) -> str | None:
+    """A group, edge node, host or device id: one topic level, so none of ``/ + #``."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must not be empty")
+    bad = [c for c in TOPIC_CHARS if c in value]
+    if bad:
+        raise ValueError(f"{value!r} contains {' '.join(bad)}: a Sparkplug id is one MQTT topic level")
+    return value
+
+
+class Server(StrictModel):
+    """One MQTT server; the edge node tries them in order."""
+
+    host: str = Field(min_length=1, description="Broker host name or address.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="Default 8883 with TLS, else 1883.")
+
+
+class WritablePoint(DevicePoint):
+    """A point SCADA may write with DCMD (its device config must also say ``writable: true``)."""
+
+    _ids = field_validator("device", "point")(sparkplug_id)
+
+
+class SparkplugConfig(UplinkSettings):
+    """A Sparkplug B 3.0 edge node: the devices' values for SCADA hosts, DCMD writes back."""
+
+    enabled: bool = Field(default=False, description="Run the Sparkplug B edge node.")
+    servers: list[Server] = Field(
+        default_factory=lambda: [Server(host="127.0.0.1")],
+        min_length=1,
+        description="MQTT servers, tried in order; after one fails or its primary host goes offline, the next.",
+    )
+    group_id: str = Field(default="edge", description="Sparkplug group id (topic level 2).")
+    edge_node_id: str | None = Field(default=None, description="Edge node id; default the gateway id.")
+    primary_host_id: str | None = Field(
+        default=None,
+        description="SCADA host whose STATE gates the session: no BIRTH until it is online; offline: next server.",
+    )
+    aliases: bool = Field(default=True, description="Metric aliases: BIRTHs carry name and alias, DATA the alias.")
+    writable: list[WritablePoint] = Field(default_factory=list, description="Points SCADA may write with DCMD.")
+    client_id: str | None = Field(default=None, description="MQTT client id; default spb-{group}-{edge node}.")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password_file: Path | None = Field(
+        default=None, description=f"File holding the broker password (or set ${PASSWORD_ENV}). Never inline."
+    )
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version.")
+    keepalive: Duration = Field(
+        default=30.0, ge=1, le=3600,
+        description="MQTT keepalive; buffered DATA counts as delivered once the connection outlived it.",
+    )  # fmt: skip
+    reconnect_min: Duration = Field(default=1.0, gt=0, description="Least wait between two rounds of the servers.")
+    reconnect_max: Duration = Field(default=10.0, gt=0, description="Most wait between two rounds of the servers.")
+    write_timeout: Duration = Field(default=3.0, gt=0, le=60, description="How long a DCMD write waits for the device.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings, as uplink.mqtt's.")
+
+    _ids = field_validator("group_id", "edge_node_id", "primary_host_id")(sparkplug_id)
+    _paths = field_validator("password_file", mode="before")(resolve_path)
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_file(cls, value: Path | None) -> Path | None:
+        value = readable_file(value)
+        if value is not None and not _read_secret(value):
+            raise ValueError(f"password file is empty: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _secure(self) -> SparkplugConfig:
+        tls = self.tls.model_copy()
+        tls._remote_broker = any(not is_loopback(s.host) for s in self.servers)
+        object.__setattr__(self, "tls", tls)
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
+        remote = [s.host for s in self.servers if not is_loopback(s.host)]
+        if sends_password and not tls.active and remote:
+            raise ValueError(f"refusing to send a password in clear text to {remote[0]}: enable tls")
+        if sends_password and self.username is None:
+            raise ValueError("a password is set but no username")
+        return self
+
+    def active(self) -> bool:
+        """Off unless ``enabled``."""
+        return self.enabled
+
+    def port(self, server: Server) -> int:
+        """A server's port: its own, else the TLS or plain default."""
+        return server.port or (TLS_PORT if self.tls.active else PLAIN_PORT)
+
+    def password(self) -> str | None:
+        """Read the secret at connect time (never kept in the config, never logged)."""
+        if self.password_file is not None:
+            return _read_secret(self.password_file)
+        return os.environ.get(PASSWORD_ENV) or None
+
+    def secrets(self) -> list[str]:
+        """The broker password, so the logs redact it."""
+        try:
+            password = self.password()
+        except (OSError, UnicodeDecodeError, ValueError):
+            return []
+        return [password] if password else []
+
+    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
+        """The password file and the TLS client key."""
+        files = [(f"{prefix}.password_file", self.password_file), (f"{prefix}.tls.key_file", self.tls.key_file)]
+        return [(name, path) for name, path in files if path is not None]
+
+    def warnings(self, prefix: str) -> list[str]:
+        """Plain MQTT to another host."""
+        remote = [s.host for s in self.servers if not is_loopback(s.host)]
+        if self.tls.enabled is False and remote:
+            return [f"{prefix}.tls.enabled: plain MQTT to {remote[0]}: Sparkplug traffic travels unencrypted; "
+                    f"remove 'enabled: false' and use the broker's TLS port ({TLS_PORT})"]  # fmt: skip
+        return []

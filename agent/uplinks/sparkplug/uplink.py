@@ -1,0 +1,306 @@
+"""The Sparkplug B edge node as a durable uplink: sessions over the servers in turn, the feed's
+events as BIRTH/DATA, the backlog as historical DATA, and the rows acknowledged once delivered.
+
+A session: CONNECT (clean, NDEATH will with the next bdSeq), subscribe NCMD/DCMD (and the
+primary host's STATE), wait until the host is online, NBIRTH and DBIRTHs, then DATA until the
+link drops or the host goes offline (then NDEATH, disconnect, next server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from agent.store.outbox import Stored
+from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
+from agent.uplinks.mqtt.backoff import Backoff
+from agent.uplinks.mqtt.errors import ConnectionLost
+from agent.uplinks.sparkplug.bdseq import BdSeq
+from agent.uplinks.sparkplug.client import Connection
+from agent.uplinks.sparkplug.commands import Commands, HostOffline
+from agent.uplinks.sparkplug.config import SparkplugConfig
+from agent.uplinks.sparkplug.forward import Forward, queue_backlog
+from agent.uplinks.sparkplug.metrics import Event, Value, parse
+from agent.uplinks.sparkplug.model import Device, Model
+from agent.uplinks.sparkplug.node import Session, Topics
+from agent.uplinks.sparkplug.payloads import node_death
+
+log = logging.getLogger(__name__)
+READ_LIMIT = 500  # rows taken from the feed at a time
+WARMUP, SETTLE = 2.0, 0.5  # first session of a run: wait for the devices' first readings before NBIRTH
+STARTUP_GRACE = 10.0  # seconds of readings before a run's first session that are its start, not history
+BDSEQ_FILE = "sparkplug.bdseq"
+_DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
+
+
+class SparkplugUplink:
+    """One edge node; :meth:`run` keeps it connected to one of the servers."""
+
+    def __init__(self, config: SparkplugConfig, context: UplinkContext) -> None:
+        """Configure; nothing connects until :meth:`run`."""
+        self.config = config
+        self.status: UplinkStatus = context.status
+        self.status.since = time.time()
+        node = config.edge_node_id or context.gateway
+        self.topics = Topics(config.group_id, node)
+        self.client_id = config.client_id or f"spb-{config.group_id}-{node}"
+        self.model = Model()
+        self.bdseq = BdSeq(context.state_dir / BDSEQ_FILE)
+        self.commands = Commands(config, self.topics, self.model, context.inbound, context.title)
+        self.forward = Forward(config.keepalive)
+        self.session: Session | None = None
+        self._conn: Connection | None = None
+        self._bad_rows = 0
+        self._stopping = False  # goodbye() said NDEATH: no new session until run() is cancelled
+        self._started = time.time()
+        self._first_session = True  # until a session of this instance has been born
+
+    def quiet_allowance(self) -> float:
+        """paho notices a dead link within 1.5 keepalives: allow two before calling it stalled."""
+        return 2 * self.config.keepalive
+
+    async def run(self, feed: EventFeed) -> None:
+        """Sessions over the servers in turn, forever; a full round of failures waits with backoff."""
+        cfg = self.config
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(10.0, cfg.reconnect_max))
+        index, failed_in_round = 0, 0
+        while True:
+            if self._stopping:
+                await asyncio.Event().wait()  # the caller cancels us next
+            server = cfg.servers[index]
+            backoff.attempt(time.monotonic())
+            held = False
+            try:
+                await self._session(feed, server, backoff)
+            except (ConnectionLost, HostOffline) as exc:
+                reason = str(exc)
+            except Exception as exc:
+                log.exception("Sparkplug uplink error")
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                held = self.status.connected
+                await self._end_session()
+            if self._stopping:
+                continue
+            if held or reason != self.status.last_error:
+                log.warning("Sparkplug: %s; trying the next server", reason, extra=_DOWN)
+            self.status.failed(reason)
+            index = (index + 1) % len(cfg.servers)
+            failed_in_round = 0 if held else failed_in_round + 1
+            if failed_in_round >= len(cfg.servers) or len(cfg.servers) == 1:
+                failed_in_round = 0
+                await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=False))
+
+    async def _session(self, feed: EventFeed, server: Any, backoff: Backoff) -> None:
+        bdseq = self.bdseq.next()  # +1 per CONNECT, kept before it is used (a crash never reuses it)
+        conn = self._conn = Connection(self.config, server, self.client_id, (self.topics.ndeath, node_death(bdseq)))
+        session = self.session = Session(conn, self.topics, self.model, bdseq, aliases=self.config.aliases)
+        self.commands.start_session(session)
+        reader = asyncio.create_task(self._read_messages(conn))
+        try:
+            await conn.open()
+            backoff.connected(time.monotonic())
+            await conn.subscribe(self.commands.subscriptions())  # before NBIRTH
+            await self._until_host_online(conn)
+            self.status.connected, self.status.since, self.status.last_error = True, time.time(), None
+            self.status.connects += 1
+            log.info("Sparkplug edge node %s/%s online on %s (bdSeq %d)", self.topics.group, self.topics.node,
+                     conn.where, bdseq, extra={"subject": "uplink", "state": "connected"})  # fmt: skip
+            await self._publish_until_lost(feed, conn, session)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_messages(self, conn: Connection) -> None:
+        while True:
+            topic, payload, _retained = await conn.messages.get()
+            try:
+                self.commands.handle(topic, payload)
+            except Exception:  # a bug must not end the session: the message is lost, not the link
+                log.exception("Sparkplug: a message on %s could not be handled", topic)
+
+    def _check(self, conn: Connection) -> None:
+        if conn.lost.done():
+            raise ConnectionLost(conn.lost.result())
+        offline = self.commands.offline
+        if offline is not None and offline.done():
+            raise HostOffline(offline.result())
+
+    async def _until_host_online(self, conn: Connection) -> None:
+        if not self.commands.host_online.is_set():
+            log.info("Sparkplug: waiting for primary host %s to be online", self.config.primary_host_id)
+        while not self.commands.host_online.is_set():
+            self._check(conn)
+            online: asyncio.Future[Any] = asyncio.ensure_future(self.commands.host_online.wait())
+            offline = self.commands.offline
+            try:
+                await asyncio.wait([online, conn.lost, *([offline] if offline else [])], timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                online.cancel()
+        self._check(conn)
+
+    async def _publish_until_lost(self, feed: EventFeed, conn: Connection, session: Session) -> None:
+        cursors: dict[int, int] = {}  # a new dict: rows from before this session come as backlog
+        forward = self.forward
+        forward.reset()
+        # The first rows are learned before the BIRTHs, so the devices they name are born with the
+        # NBIRTH; on the first session of a run, the devices' first readings are waited for.
+        first = await self._first_rows(feed, conn, cursors)
+        for row in first:
+            try:
+                self._learn(row)
+            except Exception:  # _row logs it below
+                log.debug("Sparkplug: event %d not learned", row.id, exc_info=True)
+        session.birth_all()
+        now = time.monotonic()
+        for row in first:  # still the first session while these are carried (see _historical)
+            cursors[row.priority] = row.id
+            self._row(session, row, now)
+        self.status.published += len(first)
+        self._first_session = False
+        while True:
+            feed.committed.clear()
+            self._check(conn)
+            now = time.monotonic()
+            done = forward.confirmed(now)
+            if done:
+                self.status.acked += await feed.ack(done)
+            rows = await feed.next_batch(cursors, READ_LIMIT) if forward.room() else []
+            self._check(conn)
+            now = time.monotonic()
+            for row in rows:
+                cursors[row.priority] = row.id
+                self._row(session, row, now)
+            self.status.published += len(rows)
+            if forward.due(now):
+                device_id, values, ids = forward.take(now)
+                device = self.model.device(device_id)
+                session.ddata(device, self.model.typed(device, values), historical=True)
+                forward.sent(ids, now)
+            if len(rows) < READ_LIMIT:
+                await self._wait(feed, conn, forward.next_wake(now))
+
+    async def _first_rows(self, feed: EventFeed, conn: Connection, cursors: dict[int, int]) -> list[Stored]:
+        """The rows the session starts with. With nothing buffered and no device known yet (the
+        agent just started), wait up to WARMUP for the first readings, then SETTLE more for the
+        devices polled a little later."""
+        rows = await feed.next_batch(cursors, READ_LIMIT)
+        for row in rows:
+            cursors[row.priority] = row.id
+        if rows or self.model.devices:
+            return rows
+        deadline = time.monotonic() + WARMUP
+        while time.monotonic() < deadline and len(rows) < READ_LIMIT:
+            feed.committed.clear()
+            await self._wait(feed, conn, deadline - time.monotonic())
+            self._check(conn)
+            for row in await feed.next_batch(cursors, READ_LIMIT - len(rows)):
+                cursors[row.priority] = row.id
+                rows.append(row)
+            if rows:
+                deadline = min(deadline, time.monotonic() + SETTLE)
+        return rows
+
+    async def _wait(self, feed: EventFeed, conn: Connection, timeout: float) -> None:
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(feed.committed.wait())]
+        offline = self.commands.offline
+        try:
+            await asyncio.wait([*waits, conn.lost, *([offline] if offline else [])], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _row(self, session: Session, row: Stored, now: float) -> None:
+        """One buffered event; one that cannot be carried is logged and passed over (it would
+        otherwise end every session at the same place)."""
+        try:
+            self._carry(session, row, now)
+        except Exception as exc:
+            self._bad_rows += 1
+            log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
+            self.forward.sent([row.id], now)
+
+    def _historical(self, row: Stored) -> bool:
+        """Whether a row goes out as history: the backlog, except on a run's first session the
+        readings of the last seconds, taken while the uplink was connecting (they are the
+        devices' start, and their values belong in the first BIRTHs)."""
+        if not row.backlog:
+            return False
+        return not (self._first_session and row.created >= max(self._started, time.time() - STARTUP_GRACE))
+
+    def _learn(self, row: Stored) -> tuple[Event | None, Device | None, list[Value], bool]:
+        """What a row tells the model (devices, metrics, online), nothing sent: (event, device,
+        its values as born, whether the device or a metric is new)."""
+        event = parse(row.payload)
+        if event is None:
+            return None, None, [], False
+        device = self.model.device(event.device)
+        if event.status is not None:
+            device.online = event.status != "offline"
+            return event, device, [], False
+        values, new = self.model.learn(device, event.values, historical=self._historical(row))
+        if device is not self.model.node:
+            device.online = True
+        return event, device, values, new
+
+    def _carry(self, session: Session, row: Stored, now: float) -> None:
+        """Live events go out now, backlog ones join the historical queue."""
+        historical = self._historical(row)
+        if historical and queue_backlog(self.model, self.forward, row.payload, row.id):
+            return
+        event, device, values, new = self._learn(row)
+        if event is None or device is None:
+            self.forward.sent([row.id], now)
+            return
+        if event.status is not None:
+            if not device.online:
+                session.ddeath(device)
+            elif device.current and not device.born:
+                session.dbirth(device)  # back online: born again alone, with the same aliases
+            self.forward.sent([row.id], now)
+            return
+        if new or not device.born:
+            if new:
+                # A device or metric not born this session: the whole node is born again, so every
+                # DBIRTH follows the NBIRTH with no DATA between (payloads-dbirth-order), with
+                # fresh aliases for this device (payloads-alias-uniqueness).
+                self.model.realias(device)
+                session.birth_all()
+            else:
+                session.dbirth(device)
+            if not historical:  # the live values are in the BIRTH as current ones
+                self.forward.sent([row.id], now)
+                return
+        if historical:
+            self.forward.add(device.id, values, row.id)
+        else:
+            session.ddata(device, values)
+            self.forward.sent([row.id], now)
+
+    async def _end_session(self) -> None:
+        conn, self._conn = self._conn, None
+        self.commands.end_session()
+        self.session = None
+        if self.status.connected:
+            self.status.connected = False
+            self.status.disconnects += 1
+            self.status.since = time.time()
+        if conn is not None:
+            # An intentional disconnect (the host went offline) says NDEATH first; a lost link's will does.
+            farewell = (self.topics.ndeath, node_death(self.bdseq.value or 0)) if conn.up else None
+            await conn.close(farewell=farewell)
+
+    async def goodbye(self) -> None:
+        """NDEATH, then disconnect (a clean disconnect sends no will)."""
+        self._stopping = True
+        await self._end_session()
+        await self.commands.close()
+
+
+def create(settings: SparkplugConfig, context: UplinkContext) -> SparkplugUplink:
+    """The plugin's factory."""
+    return SparkplugUplink(settings, context)

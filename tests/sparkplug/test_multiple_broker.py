@@ -1,0 +1,18 @@
+"""TCK-lite MultipleBroker: two servers: one at a time, BIRTHs on each only after the host is online there,
+walking on to the next.
+
+One test per assertion id the TCK's MultipleBrokerTest references (assertions.yaml), each judged on our edge
+node's recorded session (a real edge-agent with the Sparkplug uplink; conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.sparkplug.tck_lite import assert_ours, ids_for
+from tests.sparkplug.verdicts import Verdict
+
+
+@pytest.mark.parametrize("assertion", ids_for("MultipleBroker"))
+def test_multiple_broker(assertion: str, ours: dict[str, Verdict], ours_mqtt5: dict[str, Verdict]) -> None:
+    assert_ours(assertion, ours, ours_mqtt5)
