@@ -19,6 +19,7 @@ from agent.devices.registry import load_plugins
 from agent.docblock import replace_block
 from agent.fleet.config import FleetConfig, FleetKey
 from agent.fleet.identity.config import ClaimConfig, IdentityConfig
+from agent.fleet.identity.pkcs11_config import Pkcs11Config
 from agent.fleet.identity.renew_config import RenewConfig
 from agent.uplinks.registry import load_uplinks
 
@@ -95,9 +96,10 @@ def render_markdown() -> str:
         ("observability", "observability.", ObservabilityConfig, ()),
         ("fleet", "fleet.", FleetConfig, ("identity",)),
         ("fleet.keys[]", "fleet.keys[].", FleetKey, ()),
-        ("fleet.identity", "fleet.identity.", IdentityConfig, ("claim", "renew")),
+        ("fleet.identity", "fleet.identity.", IdentityConfig, ("claim", "renew", "pkcs11")),
         ("fleet.identity.claim", "fleet.identity.claim.", ClaimConfig, ()),
         ("fleet.identity.renew", "fleet.identity.renew.", RenewConfig, ()),
+        ("fleet.identity.pkcs11", "fleet.identity.pkcs11.", Pkcs11Config, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]

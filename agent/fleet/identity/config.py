@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.devices.api import Duration, StrictModel, readable_file, resolve_path
+from agent.fleet.identity.pkcs11_config import Pkcs11Config, check_key_store
 from agent.fleet.identity.renew_config import RenewConfig
 
 SERIAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # one topic level: no / + # or spaces
@@ -86,8 +87,10 @@ class IdentityConfig(StrictModel):
         default=None, description="First boot, and re-provisioning after an expired certificate."
     )
     renew: RenewConfig = Field(default_factory=RenewConfig, description="When to renew the certificate.")
+    pkcs11: Pkcs11Config | None = Field(default=None, description="The token of key_store: pkcs11 (docs/fleet.md).")
 
     _paths = field_validator("ca_file", mode="before")(resolve_path)
+    _key_store = model_validator(mode="after")(check_key_store)
 
     @field_validator("ca_file")
     @classmethod
