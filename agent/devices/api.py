@@ -177,6 +177,10 @@ class DriverContext(ABC):
     def poll_failed(self, reason: str) -> None:
         """Report a failed poll; after ``offline_after`` in a row the device goes offline."""
 
+    def count_failure(self, reason: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Count a failure by reason (``edge_agent_device_poll_failures_total``) that says nothing of
+        the device's status: a push device that sent a message it could not decode is still there."""
+
     def observe_poll(self, seconds: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Report how long one poll took (the default ``stream()`` does it for ``read()``)."""
 

@@ -1,0 +1,137 @@
+"""The LoRaWAN driver: one device's messages from the shared connection, into events; silence into offline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+from agent.contract.events import Reading
+from agent.devices.api import Driver, DriverContext
+from drivers.lorawan.codecs import get_codec
+from drivers.lorawan.config import LorawanConfig
+from drivers.lorawan.connection import POOL, Connection
+from drivers.lorawan.logic import DeviceLogic
+from drivers.lorawan.messages import Join, Message, Status, Uplink
+from drivers.lorawan.state import StateFile
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY = 1.0  # seconds between state writes while uplinks come in
+
+
+def span(seconds: float) -> str:
+    """``2 h 10 min``, ``45 min``, ``30 s``: a silence as a person reads it."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours} h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes} min")
+    if secs and not hours:
+        parts.append(f"{secs} s")
+    return " ".join(parts) or "0 s"
+
+
+class LorawanDriver(Driver):
+    """Publishes one DevEUI's uplinks; offline after ``interval × offline_after`` of silence while connected."""
+
+    config: LorawanConfig
+
+    def __init__(self, config: LorawanConfig, context: DriverContext) -> None:
+        """Prepare; :meth:`start` joins the application's connection."""
+        super().__init__(config, context)
+        self.config = config
+        self._connection: Connection | None = None
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._file = StateFile(config.network_server.state_dir, config.dev_eui)
+        self.logic = DeviceLogic(config, get_codec(config.codec), self._file.load())
+        self._heard_at = 0.0  # the connection's up-clock when the device was last heard
+        self._reported = 0  # silent intervals already reported as failed polls
+        self._offline = False  # as the runner sees it: offline_after intervals reported, no uplink since
+        self._saved_at = 0.0
+
+    async def start(self) -> None:
+        """Join (or open) the connection to the device's application and claim its DevEUI."""
+        connection = self._connection = await POOL.acquire(self.config)
+        self._heard_at = connection.up_clock()
+        connection.register(self.config.dev_eui, self._queue.put_nowait)
+
+    async def stop(self) -> None:
+        """Release the DevEUI and the connection; save the dedupe state."""
+        if self._connection is not None:
+            self._connection.unregister(self.config.dev_eui)
+            POOL.release(self._connection)
+            self._connection = None
+        self._file.save(self.logic.state)
+
+    async def stream(self) -> AsyncIterator[list[Reading]]:
+        """Each batch of messages waiting, as events; between them, watch for silence."""
+        while True:
+            wait = self._until_silent()
+            if self.logic.dirty:
+                wait = min(wait, SAVE_EVERY)
+            try:
+                first = await asyncio.wait_for(self._queue.get(), wait)
+            except TimeoutError:
+                if self.logic.dirty:
+                    self._save()
+                self._check_silence()
+                continue
+            batch = [first]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            readings = self._handle(batch)
+            if self.logic.dirty and time.monotonic() - self._saved_at >= SAVE_EVERY:
+                self._save()
+            if readings:
+                yield readings
+
+    def _handle(self, batch: list[Message]) -> list[Reading]:
+        assert self._connection is not None
+        out: list[Reading] = []
+        now = time.monotonic()
+        for message in batch:
+            self._heard_at = self._connection.up_clock()
+            self._reported = 0
+            if isinstance(message, Uplink):
+                readings = self.logic.uplink(message, now)
+                self._offline = False
+                if readings:
+                    out += readings
+            elif isinstance(message, Join):
+                self.logic.join(message)
+            elif isinstance(message, Status):
+                out += self.logic.status(message, now)
+            if not self._offline:  # an offline device comes back with its next uplink, not a join or status
+                self.context.poll_ok()
+        for reason in self.logic.undecoded:
+            self.context.count_failure(f"undecoded {reason}")
+        self.logic.undecoded.clear()
+        return out
+
+    def _until_silent(self) -> float:
+        """Real seconds until the next silent interval ends, if the connection stays up."""
+        assert self._connection is not None
+        silent = self._connection.up_clock() - self._heard_at
+        due = (self._reported + 1) * self.config.interval - silent
+        return max(0.05, min(due, self.config.interval)) if math.isfinite(due) else self.config.interval
+
+    def _check_silence(self) -> None:
+        """One failed poll per interval of silence; the runner goes offline after ``offline_after``."""
+        assert self._connection is not None
+        silent = self._connection.up_clock() - self._heard_at
+        intervals = int(silent // self.config.interval)
+        while self._reported < intervals:
+            self._reported += 1
+            reason = f"silent {span(silent)}, expected every {span(self.config.interval)}"
+            self.context.poll_failed(reason)
+        if self._reported >= self.config.offline_after:
+            self._offline = True
+
+    def _save(self) -> None:
+        self._file.save(self.logic.state)
+        self.logic.dirty = False
+        self._saved_at = time.monotonic()
