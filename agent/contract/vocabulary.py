@@ -20,6 +20,7 @@ QUANTITY_UNITS: dict[str, str] = {
     "temperature": "degC",
     "pressure": "bar",
     "humidity": "%",
+    "distance": "mm",
     "digital_input": "",
     "counter": "",
 }

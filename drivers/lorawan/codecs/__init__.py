@@ -6,14 +6,35 @@ The types are in :mod:`drivers.lorawan.codecs.api`; the registry is here.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from drivers.lorawan.codecs.api import Codec, CodecError, Decoded, Reading
+from drivers.lorawan.codecs.bosch import Tps110
+from drivers.lorawan.codecs.milesight import EM300_TH, EM400_MUD, Milesight
+from drivers.lorawan.codecs.nwave import Nps310, Nps405
 
 __all__ = ["CODECS", "Codec", "CodecError", "Decoded", "Reading", "UnknownCodec", "get_codec", "guess_codec"]
 
-CODECS: Mapping[str, Codec] = MappingProxyType({})  # filled as the codec modules land
+_ALL: tuple[Codec, ...] = (
+    Nps405(),
+    Nps310(),
+    Tps110(),
+    Milesight("milesight-em300-th", EM300_TH),
+    Milesight("milesight-em400-mud", EM400_MUD),
+)
+CODECS: Mapping[str, Codec] = MappingProxyType({codec.name: codec for codec in _ALL})
+# Model numbers as device profiles and repository names spell them (letters and digits only) -> codec.
+# Bosch names the TPS110's codec file "tpl110".
+_MODELS = {
+    "nps405": "nwave-nps405",
+    "nps310": "nwave-nps310",
+    "tps110": "bosch-tps110",
+    "tpl110": "bosch-tps110",
+    "em300th": "milesight-em300-th",
+    "em400mud": "milesight-em400-mud",
+}
 
 
 class UnknownCodec(LookupError):
@@ -36,5 +57,9 @@ def get_codec(name: str) -> Codec:
 
 
 def guess_codec(profile: str) -> str | None:
-    """A codec name guessed from a network server's device-profile or model name (for ``scan``), or None."""
-    return None
+    """A codec name guessed from a network server's device-profile or model name (for ``scan``), or None.
+
+    ``"Nwave NPS405 SM"``, ``"EM300-TH (EU868)"`` -> their codecs; a name naming no known model -> None.
+    """
+    plain = re.sub(r"[^a-z0-9]", "", profile.lower())
+    return next((codec for model, codec in _MODELS.items() if model in plain), None)
