@@ -250,7 +250,8 @@ def make_event(
     taken = recorded if reading.time is None else format_time(reading.time)
     return (
         (
-            f'{{"specversion":"1.0","id":"{reading.id or new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
+            f'{{"specversion":"1.0","id":"{reading.id or new_event_id()}",'
+            f'"source":"/gateways/{gateway}/devices/{device}",'
             f'"type":{kind},"time":"{taken}","recordedtime":"{recorded}","timequality":"{timequality}",{middle}'
             f'"gateway":"{gateway}","device":"{device}","partitionkey":"{gateway}/{device}","seq":{seq},'
             + (f'"seqepoch":"{epoch}",' if epoch else "")

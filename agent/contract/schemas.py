@@ -168,7 +168,7 @@ class DeviceHealth(_Open):
     snr: float | None = Field(description="Best SNR (dB) over those gateways.")
     gateways: int = Field(ge=0, description="Gateways that heard the last uplink.")
     missed_uplinks: int = Field(ge=0, description="Uplinks missed (f_cnt gaps) since the agent started.")
-    margin: int | None = Field(default=None, description="ChirpStack status: link margin (dB) of the last DevStatusAns.")
+    margin: int | None = Field(default=None, description="ChirpStack status: link margin (dB), last DevStatusAns.")
     f_cnt: int = Field(ge=0, description="Frame counter of the last uplink.")
     dev_eui: str = Field(pattern=r"^[0-9a-f]{16}$", description="The device's DevEUI, lowercase.")
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agent.devices.api import DeviceConfig, Duration, StrictModel, readable_file, resolve_path
 
@@ -99,7 +99,9 @@ class LorawanConfig(DeviceConfig):
     )
     dev_eui: str = Field(description="The device's DevEUI: 16 hex digits, any case.")
     codec: str = Field(description="Payload codec (edge-agent scan lorawan guesses one): nwave-nps405, ...")
-    bay: str | None = Field(default=None, description="Detectors: the parking bay it watches (required for them).")
+    bay: str | None = Field(
+        default=None, validate_default=True, description="Detectors: the parking bay it watches (required for them)."
+    )
     interval: Duration = Field(default=3600.0, gt=0, description="How often the device reports (its heartbeat).")
     offline_after: int = Field(
         default=2, ge=1, description="Intervals without anything heard before city.device.status offline."
@@ -116,28 +118,47 @@ class LorawanConfig(DeviceConfig):
             raise ValueError(f"{value!r} is not a DevEUI: 16 hex digits (any case, - or : between bytes allowed)")
         return compact.lower()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> LorawanConfig:
-        from drivers.lorawan.codecs import UnknownCodec, get_codec
-
-        if self.network_server.type == "chirpstack" and not _UUID.fullmatch(self.application):
-            if _UUID.fullmatch(self.application.lower()):
+    @field_validator("application")
+    @classmethod
+    def _application(cls, value: str, info: ValidationInfo) -> str:
+        server = info.data.get("network_server")
+        if server is None:
+            return value  # its own error is reported
+        if server.type == "chirpstack" and not _UUID.fullmatch(value):
+            if _UUID.fullmatch(value.lower()):
                 hint = "ChirpStack's topics are case-sensitive: write it in lowercase"
             else:
                 hint = "ChirpStack names an application by its id, a UUID; not the JoinEUI"
-            raise ValueError(f"application: {self.application!r} is not a lowercase UUID ({hint})")
-        if self.network_server.type == "tts" and not _TTS_APP.fullmatch(self.application):
-            raise ValueError(f"application: {self.application!r}: The Things Stack wants application@tenant "
-                             "(lowercase, e.g. parking@ttn)")  # fmt: skip
+            raise ValueError(f"{value!r} is not a lowercase UUID ({hint})")
+        if server.type == "tts" and not _TTS_APP.fullmatch(value):
+            raise ValueError(f"{value!r}: The Things Stack wants application@tenant (lowercase, e.g. parking@ttn)")
+        return value
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        from drivers.lorawan.codecs import UnknownCodec, get_codec
+
         try:
-            codec = get_codec(self.codec)
+            get_codec(value)
         except UnknownCodec as exc:
-            raise ValueError(f"codec: {exc}") from exc
-        if codec.role == "detector" and not self.bay:
-            raise ValueError(f"bay: codec {self.codec} is a parking detector; give the bay it watches")
-        if codec.role != "detector" and self.bay:
-            raise ValueError(f"bay: codec {self.codec} is a sensor, not a parking detector; remove bay")
-        return self
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("bay")
+    @classmethod
+    def _bay(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from drivers.lorawan.codecs import get_codec
+
+        name = info.data.get("codec")
+        if name is None:
+            return value  # the codec's own error is reported
+        role = get_codec(name).role
+        if role == "detector" and not value:
+            raise ValueError(f"codec {name} is a parking detector: give the bay it watches")
+        if role != "detector" and value:
+            raise ValueError(f"codec {name} is a sensor, not a parking detector: remove bay")
+        return value
 
     def connection_key(self) -> str:
         """Devices with the same key share one MQTT connection."""

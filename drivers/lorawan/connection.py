@@ -51,13 +51,17 @@ class Unknown:
 class Connection:
     """A paho client subscribed to one application's events, dispatching them per DevEUI."""
 
-    def __init__(self, config: LorawanConfig, grace: float = CLAIM_GRACE) -> None:
+    def __init__(
+        self, server: NetworkServer, application: str, client_id: str, key: str, grace: float = CLAIM_GRACE
+    ) -> None:
         """Prepare; :meth:`open` connects. ``grace``: how long unclaimed DevEUIs' messages wait for their device."""
         self._grace = grace
-        self.key = config.connection_key()
-        self.server: NetworkServer = config.network_server
-        self.application = config.application
-        self.client_id = config.client_id()
+        self.key = key
+        self.server = server
+        self.application = application
+        self.client_id = client_id
+        # ChirpStack publishes at QoS 1: a persistent session keeps what comes while the agent is away.
+        self.persistent = server.type == "chirpstack"
         self.devices: dict[str, Callable[[Message], None]] = {}
         self.unknown: dict[str, Unknown] = {}
         self.counts: Counter[str] = Counter()  # messages, bad_messages, unknown_uplinks, qos0_uplinks
@@ -91,7 +95,7 @@ class Connection:
 
         self._loop = asyncio.get_running_loop()
         self._grace_until = time.monotonic() + self._grace
-        persistent = self.server.type == "chirpstack"
+        persistent = self.persistent
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -219,7 +223,8 @@ class Connection:
         if entry is None:
             entry = self.unknown[message.dev_eui] = Unknown(message.dev_eui, None, None, message.received)
             log.info("lorawan %s: DevEUI %s (%s) is not configured; its messages are counted, not published "
-                     "(edge-agent scan lorawan lists them)", self.key, message.dev_eui, message.name or "no name")  # fmt: skip
+                     "(edge-agent scan lorawan lists them)", self.key, message.dev_eui,
+                     message.name or "no name")  # fmt: skip
         entry.name = message.name or entry.name
         entry.profile = message.profile or entry.profile
         entry.last_seen = datetime.now(UTC)
@@ -242,7 +247,7 @@ class Pool:
         async with lock:
             connection = self.connections.get(key)
             if connection is None:
-                connection = Connection(config)
+                connection = Connection(config.network_server, config.application, config.client_id(), key)
                 await connection.open()
                 self.connections[key] = connection
             connection.users += 1

@@ -24,7 +24,7 @@ SAVE_EVERY = 1.0  # seconds between state writes while uplinks come in
 
 def span(seconds: float) -> str:
     """``2 h 10 min``, ``45 min``, ``30 s``: a silence as a person reads it."""
-    total = int(round(seconds))
+    total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     parts = [f"{hours} h"] if hours else []
@@ -36,7 +36,7 @@ def span(seconds: float) -> str:
 
 
 class LorawanDriver(Driver):
-    """Publishes one DevEUI's uplinks; offline after ``interval × offline_after`` of silence while connected."""
+    """Publishes one DevEUI's uplinks; offline after ``interval * offline_after`` of silence while connected."""
 
     config: LorawanConfig
 

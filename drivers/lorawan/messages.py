@@ -130,14 +130,14 @@ def _tts(kind: str, doc: dict[str, Any]) -> Message:
     dev_eui = _eui(ids, "end_device_ids.dev_eui", "dev_eui")
     name = _text(ids.get("device_id"))
     if kind == "join":
-        accept = doc.get("join_accept") if isinstance(doc.get("join_accept"), dict) else {}
+        accept: dict[str, Any] = doc["join_accept"] if isinstance(doc.get("join_accept"), dict) else {}
         received = _time(accept.get("received_at") or doc.get("received_at"), "join_accept.received_at")
         return Join(dev_eui, received, name, None)
     up = _object(doc, "uplink_message")
     received = _time(up.get("received_at") or doc.get("received_at"), "uplink_message.received_at")
     session = _text(up.get("session_key_id"))
     f_cnt = _int(up.get("f_cnt"), "uplink_message.f_cnt") or 0
-    version = up.get("version_ids") if isinstance(up.get("version_ids"), dict) else {}
+    version: dict[str, Any] = up["version_ids"] if isinstance(up.get("version_ids"), dict) else {}
     profile = "/".join(str(version[k]) for k in ("brand_id", "model_id") if k in version) or None
     rssi, snr, gateways = _radio(up.get("rx_metadata") or [], "rssi", "snr")
     return Uplink(dev_eui, f"{session or '-'}/{f_cnt}", f_cnt, _int(up.get("f_port"), "uplink_message.f_port") or 0,
