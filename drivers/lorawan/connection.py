@@ -75,6 +75,7 @@ class Connection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._qos0_warned = False
+        self._closing = False
         self.state_changes: list[Callable[[bool], None]] = []
         self._waiting: dict[str, list[Message]] = {}
         self._waiting_count = 0
@@ -131,6 +132,7 @@ class Connection:
     def close(self) -> None:
         """Disconnect (the broker keeps a ChirpStack session's queued uplinks for the next start)."""
         if self._client is not None:
+            self._closing = True
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
@@ -152,7 +154,7 @@ class Connection:
         self._first.set()
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any) -> None:
-        if self.connected:
+        if self.connected and not self._closing:
             log.warning("lorawan %s: connection lost (%s); silence timers paused until it is back", self.key, reason)
         self._mark(False)
 

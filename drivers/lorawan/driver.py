@@ -24,6 +24,8 @@ SAVE_EVERY = 1.0  # seconds between state writes while uplinks come in
 
 def span(seconds: float) -> str:
     """``2 h 10 min``, ``45 min``, ``30 s``: a silence as a person reads it."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)

@@ -77,7 +77,10 @@ class DeviceLogic:
         return readings + health
 
     def join(self, join: Join) -> None:
-        """A new session: the frame counter starts again."""
+        """A new session: the frame counter starts again (a redelivered join changes nothing)."""
+        if self.state.seen(join.key):
+            return
+        self.state.remember(join.key)
         log.info("device %s (DevEUI %s) joined: a new session, frame counter tracking restarts (was %s)",
                  self.config.id, self.config.dev_eui, self.state.f_cnt)  # fmt: skip
         self.state.f_cnt = None

@@ -48,6 +48,7 @@ class Join:
     """A device joined: a new session, its frame counter starts again at 0."""
 
     dev_eui: str
+    key: str  # ChirpStack's deduplicationId; TTS's new session_key_id: a redelivered join changes nothing
     received: datetime
     name: str | None
     profile: str | None
@@ -103,7 +104,7 @@ def _chirpstack(kind: str, doc: dict[str, Any]) -> Message:
     received = _time(doc.get("time"), "time")
     name, profile = _text(info.get("deviceName")), _text(info.get("deviceProfileName"))
     if kind == "join":
-        return Join(dev_eui, received, name, profile)
+        return Join(dev_eui, f"join/{doc.get('deduplicationId') or received.isoformat()}", received, name, profile)
     if kind == "status":
         level = doc.get("batteryLevel")
         unavailable = bool(doc.get("batteryLevelUnavailable"))
@@ -132,7 +133,7 @@ def _tts(kind: str, doc: dict[str, Any]) -> Message:
     if kind == "join":
         accept: dict[str, Any] = doc["join_accept"] if isinstance(doc.get("join_accept"), dict) else {}
         received = _time(accept.get("received_at") or doc.get("received_at"), "join_accept.received_at")
-        return Join(dev_eui, received, name, None)
+        return Join(dev_eui, f"join/{accept.get('session_key_id') or received.isoformat()}", received, name, None)
     up = _object(doc, "uplink_message")
     received = _time(up.get("received_at") or doc.get("received_at"), "uplink_message.received_at")
     session = _text(up.get("session_key_id"))

@@ -80,11 +80,13 @@ def test_frame_counter_gaps_count_missed_uplinks_and_a_join_restarts_counting(tm
     for n in (1, 2, 5, 6, 9):
         logic.uplink(_up(n, b"\x94"), now=0.0)
     assert logic.missed == 4  # 3, 4, 7, 8
-    logic.join(Join("70b3d50000000001", T0, None, None))
+    logic.join(Join("70b3d50000000001", "join/1", T0, None, None))
     assert logic.state.f_cnt is None
     logic.uplink(_up(1, b"\x94", key="after-join-1"), now=0.0)
     logic.uplink(_up(2, b"\x94", key="after-join-2"), now=0.0)
     assert logic.missed == 4 and logic.state.f_cnt == 2
+    logic.join(Join("70b3d50000000001", "join/1", T0, None, None))  # the same join, redelivered
+    assert logic.state.f_cnt == 2
 
 
 def test_a_heartbeat_publishes_the_bay_only_to_correct_it(tmp_path: Path) -> None:

@@ -1,0 +1,208 @@
+"""End to end: simulator -> Mosquitto -> agent process -> Mosquitto -> subscriber, ChirpStack and TTS at once.
+
+One broker plays both network servers' MQTT and the IOC's; one agent reads a ChirpStack and a TTS
+application. The simulator's ledger says what was sent; the subscriber counts what came out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.lorawan.simulator import DEFAULT_APPLICATION, Scenario, ledger_json, parse_devices, publish
+from tests.conftest import ROOT, AgentProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
+
+CS, TTS = "nwave-nps405:4,bosch-tps110:2,milesight-em300-th:1", "nwave-nps405:3,bosch-tps110:1"
+UPLINKS = 6
+SILENCE = "interval: 1s, offline_after: 1"
+OCCUPANCY, METER, UNDECODED, STATUS = (
+    "city.parking.occupancy", "city.meter.reading", "city.device.undecoded", "city.device.status")  # fmt: skip
+
+
+def _scenario(server: str, round_: int = 0, join: bool | None = None) -> Scenario:
+    devices = parse_devices(CS if server == "chirpstack" else TTS)
+    return Scenario(server, DEFAULT_APPLICATION[server], devices, uplinks=UPLINKS, gateways=3,  # type: ignore[arg-type]
+                    seed=7, round_=round_, join=round_ == 0 if join is None else join, faults=True)  # fmt: skip
+
+
+def _devices(broker: int) -> str:
+    lines = []
+    for server in ("chirpstack", "tts"):
+        for sent in _scenario(server).ledger:
+            role = "" if sent.codec.startswith("milesight") else f", bay: bay-{sent.id}"
+            timing = f", {SILENCE}" if sent.silent else ""
+            lines.append(f"  - {{id: {sent.id}, driver: lorawan, dev_eui: '{sent.dev_eui.upper()}', "
+                         f"codec: {sent.codec}, application: '{DEFAULT_APPLICATION[server]}', "
+                         f"network_server: {{type: {server}, broker: '127.0.0.1:{broker}'}}{role}{timing}}}\n")  # fmt: skip
+    return "".join(lines)
+
+
+@dataclass
+class Site:
+    broker: Mosquitto
+    sub: Subscriber
+    config: Path
+    metrics: int
+    agent: AgentProcess
+    folder: Path
+
+    def start_agent(self, name: str) -> None:
+        self.agent = AgentProcess(self.config, self.folder / f"{name}.log").start()
+        wait_for(lambda: self.agent.output().count("connected as") >= 2, 15, "the agent's two NS connections")
+
+    def counts(self) -> Counter[tuple[str, str]]:
+        return Counter((e["device"], e["type"]) for e in self.sub.snapshot())
+
+    def statuses(self, device: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.sub.snapshot() if e["device"] == device and e["type"] == STATUS]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    folder = tmp_path_factory.mktemp("lorawan")
+    broker = Mosquitto(folder)
+    broker.start()
+    sub = Subscriber(broker.port, "ioc/v1/#")
+    metrics = free_port()
+    config = write_config(folder / "site.yaml", port=broker.port, devices=_devices(broker.port),
+                          extra=f"observability: {{listen: '127.0.0.1:{metrics}'}}\n")  # fmt: skip
+    site = Site(broker, sub, config, metrics, None, folder)  # type: ignore[arg-type]
+    try:
+        site.start_agent("agent-a")
+        yield site
+    finally:
+        if site.agent is not None:
+            site.agent.kill()
+        sub.close()
+        broker.stop()
+
+
+def _expected(*ledgers: dict[str, Any]) -> Counter[tuple[str, str]]:
+    """The events the ledgers' uplinks must make: one per decodable uplink, one per undecodable."""
+    out: Counter[tuple[str, str]] = Counter()
+    for ledger in ledgers:
+        for device, sent in ledger["devices"].items():
+            kind = METER if sent["codec"].startswith("milesight") else OCCUPANCY
+            out[device, kind] += sent["uplinks"]
+            out[device, UNDECODED] += sent["bad"]
+    return +out
+
+
+def _published(site: Site) -> Counter[tuple[str, str]]:
+    return +Counter({k: n for k, n in site.counts().items() if k[1] in (OCCUPANCY, METER, UNDECODED)})
+
+
+def _settle(site: Site, expected: Counter[tuple[str, str]], what: str) -> None:
+    wait_for(lambda: _published(site) == expected, 15, what)
+    time.sleep(0.3)  # anything extra (a duplicate) would come now
+    assert _published(site) == expected
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310 - local
+        text = response.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = ",".join(sorted(line[len(name) + 1 : line.index("}")].split(",")))
+            if got == want:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_one_event_per_uplink_through_duplicates_restarts_joins_and_silence(site: Site) -> None:
+    ledger_file = site.folder / "ledger-cs-0.json"
+    cli = subprocess.run(
+        [sys.executable, "-m", "agent", "simulate", "lorawan", "--ns", "chirpstack", "--broker",
+         f"127.0.0.1:{site.broker.port}", "--devices", CS, "--uplinks", str(UPLINKS), "--rate", "0", "--seed", "7",
+         "--ledger", str(ledger_file)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    cs0 = json.loads(ledger_file.read_text())
+    assert json.loads(cli.stdout) == cs0
+    assert cs0["totals"]["duplicates"] > 0 and cs0["totals"]["gaps"] > 0 and cs0["totals"]["bad"] == 1
+    tts0_scenario = _scenario("tts")
+    publish(tts0_scenario, "127.0.0.1", site.broker.port, 0)
+    tts0 = ledger_json(tts0_scenario)
+    _settle(site, _expected(cs0, tts0), "one event per uplink of both servers")
+    ids = [e["id"] for e in site.sub.snapshot()]
+    assert len(ids) == len(set(ids))
+
+    # Bad payloads and messages are counted; the device goes on, and so does everyone else.
+    bad_device = next(d for d, s in cs0["devices"].items() if s["bad"])
+    assert _metric(site.metrics, "edge_agent_device_poll_failures_total", device=bad_device,
+                   reason="undecoded_too_short") == 1  # fmt: skip
+    log = site.agent.output()
+    assert "not understood (not JSON (set json=true in ChirpStack's [integration.mqtt])): b'\\x08\\x01 protobuf" in log
+    assert "DevEUI ffffffffffff0001 (no name) is not configured" in log or "ffffffffffff0001" in log
+
+    # Silence: the silent devices (heard once) go offline after interval x offline_after.
+    silent = [d for ledger in (cs0, tts0) for d, s in ledger["devices"].items() if s["silent"]]
+    assert len(silent) == 2
+    for device in silent:
+        wait_for(lambda d=device: any(s["status"] == "offline" for s in site.statuses(d)), 10, f"{device} offline")  # type: ignore[misc]
+        reason = next(s["reason"] for s in site.statuses(device) if s["status"] == "offline")
+        assert re.fullmatch(r"silent 1 s, expected every 1 s", reason), reason
+
+    # A redelivery while the agent runs makes nothing.
+    publish(_scenario("chirpstack"), "127.0.0.1", site.broker.port, 0)
+    publish(_scenario("tts"), "127.0.0.1", site.broker.port, 0)
+    time.sleep(0.5)
+    expected = _expected(cs0, tts0)
+    assert _published(site) == expected
+
+    # The agent stops; ChirpStack's next round and a redelivery of the first wait in its session.
+    site.agent.signal(signal.SIGTERM)
+    assert site.agent.wait(15) == 0
+    cs1_scenario = _scenario("chirpstack", 1)
+    publish(cs1_scenario, "127.0.0.1", site.broker.port, 0)
+    publish(_scenario("chirpstack"), "127.0.0.1", site.broker.port, 0)
+    site.start_agent("agent-b")
+    expected += _expected(ledger_json(cs1_scenario))
+    _settle(site, expected, "the round published while the agent was down, and nothing from the redelivery")
+
+    # A join: TTS devices start a new session, f_cnt from 1 again; every uplink is published.
+    tts_silent = next(d for d, s in tts0["devices"].items() if s["silent"])
+    offline_before = len([s for s in site.statuses(tts_silent) if s["status"] == "offline"])
+    tts2 = _scenario("tts", 2, join=True)
+    publish(tts2, "127.0.0.1", site.broker.port, 0)
+    expected += _expected(ledger_json(tts2))
+    _settle(site, expected, "every uplink after the join")
+    assert "joined: a new session, frame counter tracking restarts (was 6)" in site.agent.output()
+    # The silent one was heard again: online, then (silent again) offline.
+    wait_for(lambda: len([s for s in site.statuses(tts_silent) if s["status"] == "offline"]) > offline_before,
+             10, "the silent device offline again")  # fmt: skip
+    assert [s["status"] for s in site.statuses(tts_silent)][-2:] == ["online", "offline"]
+
+
+def test_a_broker_outage_marks_no_device_offline(site: Site) -> None:
+    tts_silent = next(s.id for s in _scenario("tts").ledger if s.silent)
+    offline = len([s for s in site.statuses(tts_silent) if s["status"] == "offline"])
+    publish(_scenario("tts", 3, join=False), "127.0.0.1", site.broker.port, 0)  # the silent device is heard
+    wait_for(lambda: site.statuses(tts_silent)[-1]["status"] == "online", 10, "the silent device online")
+    down = datetime.now(UTC)
+    site.broker.stop()
+    time.sleep(2.5)  # more than interval x offline_after
+    site.broker.start()
+    up = datetime.now(UTC)
+    wait_for(lambda: len([s for s in site.statuses(tts_silent) if s["status"] == "offline"]) > offline, 15,
+             "the silent device offline once its timer ran on after the outage")  # fmt: skip
+    went = [s for e in site.sub.snapshot() if e["type"] == STATUS for s in [e["data"]] if s["status"] == "offline"]
+    during = [s for s in went if down.isoformat() <= s["since"].replace("Z", "+00:00") <= up.isoformat()]
+    assert during == []
+    last = datetime.fromisoformat(site.statuses(tts_silent)[-1]["since"].replace("Z", "+00:00"))
+    assert last >= up  # the timer stood still while the broker was away
