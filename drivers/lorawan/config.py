@@ -98,7 +98,10 @@ class LorawanConfig(DeviceConfig):
         description="chirpstack: the application id (a lowercase UUID, not the JoinEUI); tts: application@tenant."
     )
     dev_eui: str = Field(description="The device's DevEUI: 16 hex digits, any case.")
-    codec: str = Field(description="Payload codec (edge-agent scan lorawan guesses one): nwave-nps405, ...")
+    codec: str = Field(
+        description="Payload codec: nwave-nps405, nwave-nps310, bosch-tps110, milesight-em300-th, milesight-em400-mud "
+        "(edge-agent scan lorawan guesses one)."
+    )
     bay: str | None = Field(
         default=None, validate_default=True, description="Detectors: the parking bay it watches (required for them)."
     )

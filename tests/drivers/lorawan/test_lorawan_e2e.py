@@ -46,7 +46,8 @@ def _devices(broker: int) -> str:
             timing = f", {SILENCE}" if sent.silent else ""
             lines.append(f"  - {{id: {sent.id}, driver: lorawan, dev_eui: '{sent.dev_eui.upper()}', "
                          f"codec: {sent.codec}, application: '{DEFAULT_APPLICATION[server]}', "
-                         f"network_server: {{type: {server}, broker: '127.0.0.1:{broker}'}}{role}{timing}}}\n")  # fmt: skip
+                         f"network_server: {{type: {server}, broker: '127.0.0.1:{broker}'}}"
+                         f"{role}{timing}}}\n")  # fmt: skip
     return "".join(lines)
 
 
@@ -112,7 +113,7 @@ def _settle(site: Site, expected: Counter[tuple[str, str]], what: str) -> None:
 
 
 def _metric(port: int, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310 - local
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():

@@ -29,7 +29,9 @@ def _config(tmp_path: Path, codec: str = "nwave-nps405", **keys: object) -> Lora
 
 
 def _logic(config: LorawanConfig) -> DeviceLogic:
-    return DeviceLogic(config, get_codec(config.codec), StateFile(config.network_server.state_dir, config.dev_eui).load())
+    return DeviceLogic(
+        config, get_codec(config.codec), StateFile(config.network_server.state_dir, config.dev_eui).load()
+    )
 
 
 def _up(f_cnt: int, data: bytes, port: int = 1, key: str | None = None, at: int = 0) -> Uplink:

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from chirpstack_api import common, gw, integration
+from chirpstack_api import gw, integration
 from google.protobuf import json_format
 
 from drivers.lorawan.messages import BadMessage, Join, Status, Uplink, parse, topics
@@ -128,7 +128,8 @@ def test_a_tts_uplink_with_its_empty_fields_left_out() -> None:
 def test_a_tts_join() -> None:
     doc = {"end_device_ids": TTS_UP["end_device_ids"], "correlation_ids": ["as:up:01E"],
            "received_at": "2020-02-12T15:15:40Z",
-           "join_accept": {"session_key_id": "AXBSH1Pk6Z0G166/9e9HBw==", "received_at": "2020-02-12T15:15:39Z"}}  # fmt: skip
+           "join_accept": {"session_key_id": "AXBSH1Pk6Z0G166/9e9HBw==",
+                           "received_at": "2020-02-12T15:15:39Z"}}  # fmt: skip
     join = parse("tts", "v3/app1@ttn/devices/dev1/join", json.dumps(doc).encode())
     assert isinstance(join, Join) and join.received == datetime(2020, 2, 12, 15, 15, 39, tzinfo=UTC)
 
