@@ -316,6 +316,13 @@ class ClockHealth(_Open):
     )
 
 
+class DriverLink(_Open):
+    """A connection a driver's devices share upstream."""
+
+    driver: str
+    connected: bool
+
+
 class GatewayHealth(_Open):
     """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
 
@@ -330,6 +337,11 @@ class GatewayHealth(_Open):
     host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
     clock: ClockHealth | None = Field(default=None, description="The system clock (optional, like process).")
     version: str | None = Field(default=None, description="The agent's version (optional, like process).")
+    links: dict[str, DriverLink] | None = Field(
+        default=None,
+        description="Only when drivers share upstream connections (a LoRaWAN network server's broker): each one's "
+        "state, by name. While one is down its devices' silence timers stand still.",
+    )
     uplinks: dict[str, DurableUplinkHealth] | None = Field(
         default=None,
         description="Only with two or more durable uplinks: each one's connection, buffer and accounting, by "

@@ -258,6 +258,9 @@ class DriverPlugin:
         check_devices: cross-device checks run when the config loads (e.g. two devices on one
             RS-485 port with different baud rates); gets ``(index, config)`` of this driver's
             devices, returns problems as ``devices[i].field: message``.
+        links: the upstream connections its running devices share (a LoRaWAN network server's
+            broker), name -> connected; read from the metrics thread, so it must only read.
+            They are in ``city.gateway.health`` (``links``) and ``edge_agent_driver_link_up``.
     """
 
     name: str
@@ -267,3 +270,4 @@ class DriverPlugin:
     tools: Callable[[], dict[str, ToolMain]] | None = None
     global_verbs: tuple[str, ...] = ()
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
+    links: Callable[[], dict[str, bool]] | None = None

@@ -143,6 +143,14 @@ class AgentCollector(Collector):
                 fleet.add_metric([kind, outcome], n)
             yield fleet
 
+        links = GaugeMetricFamily(
+            _name("driver_link_up"),
+            "1 while a connection drivers share upstream (a LoRaWAN network server's broker) is up.",
+            labels=["driver", "link"],
+        )
+        for link, (driver, connected) in sorted(s.links.items()):
+            links.add_metric([driver, link], int(connected))
+        yield links
         up = GaugeMetricFamily(
             _name("device_up"), "1 while the device answers (status online).", labels=["device", "driver"]
         )

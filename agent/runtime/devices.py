@@ -114,6 +114,16 @@ class DeviceSet:
         entry = self.running.get(device_id)
         return entry[0].driver if entry is not None else None
 
+    def links(self) -> dict[str, tuple[str, bool]]:
+        """The running drivers' shared upstream connections: name -> (driver, connected)."""
+        out: dict[str, tuple[str, bool]] = {}
+        plugins = load_plugins()
+        for driver in sorted({runner.config.driver for runner, _ in list(self.running.values())}):
+            links = plugins[driver].links if driver in plugins else None
+            if links is not None:
+                out.update({name: (driver, up) for name, up in links().items()})
+        return out
+
     def statuses(self) -> dict[str, str]:
         """Device id -> online / offline / starting..."""
         return {device_id: runner.status for device_id, (runner, _) in list(self.running.items())}

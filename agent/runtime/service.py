@@ -168,4 +168,5 @@ class Service:
             mem_available=available if total is not None else None,
             load1=load[0] if load else None,
             fleet=agent.fleet_figures(),
+            links=agent.devices.links(),
         )

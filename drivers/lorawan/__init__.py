@@ -41,6 +41,12 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
     return problems
 
 
+def _links() -> dict[str, bool]:
+    from drivers.lorawan.connection import POOL
+
+    return POOL.states()
+
+
 PLUGIN = DriverPlugin(
     name="lorawan",
     config_model=LorawanConfig,
@@ -48,4 +54,5 @@ PLUGIN = DriverPlugin(
     summary="LoRaWAN parking detectors and sensors through ChirpStack v4 or The Things Stack v3 (MQTT)",
     tools=_tools,
     check_devices=_check,
+    links=_links,
 )

@@ -264,7 +264,7 @@ class Pool:
 
     def states(self) -> dict[str, bool]:
         """Connection key -> connected, for health reporting."""
-        return {key: c.connected for key, c in self.connections.items()}
+        return {key: c.connected for key, c in list(self.connections.items())}  # list(): another thread may read
 
 
 POOL = Pool()

@@ -143,6 +143,15 @@ def test_one_event_per_uplink_through_duplicates_restarts_joins_and_silence(site
     ids = [e["id"] for e in site.sub.snapshot()]
     assert len(ids) == len(set(ids))
 
+    # Both connections are in the gateway's health and the metrics.
+    links = {f"{server}:127.0.0.1:{site.broker.port}/{DEFAULT_APPLICATION[server]}" for server in ("chirpstack", "tts")}
+    health = lambda: [e["data"] for e in site.sub.snapshot() if e["type"] == "city.gateway.health"]  # noqa: E731
+    wait_for(lambda: any("links" in h for h in health()), 10, "a gateway health event")
+    assert next(h["links"] for h in health() if "links" in h) == {
+        name: {"driver": "lorawan", "connected": True} for name in links}  # fmt: skip
+    for name in links:
+        assert _metric(site.metrics, "edge_agent_driver_link_up", driver="lorawan", link=name) == 1
+
     # Bad payloads and messages are counted; the device goes on, and so does everyone else.
     bad_device = next(d for d, s in cs0["devices"].items() if s["bad"])
     assert _metric(site.metrics, "edge_agent_device_poll_failures_total", device=bad_device,
@@ -197,7 +206,10 @@ def test_a_broker_outage_marks_no_device_offline(site: Site) -> None:
     wait_for(lambda: site.statuses(tts_silent)[-1]["status"] == "online", 10, "the silent device online")
     down = datetime.now(UTC)
     site.broker.stop()
-    time.sleep(2.5)  # more than interval x offline_after
+    link = f"tts:127.0.0.1:{site.broker.port}/{DEFAULT_APPLICATION['tts']}"
+    wait_for(lambda: _metric(site.metrics, "edge_agent_driver_link_up", driver="lorawan", link=link) == 0, 2,
+             "the connection down in the metrics")  # fmt: skip
+    time.sleep(max(0.0, 2.5 - (datetime.now(UTC) - down).total_seconds()))  # more than interval x offline_after
     site.broker.start()
     up = datetime.now(UTC)
     wait_for(lambda: len([s for s in site.statuses(tts_silent) if s["status"] == "offline"]) > offline, 15,
