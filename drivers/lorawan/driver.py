@@ -13,13 +13,11 @@ from agent.devices.api import Driver, DriverContext
 from drivers.lorawan.codecs import get_codec
 from drivers.lorawan.config import LorawanConfig
 from drivers.lorawan.connection import POOL, Connection
+from drivers.lorawan.journal import JOURNALS, Journal
 from drivers.lorawan.logic import DeviceLogic
 from drivers.lorawan.messages import Join, Message, Status, Uplink
-from drivers.lorawan.state import StateFile
 
 log = logging.getLogger(__name__)
-
-SAVE_EVERY = 1.0  # seconds between state writes while uplinks come in
 
 
 def span(seconds: float) -> str:
@@ -48,70 +46,81 @@ class LorawanDriver(Driver):
         self.config = config
         self._connection: Connection | None = None
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._file = StateFile(config.network_server.state_dir, config.dev_eui)
-        self.logic = DeviceLogic(config, get_codec(config.codec), self._file.load())
+        self._journal: Journal | None = None
+        self._logic: DeviceLogic | None = None
         self._heard_at = 0.0  # the connection's up-clock when the device was last heard
         self._reported = 0  # silent intervals already reported as failed polls
         self._offline = False  # as the runner sees it: offline_after intervals reported, no uplink since
-        self._saved_at = 0.0
 
     async def start(self) -> None:
-        """Join (or open) the connection to the device's application and claim its DevEUI."""
+        """Read the device's state; join (or open) the connection to its application and claim its DevEUI."""
+        if self._journal is None:
+            journal = self._journal = JOURNALS.acquire(self.config.network_server.state_dir)
+            self._logic = DeviceLogic(self.config, get_codec(self.config.codec), journal.state(self.config.dev_eui))
         connection = self._connection = await POOL.acquire(self.config)
         self._heard_at = connection.up_clock()
         connection.register(self.config.dev_eui, self._queue.put_nowait)
 
     async def stop(self) -> None:
-        """Release the DevEUI and the connection; save the dedupe state."""
+        """Release the DevEUI, the connection and the state journal (the last device out writes it)."""
         if self._connection is not None:
             self._connection.unregister(self.config.dev_eui)
             POOL.release(self._connection)
             self._connection = None
-        self._file.save(self.logic.state)
+        if self._journal is not None:
+            JOURNALS.release(self._journal)
+            self._journal = None
 
     async def stream(self) -> AsyncIterator[list[Reading]]:
         """Each batch of messages waiting, as events; between them, watch for silence."""
         while True:
-            wait = self._until_silent()
-            if self.logic.dirty:
-                wait = min(wait, SAVE_EVERY)
             try:
-                first = await asyncio.wait_for(self._queue.get(), wait)
+                first = await asyncio.wait_for(self._queue.get(), self._until_silent())
             except TimeoutError:
-                if self.logic.dirty:
-                    self._save()
                 self._check_silence()
                 continue
             batch = [first]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             readings = self._handle(batch)
-            if self.logic.dirty and time.monotonic() - self._saved_at >= SAVE_EVERY:
-                self._save()
             if readings:
                 yield readings
 
+    @property
+    def logic(self) -> DeviceLogic:
+        """The device's logic and state (from start() on)."""
+        assert self._logic is not None, "start() first"
+        return self._logic
+
     def _handle(self, batch: list[Message]) -> list[Reading]:
         assert self._connection is not None
+        assert self._journal is not None
+        logic, journal, dev_eui = self.logic, self._journal, self.config.dev_eui
         out: list[Reading] = []
         now = time.monotonic()
         for message in batch:
             self._heard_at = self._connection.up_clock()
             self._reported = 0
             if isinstance(message, Uplink):
-                readings = self.logic.uplink(message, now)
+                readings = logic.uplink(message, now)
                 self._offline = False
                 if readings:
                     out += readings
             elif isinstance(message, Join):
-                self.logic.join(message)
+                logic.join(message)
             elif isinstance(message, Status):
-                out += self.logic.status(message, now)
+                out += logic.status(message, now)
             if not self._offline:  # an offline device comes back with its next uplink, not a join or status
                 self.context.poll_ok()
-        for reason in self.logic.undecoded:
+            if logic.dirty:
+                keys: list[int | None] = [*logic.new_keys] or [None]
+                for key in keys:
+                    journal.record(dev_eui, logic.state, key)
+                logic.new_keys.clear()
+                logic.dirty = False
+        for reason in logic.undecoded:
             self.context.count_failure(f"undecoded {reason}")
-        self.logic.undecoded.clear()
+        logic.undecoded.clear()
         return out
 
     def _until_silent(self) -> float:
@@ -132,8 +141,3 @@ class LorawanDriver(Driver):
             self.context.poll_failed(reason)
         if self._reported >= self.config.offline_after:
             self._offline = True
-
-    def _save(self) -> None:
-        self._file.save(self.logic.state)
-        self.logic.dirty = False
-        self._saved_at = time.monotonic()

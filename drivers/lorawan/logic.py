@@ -43,7 +43,8 @@ class DeviceLogic:
         self.config = config
         self.codec = codec
         self.state = state
-        self.dirty = False  # state changed since it was last saved
+        self.dirty = False  # state changed since the driver last recorded it
+        self.new_keys: list[int] = []  # digests of the keys kept since then
         self.missed = 0
         self.duplicates = 0
         self.undecoded: list[str] = []  # reasons since the driver last looked (it counts them)
@@ -62,7 +63,7 @@ class DeviceLogic:
         if state.seen(up.key):
             self.duplicates += 1
             return None
-        state.remember(up.key)
+        self.new_keys.append(state.remember(up.key))
         self.dirty = True
         self._frame_counter(up.f_cnt)
         self.rssi, self.snr, self.gateways = up.rssi, up.snr, up.gateways
@@ -80,7 +81,7 @@ class DeviceLogic:
         """A new session: the frame counter starts again (a redelivered join changes nothing)."""
         if self.state.seen(join.key):
             return
-        self.state.remember(join.key)
+        self.new_keys.append(self.state.remember(join.key))
         log.info("device %s (DevEUI %s) joined: a new session, frame counter tracking restarts (was %s)",
                  self.config.id, self.config.dev_eui, self.state.f_cnt)  # fmt: skip
         self.state.f_cnt = None

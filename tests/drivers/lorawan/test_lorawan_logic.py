@@ -13,7 +13,8 @@ from drivers.lorawan.codecs import get_codec
 from drivers.lorawan.config import LorawanConfig
 from drivers.lorawan.logic import DeviceLogic, event_id
 from drivers.lorawan.messages import Join, Status, Uplink
-from drivers.lorawan.state import KEEP_KEYS, StateFile
+from drivers.lorawan.journal import LOG, SNAPSHOT, Journal
+from drivers.lorawan.state import KEEP_KEYS, DeviceState
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
 HEARTBEAT_OK = bytes([0x00, 0xD3, 0x14, 0x00, 0x59, 0x0B])  # free, 3.344 V, 20 °C
@@ -28,10 +29,8 @@ def _config(tmp_path: Path, codec: str = "nwave-nps405", **keys: object) -> Lora
     return LorawanConfig.model_validate(doc)
 
 
-def _logic(config: LorawanConfig) -> DeviceLogic:
-    return DeviceLogic(
-        config, get_codec(config.codec), StateFile(config.network_server.state_dir, config.dev_eui).load()
-    )
+def _logic(config: LorawanConfig, state: DeviceState | None = None) -> DeviceLogic:
+    return DeviceLogic(config, get_codec(config.codec), state or DeviceState())
 
 
 def _up(f_cnt: int, data: bytes, port: int = 1, key: str | None = None, at: int = 0) -> Uplink:
@@ -60,13 +59,21 @@ def test_a_duplicate_makes_nothing_and_the_state_survives_a_restart(tmp_path: Pa
     assert first[0].time == T0  # the server's receive time
     assert logic.uplink(_up(1, b"\x95"), now=1.0) is None
     assert logic.duplicates == 1
-    file = StateFile(config.network_server.state_dir, config.dev_eui)
-    file.save(logic.state)
-    assert stat.S_IMODE(file.path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(file.path.parent.stat().st_mode) == 0o700
-    again = _logic(config)  # the agent restarted; the broker redelivers
+    folder = config.network_server.state_dir
+    journal = Journal(folder)
+    journal.load()
+    [key] = logic.new_keys
+    journal.record(config.dev_eui, logic.state, key)
+    journal.flush()  # the agent is killed: no compaction, the log alone has it
+    assert stat.S_IMODE((folder / LOG).stat().st_mode) == 0o600
+    assert stat.S_IMODE((folder / SNAPSHOT).stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    restarted = Journal(folder)
+    restarted.load()
+    again = _logic(config, restarted.state(config.dev_eui))  # the broker redelivers
     assert again.uplink(_up(1, b"\x95"), now=0.0) is None
     assert again.state.f_cnt == 1 and again.state.occupied is True
+    assert (folder / LOG).stat().st_size == 0  # folded into the snapshot at load
 
 
 def test_only_the_last_64_keys_are_kept(tmp_path: Path) -> None:
@@ -145,9 +152,19 @@ def test_a_sensor_publishes_meter_readings(tmp_path: Path) -> None:
     assert readings[1].data["battery"] == {"percent": 100, "class": "ok"}
 
 
-def test_a_damaged_state_file_starts_afresh(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    file = StateFile(config.network_server.state_dir, config.dev_eui)
-    file.path.parent.mkdir(parents=True)
-    file.path.write_text("{not json")
-    assert file.load().f_cnt is None
+def test_the_journal_skips_a_torn_line_and_starts_afresh_from_a_damaged_snapshot(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.load()
+    state = journal.state("70b3d50000000001")
+    state.f_cnt = 9
+    journal.record("70b3d50000000001", state, state.remember("k-9"))
+    journal.close()
+    with (tmp_path / LOG).open("a") as log:
+        log.write('["70b3d50000000001",12345,10,tr')  # killed mid-write
+    again = Journal(tmp_path)
+    again.load()
+    assert again.state("70b3d50000000001").f_cnt == 9 and again.state("70b3d50000000001").seen("k-9")
+    (tmp_path / SNAPSHOT).write_text("{not json")
+    fresh = Journal(tmp_path)
+    fresh.load()
+    assert fresh.states == {}
