@@ -11,9 +11,9 @@ from agent.contract.events import DEVICE_HEALTH, DEVICE_UNDECODED, METER_READING
 from agent.contract.schemas import EVENT_MODELS
 from drivers.lorawan.codecs import get_codec
 from drivers.lorawan.config import LorawanConfig
+from drivers.lorawan.journal import LOG, SNAPSHOT, Journal
 from drivers.lorawan.logic import DeviceLogic, event_id
 from drivers.lorawan.messages import Join, Status, Uplink
-from drivers.lorawan.journal import LOG, SNAPSHOT, Journal
 from drivers.lorawan.state import KEEP_KEYS, DeviceState
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
