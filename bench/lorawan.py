@@ -160,14 +160,14 @@ def cpu_per_uplink(devices: int, count: int = 20_000) -> float:
         config = LorawanConfig.model_validate(doc)
         logics.append(DeviceLogic(config, get_codec("nwave-nps405"), DeviceState()))
     topic = f"application/{APP}/device/{eui(0)}/event/up"
-    bodies = []
+    bodies: list[bytes] = []
     for i in range(count):
         when = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         device = eui(i % len(logics))
         f_cnt = i // len(logics) + 1
-        body = (f'{{"deduplicationId":"{uuid.uuid4()}","time":"{when}","deviceInfo":{{"devEui":"{device}"}},'
+        text = (f'{{"deduplicationId":"{uuid.uuid4()}","time":"{when}","deviceInfo":{{"devEui":"{device}"}},'
                 f'"fCnt":{f_cnt},"fPort":1,"data":"lQ==","rxInfo":[{{"rssi":-97,"snr":3.5}}]}}')  # fmt: skip
-        bodies.append(body.encode())
+        bodies.append(text.encode())
     for logic in logics:  # the first uplink of each also makes its first health event: not measured
         logic.uplink(
             Uplink(logic.config.dev_eui, "warm", 0, 1, b"\x95", datetime.now(UTC), None, None, 0, None, None), 0.0
