@@ -19,7 +19,7 @@ import asyncio
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -240,6 +240,9 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
 
 # A technician command: gets the arguments after ``edge-agent <verb> <driver>``, returns an exit code.
 ToolMain = Callable[[list[str]], int]
+# ``edge-agent doctor``'s check of a driver's devices, when starting each one is wrong for it: gets the
+# devices and the seconds per check, returns rows (target, verdict ok | warn | FAIL, finding, fix or None).
+DoctorCheck = Callable[[list[DeviceConfig], float], Awaitable[list[tuple[str, str, str, str | None]]]]
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,9 @@ class DriverPlugin:
         links: the upstream connections its running devices share (a LoRaWAN network server's
             broker), name -> connected; read from the metrics thread, so it must only read.
             They are in ``city.gateway.health`` (``links``) and ``edge_agent_driver_link_up``.
+        doctor: checks this driver's devices for ``edge-agent doctor`` instead of starting each
+            one (a LoRaWAN device reports hourly, and its driver would take over the running
+            agent's session).
     """
 
     name: str
@@ -271,3 +277,4 @@ class DriverPlugin:
     global_verbs: tuple[str, ...] = ()
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
     links: Callable[[], dict[str, bool]] | None = None
+    doctor: DoctorCheck | None = None

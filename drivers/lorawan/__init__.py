@@ -41,6 +41,12 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
     return problems
 
 
+async def _doctor(devices: list[DeviceConfig], timeout: float) -> list[tuple[str, str, str, str | None]]:
+    from drivers.lorawan import doctor
+
+    return await doctor.check(devices, timeout)
+
+
 def _links() -> dict[str, bool]:
     from drivers.lorawan.connection import POOL
 
@@ -55,4 +61,5 @@ PLUGIN = DriverPlugin(
     tools=_tools,
     check_devices=_check,
     links=_links,
+    doctor=_doctor,
 )

@@ -76,6 +76,7 @@ class Connection:
         self._client: Any = None
         self._qos0_warned = False
         self._closing = False
+        self._generation = 0  # +1 per connection made: a receipt of an earlier one is not acknowledged
         self.state_changes: list[Callable[[bool], None]] = []
         self._waiting: dict[str, list[Message]] = {}
         self._waiting_count = 0
@@ -102,6 +103,9 @@ class Connection:
             client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=not persistent,
+            # A QoS 1 uplink is acknowledged once its events are in the buffer, not when it arrives:
+            # one the agent had not handled when it stopped comes again (and dedupe drops what it had).
+            manual_ack=persistent,
         )
         username = self.server.username or (self.application if self.server.type == "tts" else None)
         if username is not None or self.server.password_file is not None:
@@ -150,6 +154,7 @@ class Connection:
             client.subscribe(topic, qos=qos)
         log.info("lorawan %s: connected as %s (%s session)", self.key, self.client_id,
                  "resumed" if flags.session_present else "new")  # fmt: skip
+        self._generation += 1
         self._mark(True)
         self._first.set()
 
@@ -179,9 +184,13 @@ class Connection:
             self.counts["bad_messages"] += 1
             log.warning("lorawan %s: message on %s not understood (%s): %r", self.key, message.topic, exc,
                         payload[:SHOWN_BYTES])  # fmt: skip
+            self._client_ack(message.mid, message.qos)
             return
         if parsed is None:
+            self._client_ack(message.mid, message.qos)
             return
+        if message.qos > 0:
+            parsed.receipt = (self._generation, message.mid)
         if isinstance(parsed, Uplink) and message.qos == 0 and self.server.type == "chirpstack":
             self.counts["qos0_uplinks"] += 1
             if not self._qos0_warned:
@@ -191,7 +200,18 @@ class Connection:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, parsed)
 
+    def _client_ack(self, mid: int, qos: int) -> None:
+        client = self._client
+        if client is not None and qos > 0:
+            client.ack(mid, qos)
+
     # ---- the event loop -----------------------------------------------------------------------
+    def ack(self, message: Message) -> None:
+        """The message is handled (its events are in the buffer): the broker may forget it."""
+        receipt = message.receipt
+        if receipt is not None and receipt[0] == self._generation:
+            self._client_ack(receipt[1], 1)
+
     def register(self, dev_eui: str, handler: Callable[[Message], None]) -> None:
         """Send ``dev_eui``'s messages to ``handler`` (those that arrived before it, first)."""
         self.devices[dev_eui] = handler
@@ -221,6 +241,7 @@ class Connection:
         self._unknown(message)
 
     def _unknown(self, message: Message) -> None:
+        self.ack(message)
         entry = self.unknown.get(message.dev_eui)
         if entry is None:
             entry = self.unknown[message.dev_eui] = Unknown(message.dev_eui, None, None, message.received)

@@ -84,7 +84,11 @@ class LorawanDriver(Driver):
                 batch.append(self._queue.get_nowait())
             readings = self._handle(batch)
             if readings:
-                yield readings
+                yield readings  # the runner hands them to the buffer before it asks for more
+            connection = self._connection
+            if connection is not None:
+                for message in batch:
+                    connection.ack(message)
 
     @property
     def logic(self) -> DeviceLogic:

@@ -41,6 +41,7 @@ class Uplink:
     name: str | None  # the server's device name (scan)
     profile: str | None  # the server's device profile, or brand/model (scan's codec guess)
     session: str | None = None  # TTS session_key_id
+    receipt: tuple[int, int] | None = None  # (connection generation, MQTT mid) to acknowledge once handled
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ class Join:
     received: datetime
     name: str | None
     profile: str | None
+    receipt: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +67,7 @@ class Status:
     external_power: bool | None
     name: str | None
     profile: str | None
+    receipt: tuple[int, int] | None = None
 
 
 Message = Uplink | Join | Status

@@ -6,11 +6,13 @@ application. The simulator's ledger says what was sent; the subscriber counts wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -20,7 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.lorawan.simulator import DEFAULT_APPLICATION, Scenario, ledger_json, parse_devices, publish
 from tests.conftest import ROOT, AgentProcess, Mosquitto, Subscriber, free_port, wait_for, write_config
@@ -219,3 +223,62 @@ def test_a_broker_outage_marks_no_device_offline(site: Site) -> None:
     assert during == []
     last = datetime.fromisoformat(site.statuses(tts_silent)[-1]["since"].replace("Z", "+00:00"))
     assert last >= up  # the timer stood still while the broker was away
+
+
+def _publish_raw(port: int, messages: list[tuple[str, bytes, int]], delay: float) -> threading.Thread:
+    """Publish ``messages`` after ``delay`` s, from a thread (while a tool listens)."""
+
+    def run() -> None:
+        time.sleep(delay)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"stray-{time.monotonic_ns()}")
+        client.connect("127.0.0.1", port, 10)
+        client.loop_start()
+        infos = [client.publish(topic, body, qos=qos) for topic, body, qos in messages]
+        for info in infos:
+            info.wait_for_publish(5)
+        client.disconnect()
+        client.loop_stop()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _strays(qos: int) -> list[tuple[str, bytes, int]]:
+    """A ChirpStack uplink of an unconfigured DevEUI (profile "Nwave NPS405") and a message that is not JSON."""
+    scenario = _scenario("chirpstack", 9, join=False)
+    scenario.uplinks = 0  # no uplinks of configured devices: only status reports and the strays
+    return [(t, b, qos) for t, b, _ in scenario.messages() if "ffffffffffff0001" in t]
+
+
+def test_scan_lists_unconfigured_deveuis_and_doctor_checks_each_connection(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.config.model import load_config
+    from agent.tools.doctor.devices import check_devices
+    from drivers.lorawan.tools import scan_main
+
+    logged = len(site.agent.output())
+    thread = _publish_raw(site.broker.port, _strays(1), 0.4)
+    assert scan_main(["-c", str(site.config), "--seconds", "1.0"]) == 0
+    thread.join()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["DEVEUI", "NAME", "LAST", "SEEN", "(UTC)", "UPLINKS", "CODEC", "(guessed)"]
+    [stray] = lines[1:]
+    assert stray.split()[0] == "ffffffffffff0001" and stray.split()[1] == "stray"
+    assert stray.split()[-2:] == ["1", "nwave-nps405"]
+
+    thread = _publish_raw(site.broker.port, _strays(0), 0.4)  # ChirpStack publishing at QoS 0
+    rows = asyncio.run(check_devices(load_config(site.config), 1.0))
+    thread.join()
+    by_target = {row.target.split(" (")[0]: row for row in rows}
+    chirpstack = by_target[f"lorawan chirpstack:127.0.0.1:{site.broker.port}/{DEFAULT_APPLICATION['chirpstack']}"]
+    assert chirpstack.verdict == "warn" and "not understood" in chirpstack.finding
+    assert chirpstack.fix == "ChirpStack: set json=true in [integration.mqtt]"
+    assert "1 unconfigured DevEUI(s)" in chirpstack.finding
+    tts = by_target[f"lorawan tts:127.0.0.1:{site.broker.port}/{DEFAULT_APPLICATION['tts']}"]
+    assert tts.verdict == "ok" and tts.finding.startswith("connected; in 1 s 0 message(s)")
+    assert len(rows) == 2  # one per connection, not one per device
+    # The agent kept its sessions: the doctor and the scan came with client ids of their own.
+    assert "connection lost" not in site.agent.output()[logged:]
+    assert "ChirpStack publishes uplinks at QoS 0" in site.agent.output()[logged:]  # the agent saw it too
