@@ -26,7 +26,7 @@ from drivers.lorawan.codecs.frame import APPLICATION_PORTS, Frame, unknown_port
 
 Format = Literal["u8", "i16le", "u16le", "u32le", "hex8", "hardware", "firmware", "tsl"]
 # reading: a Reading (value / divisor); flag: a Reading of whether the code is 1; battery: battery_percent;
-# extra: extra[name] (a label when labels are given); time: the timestamp of the channel's other readings.
+# extra: extra[name] (a label when labels are given); time: the timestamp of the channel's readings listed after it.
 Target = Literal["reading", "flag", "battery", "extra", "time"]
 SIZES: Mapping[str, int] = {
     "u8": 1,
@@ -146,7 +146,7 @@ class Milesight:
         extra: dict[str, Any] = {}
         battery: float | None = None
         offset = 0
-        while offset < len(payload) or offset == 0:
+        while offset < len(payload) or offset == 0:  # an empty payload fails at its first header
             header = Frame(f"fPort {f_port} channel", payload, offset + 2)
             key = (header.u8(offset, "channel id"), header.u8(offset + 1, "channel type"))
             channel = self.table.get(key)
