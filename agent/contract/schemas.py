@@ -317,10 +317,20 @@ class ClockHealth(_Open):
 
 
 class DriverLink(_Open):
-    """A connection a driver's devices share upstream."""
+    """A connection a driver's devices share upstream, and the driver's counters of it (since start)."""
 
     driver: str
     connected: bool
+    messages: int | None = Field(default=None, ge=0, description="LoRaWAN: messages received.")
+    bad_messages: int | None = Field(
+        default=None, ge=0, description="LoRaWAN: messages not understood (not JSON, a required field missing)."
+    )
+    unknown_uplinks: int | None = Field(default=None, ge=0, description="LoRaWAN: uplinks of unconfigured DevEUIs.")
+    qos0_uplinks: int | None = Field(
+        default=None,
+        ge=0,
+        description="LoRaWAN, ChirpStack: uplinks that arrived at QoS 0 (lost while the agent is down).",
+    )
 
 
 class GatewayHealth(_Open):

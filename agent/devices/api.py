@@ -262,8 +262,9 @@ class DriverPlugin:
             RS-485 port with different baud rates); gets ``(index, config)`` of this driver's
             devices, returns problems as ``devices[i].field: message``.
         links: the upstream connections its running devices share (a LoRaWAN network server's
-            broker), name -> connected; read from the metrics thread, so it must only read.
-            They are in ``city.gateway.health`` (``links``) and ``edge_agent_driver_link_up``.
+            broker): name -> ``{"connected": bool, <counter>: int, ...}``; read from the metrics
+            thread, so it must only read. They are in ``city.gateway.health`` (``links``),
+            ``edge_agent_driver_link_up`` and ``edge_agent_driver_link_messages_total`` (by counter).
         doctor: checks this driver's devices for ``edge-agent doctor`` instead of starting each
             one (a LoRaWAN device reports hourly, and its driver would take over the running
             agent's session).
@@ -276,5 +277,5 @@ class DriverPlugin:
     tools: Callable[[], dict[str, ToolMain]] | None = None
     global_verbs: tuple[str, ...] = ()
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
-    links: Callable[[], dict[str, bool]] | None = None
+    links: Callable[[], dict[str, dict[str, Any]]] | None = None
     doctor: DoctorCheck | None = None

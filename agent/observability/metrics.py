@@ -354,5 +354,6 @@ class Snapshot:
     load1: float | None
     # (kind, outcome) -> requests and documents from the operations centre (empty: fleet off)
     fleet: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    # name -> (driver, connected): upstream connections drivers share (a LoRaWAN network server's broker)
-    links: Mapping[str, tuple[str, bool]] = field(default_factory=dict)
+    # name -> (driver, {"connected": bool, counter: int}): upstream connections drivers share (a LoRaWAN
+    # network server's broker)
+    links: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)

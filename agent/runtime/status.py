@@ -140,7 +140,7 @@ class StatusModel:
         }
         links = self.devices.links()
         if links:
-            data["links"] = {name: {"driver": driver, "connected": up} for name, (driver, up) in sorted(links.items())}
+            data["links"] = {name: {"driver": driver, **state} for name, (driver, state) in sorted(links.items())}
         if len(self.uplinks.durable) > 1:  # each durable uplink's own buffer and accounting
             data["uplinks"] = {
                 name: {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
 from drivers.lorawan.config import LorawanConfig, differing_key
 
@@ -19,8 +21,14 @@ def _tools() -> dict[str, ToolMain]:
 
 
 def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
-    """Each DevEUI once; devices sharing a broker and application agree on its connection settings."""
+    """Each DevEUI once; devices sharing a broker and application agree on its connection settings.
+
+    Also tells the connections which DevEUIs the loaded config has (drivers/lorawan/connection.py).
+    """
+    from drivers.lorawan import connection
+
     problems: list[str] = []
+    configured: dict[str, set[str]] = {}
     first: dict[str, tuple[int, LorawanConfig]] = {}
     euis: dict[str, int] = {}
     for index, device in devices:
@@ -30,6 +38,8 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
                             "each DevEUI is one device")  # fmt: skip
         euis.setdefault(device.dev_eui, index)
         key = device.connection_key()
+        if device.enabled:
+            configured.setdefault(key, set()).add(device.dev_eui)
         if key in first:
             other_index, other = first[key]
             differs = differing_key(device.network_server, other.network_server)
@@ -38,6 +48,8 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
                                 f"({other.id}); devices of one broker and application share one connection and "
                                 "its settings")  # fmt: skip
         first.setdefault(key, (index, device))
+    connection.CONFIGURED.clear()
+    connection.CONFIGURED.update({key: frozenset(euis) for key, euis in configured.items()})
     return problems
 
 
@@ -47,7 +59,7 @@ async def _doctor(devices: list[DeviceConfig], timeout: float) -> list[tuple[str
     return await doctor.check(devices, timeout)
 
 
-def _links() -> dict[str, bool]:
+def _links() -> dict[str, dict[str, Any]]:
     from drivers.lorawan.connection import POOL
 
     return POOL.states()

@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 # A resumed session delivers what the broker queued the moment we connect, before every device
-# has claimed its DevEUI: messages of unclaimed DevEUIs wait this long (and this many) for their
-# device before they count as unconfigured.
+# has claimed its DevEUI: messages of a configured DevEUI not claimed yet wait this long (and this
+# many) for their device; after that they count as unconfigured.
 CLAIM_GRACE = 30.0
 MAX_WAITING = 100_000
+# Connection key -> the DevEUIs of the enabled devices of the loaded config: set when the config
+# loads (the plugin's check_devices), so that only their messages wait for a claim.
+CONFIGURED: dict[str, frozenset[str]] = {}
+COUNTED = ("messages", "bad_messages", "unknown_uplinks", "qos0_uplinks")  # per connection, in health and metrics
 SHOWN_BYTES = 200  # of a bad message, in the log
 
 
@@ -97,6 +101,8 @@ class Connection:
 
         self._loop = asyncio.get_running_loop()
         self._grace_until = time.monotonic() + self._grace
+        if self._grace > 0:
+            self._loop.call_later(self._grace, self._end_grace)
         persistent = self.persistent
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -229,16 +235,24 @@ class Connection:
         if handler is not None:
             handler(message)
             return
-        if self._waiting_count < MAX_WAITING and time.monotonic() < self._grace_until:
+        if (
+            message.dev_eui in CONFIGURED.get(self.key, ())
+            and self._waiting_count < MAX_WAITING
+            and time.monotonic() < self._grace_until
+        ):
             self._waiting.setdefault(message.dev_eui, []).append(message)
             self._waiting_count += 1
             return
-        if self._waiting:  # the grace is over: what still waits belongs to no device
-            held, self._waiting, self._waiting_count = self._waiting, {}, 0
-            for messages in held.values():
-                for old in messages:
-                    self._unknown(old)
+        if self._waiting and time.monotonic() >= self._grace_until:
+            self._end_grace()  # the timer's job, done now if this comes first
         self._unknown(message)
+
+    def _end_grace(self) -> None:
+        """What still waits for a claim belongs to no running device."""
+        held, self._waiting, self._waiting_count = self._waiting, {}, 0
+        for messages in held.values():
+            for old in messages:
+                self._unknown(old)
 
     def _unknown(self, message: Message) -> None:
         self.ack(message)
@@ -283,9 +297,10 @@ class Pool:
             del self.connections[connection.key]
             connection.close()
 
-    def states(self) -> dict[str, bool]:
-        """Connection key -> connected, for health reporting."""
-        return {key: c.connected for key, c in list(self.connections.items())}  # list(): another thread may read
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Connection key -> connected and its counters, for health and metrics (read from another thread)."""
+        return {key: {"connected": c.connected, **{k: c.counts[k] for k in COUNTED}}
+                for key, c in list(self.connections.items())}  # fmt: skip
 
 
 POOL = Pool()

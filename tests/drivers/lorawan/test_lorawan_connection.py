@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from drivers.lorawan import connection as connections
 from drivers.lorawan.config import NetworkServer
 from drivers.lorawan.connection import Connection
 from drivers.lorawan.messages import Message
@@ -25,10 +28,15 @@ async def _until(predicate: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_not(broker: Mosquitto) -> None:
-    scenario = Scenario("chirpstack", APP, parse_devices("nwave-nps405:2"), uplinks=1, gateways=1, seed=3,
+def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_not(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = Scenario("chirpstack", APP, parse_devices("nwave-nps405:3"), uplinks=1, gateways=1, seed=3,
                         round_=0, join=False, faults=False)  # fmt: skip
-    first, second = (s.dev_eui for s in scenario.ledger)
+    first, second, stranger = (s.dev_eui for s in scenario.ledger)
+    # Two are configured (as the config's load tells the connections): the second's messages wait for it,
+    # the third's count as unconfigured at once (and do not end the second's wait).
+    monkeypatch.setitem(connections.CONFIGURED, f"chirpstack:127.0.0.1:{broker.port}/{APP}", frozenset({first, second}))
 
     async def run() -> tuple[list[Message], list[Message]]:
         connection = _connection(broker.port)
@@ -36,7 +44,8 @@ def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_
         got: list[Message] = []
         connection.register(first, got.append)
         await asyncio.to_thread(publish, scenario, "127.0.0.1", broker.port, 0)
-        await _until(lambda: len(got) == 2 and connection._waiting_count == 2)  # first's uplink, status; second's wait
+        await _until(lambda: len(got) == 2 and stranger in connection.unknown)  # first's uplink and status
+        assert connection._waiting_count == 2  # the second's, still waiting
         for message in got:
             connection.ack(message)  # handled: its events would be in the buffer
         await asyncio.sleep(0.2)  # the acknowledgements reach the broker
@@ -54,4 +63,4 @@ def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_
     got, redelivered = asyncio.run(run())
     assert {m.dev_eui for m in got} == {first}
     assert sorted(type(m).__name__ for m in redelivered) == ["Status", "Uplink"]
-    assert {m.dev_eui for m in redelivered} == {second}
+    assert {m.dev_eui for m in redelivered} == {second}  # the stranger's were acknowledged as unconfigured

@@ -111,7 +111,11 @@ def _published(site: Site) -> Counter[tuple[str, str]]:
 
 
 def _settle(site: Site, expected: Counter[tuple[str, str]], what: str) -> None:
-    wait_for(lambda: _published(site) == expected, 15, what)
+    try:
+        wait_for(lambda: _published(site) == expected, 15, what)
+    except AssertionError:
+        got = _published(site)
+        raise AssertionError(f"{what}: missing {dict(expected - got)}, extra {dict(got - expected)}") from None
     time.sleep(0.3)  # anything extra (a duplicate) would come now
     assert _published(site) == expected
 
@@ -151,10 +155,16 @@ def test_one_event_per_uplink_through_duplicates_restarts_joins_and_silence(site
     links = {f"{server}:127.0.0.1:{site.broker.port}/{DEFAULT_APPLICATION[server]}" for server in ("chirpstack", "tts")}
     health = lambda: [e["data"] for e in site.sub.snapshot() if e["type"] == "city.gateway.health"]  # noqa: E731
     wait_for(lambda: any("links" in h for h in health()), 10, "a gateway health event")
-    assert next(h["links"] for h in health() if "links" in h) == {
-        name: {"driver": "lorawan", "connected": True} for name in links}  # fmt: skip
+    first = next(h["links"] for h in health() if "links" in h)
+    assert {name: (state["driver"], state["connected"]) for name, state in first.items()} == {
+        name: ("lorawan", True) for name in links}  # fmt: skip
     for name in links:
+        server = name.split(":", 1)[0]
         assert _metric(site.metrics, "edge_agent_driver_link_up", driver="lorawan", link=name) == 1
+        # Per connection: every message the simulator sent, the one not JSON, the unconfigured DevEUI's uplink.
+        counted = {kind: _metric(site.metrics, "edge_agent_driver_link_messages_total", driver="lorawan", link=name,
+                                 kind=kind) for kind in ("messages", "bad_messages", "unknown_uplinks")}  # fmt: skip
+        assert counted == {"messages": len(_scenario(server).messages()), "bad_messages": 1, "unknown_uplinks": 1}
 
     # Bad payloads and messages are counted; the device goes on, and so does everyone else.
     bad_device = next(d for d, s in cs0["devices"].items() if s["bad"])
@@ -162,7 +172,7 @@ def test_one_event_per_uplink_through_duplicates_restarts_joins_and_silence(site
                    reason="undecoded_too_short") == 1  # fmt: skip
     log = site.agent.output()
     assert "not understood (not JSON (set json=true in ChirpStack's [integration.mqtt])): b'\\x08\\x01 protobuf" in log
-    assert "DevEUI ffffffffffff0001 (no name) is not configured" in log or "ffffffffffff0001" in log
+    assert "DevEUI ffffffffffff0001 (stray) is not configured; its messages are counted, not published" in log
 
     # Silence: the silent devices (heard once) go offline after interval x offline_after.
     silent = [d for ledger in (cs0, tts0) for d, s in ledger["devices"].items() if s["silent"]]
