@@ -171,6 +171,7 @@ class DeviceHealth(_Open):
     margin: int | None = Field(default=None, description="ChirpStack status: link margin (dB), last DevStatusAns.")
     f_cnt: int = Field(ge=0, description="Frame counter of the last uplink.")
     dev_eui: str = Field(pattern=r"^[0-9a-f]{16}$", description="The device's DevEUI, lowercase.")
+    dr: int | None = Field(default=None, ge=0, description="Data rate of the last uplink, when the server says it.")
 
 
 class DeviceUndecoded(_Open):
@@ -186,6 +187,11 @@ class DeviceUndecoded(_Open):
     codec: str = Field(description="The codec that refused it.")
     reason: Literal["too_short", "unknown_port", "out_of_range", "malformed"]
     error: str = Field(description="What failed, naming the field and byte offset.")
+    correlation_id: str | None = Field(
+        default=None,
+        description="What the network server's console finds the uplink by: ChirpStack's deduplicationId, TTS's "
+        "as:up: correlation id.",
+    )
 
 
 class BlurredCounts(_Open):

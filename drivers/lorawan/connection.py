@@ -159,14 +159,16 @@ class Connection:
         for topic in topics(self.server.type, self.application):
             client.subscribe(topic, qos=qos)
         log.info("lorawan %s: connected as %s (%s session)", self.key, self.client_id,
-                 "resumed" if flags.session_present else "new")  # fmt: skip
+                 "resumed" if flags.session_present else "new",
+                 extra={"subject": f"lorawan {self.key}", "state": "connected"})  # fmt: skip
         self._generation += 1
         self._mark(True)
         self._first.set()
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any) -> None:
         if self.connected and not self._closing:
-            log.warning("lorawan %s: connection lost (%s); silence timers paused until it is back", self.key, reason)
+            log.warning("lorawan %s: connection lost (%s); silence timers paused until it is back", self.key, reason,
+                        extra={"subject": f"lorawan {self.key}", "state": "down"})  # fmt: skip
         self._mark(False)
 
     def _mark(self, up: bool) -> None:

@@ -51,6 +51,7 @@ class DeviceLogic:
         self.rssi: float | None = None
         self.snr: float | None = None
         self.gateways = 0
+        self.dr: int | None = None
         self.battery: dict[str, Any] = {}
         self.margin: int | None = None
         self._health_at: float | None = None  # monotonic time of the last health event
@@ -66,7 +67,7 @@ class DeviceLogic:
         self.new_keys.append(state.remember(up.key))
         self.dirty = True
         self._frame_counter(up.f_cnt)
-        self.rssi, self.snr, self.gateways = up.rssi, up.snr, up.gateways
+        self.rssi, self.snr, self.gateways, self.dr = up.rssi, up.snr, up.gateways, up.dr
         try:
             decoded = self.codec.decode(up.f_port, up.payload, up.received)
         except CodecError as exc:
@@ -113,9 +114,10 @@ class DeviceLogic:
     def _undecoded(self, up: Uplink, exc: CodecError) -> Reading:
         data = {"dev_eui": self.config.dev_eui, "f_port": up.f_port, "f_cnt": up.f_cnt,
                 "payload": base64.b64encode(up.payload).decode(), "codec": self.codec.name, "reason": exc.reason,
-                "error": str(exc)}  # fmt: skip
-        log.warning("device %s (DevEUI %s): uplink f_cnt %d not decoded by %s: %s", self.config.id,
-                    self.config.dev_eui, up.f_cnt, self.codec.name, exc, extra={"device": self.config.id})  # fmt: skip
+                "error": str(exc), "correlation_id": up.correlation}  # fmt: skip
+        log.warning("device %s (DevEUI %s): uplink f_cnt %d (%s) not decoded by %s: %s", self.config.id,
+                    self.config.dev_eui, up.f_cnt, up.correlation, self.codec.name, exc,
+                    extra={"device": self.config.id})  # fmt: skip
         return Reading(DEVICE_UNDECODED, data, up.received, id=event_id(self.config.dev_eui, up.key, DEVICE_UNDECODED))
 
     def _occupancy(self, up: Uplink, decoded: Decoded) -> list[Reading]:
@@ -177,7 +179,7 @@ class DeviceLogic:
         self._health_at = now
         data = {"battery": dict(self.battery), "rssi": self.rssi, "snr": self.snr, "gateways": self.gateways,
                 "missed_uplinks": self.missed, "margin": self.margin, "f_cnt": f_cnt,
-                "dev_eui": self.config.dev_eui}  # fmt: skip
+                "dev_eui": self.config.dev_eui, "dr": self.dr}  # fmt: skip
         return [Reading(DEVICE_HEALTH, data, moment, id=event_id(self.config.dev_eui, key, DEVICE_HEALTH))]
 
 

@@ -41,6 +41,8 @@ class Uplink:
     name: str | None  # the server's device name (scan)
     profile: str | None  # the server's device profile, or brand/model (scan's codec guess)
     session: str | None = None  # TTS session_key_id
+    dr: int | None = None  # data rate (ChirpStack's dr; TTS's settings.data_rate_index when it sends one)
+    correlation: str | None = None  # what the server's console finds it by: deduplicationId, TTS's as:up: id
     receipt: tuple[int, int] | None = None  # (connection generation, MQTT mid) to acknowledge once handled
 
 
@@ -126,7 +128,8 @@ def _chirpstack(kind: str, doc: dict[str, Any]) -> Message:
     rx = doc.get("rxInfo") or []
     rssi, snr, gateways = _radio(rx, "rssi", "snr")
     return Uplink(dev_eui, key, _int(doc.get("fCnt"), "fCnt") or 0, _int(doc.get("fPort"), "fPort") or 0,
-                  _bytes(doc.get("data"), "data"), received, rssi, snr, gateways, name, profile)  # fmt: skip
+                  _bytes(doc.get("data"), "data"), received, rssi, snr, gateways, name, profile,
+                  dr=_int(doc.get("dr"), "dr"), correlation=key)  # fmt: skip
 
 
 def _tts(kind: str, doc: dict[str, Any]) -> Message:
@@ -144,9 +147,13 @@ def _tts(kind: str, doc: dict[str, Any]) -> Message:
     version: dict[str, Any] = up["version_ids"] if isinstance(up.get("version_ids"), dict) else {}
     profile = "/".join(str(version[k]) for k in ("brand_id", "model_id") if k in version) or None
     rssi, snr, gateways = _radio(up.get("rx_metadata") or [], "rssi", "snr")
+    settings: dict[str, Any] = up["settings"] if isinstance(up.get("settings"), dict) else {}
+    correlations = [c for c in doc.get("correlation_ids") or [] if isinstance(c, str)]
+    correlation = next((c for c in correlations if c.startswith("as:up:")), correlations[0] if correlations else None)
     return Uplink(dev_eui, f"{session or '-'}/{f_cnt}", f_cnt, _int(up.get("f_port"), "uplink_message.f_port") or 0,
                   _bytes(up.get("frm_payload"), "uplink_message.frm_payload"), received, rssi, snr, gateways, name,
-                  profile, session)  # fmt: skip
+                  profile, session, _int(settings.get("data_rate_index"), "uplink_message.settings.data_rate_index"),
+                  correlation)  # fmt: skip
 
 
 def _object(doc: dict[str, Any], key: str) -> dict[str, Any]:

@@ -137,6 +137,7 @@ def test_an_undecodable_payload_becomes_an_event_with_its_bytes(tmp_path: Path) 
     assert base64.b64decode(undecoded.data["payload"]) == b"\x01"
     assert undecoded.data["codec"] == "nwave-nps405" and undecoded.data["reason"] == "too_short"
     assert "byte 1" in undecoded.data["error"]
+    assert undecoded.data["correlation_id"] is None  # this test's uplink names none
     assert logic.undecoded == ["too_short"]
     assert _types(logic.uplink(_up(8, b"\x95"), now=1.0))[0] == PARKING_OCCUPANCY  # the next one goes on
 

@@ -47,6 +47,7 @@ def test_a_chirpstack_uplink_heard_by_two_gateways() -> None:
     assert (up.rssi, up.snr, up.gateways) == (-81.0, 3.5, 2)
     assert up.received == datetime(2026, 12, 7, 8, 0, 0, 123000, tzinfo=UTC)
     assert (up.name, up.profile) == ("bay-17", "Nwave NPS405")
+    assert (up.dr, up.correlation) == (5, "3d3b7bd6-0f5b-4b8b-9b0c-0c1c9d8a6f01")
 
 
 def test_protobufs_json_leaves_zero_f_cnt_and_port_out_and_they_read_as_zero() -> None:
@@ -114,6 +115,7 @@ def test_a_tts_uplink() -> None:
     assert up.key == "AXBSH1Pk6Z0G166/9e9HBw==/25"
     assert (up.rssi, up.snr, up.gateways, up.profile) == (-35.0, 5.2, 2, "nwave/nps405")
     assert up.received == datetime(2020, 2, 12, 15, 15, 45, 787642, tzinfo=UTC)
+    assert up.correlation == "as:up:01E0WCTFNCHW4DBB7R9H2TQ6YK" and up.dr is None
 
 
 def test_a_tts_uplink_with_its_empty_fields_left_out() -> None:
