@@ -14,7 +14,7 @@ where it is counted and timed. Figures are printed, never asserted.
 3. Burst: another uplink per device, as fast as possible: the ceiling in uplinks/s.
 4. State memory, in this process: N devices' dedupe state with 64 keys each (tracemalloc).
 
-    .venv/bin/python bench/lorawan.py                # about 60 s
+    .venv/bin/python bench/lorawan.py                # about 100 s (10,000 devices)
     .venv/bin/python bench/lorawan.py --devices 2000 --seconds 5
 """
 
