@@ -28,6 +28,9 @@ GATEWAY_CERT_EXPIRING = "city.gateway.cert.expiring"
 # Not buffered, no seq: a retained state document on {prefix}/{gateway}/inventory (fleet channel).
 GATEWAY_INVENTORY = "city.gateway.inventory"
 CAMERA_SNAPSHOT = "city.camera.snapshot"
+# LoRaWAN devices (drivers/lorawan): battery and radio, and an uplink whose payload did not decode.
+DEVICE_HEALTH = "city.device.health"
+DEVICE_UNDECODED = "city.device.undecoded"
 
 # Every type the agent emits: each has a JSON Schema file (schemas/v1/<type>.json) named by its events' dataschema.
 EVENT_TYPES = (
@@ -39,6 +42,8 @@ EVENT_TYPES = (
     CAMERA_SNAPSHOT,
     GATEWAY_INVENTORY,
     GATEWAY_CERT_EXPIRING,
+    DEVICE_HEALTH,
+    DEVICE_UNDECODED,
 )
 
 # The contract's major version: the topic prefix's (ioc/v1) and the schema files' folder. Within it changes are
@@ -73,6 +78,8 @@ DEFAULT_PRIORITIES: dict[str, Priority] = {
     GATEWAY_HEALTH: Priority.ALARM,
     GATEWAY_CERT_EXPIRING: Priority.ALARM,
     CAMERA_SNAPSHOT: Priority.MEDIA,
+    DEVICE_HEALTH: Priority.TELEMETRY,
+    DEVICE_UNDECODED: Priority.EVENT,
 }
 
 
@@ -85,12 +92,15 @@ class Reading:
         data: JSON-serialisable payload (see docs/events.md for each type's schema).
         time: when the reading was taken; ``None`` means now.
         priority: overrides the configured class for this one event.
+        id: the CloudEvent ``id`` (32 lowercase hex digits) when the driver derives it from its
+            source (a LoRaWAN uplink's dedupe key), so a redelivery makes the same id; None: random.
     """
 
     type: str
     data: dict[str, Any]
     time: datetime | None = None
     priority: Priority | None = None
+    id: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -244,7 +254,8 @@ def make_event(
     taken = recorded if reading.time is None else format_time(reading.time)
     return (
         (
-            f'{{"specversion":"1.0","id":"{new_event_id()}","source":"/gateways/{gateway}/devices/{device}",'
+            f'{{"specversion":"1.0","id":"{reading.id or new_event_id()}",'
+            f'"source":"/gateways/{gateway}/devices/{device}",'
             f'"type":{kind},"time":"{taken}","recordedtime":"{recorded}","timequality":"{timequality}",{middle}'
             f'"gateway":"{gateway}","device":"{device}","partitionkey":"{gateway}/{device}","seq":{seq},'
             + (f'"seqepoch":"{epoch}",' if epoch else "")

@@ -31,7 +31,8 @@ class CloudEvent(_Open):
     specversion: Literal["1.0"]
     id: str = Field(
         description="32 lowercase hex digits (128 random bits, no dashes); unique per event and the same on every "
-        "re-send of that event. Compare it as an opaque string."
+        "re-send of that event. Compare it as an opaque string. Events of a LoRaWAN uplink derive it from the "
+        "network server's dedupe key (a hash), so an uplink the server delivers twice makes the same id."
     )
     source: str = Field(
         pattern=r"^/gateways/[a-z0-9-]+/devices/[a-z0-9_-]+$", description="/gateways/{gateway}/devices/{device}"
@@ -141,6 +142,56 @@ class DeviceStatus(_Open):
     driver: str
     consecutive_failures: int = Field(ge=0)
     since: str
+
+
+class DeviceBattery(_Open):
+    """A battery as the device (or its network server) reports it; each field null when not reported."""
+
+    volts: float | None = Field(default=None, description="Battery voltage (V).")
+    percent: float | None = Field(default=None, ge=0, le=100, description="Charge (%).")
+    battery_class: Literal["ok", "low", "critical"] | None = Field(
+        default=None,
+        alias="class",
+        description="The vendor's verdict (Nwave: from its voltage thresholds, lower below -5 °C) or one from percent.",
+    )
+    external_power: bool | None = Field(default=None, description="ChirpStack status: runs on external power.")
+
+
+class DeviceHealth(_Open):
+    """``city.device.health`` (class telemetry): a LoRaWAN device's battery and radio.
+
+    Sent when the battery class changes, and otherwise at most every ``health_interval``.
+    """
+
+    battery: DeviceBattery
+    rssi: float | None = Field(description="Best RSSI (dBm) over the gateways that heard the last uplink.")
+    snr: float | None = Field(description="Best SNR (dB) over those gateways.")
+    gateways: int = Field(ge=0, description="Gateways that heard the last uplink.")
+    missed_uplinks: int = Field(ge=0, description="Uplinks missed (f_cnt gaps) since the agent started.")
+    margin: int | None = Field(default=None, description="ChirpStack status: link margin (dB), last DevStatusAns.")
+    f_cnt: int = Field(ge=0, description="Frame counter of the last uplink.")
+    dev_eui: str = Field(pattern=r"^[0-9a-f]{16}$", description="The device's DevEUI, lowercase.")
+    dr: int | None = Field(default=None, ge=0, description="Data rate of the last uplink, when the server says it.")
+
+
+class DeviceUndecoded(_Open):
+    """``city.device.undecoded`` (class event): an uplink whose payload the device's codec could not decode.
+
+    Nothing is lost: the bytes are here. The device's next uplinks, and other devices, go on.
+    """
+
+    dev_eui: str = Field(pattern=r"^[0-9a-f]{16}$", description="The device's DevEUI, lowercase.")
+    f_port: int = Field(ge=0, le=255)
+    f_cnt: int = Field(ge=0)
+    payload: str = Field(description="The application payload, base64.")
+    codec: str = Field(description="The codec that refused it.")
+    reason: Literal["too_short", "unknown_port", "out_of_range", "malformed"]
+    error: str = Field(description="What failed, naming the field and byte offset.")
+    correlation_id: str | None = Field(
+        default=None,
+        description="What the network server's console finds the uplink by: ChirpStack's deduplicationId, TTS's "
+        "as:up: correlation id.",
+    )
 
 
 class BlurredCounts(_Open):
@@ -271,6 +322,23 @@ class ClockHealth(_Open):
     )
 
 
+class DriverLink(_Open):
+    """A connection a driver's devices share upstream, and the driver's counters of it (since start)."""
+
+    driver: str
+    connected: bool
+    messages: int | None = Field(default=None, ge=0, description="LoRaWAN: messages received.")
+    bad_messages: int | None = Field(
+        default=None, ge=0, description="LoRaWAN: messages not understood (not JSON, a required field missing)."
+    )
+    unknown_uplinks: int | None = Field(default=None, ge=0, description="LoRaWAN: uplinks of unconfigured DevEUIs.")
+    qos0_uplinks: int | None = Field(
+        default=None,
+        ge=0,
+        description="LoRaWAN, ChirpStack: uplinks that arrived at QoS 0 (lost while the agent is down).",
+    )
+
+
 class GatewayHealth(_Open):
     """``city.gateway.health`` (class alarm), device ``gateway``: every health_interval and after drops."""
 
@@ -285,6 +353,11 @@ class GatewayHealth(_Open):
     host: HostHealth | None = Field(default=None, description="The machine (load, memory, disk, temperature).")
     clock: ClockHealth | None = Field(default=None, description="The system clock (optional, like process).")
     version: str | None = Field(default=None, description="The agent's version (optional, like process).")
+    links: dict[str, DriverLink] | None = Field(
+        default=None,
+        description="Only when drivers share upstream connections (a LoRaWAN network server's broker): each one's "
+        "state, by name. While one is down its devices' silence timers stand still.",
+    )
     uplinks: dict[str, DurableUplinkHealth] | None = Field(
         default=None,
         description="Only with two or more durable uplinks: each one's connection, buffer and accounting, by "
@@ -406,6 +479,8 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     events.CAMERA_SNAPSHOT: CameraSnapshot,
     events.GATEWAY_INVENTORY: GatewayInventory,
     events.GATEWAY_CERT_EXPIRING: CertExpiring,
+    events.DEVICE_HEALTH: DeviceHealth,
+    events.DEVICE_UNDECODED: DeviceUndecoded,
 }
 
 

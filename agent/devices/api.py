@@ -19,7 +19,7 @@ import asyncio
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -182,6 +182,10 @@ class DriverContext(ABC):
     def poll_failed(self, reason: str) -> None:
         """Report a failed poll; after ``offline_after`` in a row the device goes offline."""
 
+    def count_failure(self, reason: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Count a failure by reason (``edge_agent_device_poll_failures_total``) that says nothing of
+        the device's status: a push device that sent a message it could not decode is still there."""
+
     def observe_poll(self, seconds: float) -> None:  # noqa: B027 - optional hook, no-op by default
         """Report how long one poll took (the default ``stream()`` does it for ``read()``)."""
 
@@ -241,6 +245,9 @@ class Driver(ABC):  # noqa: B024 - every hook has a default; subclasses pick whi
 
 # A technician command: gets the arguments after ``edge-agent <verb> <driver>``, returns an exit code.
 ToolMain = Callable[[list[str]], int]
+# ``edge-agent doctor``'s check of a driver's devices, when starting each one is wrong for it: gets the
+# devices and the seconds per check, returns rows (target, verdict ok | warn | FAIL, finding, fix or None).
+DoctorCheck = Callable[[list[DeviceConfig], float], Awaitable[list[tuple[str, str, str, str | None]]]]
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,13 @@ class DriverPlugin:
         check_devices: cross-device checks run when the config loads (e.g. two devices on one
             RS-485 port with different baud rates); gets ``(index, config)`` of this driver's
             devices, returns problems as ``devices[i].field: message``.
+        links: the upstream connections its running devices share (a LoRaWAN network server's
+            broker): name -> ``{"connected": bool, <counter>: int, ...}``; read from the metrics
+            thread, so it must only read. They are in ``city.gateway.health`` (``links``),
+            ``edge_agent_driver_link_up`` and ``edge_agent_driver_link_messages_total`` (by counter).
+        doctor: checks this driver's devices for ``edge-agent doctor`` instead of starting each
+            one (a LoRaWAN device reports hourly, and its driver would take over the running
+            agent's session).
     """
 
     name: str
@@ -268,3 +282,5 @@ class DriverPlugin:
     tools: Callable[[], dict[str, ToolMain]] | None = None
     global_verbs: tuple[str, ...] = ()
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
+    links: Callable[[], dict[str, dict[str, Any]]] | None = None
+    doctor: DoctorCheck | None = None

@@ -76,6 +76,10 @@ class DeviceRunner(DriverContext):
         if self.failures >= self.config.offline_after and self.status != "offline":
             self._set_status("offline", reason)
 
+    def count_failure(self, reason: str) -> None:
+        """A failure counted by reason that leaves the device's status alone."""
+        self.telemetry.poll_failed(reason)
+
     def observe_poll(self, seconds: float) -> None:
         """How long one poll took (into the device's poll latency histogram)."""
         self.telemetry.observe_poll(seconds)

@@ -156,6 +156,24 @@ class AgentCollector(Collector):
                 failures.add_metric([reason], n)
             yield failures
 
+        links = GaugeMetricFamily(
+            _name("driver_link_up"),
+            "1 while a connection drivers share upstream (a LoRaWAN network server's broker) is up.",
+            labels=["driver", "link"],
+        )
+        link_messages = CounterMetricFamily(
+            _name("driver_link_messages"),
+            "Messages on a shared upstream connection, by kind (LoRaWAN: messages, bad_messages, unknown_uplinks, "
+            "qos0_uplinks).",
+            labels=["driver", "link", "kind"],
+        )
+        for link, (driver, state) in sorted(s.links.items()):
+            links.add_metric([driver, link], int(bool(state.get("connected"))))
+            for kind, n in sorted(state.items()):
+                if kind != "connected" and isinstance(n, int):
+                    link_messages.add_metric([driver, link, kind], n)
+        yield links
+        yield link_messages
         up = GaugeMetricFamily(
             _name("device_up"), "1 while the device answers (status online).", labels=["device", "driver"]
         )

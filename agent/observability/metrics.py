@@ -356,3 +356,6 @@ class Snapshot:
     fleet: Mapping[tuple[str, str], int] = field(default_factory=dict)
     cert_expiry: float | None = None  # seconds until the client certificate expires (fleet.identity)
     cert_renewal_failures: Mapping[str, int] = field(default_factory=dict)  # failed renewals by reason
+    # name -> (driver, {"connected": bool, counter: int}): upstream connections drivers share (a LoRaWAN
+    # network server's broker)
+    links: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from agent.contract.events import Reading
 from agent.devices.api import DeviceConfig, Driver
@@ -113,6 +114,16 @@ class DeviceSet:
         """The running driver of a device, for writes."""
         entry = self.running.get(device_id)
         return entry[0].driver if entry is not None else None
+
+    def links(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The running drivers' shared upstream connections: name -> (driver, its state and counters)."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        plugins = load_plugins()
+        for driver in sorted({runner.config.driver for runner, _ in list(self.running.values())}):
+            links = plugins[driver].links if driver in plugins else None
+            if links is not None:
+                out.update({name: (driver, up) for name, up in links().items()})
+        return out
 
     def statuses(self) -> dict[str, str]:
         """Device id -> online / offline / starting..."""

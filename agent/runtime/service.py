@@ -171,6 +171,7 @@ class Service:
             fleet=agent.fleet_figures(),
             cert_expiry=_cert_expiry(agent),
             cert_renewal_failures=dict(agent.renewer.state.failures) if agent.renewer is not None else {},
+            links=agent.devices.links(),
         )
 
 

@@ -138,6 +138,9 @@ class StatusModel:
             "clock": self.clock(),
             "version": __version__,
         }
+        links = self.devices.links()
+        if links:
+            data["links"] = {name: {"driver": driver, **state} for name, (driver, state) in sorted(links.items())}
         if len(self.uplinks.durable) > 1:  # each durable uplink's own buffer and accounting
             data["uplinks"] = {
                 name: {

@@ -23,7 +23,9 @@ from agent.contract import data as build
 from agent.contract.events import (
     CAMERA_SNAPSHOT,
     CROSSWALK_PRESENCE,
+    DEVICE_HEALTH,
     DEVICE_STATUS,
+    DEVICE_UNDECODED,
     EVENT_TYPES,
     GATEWAY_CERT_EXPIRING,
     GATEWAY_HEALTH,
@@ -52,6 +54,8 @@ from tests.models.test_models import built_models, footage, fp32, frames  # noqa
 pytestmark = pytest.mark.timeout(300)
 
 NOW = datetime(2026, 11, 23, 8, 12, 27, 158000, tzinfo=UTC)
+# LoRaWAN's types need a network server: tests/drivers/lorawan checks them from a running agent.
+LORAWAN = (DEVICE_HEALTH, DEVICE_UNDECODED)
 EPOCH = "5f0c2a9e81d34b17"
 
 
@@ -84,6 +88,40 @@ BUILT = {
     ),
     "device online": lambda: _built(DEVICE_STATUS, build.device_status("online", None, "virtual", 0, NOW)),
     "certificate expiring": lambda: _built(GATEWAY_CERT_EXPIRING, EXPIRING, "gateway"),
+    "lorawan health, id from the uplink": lambda: make_event(
+        gateway="gw-demo-01",
+        device="bay-7",
+        seq=42,
+        now=NOW,
+        epoch=EPOCH,
+        reading=Reading(
+            DEVICE_HEALTH,
+            {
+                "battery": {"volts": 2.948, "class": "low"},
+                "rssi": -97.0,
+                "snr": 3.5,
+                "gateways": 2,
+                "missed_uplinks": 1,
+                "margin": None,
+                "f_cnt": 4,
+                "dev_eui": "70b3d50000000001",
+            },
+            id="5d2c0b8e7a1f4c3d9e6b2a7f0c1d8e3b",
+        ),
+    ),
+    "lorawan undecoded": lambda: _built(
+        DEVICE_UNDECODED,
+        {
+            "dev_eui": "70b3d50000000001",
+            "f_port": 2,
+            "f_cnt": 7,
+            "payload": "AQ==",
+            "codec": "nwave-nps405",
+            "reason": "too_short",
+            "error": "fPort 2 heartbeat: byte 1 (battery): payload too short (1 of 3 bytes)",
+        },
+        "bay-7",
+    ),
 }
 
 
@@ -148,7 +186,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[s
         single = {json.loads(p)["type"] for t, p in got if t.startswith("ioc/v1/gw-single/")}
         batches = [p for t, p in got if t == "ioc/v1/gw-batch/batch"]
         batched = {e["type"] for p in batches for e in json.loads(p)}
-        expected = set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING}
+        expected = set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING, *LORAWAN}
         return expected <= single and {GATEWAY_HEALTH, DEVICE_STATUS} <= batched
 
     try:
@@ -169,14 +207,19 @@ def test_a_running_agents_events_of_every_type_pass_every_check(published: list[
             event = check_event(payload)
             seen[event["type"]] = seen.get(event["type"], 0) + 1
     # the snapshot: the test above; the certificate warning: tests/fleet/test_renewal_e2e.py
-    assert set(seen) == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING}, seen
+    assert set(seen) == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_CERT_EXPIRING, *LORAWAN}, seen
 
 
 def test_a_running_agents_batches_pass_every_check(published: list[tuple[str, bytes]]) -> None:
     batches = [p for t, p in published if t == "ioc/v1/gw-batch/batch"]
     events = [e for p in batches for e in check_batch(p)]
     assert len(events) > len(batches)  # at least one batch held several events
-    assert {e["type"] for e in events} == set(EVENT_TYPES) - {CAMERA_SNAPSHOT, GATEWAY_INVENTORY, GATEWAY_CERT_EXPIRING}
+    assert {e["type"] for e in events} == set(EVENT_TYPES) - {
+        CAMERA_SNAPSHOT,
+        GATEWAY_INVENTORY,
+        GATEWAY_CERT_EXPIRING,
+        *LORAWAN,
+    }
 
 
 def test_the_inventory_names_its_schema(published: list[tuple[str, bytes]]) -> None:

@@ -46,17 +46,36 @@ class Probe(DriverContext):
 
 
 async def check_devices(config: AgentConfigBase, timeout: float) -> list[Row]:
-    """Every enabled device, concurrently: start, one batch of readings, stop."""
+    """Every enabled device, concurrently: start, one batch of readings, stop (or its driver's own check)."""
+    plugins = load_plugins()
+    own = {d.driver for d in config.devices if d.enabled and d.driver in plugins and plugins[d.driver].doctor}
     results = await asyncio.gather(
-        *(check_device(d, timeout) for d in config.devices if d.enabled), return_exceptions=True
-    )
-    rows = [broken("device", r) if isinstance(r, BaseException) else r for r in results]
+        *(check_device(d, timeout) for d in config.devices if d.enabled and d.driver not in own),
+        *(_driver_check(driver, [d for d in config.devices if d.enabled and d.driver == driver], timeout)
+          for driver in sorted(own)),
+        return_exceptions=True,
+    )  # fmt: skip
+    rows: list[Row] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            rows.append(broken("device", r))
+        elif isinstance(r, list):
+            rows += r
+        elif isinstance(r, Row):
+            rows.append(r)
     disabled = [
         Row("device", f"{d.id} ({d.driver})", "skip", "disabled (enabled: false)")
         for d in config.devices
         if not d.enabled
     ]
     return [*rows, *disabled] or [Row("device", "-", "ok", "no devices configured")]
+
+
+async def _driver_check(driver: str, devices: list[DeviceConfig], timeout: float) -> list[Row]:
+    check = load_plugins()[driver].doctor
+    assert check is not None
+    found = await check(devices, timeout)
+    return [Row("device", target, verdict, finding, fix) for target, verdict, finding, fix in found]  # type: ignore[arg-type]
 
 
 _DEVICE_FIX = "check power, wiring or network, and the device's address and line settings in the config"

@@ -1,0 +1,66 @@
+"""The shared connection against a real Mosquitto: a QoS 1 uplink is acknowledged only once handled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drivers.lorawan import connection as connections
+from drivers.lorawan.config import NetworkServer
+from drivers.lorawan.connection import Connection
+from drivers.lorawan.messages import Message
+from drivers.lorawan.simulator import DEFAULT_APPLICATION, Scenario, parse_devices, publish
+from tests.conftest import Mosquitto
+
+APP = DEFAULT_APPLICATION["chirpstack"]
+
+
+def _connection(port: int) -> Connection:
+    server = NetworkServer(type="chirpstack", broker=f"127.0.0.1:{port}")
+    return Connection(server, APP, "edge-agent-lorawan-test", f"chirpstack:127.0.0.1:{port}/{APP}", grace=5.0)
+
+
+async def _until(predicate: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_not(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = Scenario("chirpstack", APP, parse_devices("nwave-nps405:3"), uplinks=1, gateways=1, seed=3,
+                        round_=0, join=False, faults=False)  # fmt: skip
+    first, second, stranger = (s.dev_eui for s in scenario.ledger)
+    # Two are configured (as the config's load tells the connections): the second's messages wait for it,
+    # the third's count as unconfigured at once (and do not end the second's wait).
+    monkeypatch.setitem(connections.CONFIGURED, f"chirpstack:127.0.0.1:{broker.port}/{APP}", frozenset({first, second}))
+
+    async def run() -> tuple[list[Message], list[Message]]:
+        connection = _connection(broker.port)
+        await connection.open()  # the session exists from now on
+        got: list[Message] = []
+        connection.register(first, got.append)
+        await asyncio.to_thread(publish, scenario, "127.0.0.1", broker.port, 0)
+        await _until(lambda: len(got) == 2 and stranger in connection.unknown)  # first's uplink and status
+        assert connection._waiting_count == 2  # the second's, still waiting
+        for message in got:
+            connection.ack(message)  # handled: its events would be in the buffer
+        await asyncio.sleep(0.2)  # the acknowledgements reach the broker
+        connection.close()  # the agent stops; the second device's messages were never handled
+        again = _connection(broker.port)
+        await again.open()
+        redelivered: list[Message] = []
+        again.register(first, redelivered.append)
+        again.register(second, redelivered.append)
+        await _until(lambda: len(redelivered) >= 2)
+        await asyncio.sleep(0.3)  # nothing more comes
+        again.close()
+        return got, redelivered
+
+    got, redelivered = asyncio.run(run())
+    assert {m.dev_eui for m in got} == {first}
+    assert sorted(type(m).__name__ for m in redelivered) == ["Status", "Uplink"]
+    assert {m.dev_eui for m in redelivered} == {second}  # the stranger's were acknowledged as unconfigured
