@@ -210,7 +210,7 @@ def _tools_help() -> str:
     """The driver tools, one per line, as ``edge-agent <verb> {drivers}`` with what each does."""
     verbs = _tool_verbs()
     order = [v for v in _VERB_HELP if v in verbs] + sorted(v for v in verbs if v not in _VERB_HELP)
-    lines = [(f"  {v} {{{','.join(verbs[v])}}}".ljust(34) + _VERB_HELP.get(v, "")).rstrip() for v in order]
+    lines = [(f"  {v} {{{','.join(verbs[v])}}}".ljust(33) + " " + _VERB_HELP.get(v, "")).rstrip() for v in order]
     return "driver tools (edge-agent <tool> <driver> --help):\n" + "\n".join(lines)
 
 

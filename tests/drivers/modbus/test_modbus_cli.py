@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,9 +74,11 @@ def test_scan_prints_each_hit_as_found_with_its_profile_and_progress_each_second
 
 
 def test_scan_first_and_ctrl_c_stop_early_with_the_results_so_far(meter: str) -> None:
-    first = cli("scan", "modbus", "--port", meter, "--first")
+    # --timeout: the simulator behind a pty may answer slower than a meter's 35 ms on a loaded machine
+    first = cli("scan", "modbus", "--port", meter, "--first", "--timeout", "0.3")
     assert first.returncode == 0 and ", 5 probes" in first.stderr, first.stderr  # units 1-5, not 247
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "scan", "modbus", "--port", meter, "--expect", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "scan", "modbus", "--port", meter, "--expect", "2",
+                             "--timeout", "0.3"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     assert proc.stdout is not None
     proc.stdout.readline()
@@ -93,7 +96,7 @@ def test_scan_adds_the_hit_to_a_site_file_validated_with_a_backup_and_names_the_
     site = tmp_path / "site.yaml"
     site.write_text(SITE.format(port=free_port(), buffer=tmp_path / "buffer.db"))
     before = site.read_text()
-    done = cli("scan", "modbus", "--port", meter, "--units", "5", "--add-to", str(site))
+    done = cli("scan", "modbus", "--port", meter, "--units", "5", "--timeout", "0.3", "--add-to", str(site))
     assert done.returncode == 0, done.stderr
     assert f"added unit 5 (eastron-sdm630) to {site} (previous file kept as {site}.bak)" in done.stdout
     assert done.stdout.splitlines()[-1] == f"next: edge-agent validate -c {site}"
@@ -103,7 +106,7 @@ def test_scan_adds_the_hit_to_a_site_file_validated_with_a_backup_and_names_the_
     device = load_config(site).devices[0]
     assert isinstance(device, ModbusConfig) and device.serial is not None
     assert (device.id, device.profile, device.unit, device.serial.port) == ("sdm630-5", "eastron-sdm630", 5, meter)
-    again = cli("scan", "modbus", "--port", meter, "--units", "5", "--add-to", str(site))
+    again = cli("scan", "modbus", "--port", meter, "--units", "5", "--timeout", "0.3", "--add-to", str(site))
     assert again.returncode == 2 and site.read_text() == after, "a refused add leaves the file as it was"
     assert f"would not validate with sdm630-5-2 added:\n  {site}:" in again.stderr
     assert "unit 5 on " in again.stderr and "each unit on one bus needs its own id" in again.stderr
@@ -251,8 +254,8 @@ def test_validate_warns_on_a_missing_port_and_a_modicon_address_and_suggests_nea
     with pytest.raises(SystemExit):
         main(["--help"])
     shown = capsys.readouterr().out
-    for verb in ("scan {modbus", "read {modbus", "simulate {"):
-        assert f"\n  {verb}" in shown, shown
+    for verb in ("scan", "read", "simulate"):
+        assert re.search(rf"\n  {verb} {{[a-z,]*modbus[a-z,]*}} ", shown), shown
 
 
 def test_lenient_simulator_answers_0_outside_its_profile_the_old_way() -> None:

@@ -601,7 +601,11 @@ def test_cli_errors_are_specific(tmp_path: Path) -> None:
     bad = _cli("read", "modbus", "--host", "127.0.0.1", "--address", "20001")
     assert bad.returncode == 2 and "not a Modicon address" not in bad.stderr and "start with 0, 1, 3 or 4" in bad.stderr
     usage = _cli("scan")
-    assert usage.returncode == 2 and "usage: edge-agent scan {modbus" in usage.stderr
+    assert (
+        usage.returncode == 2
+        and "usage: edge-agent scan {" in usage.stderr
+        and "modbus" in usage.stderr.split("{", 1)[1]
+    )
 
 
 def test_permission_denied_names_the_group_to_join(tmp_path: Path) -> None:
