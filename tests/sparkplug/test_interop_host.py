@@ -166,13 +166,8 @@ def test_everything_the_host_decoded_is_what_the_unit_served(interop: Interop) -
             seqs.append(m["seq"])
 
 
-# Found in our edge node (reported for the uplink's branch, h-spb): bdSeq is taken before each
-# connection attempt, so an attempt refused at TCP level (the broker down) uses one up: across the
-# restart the host sees bdSeq 0 -> 2. The spec (topics-nbirth-bdseq-increment): "increment by one on
-# every new MQTT CONNECT packet". Strict: this fails once fixed, and the mark goes with the fix.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="h-spb: bdSeq skips a value per refused connection attempt"
-)
+# topics-nbirth-bdseq-increment: "increment by one on every new MQTT CONNECT packet"; the attempts
+# refused while the broker was down sent none, so they use no value.
 def test_bdseq_steps_by_one_per_new_mqtt_session(interop: Interop) -> None:
     nbirths = [bdseq(m) for m in interop.messages("NBIRTH")]
     first = nbirths[0]

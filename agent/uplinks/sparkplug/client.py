@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -32,11 +33,20 @@ def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | 
 
 
 class Connection:
-    """A clean session to one server with the NDEATH will; messages arrive in :attr:`messages`."""
+    """A clean session to one server with the NDEATH will; messages arrive in :attr:`messages`.
 
-    def __init__(self, cfg: SparkplugConfig, server: Server, client_id: str, will: tuple[str, bytes]) -> None:
+    The will is made by ``will()`` only once the TCP (and TLS) connection is up, right before
+    paho writes the CONNECT: the node's bdSeq goes up by one per CONNECT packet sent
+    (topics-nbirth-bdseq-increment), never for an attempt the network or the broker's port
+    refused. :attr:`will_payload` is then what the CONNECT carried.
+    """
+
+    def __init__(self, cfg: SparkplugConfig, server: Server, client_id: str,
+                 will: tuple[str, Callable[[], bytes]]) -> None:  # fmt: skip
         """Set up the client (no I/O until :meth:`open`)."""
         self.cfg, self.server = cfg, server
+        self.will_topic, self._make_will = will
+        self.will_payload: bytes | None = None
         self.where = f"{server.host}:{cfg.port(server)}"
         self.loop = asyncio.get_running_loop()
         self.messages: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
@@ -54,7 +64,7 @@ class Connection:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.will_set(will[0], will[1], qos=1, retain=False)
+        client.on_socket_open = self._on_socket_open
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password())
         if cfg.tls.active:
@@ -65,6 +75,12 @@ class Connection:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self.client = client
+
+    def _on_socket_open(self, client: paho.Client, _u: Any, _sock: Any) -> None:
+        # On the thread running connect(), after the TCP/TLS connect and before the CONNECT is
+        # written: paho reads the will when it builds that packet.
+        self.will_payload = self._make_will()
+        client.will_set(self.will_topic, self.will_payload, qos=1, retain=False)
 
     # paho's thread -> the loop
     def _on_connect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:

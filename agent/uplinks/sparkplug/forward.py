@@ -13,6 +13,7 @@ payload and :data:`PAYLOADS_PER_SECOND` payloads a second, so live changes keep 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,9 @@ class Forward:
     queued: int = 0  # metrics in ``history``
     unconfirmed: deque[tuple[float, list[int]]] = field(default_factory=deque)
     next_at: float = 0.0
+    # Whether a device's history may go now: only while it is born (a device known offline keeps
+    # its history, unacknowledged, until its next DBIRTH; DATA of an unborn device is not allowed).
+    ready: Callable[[str], bool] = field(default=lambda _device: True)  # set by the uplink
     _names: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)  # one copy of each name list
 
     def reset(self) -> None:
@@ -100,11 +104,16 @@ class Forward:
 
     def due(self, now: float) -> bool:
         """Whether a historical payload may go now."""
-        return bool(self.history) and now >= self.next_at
+        return now >= self.next_at and self._next_device() is not None
+
+    def _next_device(self) -> str | None:
+        return next((d for d in self.history if self.ready(d)), None)
 
     def take(self, now: float) -> tuple[str, list[Value], list[int]]:
         """The next historical payload: one device's queued values, up to MAX_METRICS, and their rows."""
-        device = next(iter(self.history))
+        device = self._next_device()
+        if device is None:
+            raise LookupError("no device's history may go now (check due() first)")
         queue = self.history.pop(device)
         values, ids = list[Value](), list[int]()
         while queue:
@@ -139,7 +148,7 @@ class Forward:
     def next_wake(self, now: float) -> float:
         """Seconds until a historical payload or a confirmation is due (at most one)."""
         times = [1.0]
-        if self.history:
+        if self._next_device() is not None:
             times.append(self.next_at - now)
         if self.unconfirmed:
             times.append(self.unconfirmed[0][0] + self.keepalive - now)

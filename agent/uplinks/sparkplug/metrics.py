@@ -69,6 +69,7 @@ class Event:
     type: str
     values: list[Value]
     status: str | None = None  # online/offline for a device status event
+    timestamp: int = 0  # the event's time, UTC milliseconds
 
 
 def millis(text: str) -> int:
@@ -110,7 +111,7 @@ def parse(payload: bytes) -> Event | None:
     if kind == CROSSWALK_PRESENCE:
         return Event(device, kind, [Value(f"area/{data['area']}/count", int(data["count"]), INT64, None, "good", ts)])
     if kind == DEVICE_STATUS:
-        return Event(device, kind, [], status=str(data.get("status", "offline")))
+        return Event(device, kind, [], status=str(data.get("status", "offline")), timestamp=ts)
     if kind == GATEWAY_HEALTH:
         return Event(NODE, kind, [Value(name, _dig(data, path), datatype, None, "good", ts)
                                   for name, path, datatype in HEALTH_METRICS])  # fmt: skip

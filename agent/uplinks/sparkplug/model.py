@@ -7,7 +7,7 @@ unique across the node (payloads-alias-uniqueness).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from agent.uplinks.sparkplug.metrics import HEALTH_METRICS, NODE, Value, coerce
 
@@ -20,7 +20,8 @@ class Device:
     current: dict[str, Value] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
     born: bool = False  # a DBIRTH went out this session and no DDEATH since
-    online: bool = True
+    online: bool = True  # until a status event says otherwise
+    status_at: int = -1  # the time (UTC ms) of the newest status event learned; -1: none yet
 
 
 class Model:
@@ -46,11 +47,15 @@ class Model:
         return found
 
     def learn(self, device: Device, values: list[Value], *, historical: bool = False) -> tuple[list[Value], bool]:
-        """File ``values`` as the device's current ones; returns them typed as born, and whether
-        one is new (the device must be born again before DATA may name it).
+        """File ``values`` as the device's current ones where they are the newest known; returns
+        them typed as born, and whether one is new (the device must be born again before DATA may
+        name it).
 
-        ``historical`` values (the backlog) never become current: history never enters a BIRTH
-        (eclipse-sparkplug/sparkplug#594), so a metric first seen in the backlog is born null.
+        A BIRTH carries each metric's latest known value, so a buffered reading (``historical``:
+        taken while the node waited for a connection or for its primary host) becomes current when
+        it is newer than the one known; an older one never does (the backlog of a reconnect comes
+        oldest first, after values the last session already knew). Live readings always do: they
+        are the newest by arrival, even if the clock stepped back.
         """
         new = False
         typed = []
@@ -66,12 +71,16 @@ class Model:
                     v.value = coerce(v.value, v.datatype)
                 except (TypeError, ValueError):
                     v.value, v.quality = None, "bad"
-            if not historical:
+            if known is None or not historical or v.timestamp >= known.timestamp:
                 device.current[v.name] = v
-            elif known is None:
-                device.current[v.name] = replace(v, value=None, quality="good")
             typed.append(v)
         return typed, new
+
+    def status(self, device: Device, online: bool, timestamp: int) -> None:
+        """A device status event: the newest by time decides (status events and readings come in
+        different priority classes, so an older status may arrive after a newer one)."""
+        if timestamp >= device.status_at:
+            device.online, device.status_at = online, timestamp
 
     def typed(self, device: Device, values: list[Value]) -> list[Value]:
         """Backlog values with the datatype and unit of their metric's BIRTH (unknown ones left out)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 from agent.uplinks.sparkplug.client import Connection
 from agent.uplinks.sparkplug.metrics import NODE, Value
@@ -64,15 +65,16 @@ class Session:
         """NBIRTH (seq 0, the session's bdSeq) and a DBIRTH for every device online with metrics."""
         self.seq = -1
         node = self.model.node
-        for value in node.current.values():
-            if not value.timestamp:
-                value.timestamp = now_ms()  # a metric not heard of yet: null as of this birth
-        metrics = [(v, self._alias(node, v.name)) for v in node.current.values()]
+        now = now_ms()
+        # A metric not heard of yet goes null as of this birth; on a copy, so the placeholder keeps
+        # time 0 and any reading, however old, still becomes the current value.
+        metrics = [(v if v.timestamp else replace(v, timestamp=now), self._alias(node, v.name))
+                   for v in node.current.values()]  # fmt: skip
         self._send(self.topics.nbirth, node_birth(self.bdseq, self._seq(), metrics))
         node.born = self.born = True
         for device in self.model.devices.values():
             device.born = False
-            if device.online and device.current:
+            if device.online and device.current:  # a device known offline waits to be online again
                 self.dbirth(device)
 
     def death(self) -> tuple[str, bytes]:

@@ -4,6 +4,10 @@ events as BIRTH/DATA, the backlog as historical DATA, and the rows acknowledged 
 A session: CONNECT (clean, NDEATH will with the next bdSeq), subscribe NCMD/DCMD (and the
 primary host's STATE), wait until the host is online, NBIRTH and DBIRTHs, then DATA until the
 link drops or the host goes offline (then NDEATH, disconnect, next server).
+
+What was buffered before the session (while the node was away, or waiting for its first
+connection or for the primary host) is its backlog: its newest value of each metric goes into the
+BIRTHs as the current one, and all of it follows as ``is_historical`` DATA.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from agent.uplinks.sparkplug.payloads import node_death
 log = logging.getLogger(__name__)
 READ_LIMIT = 500  # rows taken from the feed at a time
 WARMUP, SETTLE = 2.0, 0.5  # first session of a run: wait for the devices' first readings before NBIRTH
-STARTUP_GRACE = 10.0  # seconds of readings before a run's first session that are its start, not history
 BDSEQ_FILE = "sparkplug.bdseq"
 _DOWN = {"subject": "uplink", "state": "down"}  # observability/logs.py never folds state lines
 
@@ -50,12 +53,11 @@ class SparkplugUplink:
         self.bdseq = BdSeq(context.state_dir / BDSEQ_FILE)
         self.commands = Commands(config, self.topics, self.model, context.inbound, context.title)
         self.forward = Forward(config.keepalive)
+        self.forward.ready = lambda device: self.model.device(device).born
         self.session: Session | None = None
         self._conn: Connection | None = None
         self._bad_rows = 0
         self._stopping = False  # goodbye() said NDEATH: no new session until run() is cancelled
-        self._started = time.time()
-        self._first_session = True  # until a session of this instance has been born
 
     def quiet_allowance(self) -> float:
         """paho notices a dead link within 1.5 keepalives: allow two before calling it stalled."""
@@ -94,20 +96,27 @@ class SparkplugUplink:
                 await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=False))
 
     async def _session(self, feed: EventFeed, server: Any, backoff: Backoff) -> None:
-        bdseq = self.bdseq.next()  # +1 per CONNECT, kept before it is used (a crash never reuses it)
-        conn = self._conn = Connection(self.config, server, self.client_id, (self.topics.ndeath, node_death(bdseq)))
-        session = self.session = Session(conn, self.topics, self.model, bdseq, aliases=self.config.aliases)
-        self.commands.start_session(session)
+        # bdSeq: +1 per CONNECT packet, taken (and kept, so a crash never reuses it) only once the
+        # connection is up and the CONNECT is about to go; an attempt refused earlier uses none.
+        bdseq: list[int] = []
+
+        def will() -> bytes:
+            bdseq.append(self.bdseq.next())
+            return node_death(bdseq[-1])
+
+        conn = self._conn = Connection(self.config, server, self.client_id, (self.topics.ndeath, will))
         reader = asyncio.create_task(self._read_messages(conn))
         try:
             await conn.open()
             backoff.connected(time.monotonic())
+            session = self.session = Session(conn, self.topics, self.model, bdseq[-1], aliases=self.config.aliases)
+            self.commands.start_session(session)
             await conn.subscribe(self.commands.subscriptions())  # before NBIRTH
             await self._until_host_online(conn)
             self.status.connected, self.status.since, self.status.last_error = True, time.time(), None
             self.status.connects += 1
             log.info("Sparkplug edge node %s/%s online on %s (bdSeq %d)", self.topics.group, self.topics.node,
-                     conn.where, bdseq, extra={"subject": "uplink", "state": "connected"})  # fmt: skip
+                     conn.where, session.bdseq, extra={"subject": "uplink", "state": "connected"})  # fmt: skip
             await self._publish_until_lost(feed, conn, session)
         finally:
             reader.cancel()
@@ -147,7 +156,8 @@ class SparkplugUplink:
         forward = self.forward
         forward.reset()
         # The first rows are learned before the BIRTHs, so the devices they name are born with the
-        # NBIRTH; on the first session of a run, the devices' first readings are waited for.
+        # NBIRTH and their newest values are the BIRTHs' current ones; on the first session of a
+        # run, the devices' first readings are waited for.
         first = await self._first_rows(feed, conn, cursors)
         for row in first:
             try:
@@ -156,11 +166,12 @@ class SparkplugUplink:
                 log.debug("Sparkplug: event %d not learned", row.id, exc_info=True)
         session.birth_all()
         now = time.monotonic()
-        for row in first:  # still the first session while these are carried (see _historical)
+        for row in first:
+            # History, live or not: the BIRTHs hold the newest of these values, so a DATA of an
+            # older one must not say it is current.
             cursors[row.priority] = row.id
-            self._row(session, row, now)
+            self._row(session, row, now, historical=True)
         self.status.published += len(first)
-        self._first_session = False
         while True:
             feed.committed.clear()
             self._check(conn)
@@ -214,23 +225,15 @@ class SparkplugUplink:
             for w in waits:
                 w.cancel()
 
-    def _row(self, session: Session, row: Stored, now: float) -> None:
+    def _row(self, session: Session, row: Stored, now: float, *, historical: bool = False) -> None:
         """One buffered event; one that cannot be carried is logged and passed over (it would
         otherwise end every session at the same place)."""
         try:
-            self._carry(session, row, now)
+            self._carry(session, row, now, historical=historical or row.backlog)
         except Exception as exc:
             self._bad_rows += 1
             log.warning("Sparkplug: event %d (%s of %s) not carried: %s", row.id, row.type, row.device, exc)
             self.forward.sent([row.id], now)
-
-    def _historical(self, row: Stored) -> bool:
-        """Whether a row goes out as history: the backlog, except on a run's first session the
-        readings of the last seconds, taken while the uplink was connecting (they are the
-        devices' start, and their values belong in the first BIRTHs)."""
-        if not row.backlog:
-            return False
-        return not (self._first_session and row.created >= max(self._started, time.time() - STARTUP_GRACE))
 
     def _learn(self, row: Stored) -> tuple[Event | None, Device | None, list[Value], bool]:
         """What a row tells the model (devices, metrics, online), nothing sent: (event, device,
@@ -240,16 +243,13 @@ class SparkplugUplink:
             return None, None, [], False
         device = self.model.device(event.device)
         if event.status is not None:
-            device.online = event.status != "offline"
+            self.model.status(device, event.status != "offline", event.timestamp)
             return event, device, [], False
-        values, new = self.model.learn(device, event.values, historical=self._historical(row))
-        if device is not self.model.node:
-            device.online = True
+        values, new = self.model.learn(device, event.values, historical=row.backlog)
         return event, device, values, new
 
-    def _carry(self, session: Session, row: Stored, now: float) -> None:
+    def _carry(self, session: Session, row: Stored, now: float, *, historical: bool) -> None:
         """Live events go out now, backlog ones join the historical queue."""
-        historical = self._historical(row)
         if historical and queue_backlog(self.model, self.forward, row.payload, row.id):
             return
         event, device, values, new = self._learn(row)
@@ -259,9 +259,14 @@ class SparkplugUplink:
         if event.status is not None:
             if not device.online:
                 session.ddeath(device)
-            elif device.current and not device.born:
-                session.dbirth(device)  # back online: born again alone, with the same aliases
+            # Back online: born again by its next reading, so the DBIRTH carries that reading's
+            # values rather than the last ones from before the outage.
             self.forward.sent([row.id], now)
+            return
+        if not device.online:
+            # Known offline (its newest status says so): not born until it is online again. Its
+            # readings from before the outage wait, unacknowledged, for that DBIRTH (forward.ready).
+            self.forward.add(device.id, values, row.id)
             return
         if new or not device.born:
             if new:
@@ -283,15 +288,16 @@ class SparkplugUplink:
 
     async def _end_session(self) -> None:
         conn, self._conn = self._conn, None
+        session, self.session = self.session, None
         self.commands.end_session()
-        self.session = None
         if self.status.connected:
             self.status.connected = False
             self.status.disconnects += 1
             self.status.since = time.time()
         if conn is not None:
-            # An intentional disconnect (the host went offline) says NDEATH first; a lost link's will does.
-            farewell = (self.topics.ndeath, node_death(self.bdseq.value or 0)) if conn.up else None
+            # An intentional disconnect (the host went offline) says NDEATH first, with the bdSeq of
+            # this connection's will; a lost link's will does.
+            farewell = session.death() if session is not None and conn.up else None
             await conn.close(farewell=farewell)
 
     async def goodbye(self) -> None:
