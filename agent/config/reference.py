@@ -18,6 +18,7 @@ from agent.contract.units import parse_duration, parse_size
 from agent.devices.registry import load_plugins
 from agent.docblock import replace_block
 from agent.fleet.config import FleetConfig, FleetKey
+from agent.ui.config import UiConfig
 from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -86,13 +87,14 @@ def render_markdown() -> str:
     """The generated block: one table per section and per installed driver."""
     out = [BEGIN, ""]
     sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = [
-        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "fleet", "devices")),
+        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "fleet", "ui", "devices")),
         ("gateway", "gateway.", GatewayConfig, ()),
         *_uplink_sections(),
         ("buffer", "buffer.", BufferConfig, ()),
         ("observability", "observability.", ObservabilityConfig, ()),
         ("fleet", "fleet.", FleetConfig, ()),
         ("fleet.keys[]", "fleet.keys[].", FleetKey, ()),
+        ("ui", "ui.", UiConfig, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]
