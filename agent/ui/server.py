@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,30 @@ class _AgentSource:
         return self._diagnostics.store.folder / f"{reply.data['bundle']}.tar.gz"
 
 
+def _listening_socket(bind: Bind) -> socket.socket:
+    """The page's socket, bound here: uvicorn would end the whole process (SystemExit) on a busy port."""
+    family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind.host, bind.port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    except SystemExit:  # uvicorn's way to say it could not start: never the agent's end
+        log.error("ui: the page's server stopped at start")
+    finally:
+        sock.close()
+
+
 class UiServer:
     """The technician page of one agent."""
 
@@ -101,7 +126,14 @@ class UiServer:
                 **ssl,  # type: ignore[arg-type]
             )
         )  # fmt: skip
-        task = asyncio.get_running_loop().create_task(server.serve(), name="ui")
+        try:
+            sock = _listening_socket(bind)
+        except OSError as exc:
+            log.error(
+                "ui.listen: cannot listen on %s: %s; running without the page", bind.authority, exc.strerror or exc
+            )
+            return
+        task = asyncio.get_running_loop().create_task(_serve(server, sock), name="ui")
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT
         while not server.started and not task.done() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
@@ -109,7 +141,8 @@ class UiServer:
             server.should_exit = True
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, STOP_TIMEOUT)
-            log.error("ui: cannot listen on %s; running without the page", bind.authority)
+            sock.close()
+            log.error("ui: the page did not start on %s; running without it", bind.authority)
             return
         self._server, self._task, self.bind = server, task, bind
         extra = f" (certificate SHA-256 {fingerprint(Path(ssl['ssl_certfile']))})" if bind.tls else ""

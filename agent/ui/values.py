@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.contract.data import measurement_point
+from agent.contract.events import DEVICE_STATUS
 from agent.fleet.latest import LatestValues
 
 
@@ -29,6 +30,8 @@ class UiValues(LatestValues):
         super().update(device, event_type, data, time_)
         if self._inner is not None:
             self._inner.update(device, event_type, data, time_)
+        if event_type == DEVICE_STATUS:
+            return  # the page shows a device's status and fault on their own, not as a value
         points = self._points.setdefault(device, {})
         arrived = time.monotonic()
         measurements = data.get("measurements")

@@ -77,7 +77,7 @@ function deviceCard(d) {
     const rows = d.points.map((p) => el("tr", {},
       el("td", {}, p.name),
       el("td", { class: "value", "data-testid": `value-${d.id}-${p.name}` }, shown(p.value), p.unit ? ` ${p.unit}` : ""),
-      el("td", { class: `q-${p.quality}` }, p.quality, p.reason ? ` (${p.reason})` : ""),
+      el("td", { class: `quality q-${p.quality}` }, p.quality, p.reason ? ` (${p.reason})` : ""),
       el("td", { class: "age", "data-testid": `age-${d.id}-${p.name}` }, age(p.age_s))));
     card.append(el("table", {}, el("tbody", {}, ...rows)));
   } else if (!d.fault) {
