@@ -35,7 +35,7 @@ START_TIMEOUT = 5.0
 STOP_TIMEOUT = 1  # of the agent's shutdown budget: open event streams are cut after it
 
 
-class _QuietServer(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: the agent's stay in place."""
 
     @contextlib.contextmanager
@@ -96,7 +96,7 @@ class UiServer:
         self.agent = agent
         self.values = UiValues(agent.latest)
         agent.latest = self.values
-        self._server: _QuietServer | None = None
+        self._server: QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.bind: Bind | None = None
 
@@ -119,7 +119,7 @@ class UiServer:
         origin = bind.url.rstrip("/")
         app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
-        server = _QuietServer(
+        server = QuietServer(
             uvicorn.Config(
                 app, host=bind.host, port=bind.port, http="h11", ws="none", lifespan="off",
                 log_config=None, access_log=False, server_header=False, timeout_graceful_shutdown=STOP_TIMEOUT,
