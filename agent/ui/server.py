@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from agent.fleet.diagnostics import FleetDiagnostics
+from agent.fleet.logring import LogRing
 from agent.ui.app import build_app
 from agent.ui.bind import Bind, BindError, resolve
 from agent.ui.state import UiState, state_dir
@@ -33,6 +34,18 @@ setup_log = logging.getLogger("agent.ui.setup")
 
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 1  # of the agent's shutdown budget: open event streams are cut after it
+
+
+def keep_setup_out_of_rings() -> None:
+    """The setup link goes to the journal only: the fleet's in-memory log ring (what a diagnostics
+    bundle carries off the gateway) drops it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogRing) and _not_setup not in handler.filters:
+            handler.addFilter(_not_setup)
+
+
+def _not_setup(record: logging.LogRecord) -> bool:
+    return record.name != setup_log.name
 
 
 class QuietServer(uvicorn.Server):
@@ -149,6 +162,7 @@ class UiServer:
         log.info("ui: technician page on %s%s", bind.url, extra)
         if not state.has_password() and not state.token_pending():
             token = await asyncio.to_thread(state.issue_token)
+            keep_setup_out_of_rings()
             # The one place a secret is logged: it is good once, for 10 minutes, and only until a
             # password exists; `edge-agent ui token` prints a new one.
             setup_log.warning("ui: first start, no password yet: open %s#setup=%s within 10 minutes", bind.url, token)
