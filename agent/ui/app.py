@@ -45,6 +45,10 @@ class Source(Protocol):
         """A redacted diagnostics bundle (.tar.gz) built now."""
         ...
 
+    def previews(self, device: str) -> list[dict[str, Any]] | None:
+        """The CloudEvents a device's latest readings become, with their verdicts; None: no such device."""
+        ...
+
 
 def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool) -> Guard:
     """The page as an ASGI app, behind its guard."""
@@ -61,6 +65,7 @@ def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, t
         Route("/api/status", page.status),
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
+        Route("/api/preview/{device}", page.preview),
     ]
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
@@ -193,6 +198,16 @@ class _Page:
 
         headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def preview(self, request: Request) -> Response:
+        allowed = self._allowed(request)
+        if isinstance(allowed, Response):
+            return allowed
+        device = request.path_params["device"]
+        found = self.source.previews(device)
+        if found is None:
+            return _error(404, f"no device {device[:64]!r} in the site file")
+        return JSONResponse({"device": device, "events": found}, headers={"cache-control": "no-store"})
 
     async def bundle(self, request: Request) -> Response:
         allowed = self._allowed(request)

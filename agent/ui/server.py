@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -66,6 +66,9 @@ class _AgentSource:
 
     async def snapshot(self) -> dict[str, object]:
         return await self.view.snapshot()
+
+    def previews(self, device: str) -> list[dict[str, Any]] | None:
+        return self.view.previews(device)
 
     async def bundle(self) -> Path:
         # Made at the first download: from then on the recent log lines are kept in memory.

@@ -23,6 +23,7 @@ class UiValues(LatestValues):
         super().__init__()
         self._inner = inner
         self._points: dict[str, dict[str, dict[str, Any]]] = {}
+        self._events: dict[str, dict[str, tuple[dict[str, Any], datetime]]] = {}  # device -> type -> latest
         self.changed = 0  # bumped by every reading: the event stream sends only when it moved
 
     def update(self, device: str, event_type: str, data: dict[str, Any], time_: datetime) -> None:
@@ -30,6 +31,7 @@ class UiValues(LatestValues):
         super().update(device, event_type, data, time_)
         if self._inner is not None:
             self._inner.update(device, event_type, data, time_)
+        self._events.setdefault(device, {})[event_type] = (data, time_)
         if event_type == DEVICE_STATUS:
             return  # the page shows a device's status and fault on their own, not as a value
         points = self._points.setdefault(device, {})
@@ -62,8 +64,13 @@ class UiValues(LatestValues):
             for name, p in sorted(found.items())
         ]
 
+    def latest_events(self, device: str) -> dict[str, tuple[dict[str, Any], datetime]]:
+        """A device's latest data and time by event type."""
+        return dict(self._events.get(device, {}))
+
     def forget(self, keep: set[str]) -> None:
         """Drop devices no longer configured."""
         for device in list(self._points):
             if device not in keep:
                 del self._points[device]
+                self._events.pop(device, None)

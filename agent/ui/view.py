@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.observability.metrics import disk_space
 from agent.ui.faults import explain
+from agent.ui.preview import preview
 from agent.ui.values import UiValues
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class StatusView:
             self._refreshed = time.monotonic()
             await status.refresh()
         stats = status.cached()
+        self.values.forget({cfg.id for cfg in agent.config.devices})
         statuses = agent.devices.statuses()
         reasons = agent.devices.reasons()
         devices = []
@@ -77,3 +79,11 @@ class StatusView:
             ],
             "clock": status.clock(),
         }
+
+    def previews(self, device: str) -> list[dict[str, Any]] | None:
+        """The CloudEvent each of a device's latest readings becomes, with its verdict; None: no such device."""
+        if device not in {cfg.id for cfg in self._agent.config.devices}:
+            return None
+        gateway = self._agent.config.gateway.id
+        latest = self.values.latest_events(device)
+        return [preview(gateway, device, kind, data, moment) for kind, (data, moment) in sorted(latest.items())]

@@ -81,6 +81,10 @@ def test_first_start_token_then_password_then_live_status_and_a_fault(site: Runn
         assert "/dev/serial/by-id" in fault["fix"]
         figures = _status(c)
         assert figures["uplinks"][0]["name"] == "mqtt"
+        events = c.get("/api/preview/meter-1").json()["events"]
+        reading = next(e for e in events if e["type"] == "city.meter.reading")
+        assert reading["verdict"] == "valid" and reading["event"]["source"] == "/gateways/gw-ui/devices/meter-1"
+        assert c.get("/api/preview/no-such-meter").status_code == 404
         assert figures["disk"]["free_bytes"] > 0 and figures["buffer"]["max_bytes"] > 0
     # The token was good once.
     with site.client() as other:

@@ -29,6 +29,9 @@ class Figures:
     async def bundle(self) -> Path:
         raise RuntimeError("not here")
 
+    def previews(self, device: str) -> list[dict[str, Any]] | None:
+        return None
+
 
 @pytest.fixture
 def state(tmp_path: Path) -> UiState:
@@ -54,6 +57,7 @@ def test_no_session_is_401_and_no_token_is_401(state: UiState) -> None:
     assert c.get("/api/status").status_code == 401
     assert c.get("/api/events").status_code == 401
     assert c.get("/api/bundle").status_code == 401
+    assert c.get("/api/preview/meter-1").status_code == 401
     r = c.post("/api/setup", json={}, headers=OK)
     assert r.status_code == 401 and "edge-agent ui token" in r.json()["error"]
     assert c.get("/api/session").json() == {"state": "setup"}

@@ -119,6 +119,12 @@ def test_setup_password_live_value_and_a_fault(
         expect(page.get_by_test_id("fix-meter-2")).to_contain_text("/dev/serial/by-id")
         expect(page.get_by_test_id("uplink-mqtt")).to_have_text("mqtt: connected")
         expect(page.locator("#disk-free")).to_have_text(re.compile(r"\d+(\.\d)? [KMGT]?B"))
+        page.get_by_label("Device").select_option("meter-1")
+        _press(page, "Show the event", touch)
+        expect(page.get_by_test_id("verdict-city.meter.reading")).to_have_text("valid")
+        expect(page.get_by_test_id("preview-city.meter.reading")).to_contain_text(
+            '"source": "/gateways/gw-ui/devices/meter-1"'
+        )
         if touch:
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"the phone layout scrolls sideways ({width} px)"

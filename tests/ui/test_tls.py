@@ -37,6 +37,9 @@ class Figures:
     async def bundle(self) -> Path:
         raise RuntimeError("not here")
 
+    def previews(self, device: str) -> list[dict[str, Any]] | None:
+        return None
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:

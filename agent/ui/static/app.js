@@ -86,7 +86,31 @@ function deviceCard(d) {
   return card;
 }
 
+function devicesChoice(devices) {
+  const select = $("preview-device");
+  const ids = devices.map((d) => d.id);
+  const known = Array.from(select.options).map((o) => o.value);
+  if (ids.join("\n") === known.join("\n")) return;  // unchanged: keep the technician's choice
+  const chosen = select.value;
+  select.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
+  if (ids.includes(chosen)) select.value = chosen;
+}
+
+async function showPreview() {
+  const device = $("preview-device").value;
+  const response = await fetch(`/api/preview/${encodeURIComponent(device)}`, { credentials: "same-origin" });
+  const data = await response.json();
+  if (!response.ok) { $("preview").replaceChildren(el("p", {}, data.error || `refused (${response.status})`)); return; }
+  if (!data.events.length) { $("preview").replaceChildren(el("p", { class: "muted" }, "no reading yet")); return; }
+  $("preview").replaceChildren(...data.events.map((e) => el("div", { "data-testid": `preview-${e.type}` },
+    el("p", {}, el("strong", {}, e.type), " · ",
+      el("span", { class: `verdict ${e.verdict}`, "data-testid": `verdict-${e.type}` }, e.verdict)),
+    ...e.problems.map((p) => el("p", { class: "q-bad" }, p)),
+    el("pre", {}, JSON.stringify(e.event, null, 2)))));
+}
+
 function render(s) {
+  devicesChoice(s.devices);
   $("title").textContent = `edge-agent ${s.gateway}${s.site ? " · " + s.site : ""}`;
   $("devices").replaceChildren(...s.devices.map(deviceCard));
   $("uplinks").replaceChildren(...s.uplinks.map((u) => el("li", { "data-testid": `uplink-${u.name}` },
@@ -127,6 +151,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const r = await post("/api/login", { password: $("password").value });
     if (r.ok) { say(""); show("dashboard"); } else { say(r.data.error || `refused (${r.status})`); }
   });
+  $("preview-show").addEventListener("click", showPreview);
   $("logout").addEventListener("click", async () => { await post("/api/logout"); say(""); show("login"); });
   const match = /^#setup=([A-Za-z0-9_-]+)$/.exec(window.location.hash);
   if (match) {
