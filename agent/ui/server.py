@@ -16,17 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from agent.fleet.diagnostics import FleetDiagnostics
 from agent.fleet.logring import LogRing
 from agent.ui.app import build_app
 from agent.ui.bind import Bind, BindError, resolve
 from agent.ui.state import UiState, state_dir
-from agent.ui.tls import ensure_certificate, fingerprint
 from agent.ui.values import UiValues
 from agent.ui.view import StatusView
 from agent.uplinks.api import Command
 
 if TYPE_CHECKING:
+    from agent.fleet.diagnostics import FleetDiagnostics
     from agent.runtime.agent import Agent
 
 log = logging.getLogger("agent.ui")
@@ -73,6 +72,8 @@ class _AgentSource:
     async def bundle(self) -> Path:
         # Made at the first download: from then on the recent log lines are kept in memory.
         if self._diagnostics is None:
+            from agent.fleet.diagnostics import FleetDiagnostics  # the doctor's checks: at the first download
+
             self._diagnostics = FleetDiagnostics(self._agent)
         reply = await self._diagnostics.diagnostics(Command("diagnostics", {}, "ui"))
         if reply.status != "ok" or reply.data is None:
@@ -83,9 +84,12 @@ class _AgentSource:
 def _listening_socket(bind: Bind) -> socket.socket:
     """The page's socket, bound here: uvicorn would end the whole process (SystemExit) on a busy port."""
     family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio sets TCP_NODELAY on accepted sockets only when it is IPPROTO_TCP, and
+    # without it every answer on a kept-alive connection waited 40 ms (Nagle against delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((bind.host, bind.port))
         sock.listen(64)
         sock.setblocking(False)
@@ -127,6 +131,8 @@ class UiServer:
         state = UiState(state_dir(config))
         ssl: dict[str, str] = {}
         if bind.tls:
+            from agent.ui.tls import ensure_certificate  # cryptography (7 MB): only off loopback
+
             cert, key = await asyncio.to_thread(ensure_certificate, state.folder, bind.host, config.gateway.id)
             ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         hosts = {bind.authority}
@@ -161,7 +167,11 @@ class UiServer:
             log.error("ui: the page did not start on %s; running without it", bind.authority)
             return
         self._server, self._task, self.bind = server, task, bind
-        extra = f" (certificate SHA-256 {fingerprint(Path(ssl['ssl_certfile']))})" if bind.tls else ""
+        extra = ""
+        if bind.tls:
+            from agent.ui.tls import fingerprint
+
+            extra = f" (certificate SHA-256 {fingerprint(Path(ssl['ssl_certfile']))})"
         log.info("ui: technician page on %s%s", bind.url, extra)
         if not state.has_password() and not state.token_pending():
             token = await asyncio.to_thread(state.issue_token)
