@@ -100,9 +100,11 @@ class _Page:
         return response
 
     async def _json(self, request: Request) -> dict[str, Any] | None:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return None
+        body = b""
+        async for chunk in request.stream():  # read no further than MAX_BODY: the page's posts are tiny
+            body += chunk
+            if len(body) > MAX_BODY:
+                return None
         try:
             value = json.loads(body or b"{}")
         except ValueError:

@@ -87,6 +87,14 @@ def test_token_is_single_use_hashed_0600_and_forces_a_password(state: UiState) -
     assert stat.S_IMODE((state.folder / PASSWORD_FILE).stat().st_mode) == 0o600
 
 
+def test_a_huge_or_malformed_body_is_not_a_token(state: UiState) -> None:
+    c = client(state)
+    state.issue_token()
+    assert c.post("/api/setup", content=b"x" * 100_000, headers=OK).status_code == 401
+    assert c.post("/api/setup", content=b"[1, 2]", headers=OK).status_code == 401
+    assert c.post("/api/login", content=b"{not json", headers=OK).status_code == 401
+
+
 def test_expired_and_wrong_tokens_are_403(state: UiState) -> None:
     old = state.issue_token(now=time.time() - TOKEN_SECONDS - 1)
     assert client(state).post("/api/setup", json={"token": old}, headers=OK).status_code == 403
