@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AGENT = ROOT / "agent"
 
 # The core, relative to agent/: whole folders, and single modules.
-CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols", "fleet")
+CORE_FOLDERS = ("contract", "config", "devices", "store", "runtime", "observability", "protocols", "fleet", "ui")
 CORE_MODULES = (
     "__init__.py",
     "errors.py",

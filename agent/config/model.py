@@ -33,6 +33,7 @@ from agent.devices.registry import load_plugins
 from agent.errors import ConfigError
 from agent.fleet.config import FleetConfig
 from agent.store.salvage import buffer_path_problem
+from agent.ui.config import UiConfig
 from agent.uplinks.api import UplinkSettings
 from agent.uplinks.registry import load_uplinks
 
@@ -190,6 +191,7 @@ class AgentConfigBase(StrictModel):
     fleet: FleetConfig = Field(
         default_factory=FleetConfig, description="Signed commands from the operations centre (off by default)."
     )
+    ui: UiConfig = Field(default_factory=UiConfig, description="The technician page (off by default).")
     priorities: dict[str, PriorityName] = Field(
         default_factory=dict,
         description="Delivery class per event type, overriding the defaults (see docs/delivery.md).",

@@ -21,6 +21,7 @@ from agent.fleet.config import FleetConfig, FleetKey
 from agent.fleet.identity.config import ClaimConfig, IdentityConfig
 from agent.fleet.identity.pkcs11_config import Pkcs11Config
 from agent.fleet.identity.renew_config import RenewConfig
+from agent.ui.config import UiConfig
 from agent.uplinks.registry import load_uplinks
 
 BEGIN, END = "<!-- keys:begin -->", "<!-- keys:end -->"
@@ -89,7 +90,7 @@ def render_markdown() -> str:
     """The generated block: one table per section and per installed driver."""
     out = [BEGIN, ""]
     sections: list[tuple[str, str, type[BaseModel], tuple[str, ...]]] = [
-        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "fleet", "devices")),
+        ("Top level", "", AgentConfigBase, ("gateway", "uplink", "buffer", "observability", "fleet", "ui", "devices")),
         ("gateway", "gateway.", GatewayConfig, ()),
         *_uplink_sections(),
         ("buffer", "buffer.", BufferConfig, ()),
@@ -100,6 +101,7 @@ def render_markdown() -> str:
         ("fleet.identity.claim", "fleet.identity.claim.", ClaimConfig, ()),
         ("fleet.identity.renew", "fleet.identity.renew.", RenewConfig, ()),
         ("fleet.identity.pkcs11", "fleet.identity.pkcs11.", Pkcs11Config, ()),
+        ("ui", "ui.", UiConfig, ()),
     ]
     for title, prefix, model, skip in sections:
         out += [f"### {title}", "", *_table(prefix, model, skip), ""]

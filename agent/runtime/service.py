@@ -21,6 +21,7 @@ from agent.runtime.systemd import Notifier, Watchdog
 if TYPE_CHECKING:
     from agent.observability.http import HealthServer
     from agent.runtime.agent import Agent
+    from agent.ui.server import UiServer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Service:
         self._notifier: Notifier | None = None
         self._watchdog: Watchdog | None = None
         self._http: HealthServer | None = None
+        self._ui: UiServer | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_status = ""
 
@@ -47,6 +49,14 @@ class Service:
             self.agent.liveness.heartbeat(STATUS_INTERVAL, self._send_status), name="heartbeat"
         )
         await self._start_http()
+        if self.agent.config.ui.enabled:
+            try:
+                from agent.ui.server import UiServer  # Starlette and uvicorn: only when the page is on
+            except ImportError as exc:
+                log.error("ui: enabled, but the ui extra is missing (%s): pip install 'edge-agent[ui]'", exc)
+            else:
+                self._ui = UiServer(self.agent)
+                await self._ui.start()
 
     def _send_status(self) -> None:
         line = self.agent.status.status_line()
@@ -119,6 +129,8 @@ class Service:
         if self._http is not None:
             server, self._http = self._http, None
             await asyncio.to_thread(server.stop)
+        if self._ui is not None:
+            await self._ui.stop()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)

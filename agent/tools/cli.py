@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "bundle", "ingest", "watch"}
+_CORE_COMMANDS = {"validate", "run", "schema", "drivers", "demo", "doctor", "fleet", "bundle", "ingest", "watch", "ui"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bundle", help="update bundles: build, sign, inspect, apply", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent bundle --help")
 
+    p = sub.add_parser("ui", help="technician page: info (URL, fingerprint), token (setup), reset (password)",
+                       add_help=False)  # fmt: skip
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ui --help")
+
     p = sub.add_parser("ingest", help="IOC side: events into PostgreSQL (the ingest extra)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="see edge-agent ingest --help")
 
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
 
         _setup_logging(verbose)
         return bundle_main(tool_argv[1:])
+    if tool_argv and tool_argv[0] == "ui":  # the technician page's access (agent/tools/ui_cli.py)
+        from agent.tools.ui_cli import ui_main
+
+        return ui_main(tool_argv[1:])
     if tool_argv and tool_argv[0] == "ingest":  # and the IOC's ingestion (agent/ingest, not the runtime's)
         from agent.ingest.cli import ingest_main
 
