@@ -32,7 +32,7 @@ from tests.conftest import KEEP_USER, AgentProcess, Mosquitto, Subscriber, free_
 from tests.contract.cloudevents_checks import check_event
 from tests.fleet.renewal_kit import DAY, KitCA, cert_pem
 
-DEVICES = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 5}\n"  # 500 events/s
+DEVICES = "  - {id: meter-1, driver: virtual, kind: meter, interval: 10ms, burst: 6}\n"  # offered 600 events/s
 ACL = "pattern readwrite ioc/v1/%u/#\npattern readwrite fleet/v1/%u/#\n"
 
 
@@ -230,7 +230,9 @@ def test_hot_swap_at_500_events_per_second_loses_nothing_and_a_refused_certifica
         assert report["lost"] == [] and report["max"] == last
         meter = [e for e in sub.snapshot() if e["device"] == "meter-1"]
         span = datetime.fromisoformat(meter[-1]["time"]) - datetime.fromisoformat(meter[0]["time"])
-        assert len({e["seq"] for e in meter}) / span.total_seconds() > 300  # about 450/s measured here
+        rate = len({e["seq"] for e in meter}) / span.total_seconds()
+        print(f"hot swap at {rate:.0f} events/s")
+        assert rate > 300  # a floor for a loaded machine; see the print for the figure
         ids: dict[int, str] = {}
         for event in sub.snapshot():
             if event["device"] == "meter-1":

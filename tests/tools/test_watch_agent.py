@@ -24,7 +24,8 @@ def test_a_clean_agent_run_passes(
     config = write_config(
         tmp_path / "site.yaml", port=broker.port, devices=DEVICES, health="1s", extra="fleet: {clock: trusted}\n"
     )
-    watcher = Watcher(broker.port, "--gateway", "gw-test", "--every", "1", duration=5.0)
+    # 8 s: the agent may take 2-3 s to start on a loaded machine, and the checks want a few seconds of it
+    watcher = Watcher(broker.port, "--gateway", "gw-test", "--every", "1", duration=8.0)
     agent = agent_factory(config)
     code, report, err = watcher.result()
     agent.signal(15)
