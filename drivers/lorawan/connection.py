@@ -34,6 +34,13 @@ CONNECT_TIMEOUT = 10.0
 # many) for their device; after that they count as unconfigured.
 CLAIM_GRACE = 30.0
 MAX_WAITING = 100_000
+# Messages taken from the broker and not yet handled (their events in the buffer), over all devices.
+# At this many paho's thread stops reading: a resumed session's backlog (ChirpStack, QoS 1: unacknowledged,
+# it stays in the broker) or a burst then waits in the broker and the socket, not in this process's
+# memory (bench/lorawan.py: the warm-up's 10,000 queued uplinks had grown RSS by tens of MB, most
+# never given back to the OS). About 2 KB each while in hand.
+MAX_IN_HAND = 1_000
+ROOM_POLL = 0.5  # seconds between looks at whether the connection is closing, while paho's thread waits
 # Connection key -> the DevEUIs of the enabled devices of the loaded config: set when the config
 # loads (the plugin's check_devices), so that only their messages wait for a claim.
 CONFIGURED: dict[str, frozenset[str]] = {}
@@ -85,6 +92,9 @@ class Connection:
         self._waiting: dict[str, list[Message]] = {}
         self._waiting_count = 0
         self._grace_until = 0.0
+        self._room = threading.Condition()
+        self.in_hand = 0  # messages passed to the event loop and not yet handled (at most MAX_IN_HAND)
+        self.in_hand_peak = 0
 
     # ---- the clock that runs while connected ------------------------------------------------
     def up_clock(self) -> float:
@@ -142,7 +152,9 @@ class Connection:
     def close(self) -> None:
         """Disconnect (the broker keeps a ChirpStack session's queued uplinks for the next start)."""
         if self._client is not None:
-            self._closing = True
+            with self._room:
+                self._closing = True
+                self._room.notify_all()  # paho's thread may be waiting for room: let it finish
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
@@ -206,7 +218,21 @@ class Connection:
                 log.warning("lorawan %s: ChirpStack publishes uplinks at QoS 0: those sent while the agent is down "
                             "are lost. Set qos=1 in ChirpStack's [integration.mqtt]", self.key)  # fmt: skip
         assert self._loop is not None
+        if not self._take_room():
+            return  # closing: not acknowledged, the broker keeps it for the next start
+        parsed.held = True
         self._loop.call_soon_threadsafe(self._deliver, parsed)
+
+    def _take_room(self) -> bool:
+        """Wait (paho's thread, so nothing more is read from the broker) until fewer than MAX_IN_HAND are in hand."""
+        with self._room:
+            while self.in_hand >= MAX_IN_HAND and not self._closing:
+                self._room.wait(ROOM_POLL)
+            if self._closing:
+                return False
+            self.in_hand += 1
+            self.in_hand_peak = max(self.in_hand_peak, self.in_hand)
+            return True
 
     def _client_ack(self, mid: int, qos: int) -> None:
         client = self._client
@@ -216,9 +242,18 @@ class Connection:
     # ---- the event loop -----------------------------------------------------------------------
     def ack(self, message: Message) -> None:
         """The message is handled (its events are in the buffer): the broker may forget it."""
+        self.release(message)
         receipt = message.receipt
         if receipt is not None and receipt[0] == self._generation:
             self._client_ack(receipt[1], 1)
+
+    def release(self, message: Message) -> None:
+        """The message is out of hand (handled, or dropped unacknowledged by a stopping device): room for another."""
+        if message.held:
+            message.held = False
+            with self._room:
+                self.in_hand -= 1
+                self._room.notify()
 
     def register(self, dev_eui: str, handler: Callable[[Message], None]) -> None:
         """Send ``dev_eui``'s messages to ``handler`` (those that arrived before it, first)."""

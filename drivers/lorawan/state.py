@@ -20,9 +20,9 @@ def digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceState:
-    """One device's memory."""
+    """One device's memory (slots: 10,000 of them)."""
 
     f_cnt: int | None = None  # last frame counter of this session; None: none yet (or a join since)
     occupied: bool | None = None  # detectors: the bay's last published state
