@@ -46,6 +46,7 @@ ROOM_POLL = 0.5  # seconds between looks at whether the connection is closing, w
 CONFIGURED: dict[str, frozenset[str]] = {}
 COUNTED = ("messages", "bad_messages", "unknown_uplinks", "qos0_uplinks")  # per connection, in health and metrics
 SHOWN_BYTES = 200  # of a bad message, in the log
+FAILED_FOR = 2.0  # seconds a failed open is the answer for the connection's other devices
 
 
 @dataclass(slots=True)
@@ -138,16 +139,20 @@ class Connection:
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 10)
         self._client = client
-        where = f"{self.server.host}:{self.server.port}"
+        where = f"lorawan {self.key}: network server broker {self.server.host}:{self.server.port}"
         try:
             await asyncio.to_thread(client.connect, self.server.host, self.server.port, 30)
-        except (OSError, ssl.SSLError) as exc:
-            raise DriverStartupError(f"network server broker {where}: cannot connect: {exc}") from exc
+        except ssl.SSLError as exc:
+            why = f"{where}: TLS failed: {exc}; check network_server.tls.ca_file (the CA that signed the broker's "
+            raise DriverStartupError(why + "certificate) and the broker's host name") from exc
+        except OSError as exc:
+            raise DriverStartupError(f"{where}: cannot connect: {exc}; check network_server.broker (host:port) "
+                                     "and that the broker runs") from exc  # fmt: skip
         client.loop_start()
         if not await asyncio.to_thread(self._first.wait, CONNECT_TIMEOUT) or self._refused:
             client.loop_stop()
             why = self._refused or f"no answer within {CONNECT_TIMEOUT:g}s"
-            raise DriverStartupError(f"network server broker {where}: {why}")
+            raise DriverStartupError(f"{where}: {why}{_fix(self._refused)}")
 
     def close(self) -> None:
         """Disconnect (the broker keeps a ChirpStack session's queued uplinks for the next start)."""
@@ -307,12 +312,22 @@ class Connection:
             self.counts["unknown_uplinks"] += 1
 
 
+def _fix(refused: str) -> str:
+    """What to change for a refusal the broker explained."""
+    if "authoriz" in refused.lower() or "password" in refused.lower():
+        return "; check network_server.username and network_server.password_file (the password alone, 0600)"
+    return ""
+
+
 class Pool:
     """Connections by key: the first device of an application opens one, the last closes it."""
 
     def __init__(self) -> None:
         self.connections: dict[str, Connection] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        # Key -> why it could not be opened, and when: reported as a link down, and answered again
+        # without a new attempt for FAILED_FOR (10,000 devices retrying must not mean 10,000 handshakes).
+        self.failed: dict[str, tuple[str, float]] = {}
 
     async def acquire(self, config: LorawanConfig) -> Connection:
         """The connection for ``config``'s broker and application, opened if needed."""
@@ -321,8 +336,17 @@ class Pool:
         async with lock:
             connection = self.connections.get(key)
             if connection is None:
+                failed = self.failed.get(key)
+                if failed is not None and time.monotonic() - failed[1] < FAILED_FOR:
+                    raise DriverStartupError(failed[0])
                 connection = Connection(config.network_server, config.application, config.client_id(), key)
-                await connection.open()
+                try:
+                    await connection.open()
+                except DriverStartupError as exc:
+                    connection.close()
+                    self.failed[key] = (str(exc), time.monotonic())
+                    raise
+                self.failed.pop(key, None)
                 self.connections[key] = connection
             connection.users += 1
             return connection
@@ -336,8 +360,11 @@ class Pool:
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Connection key -> connected and its counters, for health and metrics (read from another thread)."""
-        return {key: {"connected": c.connected, **{k: c.counts[k] for k in COUNTED}}
-                for key, c in list(self.connections.items())}  # fmt: skip
+        out: dict[str, dict[str, Any]] = {key: {"connected": False, "last_error": why}
+                                          for key, (why, _) in list(self.failed.items())}  # fmt: skip
+        out.update({key: {"connected": c.connected, **{k: c.counts[k] for k in COUNTED}}
+                    for key, c in list(self.connections.items())})  # fmt: skip
+        return out
 
 
 POOL = Pool()
