@@ -64,3 +64,36 @@ def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_
     assert {m.dev_eui for m in got} == {first}
     assert sorted(type(m).__name__ for m in redelivered) == ["Status", "Uplink"]
     assert {m.dev_eui for m in redelivered} == {second}  # the stranger's were acknowledged as unconfigured
+
+
+def test_no_more_than_max_in_hand_messages_are_taken_from_the_broker_until_handled(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "MAX_IN_HAND", 5)
+    scenario = Scenario("chirpstack", APP, parse_devices("nwave-nps405:1"), uplinks=20, gateways=1, seed=4,
+                        round_=0, join=False, faults=False)  # fmt: skip
+    total = len(scenario.messages())
+    assert total > 10
+
+    async def run() -> tuple[int, int, int]:
+        connection = _connection(broker.port)
+        await connection.open()
+        got: list[Message] = []
+        connection.register(scenario.ledger[0].dev_eui, got.append)
+        await asyncio.to_thread(publish, scenario, "127.0.0.1", broker.port, 0)
+        await _until(lambda: len(got) == 5)
+        await asyncio.sleep(0.3)  # more would come now if paho's thread kept reading
+        held = len(got)
+        handled = 0
+        while handled < total:  # handle what came; room for as many more
+            await _until(lambda: len(got) > handled)
+            for message in got[handled:]:
+                connection.ack(message)
+            handled = len(got)
+        peak = connection.in_hand_peak
+        connection.close()
+        return held, handled, peak
+
+    held, handled, peak = asyncio.run(run())
+    assert held == 5  # the rest waited in the broker
+    assert handled == total and peak == 5
