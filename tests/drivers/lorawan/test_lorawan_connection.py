@@ -86,7 +86,7 @@ def test_no_more_than_max_in_hand_messages_are_taken_from_the_broker_until_handl
         held = len(got)
         handled = 0
         while handled < total:  # handle what came; room for as many more
-            await _until(lambda: len(got) > handled)
+            await _until(lambda done=handled: len(got) > done)  # type: ignore[misc]
             for message in got[handled:]:
                 connection.ack(message)
             handled = len(got)
@@ -97,3 +97,19 @@ def test_no_more_than_max_in_hand_messages_are_taken_from_the_broker_until_handl
     held, handled, peak = asyncio.run(run())
     assert held == 5  # the rest waited in the broker
     assert handled == total and peak == 5
+
+
+def test_doctor_says_when_no_uplink_came_to_check_qos_by(broker: Mosquitto) -> None:
+    from drivers.lorawan import doctor
+    from drivers.lorawan.config import LorawanConfig
+
+    server = {"type": "chirpstack", "broker": f"127.0.0.1:{broker.port}"}
+    device = LorawanConfig.model_validate({"id": "bay-1", "driver": "lorawan", "dev_eui": "70b3d5fffe000001",
+                                           "codec": "nwave-nps405", "bay": "P1", "application": APP,
+                                           "network_server": server})  # fmt: skip
+    [(target, verdict, finding, fix)] = asyncio.run(doctor.check([device], 0.3))
+    assert target == f"lorawan chirpstack:127.0.0.1:{broker.port}/{APP} (1 device)"
+    assert (verdict, fix) == ("ok", None)
+    assert finding == (
+        "connected; in 0.3 s 0 message(s), 0 configured device(s) heard; no uplink heard within 0.3 s: QoS not checked"
+    )
