@@ -199,6 +199,35 @@ def state_memory(devices: int) -> float:
     return pl.mb(size)
 
 
+def driver_memory(devices: int) -> tuple[float, float]:
+    """KB per device held by the driver beyond its dedupe state (LorawanDriver with its inbox, DeviceLogic
+    after an uplink: health figures), and by its config (the agent's pydantic model), tracemalloc."""
+    sys.path.insert(0, str(ROOT))
+    from drivers.lorawan.codecs import get_codec
+    from drivers.lorawan.config import LorawanConfig
+    from drivers.lorawan.driver import LorawanDriver
+    from drivers.lorawan.logic import DeviceLogic
+    from drivers.lorawan.messages import Uplink
+    from drivers.lorawan.state import DeviceState
+
+    codec = get_codec("nwave-nps405")
+    tracemalloc.start()
+    configs = [LorawanConfig.model_validate({"id": f"b{n}", "driver": "lorawan", "dev_eui": eui(n), "bay": f"P{n}",
+                                             "codec": "nwave-nps405", "application": APP,
+                                             "network_server": {"type": "chirpstack", "broker": "127.0.0.1"}})
+               for n in range(devices)]  # fmt: skip
+    with_configs = tracemalloc.get_traced_memory()[0]
+    kept = []
+    for config in configs:
+        logic = DeviceLogic(config, codec, DeviceState())
+        up = Uplink(config.dev_eui, "k", 1, 1, b"\x95", datetime.now(UTC), -97.0, 3.5, 2, None, None, dr=5)
+        logic.uplink(up, 0.0)
+        kept.append((LorawanDriver(config, None), logic))  # type: ignore[arg-type]
+    size = tracemalloc.get_traced_memory()[0] - with_configs
+    tracemalloc.stop()
+    return size / devices / 1e3, with_configs / devices / 1e3
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=10_000)
@@ -252,6 +281,11 @@ def main() -> int:
         f"(500/s: {500 * micro / 1e4:.1f} % of a core)"
     )
     print(f"dedupe state of {n} devices with 64 keys each: {state_memory(n):.1f} MB (tracemalloc)")
+    driver_kb, config_kb = driver_memory(n)
+    print(
+        f"per device: the driver's objects {driver_kb:.2f} KB (+ dedupe keys, 0.7 KB at 64), its config model "
+        f"{config_kb:.2f} KB (tracemalloc)"
+    )
     if not args.keep:
         import shutil
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
@@ -31,6 +32,7 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
     configured: dict[str, set[str]] = {}
     first: dict[str, tuple[int, LorawanConfig]] = {}
     euis: dict[str, int] = {}
+    looked: dict[Path, str | None] = {}
     for index, device in devices:
         assert isinstance(device, LorawanConfig)
         if device.dev_eui in euis:
@@ -48,9 +50,28 @@ def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
                                 f"({other.id}); devices of one broker and application share one connection and "
                                 "its settings")  # fmt: skip
         first.setdefault(key, (index, device))
+        problems += _secrets(index, device, looked)
     connection.CONFIGURED.clear()
     connection.CONFIGURED.update({key: frozenset(euis) for key, euis in configured.items()})
     return problems
+
+
+def _secrets(index: int, device: LorawanConfig, looked: dict[Path, str | None]) -> list[str]:
+    """A password or private key file group or others may read is refused (it would be a warning elsewhere:
+    the network server's API key opens every device of the application)."""
+    from agent.config.model import open_permissions
+
+    server = device.network_server
+    out = []
+    key_file = server.tls.key_file if server.tls else None
+    for key, path in (("password_file", server.password_file), ("tls.key_file", key_file)):
+        if path is None:
+            continue
+        if path not in looked:  # 10,000 devices name one file
+            looked[path] = open_permissions(path)
+        if looked[path] is not None:
+            out.append(f"devices[{index}].network_server.{key}: {looked[path]}")
+    return out
 
 
 async def _doctor(devices: list[DeviceConfig], timeout: float) -> list[tuple[str, str, str, str | None]]:

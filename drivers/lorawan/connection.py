@@ -34,11 +34,19 @@ CONNECT_TIMEOUT = 10.0
 # many) for their device; after that they count as unconfigured.
 CLAIM_GRACE = 30.0
 MAX_WAITING = 100_000
+# Messages taken from the broker and not yet handled (their events in the buffer), over all devices.
+# At this many paho's thread stops reading: a resumed session's backlog (ChirpStack, QoS 1: unacknowledged,
+# it stays in the broker) or a burst then waits in the broker and the socket, not in this process's
+# memory (bench/lorawan.py: the warm-up's 10,000 queued uplinks had grown RSS by tens of MB, most
+# never given back to the OS). About 2 KB each while in hand.
+MAX_IN_HAND = 1_000
+ROOM_POLL = 0.5  # seconds between looks at whether the connection is closing, while paho's thread waits
 # Connection key -> the DevEUIs of the enabled devices of the loaded config: set when the config
 # loads (the plugin's check_devices), so that only their messages wait for a claim.
 CONFIGURED: dict[str, frozenset[str]] = {}
 COUNTED = ("messages", "bad_messages", "unknown_uplinks", "qos0_uplinks")  # per connection, in health and metrics
 SHOWN_BYTES = 200  # of a bad message, in the log
+FAILED_FOR = 2.0  # seconds a failed open is the answer for the connection's other devices
 
 
 @dataclass(slots=True)
@@ -85,6 +93,9 @@ class Connection:
         self._waiting: dict[str, list[Message]] = {}
         self._waiting_count = 0
         self._grace_until = 0.0
+        self._room = threading.Condition()
+        self.in_hand = 0  # messages passed to the event loop and not yet handled (at most MAX_IN_HAND)
+        self.in_hand_peak = 0
 
     # ---- the clock that runs while connected ------------------------------------------------
     def up_clock(self) -> float:
@@ -128,21 +139,27 @@ class Connection:
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 10)
         self._client = client
-        where = f"{self.server.host}:{self.server.port}"
+        where = f"lorawan {self.key}: network server broker {self.server.host}:{self.server.port}"
         try:
             await asyncio.to_thread(client.connect, self.server.host, self.server.port, 30)
-        except (OSError, ssl.SSLError) as exc:
-            raise DriverStartupError(f"network server broker {where}: cannot connect: {exc}") from exc
+        except ssl.SSLError as exc:
+            why = f"{where}: TLS failed: {exc}; check network_server.tls.ca_file (the CA that signed the broker's "
+            raise DriverStartupError(why + "certificate) and the broker's host name") from exc
+        except OSError as exc:
+            raise DriverStartupError(f"{where}: cannot connect: {exc}; check network_server.broker (host:port) "
+                                     "and that the broker runs") from exc  # fmt: skip
         client.loop_start()
         if not await asyncio.to_thread(self._first.wait, CONNECT_TIMEOUT) or self._refused:
             client.loop_stop()
             why = self._refused or f"no answer within {CONNECT_TIMEOUT:g}s"
-            raise DriverStartupError(f"network server broker {where}: {why}")
+            raise DriverStartupError(f"{where}: {why}{_fix(self._refused)}")
 
     def close(self) -> None:
         """Disconnect (the broker keeps a ChirpStack session's queued uplinks for the next start)."""
         if self._client is not None:
-            self._closing = True
+            with self._room:
+                self._closing = True
+                self._room.notify_all()  # paho's thread may be waiting for room: let it finish
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
@@ -206,7 +223,21 @@ class Connection:
                 log.warning("lorawan %s: ChirpStack publishes uplinks at QoS 0: those sent while the agent is down "
                             "are lost. Set qos=1 in ChirpStack's [integration.mqtt]", self.key)  # fmt: skip
         assert self._loop is not None
+        if not self._take_room():
+            return  # closing: not acknowledged, the broker keeps it for the next start
+        parsed.held = True
         self._loop.call_soon_threadsafe(self._deliver, parsed)
+
+    def _take_room(self) -> bool:
+        """Wait (paho's thread, so nothing more is read from the broker) until fewer than MAX_IN_HAND are in hand."""
+        with self._room:
+            while self.in_hand >= MAX_IN_HAND and not self._closing:
+                self._room.wait(ROOM_POLL)
+            if self._closing:
+                return False
+            self.in_hand += 1
+            self.in_hand_peak = max(self.in_hand_peak, self.in_hand)
+            return True
 
     def _client_ack(self, mid: int, qos: int) -> None:
         client = self._client
@@ -216,9 +247,18 @@ class Connection:
     # ---- the event loop -----------------------------------------------------------------------
     def ack(self, message: Message) -> None:
         """The message is handled (its events are in the buffer): the broker may forget it."""
+        self.release(message)
         receipt = message.receipt
         if receipt is not None and receipt[0] == self._generation:
             self._client_ack(receipt[1], 1)
+
+    def release(self, message: Message) -> None:
+        """The message is out of hand (handled, or dropped unacknowledged by a stopping device): room for another."""
+        if message.held:
+            message.held = False
+            with self._room:
+                self.in_hand -= 1
+                self._room.notify()
 
     def register(self, dev_eui: str, handler: Callable[[Message], None]) -> None:
         """Send ``dev_eui``'s messages to ``handler`` (those that arrived before it, first)."""
@@ -272,12 +312,22 @@ class Connection:
             self.counts["unknown_uplinks"] += 1
 
 
+def _fix(refused: str) -> str:
+    """What to change for a refusal the broker explained."""
+    if "authoriz" in refused.lower() or "password" in refused.lower():
+        return "; check network_server.username and network_server.password_file (the password alone, 0600)"
+    return ""
+
+
 class Pool:
     """Connections by key: the first device of an application opens one, the last closes it."""
 
     def __init__(self) -> None:
         self.connections: dict[str, Connection] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        # Key -> why it could not be opened, and when: reported as a link down, and answered again
+        # without a new attempt for FAILED_FOR (10,000 devices retrying must not mean 10,000 handshakes).
+        self.failed: dict[str, tuple[str, float]] = {}
 
     async def acquire(self, config: LorawanConfig) -> Connection:
         """The connection for ``config``'s broker and application, opened if needed."""
@@ -286,8 +336,17 @@ class Pool:
         async with lock:
             connection = self.connections.get(key)
             if connection is None:
+                failed = self.failed.get(key)
+                if failed is not None and time.monotonic() - failed[1] < FAILED_FOR:
+                    raise DriverStartupError(failed[0])
                 connection = Connection(config.network_server, config.application, config.client_id(), key)
-                await connection.open()
+                try:
+                    await connection.open()
+                except DriverStartupError as exc:
+                    connection.close()
+                    self.failed[key] = (str(exc), time.monotonic())
+                    raise
+                self.failed.pop(key, None)
                 self.connections[key] = connection
             connection.users += 1
             return connection
@@ -301,8 +360,11 @@ class Pool:
 
     def states(self) -> dict[str, dict[str, Any]]:
         """Connection key -> connected and its counters, for health and metrics (read from another thread)."""
-        return {key: {"connected": c.connected, **{k: c.counts[k] for k in COUNTED}}
-                for key, c in list(self.connections.items())}  # fmt: skip
+        out: dict[str, dict[str, Any]] = {key: {"connected": False, "last_error": why}
+                                          for key, (why, _) in list(self.failed.items())}  # fmt: skip
+        out.update({key: {"connected": c.connected, **{k: c.counts[k] for k in COUNTED}}
+                    for key, c in list(self.connections.items())})  # fmt: skip
+        return out
 
 
 POOL = Pool()

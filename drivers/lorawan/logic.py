@@ -39,6 +39,26 @@ def percent_class(percent: float) -> str:
 class DeviceLogic:
     """One device's running state between messages (the persistent part is :class:`DeviceState`)."""
 
+    # No per-instance dict: one of these per configured device, 10,000 in a big site.
+    __slots__ = (
+        "_health_at",
+        "_since",
+        "battery",
+        "codec",
+        "config",
+        "dirty",
+        "dr",
+        "duplicates",
+        "gateways",
+        "margin",
+        "missed",
+        "new_keys",
+        "rssi",
+        "snr",
+        "state",
+        "undecoded",
+    )  # fmt: skip
+
     def __init__(self, config: LorawanConfig, codec: Codec, state: DeviceState) -> None:
         self.config = config
         self.codec = codec

@@ -44,6 +44,7 @@ class Uplink:
     dr: int | None = None  # data rate (ChirpStack's dr; TTS's settings.data_rate_index when it sends one)
     correlation: str | None = None  # what the server's console finds it by: deduplicationId, TTS's as:up: id
     receipt: tuple[int, int] | None = None  # (connection generation, MQTT mid) to acknowledge once handled
+    held: bool = False  # counted in its connection's messages in hand until handled (backpressure)
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class Join:
     name: str | None
     profile: str | None
     receipt: tuple[int, int] | None = None
+    held: bool = False
 
 
 @dataclass(slots=True)
@@ -70,6 +72,7 @@ class Status:
     name: str | None
     profile: str | None
     receipt: tuple[int, int] | None = None
+    held: bool = False
 
 
 Message = Uplink | Join | Status

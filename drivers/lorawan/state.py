@@ -20,9 +20,9 @@ def digest(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceState:
-    """One device's memory."""
+    """One device's memory (slots: 10,000 of them)."""
 
     f_cnt: int | None = None  # last frame counter of this session; None: none yet (or a join since)
     occupied: bool | None = None  # detectors: the bay's last published state
@@ -44,7 +44,10 @@ class DeviceState:
         return value
 
     def remember_digest(self, value: int) -> None:
-        """Keep a key's digest (read back from the journal)."""
+        """Keep a key's digest (read back from the journal); one kept already changes nothing, so replaying
+        a log over a snapshot that holds some of its changes (a fold cut short) is harmless."""
+        if value in self._keys:
+            return
         if len(self._keys) < KEEP_KEYS:
             self._keys.append(value)
         else:
@@ -55,6 +58,11 @@ class DeviceState:
     def keys(self) -> list[int]:
         """The kept digests, oldest first."""
         return list(self._keys[self._next :]) + list(self._keys[: self._next])
+
+    def copy(self) -> DeviceState:
+        """An independent copy (the journal writes copies from another thread)."""
+        keys = array("Q", self._keys)
+        return DeviceState(self.f_cnt, self.occupied, self.since, self.battery_class, keys, self._next)
 
     def to_json(self) -> dict[str, Any]:
         return {"f_cnt": self.f_cnt, "keys": self.keys, "occupied": self.occupied, "since": self.since,

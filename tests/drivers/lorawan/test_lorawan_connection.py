@@ -64,3 +64,52 @@ def test_an_uplink_not_handled_before_a_stop_comes_again_and_a_handled_one_does_
     assert {m.dev_eui for m in got} == {first}
     assert sorted(type(m).__name__ for m in redelivered) == ["Status", "Uplink"]
     assert {m.dev_eui for m in redelivered} == {second}  # the stranger's were acknowledged as unconfigured
+
+
+def test_no_more_than_max_in_hand_messages_are_taken_from_the_broker_until_handled(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "MAX_IN_HAND", 5)
+    scenario = Scenario("chirpstack", APP, parse_devices("nwave-nps405:1"), uplinks=20, gateways=1, seed=4,
+                        round_=0, join=False, faults=False)  # fmt: skip
+    total = len(scenario.messages())
+    assert total > 10
+
+    async def run() -> tuple[int, int, int]:
+        connection = _connection(broker.port)
+        await connection.open()
+        got: list[Message] = []
+        connection.register(scenario.ledger[0].dev_eui, got.append)
+        await asyncio.to_thread(publish, scenario, "127.0.0.1", broker.port, 0)
+        await _until(lambda: len(got) == 5)
+        await asyncio.sleep(0.3)  # more would come now if paho's thread kept reading
+        held = len(got)
+        handled = 0
+        while handled < total:  # handle what came; room for as many more
+            await _until(lambda done=handled: len(got) > done)  # type: ignore[misc]
+            for message in got[handled:]:
+                connection.ack(message)
+            handled = len(got)
+        peak = connection.in_hand_peak
+        connection.close()
+        return held, handled, peak
+
+    held, handled, peak = asyncio.run(run())
+    assert held == 5  # the rest waited in the broker
+    assert handled == total and peak == 5
+
+
+def test_doctor_says_when_no_uplink_came_to_check_qos_by(broker: Mosquitto) -> None:
+    from drivers.lorawan import doctor
+    from drivers.lorawan.config import LorawanConfig
+
+    server = {"type": "chirpstack", "broker": f"127.0.0.1:{broker.port}"}
+    device = LorawanConfig.model_validate({"id": "bay-1", "driver": "lorawan", "dev_eui": "70b3d5fffe000001",
+                                           "codec": "nwave-nps405", "bay": "P1", "application": APP,
+                                           "network_server": server})  # fmt: skip
+    [(target, verdict, finding, fix)] = asyncio.run(doctor.check([device], 0.3))
+    assert target == f"lorawan chirpstack:127.0.0.1:{broker.port}/{APP} (1 device)"
+    assert (verdict, fix) == ("ok", None)
+    assert finding == (
+        "connected; in 0.3 s 0 message(s), 0 configured device(s) heard; no uplink heard within 0.3 s: QoS not checked"
+    )
