@@ -197,6 +197,14 @@ def main() -> int:
     return 0
 
 
+def _first_request(folder: Path) -> float | None:
+    """When the agent in ``folder`` sent its first claim request (from its log), as a UNIX time."""
+    for line in (folder / "agent.log").read_text(errors="replace").splitlines():
+        if "claim: request 1 sent" in line:
+            return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
 DECISION = re.compile(r"^(\S+ \S+) INFO\s+agent\.fleet\.provisioning: claim serial=(\S+) .* outcome=(\w+)")
 
 
@@ -228,6 +236,14 @@ def report(work: Path, lab: Path, args: argparse.Namespace, started: float, spaw
         print(f"all provisioned after    : {done_at - started:.1f} s (floor {args.gateways / (args.rate or 10):.0f} s)")
     else:
         print(f"provisioned              : {provisioned}/{args.gateways} after {args.timeout:.0f} s (timed out)")
+    # Where the time went: N Python processes starting on this machine's cores, then the claim itself.
+    asked = [_first_request(c) for c in (p.parent.parent.parent for p in identities)]
+    sent = [t - started for t in asked if t is not None]
+    if sent:
+        print(f"first requests sent      : from {min(sent):.1f} s to {max(sent):.1f} s after the spawn "
+              f"({len(sent)} agents starting on {os.cpu_count()} cores)")  # fmt: skip
+        if done_at is not None:
+            print(f"last first request -> all: {done_at - started - max(sent):.1f} s")
     print(f"decisions                : {dict(outcomes)}")
     print(f"issuances, busiest second: {max(issued_seconds.values(), default=0)}")
     print(f"retries per gateway      : mean {sum(retries) / len(retries):.2f}, max {max(retries)}")

@@ -54,8 +54,8 @@ class Decider:
         self.ledger = ledger
         self.bucket = bucket
 
-    def decide(self, request: Request) -> Decision:
-        """The answer to ``request``."""
+    def decide(self, request: Request, *, paced: bool = False) -> Decision:
+        """The answer to ``request``; ``paced``: its slot was reserved (:meth:`TokenBucket.reserve`)."""
         doc = _parse(request.payload)
         nonce = doc.get("nonce") if isinstance(doc, dict) else None
         nonce = nonce if isinstance(nonce, str) and NONCE.match(nonce) else ""
@@ -66,7 +66,7 @@ class Decider:
             answer = {"status": status, "nonce": nonce, "reason": reason, "retry_after": after}
             return Decision(answer, status, serial[:64], gw, reason)
 
-        wait = self.bucket.take()
+        wait = 0.0 if paced else self.bucket.take()
         if wait:
             return no(f"rate limit of {self.config.rate_limit:g}/s reached", "retry", wait)
         if not isinstance(doc, dict):

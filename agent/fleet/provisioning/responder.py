@@ -12,11 +12,15 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from agent.fleet.provisioning.decide import Decider, Decision, Request
 
 log = logging.getLogger("agent.fleet.provisioning")
+# How long a request over the rate limit may wait for its slot before the answer is "retry": well
+# inside a gateway's answer timeout (fleet.identity.claim.answer_timeout, 30 s by default).
+HOLD_SECONDS = 10.0
 
 
 class Responder:
@@ -30,6 +34,7 @@ class Responder:
         self.counts: dict[str, int] = {}
         self.cpu_seconds = 0.0  # spent deciding (CSR checks and signing)
         self._lock = threading.Lock()
+        self._recent: deque[float] = deque()  # when the paced decisions of the last second ended
         config = decider.config
         self.claim_filter = f"{config.claim_root}/+/+/request"
         self.renew_filter = f"{config.fleet_root}/+/identity/request"
@@ -64,12 +69,30 @@ class Responder:
         found = self.request_of(message.topic, message.payload)
         if found is None:
             return
-        request, answer_topic = found
+        with self._lock:
+            delay = self.decider.bucket.reserve(HOLD_SECONDS)
+        if delay:  # its turn comes within the hold: answer then, rather than "retry" now
+            timer = threading.Timer(delay, self._answer, (client, message, *found, True))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._answer(client, message, *found, delay is not None)
+
+    def _answer(self, client: Any, message: Any, request: Request, answer_topic: str, paced: bool) -> None:
         started = time.process_time()
         with self._lock:
-            decision = self.decider.decide(request)
+            if paced and (late := self._window_full()):
+                # Timers that fired late bunch up: never more than the rate in any second.
+                timer = threading.Timer(late, self._answer, (client, message, request, answer_topic, True))
+                timer.daemon = True
+                timer.start()
+                return
+            decision = self.decider.decide(request, paced=paced)
             self.cpu_seconds += time.process_time() - started
             self.counts[decision.outcome] = self.counts.get(decision.outcome, 0) + 1
+            _log_decision(request, decision)  # in the lock: the log's times are the decisions' order
+            if paced:
+                self._recent.append(time.monotonic())
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None)
         if response_topic and response_topic != answer_topic:
@@ -77,8 +100,17 @@ class Responder:
                 "%s from %s: Response Topic %r is outside the requester's subtree: ignored, answering on %s",
                 request.kind, request.who, str(response_topic)[:120], answer_topic,
             )  # fmt: skip
-        _log_decision(request, decision)
         client.publish(answer_topic, json.dumps(decision.answer).encode(), qos=1, properties=self._answer_props(props))
+
+    def _window_full(self) -> float:
+        """0.0 if one more paced decision keeps every second within the rate; else the seconds until it
+        would (counted by when decisions end, so a slow one cannot push two seconds' worth into one)."""
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] >= 1.0:
+            self._recent.popleft()
+        if len(self._recent) >= self.decider.bucket.rate:
+            return 1.0 - (now - self._recent[0]) + 0.001
+        return 0.0
 
     def _answer_props(self, request_props: Any) -> Any:
         correlation = getattr(request_props, "CorrelationData", None)

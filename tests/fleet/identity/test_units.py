@@ -151,6 +151,18 @@ def test_rate_limit_never_more_than_the_limit_in_a_second() -> None:
     assert min(waits) >= 1 and max(waits) > 10  # the backlog is spread over the seconds it needs
 
 
+def test_a_burst_is_held_for_its_slots_at_the_full_rate_and_the_rest_told_to_retry() -> None:
+    clock = Clock()
+    clock.now = 1000.0
+    bucket = TokenBucket(10, clock)
+    delays = [bucket.reserve(10.0) for _ in range(120)]  # 120 gateways asking at the same moment
+    held = [d for d in delays if d is not None]
+    assert len(held) == 101 and held == sorted(held) and held[0] == 0.0  # slots 0.0, 0.1 ... 10.0 s
+    slots = [1000.0 + d for d in held]
+    assert max(sum(1 for t in slots if s <= t < s + 1) for s in range(1000, 1011)) <= 10
+    assert bucket.take() >= 10  # and one asking now is told to come back after the held ones
+
+
 def test_answer_checks_name_why(world: dict[str, Any]) -> None:
     store: FileKeyStore = world["store"]
     answer = _claim(world, "SN-2")
