@@ -22,9 +22,18 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from agent.contract.events import Reading
 from agent.contract.units import parse_duration, parse_size
@@ -91,6 +100,30 @@ class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsFiles(StrictModel):
+    """The files of a TLS client that always verifies its server: the uplink's broker, a network
+    server's broker. Paths are taken from the config file's folder; each must be readable."""
+
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle that signed the broker's certificate; default: system CAs."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+
+    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(resolve_path)
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        return readable_file(value)
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
 
 
 async def next_slot(last: float, interval: float) -> float:

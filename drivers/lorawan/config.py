@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from agent.devices.api import DeviceConfig, Duration, StrictModel, readable_file, resolve_path
+from agent.devices.api import DeviceConfig, Duration, StrictModel, TlsFiles, readable_file, resolve_path
 
 PLAIN_PORT, TLS_PORT = 1883, 8883
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -17,25 +17,8 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _TTS_APP = re.compile(r"^[a-z0-9](?:[-]?[a-z0-9]){1,35}@[a-z0-9](?:[-]?[a-z0-9]){1,35}$")
 
 
-class ServerTls(StrictModel):
+class ServerTls(TlsFiles):
     """TLS to the network server's broker, always verified (the system's CAs unless ``ca_file``)."""
-
-    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker's certificate.")
-    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
-    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
-
-    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(resolve_path)
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _exists(cls, value: Path | None) -> Path | None:
-        return readable_file(value)
-
-    @model_validator(mode="after")
-    def _pair(self) -> ServerTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together: set both or neither")
-        return self
 
 
 class NetworkServer(StrictModel):

@@ -14,14 +14,14 @@ from agent.config.yaml_load import ECHO_CHARS, clip_text
 from agent.contract.compact import DEFAULT_LEVEL
 from agent.contract.events import TOPIC_ROOT_PATTERN
 from agent.contract.units import parse_size
-from agent.devices.api import Duration, Size, StrictModel, readable_file, resolve_path
+from agent.devices.api import Duration, Size, StrictModel, TlsFiles, readable_file, resolve_path
 from agent.uplinks.api import UplinkSettings
 
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 PLAIN_PORT, TLS_PORT = 1883, 8883
 
 
-class TlsConfig(StrictModel):
+class TlsConfig(TlsFiles):
     """TLS to the broker, always verified. On unless the broker is loopback (or ``enabled: false``)."""
 
     enabled: bool | None = Field(
@@ -29,24 +29,6 @@ class TlsConfig(StrictModel):
         description="TLS on or off. null: on, unless the broker is loopback (127.0.0.1, ::1, localhost) and no "
         "TLS file is set. Plain MQTT to another host needs false, and validate and doctor warn about it.",
     )
-    ca_file: Path | None = Field(
-        default=None, description="CA bundle that signed the broker's certificate; default: system CAs."
-    )
-    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
-    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS).")
-
-    _paths = field_validator("ca_file", "cert_file", "key_file", mode="before")(resolve_path)
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _exists(cls, value: Path | None) -> Path | None:
-        return readable_file(value)
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together: set both or neither")
-        return self
 
     # Set by MqttConfig from its host: whether the default (enabled: null) is on.
     _remote_broker: bool = PrivateAttr(default=False)
