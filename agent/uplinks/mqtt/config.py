@@ -21,6 +21,14 @@ PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"  # noqa: S105 - the variable's name, n
 PLAIN_PORT, TLS_PORT = 1883, 8883
 
 
+def check_password_file(value: Path | None) -> Path | None:
+    """A ``password_file`` key's check: a readable file that is not empty."""
+    value = readable_file(value)
+    if value is not None and not _read_secret(value):
+        raise ValueError(f"password file is empty: {value}")
+    return value
+
+
 class TlsConfig(TlsFiles):
     """TLS to the broker, always verified. On unless the broker is loopback (or ``enabled: false``)."""
 
@@ -126,13 +134,7 @@ class MqttConfig(UplinkSettings):
 
     _paths = field_validator("password_file", mode="before")(resolve_path)
 
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: Path | None) -> Path | None:
-        value = readable_file(value)
-        if value is not None and not _read_secret(value):
-            raise ValueError(f"password file is empty: {value}")
-        return value
+    _password = field_validator("password_file")(check_password_file)
 
     @model_validator(mode="after")
     def _secure(self) -> MqttConfig:

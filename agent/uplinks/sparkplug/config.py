@@ -13,9 +13,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.config.model import is_loopback
-from agent.devices.api import DevicePoint, Duration, StrictModel, readable_file, resolve_path
+from agent.devices.api import DevicePoint, Duration, StrictModel, resolve_path
 from agent.uplinks.api import UplinkSettings
-from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, TlsConfig, _read_secret
+from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, TlsConfig, _read_secret, check_password_file
 
 PASSWORD_ENV = "EDGE_AGENT_SPARKPLUG_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 TOPIC_CHARS = ("/", "+", "#")
@@ -81,13 +81,7 @@ class SparkplugConfig(UplinkSettings):
     _ids = field_validator("group_id", "edge_node_id", "primary_host_id")(sparkplug_id)
     _paths = field_validator("password_file", mode="before")(resolve_path)
 
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: Path | None) -> Path | None:
-        value = readable_file(value)
-        if value is not None and not _read_secret(value):
-            raise ValueError(f"password file is empty: {value}")
-        return value
+    _password = field_validator("password_file")(check_password_file)
 
     @model_validator(mode="after")
     def _secure(self) -> SparkplugConfig:
