@@ -73,13 +73,21 @@ def test_scan_prints_each_hit_as_found_with_its_profile_and_progress_each_second
     assert f"next: edge-agent scan modbus --port {meter} --baud 9600 --parity N --units 5 --add-to" in out
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A command started in the background of a shell without job control (a CI runner may be one)
+    inherits SIGINT ignored, and Python then raises no KeyboardInterrupt: give the child what a
+    terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_scan_first_and_ctrl_c_stop_early_with_the_results_so_far(meter: str) -> None:
     # --timeout: the simulator behind a pty may answer slower than a meter's 35 ms on a loaded machine
     first = cli("scan", "modbus", "--port", meter, "--first", "--timeout", "0.3")
     assert first.returncode == 0 and ", 5 probes" in first.stderr, first.stderr  # units 1-5, not 247
     proc = subprocess.Popen([sys.executable, "-m", "agent", "scan", "modbus", "--port", meter, "--expect", "2",
                              "--timeout", "0.3"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)  # fmt: skip
     assert proc.stdout is not None
     proc.stdout.readline()
     hit = proc.stdout.readline()  # the one unit there; --expect 2 would sweep on for 11 s
