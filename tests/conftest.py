@@ -29,7 +29,7 @@ from agent.devices.api import DriverContext
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# pytest-xdist workers (./dev test runs two) each take the free ports of their own residue class,
+# pytest-xdist workers (./dev test runs four) each take the free ports of their own residue class,
 # so two workers never pick the same port between finding it and binding it. Linux hands bind()
 # ports of one parity (connect() gets the other), hence the class of port // 2, not of port.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
