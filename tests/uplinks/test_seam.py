@@ -133,8 +133,9 @@ def test_a_second_durable_uplink_has_its_own_outages_and_accounting(
     broker.stop()
     in_file = len(seqs(read_lines(jsonl_file), "meter-1"))
     time.sleep(OUTAGE)
+    wait_for(lambda: len(seqs(read_lines(jsonl_file), "meter-1")) > in_file + 100, 20,
+             "the file to go on growing while MQTT is down")  # fmt: skip
     during = read_lines(jsonl_file)
-    assert len(seqs(during, "meter-1")) > in_file + 100, "the file stopped growing while MQTT was down"
     assert order_report(during, "meter-1")["lost"] == []
     mqtt_down = [h for h in health_events(during) if not h["uplinks"]["mqtt"]["connected"]]
     assert mqtt_down, "no health event in the file during the MQTT outage"
@@ -149,7 +150,8 @@ def test_a_second_durable_uplink_has_its_own_outages_and_accounting(
     out.rename(down)
     over_mqtt = len(sub.seqs("meter-1"))
     time.sleep(OUTAGE)
-    assert len(sub.seqs("meter-1")) > over_mqtt + 100, "MQTT stopped delivering while the file was down"
+    # A loaded machine may deliver fewer than the ~200 readings in the outage: a floor, given time.
+    wait_for(lambda: len(sub.seqs("meter-1")) > over_mqtt + 100, 20, "MQTT to go on delivering while the file is down")
     assert sub.report("meter-1")["lost"] == []
     jsonl_down = [h for h in health_events(sub.snapshot()) if not h["uplinks"]["jsonl"]["connected"]]
     assert jsonl_down, "no health event over MQTT during the file's outage"
