@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -93,7 +93,46 @@ class CompactConfig(StrictModel):
     )
 
 
-class MqttConfig(UplinkSettings):
+class BrokerLogin:
+    """The login of an uplink to an MQTT broker (``uplink.mqtt``, ``uplink.sparkplug``): a password
+    read at connect time from ``password_file`` or the ``password_env`` variable, never kept in the
+    config, never logged, never sent in clear text off loopback."""
+
+    password_env: ClassVar[str] = PASSWORD_ENV
+    if TYPE_CHECKING:
+        username: str | None
+        password_file: Path | None
+        tls: TlsConfig
+
+    def check_login(self, remote: str | None) -> None:
+        """Refuse a password without a user name, or sent without TLS to ``remote`` (a host off loopback)."""
+        sends_password = self.password_file is not None or bool(os.environ.get(self.password_env))
+        if sends_password and not self.tls.active and remote is not None:
+            raise ValueError(f"refusing to send a password in clear text to {remote}: enable tls")
+        if sends_password and self.username is None:
+            raise ValueError("a password is set but no username")
+
+    def password(self) -> str | None:
+        """Read the secret at connect time (never kept in the config, never logged)."""
+        if self.password_file is not None:
+            return _read_secret(self.password_file)
+        return os.environ.get(self.password_env) or None
+
+    def secrets(self) -> list[str]:
+        """The broker password, so the logs redact it."""
+        try:
+            password = self.password()
+        except (OSError, UnicodeDecodeError, ValueError):
+            return []  # unreadable now: the uplink says so when it connects
+        return [password] if password else []
+
+    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
+        """The password file and the TLS client key."""
+        files = [(f"{prefix}.password_file", self.password_file), (f"{prefix}.tls.key_file", self.tls.key_file)]
+        return [(name, path) for name, path in files if path is not None]
+
+
+class MqttConfig(BrokerLogin, UplinkSettings):
     """The MQTT uplink to the operations centre's broker."""
 
     host: str = Field(default="127.0.0.1", min_length=1, description="Broker host name or address.")
@@ -146,31 +185,8 @@ class MqttConfig(UplinkSettings):
             object.__setattr__(self, "port", TLS_PORT if tls.active else PLAIN_PORT)
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
-        sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
-        if sends_password and not self.tls.active and not is_loopback(self.host):
-            raise ValueError(f"refusing to send a password in clear text to {self.host}: enable tls")
-        if sends_password and self.username is None:
-            raise ValueError("a password is set but no username")
+        self.check_login(None if is_loopback(self.host) else self.host)
         return self
-
-    def password(self) -> str | None:
-        """Read the secret at connect time (never kept in the config, never logged)."""
-        if self.password_file is not None:
-            return _read_secret(self.password_file)
-        return os.environ.get(PASSWORD_ENV) or None
-
-    def secrets(self) -> list[str]:
-        """The broker password, so the logs redact it."""
-        try:
-            password = self.password()
-        except (OSError, UnicodeDecodeError, ValueError):
-            return []  # unreadable now: the uplink says so when it connects
-        return [password] if password else []
-
-    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
-        """The password file and the TLS client key."""
-        files = [(f"{prefix}.password_file", self.password_file), (f"{prefix}.tls.key_file", self.tls.key_file)]
-        return [(name, path) for name, path in files if path is not None]
 
     def warnings(self, prefix: str) -> list[str]:
         """Plain MQTT to another host."""

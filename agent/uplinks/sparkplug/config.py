@@ -6,16 +6,15 @@ handling); the Sparkplug ids may not hold the MQTT topic characters ``/``, ``+``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from agent.config.model import is_loopback
 from agent.devices.api import DevicePoint, Duration, StrictModel, resolve_path
 from agent.uplinks.api import UplinkSettings
-from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, TlsConfig, _read_secret, check_password_file
+from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, BrokerLogin, TlsConfig, check_password_file
 
 PASSWORD_ENV = "EDGE_AGENT_SPARKPLUG_PASSWORD"  # noqa: S105 - the variable's name, not a secret
 TOPIC_CHARS = ("/", "+", "#")
@@ -46,9 +45,10 @@ class WritablePoint(DevicePoint):
     _ids = field_validator("device", "point")(sparkplug_id)
 
 
-class SparkplugConfig(UplinkSettings):
+class SparkplugConfig(BrokerLogin, UplinkSettings):
     """A Sparkplug B 3.0 edge node: the devices' values for SCADA hosts, DCMD writes back."""
 
+    password_env: ClassVar[str] = PASSWORD_ENV
     enabled: bool = Field(default=False, description="Run the Sparkplug B edge node.")
     servers: list[Server] = Field(
         default_factory=lambda: [Server(host="127.0.0.1")],
@@ -90,12 +90,7 @@ class SparkplugConfig(UplinkSettings):
         object.__setattr__(self, "tls", tls)
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
-        sends_password = self.password_file is not None or bool(os.environ.get(PASSWORD_ENV))
-        remote = [s.host for s in self.servers if not is_loopback(s.host)]
-        if sends_password and not tls.active and remote:
-            raise ValueError(f"refusing to send a password in clear text to {remote[0]}: enable tls")
-        if sends_password and self.username is None:
-            raise ValueError("a password is set but no username")
+        self.check_login(next((s.host for s in self.servers if not is_loopback(s.host)), None))
         return self
 
     def active(self) -> bool:
@@ -105,25 +100,6 @@ class SparkplugConfig(UplinkSettings):
     def port(self, server: Server) -> int:
         """A server's port: its own, else the TLS or plain default."""
         return server.port or (TLS_PORT if self.tls.active else PLAIN_PORT)
-
-    def password(self) -> str | None:
-        """Read the secret at connect time (never kept in the config, never logged)."""
-        if self.password_file is not None:
-            return _read_secret(self.password_file)
-        return os.environ.get(PASSWORD_ENV) or None
-
-    def secrets(self) -> list[str]:
-        """The broker password, so the logs redact it."""
-        try:
-            password = self.password()
-        except (OSError, UnicodeDecodeError, ValueError):
-            return []
-        return [password] if password else []
-
-    def secret_files(self, prefix: str) -> list[tuple[str, Path]]:
-        """The password file and the TLS client key."""
-        files = [(f"{prefix}.password_file", self.password_file), (f"{prefix}.tls.key_file", self.tls.key_file)]
-        return [(name, path) for name, path in files if path is not None]
 
     def warnings(self, prefix: str) -> list[str]:
         """Plain MQTT to another host."""
