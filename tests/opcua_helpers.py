@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import json
-import shutil
-import subprocess
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -35,6 +32,7 @@ from drivers.opcua.config import OpcUaConfig
 from drivers.opcua.simulator import SimulatedPlc
 from drivers.opcua.uanames import Server, node_id
 from tests.conftest import ROOT, Recorder, free_port  # noqa: F401 - Recorder re-exported for the OPC UA tests
+from tests.npm_peers import node_with_packages
 
 PASSWORD = "s3cret-pump"  # noqa: S105 - the simulated PLC's test user
 
@@ -213,34 +211,11 @@ class CertificateLoginPlc:
 # ---- node-opcua: an independent OPC UA implementation (tests/interop/opcua) ----------------------
 
 INTEROP = ROOT / "tests" / "interop" / "opcua"
-NODE_HINT = "on Debian: apt-get install nodejs npm (the tests run npm ci in tests/interop/opcua themselves)"
 
 
 def node_opcua() -> str:
-    """The ``node`` executable, with the pinned node-opcua installed by ``npm ci`` if missing or out of date.
-
-    Fails (never skips) without node or npm: these tests are the suite's only independent OPC UA peer.
-    """
-    node = shutil.which("node") or shutil.which("nodejs")
-    if node is None:
-        pytest.fail(f"node is not installed: the OPC UA interop tests run node-opcua; {NODE_HINT}")
-    lock = INTEROP / "package-lock.json"
-    installed = INTEROP / "node_modules" / ".edge-agent-npm-ci"  # touched once npm ci succeeded
-    with (INTEROP / ".npm-ci.lock").open("w") as guard:  # pytest-xdist workers or parallel runs: one npm ci
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
-            return node
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail(f"npm is not installed, so node-opcua cannot be: {NODE_HINT}")
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=INTEROP, capture_output=True, text=True,
-                              timeout=600, check=False)  # fmt: skip
-        if done.returncode != 0:
-            pytest.fail(
-                f"npm ci in {INTEROP} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-            )
-        installed.touch()
-    return node
+    """The ``node`` executable, with the pinned node-opcua installed (the suite's only independent OPC UA peer)."""
+    return node_with_packages(INTEROP, "node-opcua")
 
 
 class NodeScript:

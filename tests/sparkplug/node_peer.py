@@ -3,45 +3,21 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import wait_for
+from tests.npm_peers import node_with_packages
 
 PEER = Path(__file__).parent / "peer"
-HINT = "on Debian: apt-get install nodejs npm (the tests run npm ci in tests/sparkplug/peer themselves)"
 
 
 def node() -> str:
-    """The ``node`` executable, with the pinned packages installed if missing or older than the lockfile.
-
-    Fails (never skips) without node or npm: these are the suite's independent Sparkplug peers.
-    """
-    found = shutil.which("node") or shutil.which("nodejs")
-    if found is None:
-        pytest.fail(f"node is not installed: {HINT}")
-    lock = PEER / "package-lock.json"
-    installed = PEER / "node_modules" / ".edge-agent-npm-ci"  # touched once npm ci succeeded
-    with (PEER / ".npm-ci.lock").open("w") as guard:  # pytest-xdist workers or parallel runs: one npm ci
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
-            return found
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail(f"npm is not installed: {HINT}")
-        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PEER, capture_output=True, text=True,
-                              timeout=600, check=False)  # fmt: skip
-        if done.returncode != 0:
-            pytest.fail(f"npm ci in {PEER} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        installed.touch()
-    return found
+    """The ``node`` executable, with the pinned Tahu packages installed (the suite's independent Sparkplug peers)."""
+    return node_with_packages(PEER, "Eclipse Tahu's Sparkplug peers")
 
 
 class NodeScript:
