@@ -39,6 +39,7 @@ from agent.uplinks.mqtt.backoff import Backoff
 from agent.uplinks.mqtt.config import MqttConfig
 from agent.uplinks.mqtt.control import REPLIES_PER_SECOND, ControlChannel, Publish
 from agent.uplinks.mqtt.errors import ConnectionLost, Resend
+from agent.uplinks.mqtt.futures import settle
 from agent.uplinks.mqtt.link import ANSWER_FLOOR as ANSWER_FLOOR  # tests import it from here
 from agent.uplinks.mqtt.link import TICK, Link
 from agent.uplinks.mqtt.publisher import Publisher
@@ -138,14 +139,6 @@ def _nodelay(sock: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    if not fut.done():
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(value)
-
-
 class MqttUplink:
     """Keeps one connection to the broker and publishes the store's events through it."""
 
@@ -188,15 +181,15 @@ class MqttUplink:
                     if "auth" in str(reason).lower() or "password" in str(reason).lower()
                     else ""
                 )
-                _settle(connected, error=ConnectionLost(f"broker refused the connection: {reason}{hint}"))
+                settle(connected, error=ConnectionLost(f"broker refused the connection: {reason}{hint}"))
             else:
-                _settle(connected)
+                settle(connected)
 
         def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             # paho reports a closed socket as "Unspecified error"; say what happened.
             text = f"connection to {cfg.host}:{cfg.port} closed ({reason})"
-            _settle(connected, error=ConnectionLost(text))
-            _settle(lost, text)
+            settle(connected, error=ConnectionLost(text))
+            settle(lost, text)
             self._wake.set()
 
         def on_socket_open(_c: paho.Client, _u: Any, sock: Any) -> None:

@@ -18,18 +18,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.uplinks.mqtt.errors import ConnectionLost
+from agent.uplinks.mqtt.futures import settle
 from agent.uplinks.sparkplug.config import Server, SparkplugConfig
 
 CONNACK_TIMEOUT = 10.0
 SUBACK_TIMEOUT = 10.0
-
-
-def _settle(fut: asyncio.Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-    if not fut.done():
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(value)
 
 
 class Connection:
@@ -86,25 +79,25 @@ class Connection:
     def _on_connect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             error = ConnectionLost(f"{self.where} refused the connection: {reason}")
-            self.loop.call_soon_threadsafe(_settle, self._connected, None, error)
+            self.loop.call_soon_threadsafe(settle, self._connected, None, error)
         else:
-            self.loop.call_soon_threadsafe(_settle, self._connected)
+            self.loop.call_soon_threadsafe(settle, self._connected)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         text = f"connection to {self.where} closed ({reason})"
-        self.loop.call_soon_threadsafe(_settle, self._connected, None, ConnectionLost(text))
-        self.loop.call_soon_threadsafe(_settle, self.lost, text)
+        self.loop.call_soon_threadsafe(settle, self._connected, None, ConnectionLost(text))
+        self.loop.call_soon_threadsafe(settle, self.lost, text)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         self.loop.call_soon_threadsafe(self.messages.put_nowait, (msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, codes: list[Any], _p: Any) -> None:
-        def settle() -> None:
+        def granted() -> None:
             fut = self._subacks.pop(mid, None)
             if fut is not None:
-                _settle(fut, codes)
+                settle(fut, codes)
 
-        self.loop.call_soon_threadsafe(settle)
+        self.loop.call_soon_threadsafe(granted)
 
     async def open(self) -> None:
         """Connect and wait for the CONNACK (ConnectionLost if refused or unreachable)."""
@@ -164,4 +157,4 @@ class Connection:
         else:
             client.disconnect()
         await self.loop.run_in_executor(None, client.loop_stop)
-        _settle(self.lost, "closed")
+        settle(self.lost, "closed")
