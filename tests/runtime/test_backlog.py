@@ -185,6 +185,7 @@ def test_events_left_by_a_killed_agent_arrive_as_backlog_in_batches(
     first_run = agent_factory(config)
     wait_for(lambda: len(sub.seqs("meter-1")) >= 10, 20, "live events")
     broker.stop()
+    sub.wait_quiet()  # what the broker sent before it stopped has all arrived (it can trail on a loaded machine)
     got_live = max(sub.seqs("meter-1"))  # everything after this can only come from the second run
     time.sleep(1.5)
     first_run.kill()  # SIGKILL with a backlog in the buffer
