@@ -21,7 +21,7 @@ def _connection(port: int) -> Connection:
     return Connection(server, APP, "edge-agent-lorawan-test", f"chirpstack:127.0.0.1:{port}/{APP}", grace=5.0)
 
 
-async def _until(predicate: object, timeout: float = 5.0) -> None:
+async def _until(predicate: object, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, "timed out"
