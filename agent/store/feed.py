@@ -25,7 +25,12 @@ T = TypeVar("T")
 
 TAIL_MAX = 5000  # committed events per class kept in memory for the uplink (see Feed._tail)
 TAIL_MAX_MEDIA = 16  # snapshots are ~100 KB each: keep few in memory, read the rest from the file
-ACK_APPLY_INTERVAL = 0.02  # seconds between the deletes of logged acks (see agent/store/acklog.py)
+# Logged acks are deleted once this many wait, or this long after the first of them: a delete
+# transaction per group, whatever the rate (at 100 events/s, 4 a second instead of 50). Waiting
+# costs no duplicates: the log, not the delete, is what a crash keeps (agent/store/acklog.py).
+ACK_APPLY_GROUP = 1000
+ACK_APPLY_DELAY = 0.25  # seconds
+ACK_APPLY_POLL = 0.02  # seconds between looks at how many wait
 ACK_RETRY_PAUSE = 1.0  # seconds after a delete of logged acks failed (they stay logged)
 
 
@@ -257,7 +262,7 @@ class Feed:
         """Delivered events leave the buffer; returns how many ids were taken.
 
         They are written to the ack log at once, on this thread (a process crash keeps it), and
-        deleted in groups every ``ACK_APPLY_INTERVAL`` (agent/store/acklog.py): a transaction
+        deleted in groups (``ACK_APPLY_GROUP``, ``ACK_APPLY_DELAY``; agent/store/acklog.py): a transaction
         and a thread hand-off for every few PUBACKs cost more than committing the events. If the
         log cannot be written, they are deleted at once.
         """
@@ -274,9 +279,12 @@ class Feed:
         return len(ids)
 
     async def _apply_logged(self, outbox: Outbox) -> None:
-        """Delete the logged acks every ``ACK_APPLY_INTERVAL`` until none are left."""
+        """Delete the logged acks in groups until none are left."""
+        loop = asyncio.get_running_loop()
         while outbox.acks_logged and outbox is self._outbox:
-            await asyncio.sleep(ACK_APPLY_INTERVAL)
+            first = loop.time()
+            while outbox.acks_waiting < ACK_APPLY_GROUP and loop.time() - first < ACK_APPLY_DELAY:
+                await asyncio.sleep(ACK_APPLY_POLL)
             try:
                 await self._db.call("ack", outbox.apply_acks)
             except Exception:

@@ -232,6 +232,11 @@ class Outbox:
         """The highest id logged by :meth:`ack_later` and not applied yet (0: none)."""
         return self._acks.highest
 
+    @property
+    def acks_waiting(self) -> int:
+        """How many ids :meth:`ack_later` logged that are not applied yet."""
+        return len(self._acks)
+
     def apply_acks(self) -> int:
         """Delete the rows :meth:`ack_later` logged; return how many were counted as delivered."""
         return self._guarded(self._apply_acks)
