@@ -127,24 +127,25 @@ class _SiteRoutes:
         return _answer(answer)  # the outcome says applied, refused or conflict: each is an answer to show
 
     async def add(self, request: Request) -> Response:
-        from agent.ui.site_hit import HitRefused, hit_keys
-        from drivers.modbus.site_add import insert_device, unique_id
+        from agent.devices.registry import load_plugins  # the driver's own check of its hit: no driver import
 
         posted = await self._posted(request)
         if isinstance(posted, Response):
             return posted
+        driver = posted[1].get("driver", "modbus")
+        plugin = load_plugins().get(driver) if isinstance(driver, str) else None
+        if plugin is None or plugin.add_hit is None:
+            return _error(400, f"driver: {str(driver)[:40]!r} cannot add a device from a scan hit here")
         try:
             path = self.editor.path
-            keys = hit_keys(posted[1].get("hit"), path)
             text, _ = await self.editor.current()
-        except HitRefused as exc:
-            return _error(400, str(exc))
+            proposed, device = plugin.add_hit(text, posted[1].get("hit"), path)
         except ConfigError as exc:
             return _error(404, "; ".join(exc.problems))
-        keys = {"id": unique_id(text, str(keys["id"])), **{k: v for k, v in keys.items() if k != "id"}}
-        proposed = insert_device(text, keys)
+        except ValueError as exc:
+            return _error(400, str(exc))
         result = await self.editor.check(proposed)
-        return _answer({"text": proposed, "device": keys["id"], **_checked(result)})
+        return _answer({"text": proposed, "device": device, **_checked(result)})
 
 
 def site_routes(editor: SiteEditor, allowed: Allowed) -> list[Route]:

@@ -1,7 +1,8 @@
-"""A scan hit sent by the page, checked field by field before it becomes a device in the site file.
+"""A scan hit sent by the page, checked field by field, becomes a proposed site text with the device added.
 
 The page's scan posts what it found ({port, unit, baud, parity, stopbits, profile}); anything
 else a browser could send is refused with the field it is wrong in, before the text is touched.
+The page reaches this through the plugin's ``add_hit`` (the core imports no driver).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from agent.config.suggest import did_you_mean
 from agent.devices.ports import is_pty
+from drivers.modbus.profiles import available
+from drivers.modbus.site_add import device_keys, insert_device, unique_id
 
 BAUDS = (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200)  # what the Modbus config accepts
 PARITIES = ("N", "E", "O")
@@ -59,9 +62,6 @@ def _profile(value: object, known: set[str]) -> str:
 
 def hit_keys(hit: object, site: Path) -> dict[str, Any]:
     """The device keys for a serial scan hit (the same as ``scan modbus --add-to`` writes)."""
-    from drivers.modbus.profiles import available
-    from drivers.modbus.site_add import device_keys
-
     if not isinstance(hit, dict):
         raise HitRefused("hit: an object {port, unit, baud, parity, stopbits, profile} is needed")
     port = _port(hit.get("port"))
@@ -73,3 +73,13 @@ def hit_keys(hit: object, site: Path) -> dict[str, Any]:
     stopbits = _int(hit, "stopbits", (1, 2))
     profile = _profile(hit.get("profile"), set(available(site.parent)))
     return device_keys(profile, unit, port=port, baud=baud, parity=str(parity), stopbits=stopbits)
+
+
+def propose(text: str, hit: object, site: Path) -> tuple[str, str]:
+    """``text`` (the site file at ``site``) with the hit's device appended, and the device's id.
+
+    The id is made unique in the file (``sdm630-5``, then ``sdm630-5-2``...); nothing is written.
+    """
+    keys = hit_keys(hit, site)
+    device = unique_id(text, str(keys["id"]))
+    return insert_device(text, {**keys, "id": device}), device
