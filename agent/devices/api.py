@@ -306,6 +306,9 @@ class DriverPlugin:
         doctor: checks this driver's devices for ``edge-agent doctor`` instead of starting each
             one (a LoRaWAN device reports hourly, and its driver would take over the running
             agent's session).
+        add_hit: the technician page's "add a device from a scan hit": gets the site file's text,
+            the hit the page posted and the file's path, returns (the text with the device added,
+            its id); raises ValueError naming the hit's wrong field (``hit.unit: ...``).
     """
 
     name: str
@@ -317,3 +320,4 @@ class DriverPlugin:
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
     links: Callable[[], dict[str, dict[str, Any]]] | None = None
     doctor: DoctorCheck | None = None
+    add_hit: Callable[[str, object, Path], tuple[str, str]] | None = None

@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,13 +24,16 @@ from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
 
+if TYPE_CHECKING:
+    from agent.ui.siteapply import SiteEditor
+
 log = logging.getLogger("agent.ui")
 
 COOKIE = "ea_session"
 USER = "technician"  # one role on the page: whoever holds the device password
 EVENT_INTERVAL = 0.5  # seconds between live updates (the issue allows 5 a second)
 MAX_BODY = 4096  # bytes of a JSON request body
-STATIC = ("index.html", "app.js", "app.css")
+STATIC = ("index.html", "app.js", "app.css", "site.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -50,8 +53,10 @@ class Source(Protocol):
         ...
 
 
-def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool) -> Guard:
-    """The page as an ASGI app, behind its guard."""
+def build_app(
+    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, editor: SiteEditor | None = None
+) -> Guard:
+    """The page as an ASGI app, behind its guard; ``editor``: the site file editor's routes too."""
     page = _Page(source, state, tls)
     routes = [
         Route("/", page.static("index.html")),
@@ -66,7 +71,12 @@ def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, t
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
+        Route("/site.js", page.static("site.js")),
     ]
+    if editor is not None:
+        from agent.ui.site_routes import site_routes
+
+        routes += site_routes(editor, page._allowed)
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
 

@@ -19,6 +19,7 @@ import uvicorn
 from agent.fleet.logring import LogRing
 from agent.ui.app import build_app
 from agent.ui.bind import Bind, BindError, resolve
+from agent.ui.siteapply import SiteEditor
 from agent.ui.state import UiState, state_dir
 from agent.ui.values import UiValues
 from agent.ui.view import StatusView
@@ -139,7 +140,8 @@ class UiServer:
         if not bind.tls:
             hosts.add(f"localhost:{bind.port}")
         origin = bind.url.rstrip("/")
-        app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls)
+        source = _AgentSource(self.agent, self.values)
+        app = build_app(source, state, hosts=hosts, origin=origin, tls=bind.tls, editor=SiteEditor(self.agent))
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
         server = QuietServer(
             uvicorn.Config(

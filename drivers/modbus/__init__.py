@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
 from drivers.modbus.config import ModbusConfig
 
@@ -17,6 +19,12 @@ def _tools() -> dict[str, ToolMain]:
 
     return {"profiles": tools.profiles_main, "scan": tools.scan_main, "read": tools.read_main,
             "simulate": tools.simulate_main}  # fmt: skip
+
+
+def _add_hit(text: str, hit: object, site: Path) -> tuple[str, str]:
+    from drivers.modbus.hit import propose
+
+    return propose(text, hit, site)
 
 
 def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
@@ -50,4 +58,5 @@ PLUGIN = DriverPlugin(
     tools=_tools,
     global_verbs=("profiles",),
     check_devices=_check,
+    add_hit=_add_hit,
 )

@@ -14,7 +14,7 @@ from typing import Any
 from agent.devices.ports import is_pty, port_problem
 from drivers.modbus.rtu_line import Answer, RtuLine, SettingRefused
 from drivers.modbus.scan import Hit, Progress, registers_answer, settings, sweep
-from drivers.modbus.site_add import AddRefused, add_device
+from drivers.modbus.site_add import AddRefused, add_device, device_keys
 
 DEFAULT_SITE = Path("/etc/edge-agent/site.yaml")
 
@@ -188,14 +188,5 @@ def _offer(args: argparse.Namespace, found: list[Hit]) -> int:
 
 def _device_keys(args: argparse.Namespace, hit: Hit) -> dict[str, Any]:
     assert hit.profile is not None
-    keys: dict[str, Any] = {"id": f"{hit.profile.split('-', 1)[-1]}-{hit.unit}", "driver": "modbus",
-                            "profile": hit.profile, "unit": hit.unit}  # fmt: skip
-    if args.port:
-        keys["transport"] = "rtu"
-        keys["serial"] = {"port": args.port, "baudrate": hit.baud, "parity": hit.parity, "stopbits": hit.stopbits}
-    else:
-        host, _, port = args.host.partition(":")
-        keys |= {"host": host, "port": int(port or 502)}
-        if args.rtu_over_tcp:
-            keys["transport"] = "rtu_over_tcp"
-    return keys
+    return device_keys(hit.profile, hit.unit, port=args.port, baud=hit.baud, parity=hit.parity,
+                       stopbits=hit.stopbits, host=args.host, rtu_over_tcp=args.rtu_over_tcp)  # fmt: skip

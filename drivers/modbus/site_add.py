@@ -24,6 +24,34 @@ class AddRefused(Exception):
     """The file would not validate with the device added (it is left as it was); the message lists why."""
 
 
+def device_keys(
+    profile: str,
+    unit: int,
+    *,
+    port: str | None = None,
+    baud: int | None = None,
+    parity: str | None = None,
+    stopbits: int = 1,
+    host: str | None = None,
+    rtu_over_tcp: bool = False,
+) -> dict[str, Any]:
+    """A found unit's site file keys: on the serial ``port`` (RTU) or at ``host[:port]`` (TCP).
+
+    ``scan modbus --add-to`` and the page's "add from a scan hit" build the same device.
+    """
+    keys: dict[str, Any] = {"id": f"{profile.split('-', 1)[-1]}-{unit}", "driver": "modbus",
+                            "profile": profile, "unit": unit}  # fmt: skip
+    if port:
+        keys["transport"] = "rtu"
+        keys["serial"] = {"port": port, "baudrate": baud, "parity": parity, "stopbits": stopbits}
+    else:
+        name, _, tcp_port = (host or "").partition(":")
+        keys |= {"host": name, "port": int(tcp_port or 502)}
+        if rtu_over_tcp:
+            keys["transport"] = "rtu_over_tcp"
+    return keys
+
+
 def device_text(keys: dict[str, Any], indent: str) -> str:
     """The device as a block list item: one key a line, ``serial`` as a flow mapping."""
     lines: list[str] = []
