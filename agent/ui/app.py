@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ COOKIE = "ea_session"
 USER = "technician"  # one role on the page: whoever holds the device password
 EVENT_INTERVAL = 0.5  # seconds between live updates (the issue allows 5 a second)
 MAX_BODY = 4096  # bytes of a JSON request body
-STATIC = ("index.html", "app.js", "app.css")
+STATIC = ("index.html", "app.js", "app.css", "zones.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -50,13 +50,20 @@ class Source(Protocol):
         ...
 
 
-def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool) -> Guard:
+# A part of the page with its own routes (the zone editor...), given the session check.
+Part = Callable[[Callable[[Request], Session | Response]], list[Route]]
+
+
+def build_app(
+    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, parts: Sequence[Part] = ()
+) -> Guard:
     """The page as an ASGI app, behind its guard."""
     page = _Page(source, state, tls)
     routes = [
         Route("/", page.static("index.html")),
         Route("/app.js", page.static("app.js")),
         Route("/app.css", page.static("app.css")),
+        Route("/zones.js", page.static("zones.js")),
         Route("/api/session", page.session_info),
         Route("/api/setup", page.setup, methods=["POST"]),
         Route("/api/login", page.login, methods=["POST"]),
@@ -67,6 +74,8 @@ def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, t
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
     ]
+    for part in parts:
+        routes += part(page._allowed)
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from agent.ui.bind import Bind, BindError, resolve
 from agent.ui.state import UiState, state_dir
 from agent.ui.values import UiValues
 from agent.ui.view import StatusView
+from agent.ui.zones import zone_routes
 from agent.uplinks.api import Command
 
 if TYPE_CHECKING:
@@ -139,7 +141,10 @@ class UiServer:
         if not bind.tls:
             hosts.add(f"localhost:{bind.port}")
         origin = bind.url.rstrip("/")
-        app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls)
+        parts = [partial(zone_routes, self.agent)]
+        app = build_app(
+            _AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls, parts=parts
+        )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
         server = QuietServer(
             uvicorn.Config(

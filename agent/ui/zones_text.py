@@ -19,12 +19,20 @@ ZONE_KEYS = ("parking_bays", "waiting_areas")
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 
 
+class Raw(str):
+    """A value's own text from the file, written back as it was (``debounce: 1s`` stays ``1s``)."""
+
+    __slots__ = ()
+
+
 class ZoneTextError(ValueError):
     """The site text has no such device, or is not a file this edit can make sense of."""
 
 
 def scalar(value: Any) -> str:
     """One YAML flow scalar: a plain word when it reads back as the same text, else JSON (valid YAML)."""
+    if isinstance(value, Raw):
+        return str(value)
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
     if isinstance(value, int | float):
@@ -78,11 +86,32 @@ def _end(node: yaml.Node) -> int:
     return int(node.end_mark.index)
 
 
-def replace_zones(text: str, device: str, zones: Mapping[str, Sequence[dict[str, Any]]]) -> str:
+def _kept(text: str, value: yaml.Node, names: Sequence[str]) -> dict[str, dict[str, Raw]]:
+    """Zone id -> {key: its value's text} of the ``names`` an old zone set (plain scalars only)."""
+    out: dict[str, dict[str, Raw]] = {}
+    for zone in value.value if isinstance(value, yaml.SequenceNode) else []:
+        ident = _find(zone, "id") if isinstance(zone, yaml.MappingNode) else None
+        if ident is None or not isinstance(ident[1], yaml.ScalarNode):
+            continue
+        out[ident[1].value] = {
+            k.value: Raw(text[v.start_mark.index : v.end_mark.index])
+            for k, v in zone.value
+            if isinstance(k, yaml.ScalarNode) and k.value in names and isinstance(v, yaml.ScalarNode)
+        }
+    return out
+
+
+def replace_zones(
+    text: str,
+    device: str,
+    zones: Mapping[str, Sequence[dict[str, Any]]],
+    keep: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     """``text`` with ``device``'s ``parking_bays`` and ``waiting_areas`` (keys of ``zones``) replaced.
 
-    A list left empty is written ``[]``; a key the device lacks is added after its last key.
-    Raises ZoneTextError when the text does not parse or has no such device.
+    ``keep``: per list, keys a zone redrawn under its old id keeps as written (a bay's
+    ``debounce``). A list left empty is written ``[]``; a key the device lacks is added after its
+    last key. Raises ZoneTextError when the text does not parse or has no such device.
     """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -92,9 +121,10 @@ def replace_zones(text: str, device: str, zones: Mapping[str, Sequence[dict[str,
     edits: list[tuple[int, int, str]] = []  # (start, end, new text)
     key_col = node.value[0][0].start_mark.column
     for key, items in zones.items():
-        rendered = [render_zone(z) for z in items]
-        flow = "[" + ", ".join(rendered) + "]"
         found = _find(node, key)
+        old = _kept(text, found[1], (keep or {}).get(key, ())) if found is not None else {}
+        rendered = [render_zone({**old.get(z["id"], {}), **z}) for z in items]
+        flow = "[" + ", ".join(rendered) + "]"
         if found is not None:
             k, v = found
             if not rendered:

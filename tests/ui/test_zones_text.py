@@ -78,3 +78,15 @@ def test_no_such_device_or_a_broken_file_is_a_clear_error() -> None:
         replace_zones("devices: [\n", "cam-a", {"parking_bays": [BAY]})
     with pytest.raises(ZoneTextError, match="no devices"):
         replace_zones("gateway: {id: g}\n", "cam-a", {"parking_bays": [BAY]})
+
+
+def test_a_redrawn_zone_keeps_its_other_settings_as_written() -> None:
+    redrawn = {"id": "P-07", "units": "relative", "polygon": [[0.1, 0.1], [0.2, 0.1], [0.2, 0.2]]}
+    fresh = {"id": "P-10", "units": "relative", "polygon": [[0.5, 0.5], [0.6, 0.5], [0.6, 0.6]]}
+    keep = {"parking_bays": ("debounce", "min_overlap")}
+    new = replace_zones(SITE, "cam-a", {"parking_bays": [redrawn, fresh]}, keep)
+    assert "- {id: P-07, units: relative, polygon: [[0.1, 0.1], [0.2, 0.1], [0.2, 0.2]], debounce: 2s}\n" in new
+    assert devices(new)["cam-a"]["parking_bays"] == [{**redrawn, "debounce": "2s"}, fresh]
+    assert devices(new)["cam-a"]["waiting_areas"] == devices(SITE)["cam-a"]["waiting_areas"]  # not in zones: kept
+    plain = replace_zones(SITE, "cam-a", {"parking_bays": [redrawn]})  # nothing asked to be kept
+    assert devices(plain)["cam-a"]["parking_bays"] == [redrawn]
