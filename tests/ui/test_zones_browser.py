@@ -1,9 +1,10 @@
 """The zone editor in a real browser (Debian's chromium via Playwright), desktop and a phone with touch.
 
-Log in, load the running camera's frame (vtest.avi through the real driver), tap N corners on it,
-name the zone, save (the check shows the diff), apply, and read the site file: the zone holds
-exactly the tapped points as relative coordinates, within 1e-4 of where the taps landed on the
-frame. A console error, a failed request or any other host fails the test, as in test_browser.py.
+Log in, load the running camera's frame (vtest.avi through the real driver), tap N corners on it
+(on desktop also Undo a stray one and drag one to another place), name the zone, save (the check
+shows the diff), apply, and read the site file: the zone holds exactly the tapped points as
+relative coordinates, within 1e-4 of where the taps landed on the frame. A console error, a failed
+request or any other host fails the test, as in test_browser.py.
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ def test_tapped_corners_are_saved_exactly_as_relative_points(site: ZoneSite, bro
                 page.mouse.click(x, y)
             expected.append(((x - box["x"]) / box["width"], (y - box["y"]) / box["height"]))
         expect(page.locator("#zones-count")).to_have_text(f"{len(expected)} of 32 corners")
+        if not touch:
+            # A stray corner taken back with Undo, then the second corner dragged somewhere else.
+            page.mouse.click(round(box["x"] + 0.8 * box["width"]), round(box["y"] + 0.9 * box["height"]))
+            expect(page.locator("#zones-count")).to_have_text(f"{len(expected) + 1} of 32 corners")
+            _press(page, "Undo", touch)
+            expect(page.locator("#zones-count")).to_have_text(f"{len(expected)} of 32 corners")
+            canvas.scroll_into_view_if_needed()  # pressing Undo may have scrolled the page
+            box = canvas.bounding_box()
+            assert box is not None
+            (fx, fy), (tx, ty) = expected[1], (0.47, 0.2)
+            page.mouse.move(box["x"] + fx * box["width"] + 5, box["y"] + fy * box["height"] - 4)  # near: grabs it
+            page.mouse.down()
+            x, y = round(box["x"] + tx * box["width"]), round(box["y"] + ty * box["height"])
+            page.mouse.move(x, y, steps=5)
+            page.mouse.up()
+            expected[1] = ((x - box["x"]) / box["width"], (y - box["y"]) / box["height"])
+            expect(page.locator("#zones-count")).to_have_text(f"{len(expected)} of 32 corners")
         assert canvas.bounding_box() == box  # nothing moved under the taps
         name = f"bay-{form}"
         page.get_by_label("Zone name").fill(name)
