@@ -39,6 +39,7 @@ MAX_JPEG = 200 * 1000  # bytes of a frame (the issue's 200 KB)
 FRAME_INTERVAL = 1.0  # seconds between frames of one session
 MAX_BODY = 64 * 1024  # a save: 64 zones of 32 points with 4 decimals fit in well under this
 MAX_ZONES = 64
+MAX_SEEN = 1024  # (session, camera) pairs remembered for the log-once of a shown frame
 POINTS = (3, 32)
 KINDS = {"bay": "parking_bays", "area": "waiting_areas"}
 KEEP = {"parking_bays": ("min_overlap", "debounce")}  # a redrawn bay keeps its own settings, as written
@@ -107,6 +108,7 @@ class _Zones:
         self.allowed = allowed
         self.editor = editor
         self._last_frame: dict[str, float] = {}  # session id -> monotonic time of its last frame
+        self._seen: set[tuple[str, str]] = set()  # (session id, camera) already logged
 
     def _camera(self, device: str) -> Any | None:
         for d in self.agent.config.devices:
@@ -152,8 +154,19 @@ class _Zones:
         if got is None:
             return _error(503, f"camera {device} has no frame yet: check its source (see its status)")
         jpeg, width, height = got
+        self._viewed(request, device, allowed.user)
         headers = {"cache-control": "no-store", "x-frame-width": str(width), "x-frame-height": str(height)}
         return Response(jpeg, media_type="image/jpeg", headers=headers)
+
+    def _viewed(self, request: Request, device: str, user: str) -> None:
+        """Log the first frame of a camera each session sees: an unblurred image left the gateway."""
+        key = (request.cookies.get(COOKIE, ""), device)
+        if key in self._seen:
+            return
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        self._seen.add(key)
+        log.info("ui: camera %s: the latest frame shown to %s (zone editor; not blurred, not stored)", device, user)
 
     async def save(self, request: Request) -> Response:
         allowed = self.allowed(request)

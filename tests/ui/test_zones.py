@@ -68,6 +68,8 @@ def test_the_frame_is_a_small_jpeg_from_the_running_camera_at_most_once_a_second
         assert other.get("/api/camera/cam-1/frame").status_code == 200  # per session, not per page
         time.sleep(1.0)
         assert c.get("/api/camera/cam-1/frame").status_code == 200
+    shown = "ui: camera cam-1: the latest frame shown to technician (zone editor; not blurred, not stored)"
+    assert site.agent.output().count(shown) == 2  # once per session, however many frames it asked for
 
 
 def test_unknown_and_non_camera_devices_are_404_a_camera_without_a_frame_503(site: ZoneSite) -> None:
