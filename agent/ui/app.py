@@ -10,10 +10,10 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,16 +24,16 @@ from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
 
-if TYPE_CHECKING:
-    from agent.ui.siteapply import SiteEditor
-
 log = logging.getLogger("agent.ui")
 
 COOKIE = "ea_session"
 USER = "technician"  # one role on the page: whoever holds the device password
 EVENT_INTERVAL = 0.5  # seconds between live updates (the issue allows 5 a second)
 MAX_BODY = 4096  # bytes of a JSON request body
-STATIC = ("index.html", "app.js", "app.css", "site.js")
+STATIC = ("index.html", "app.js", "app.css")
+# The page parts' scripts, served as one /app.js after app.js itself: one request, whatever the
+# number of parts (the issue allows 5 requests before the first value).
+SCRIPTS = ("app.js", "site.js", "zones.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -53,10 +53,14 @@ class Source(Protocol):
         ...
 
 
+# A part of the page with its own routes (the zone editor...), given the session check.
+Part = Callable[[Callable[[Request], Session | Response]], list[Route]]
+
+
 def build_app(
-    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, editor: SiteEditor | None = None
+    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, parts: Sequence[Part] = ()
 ) -> Guard:
-    """The page as an ASGI app, behind its guard; ``editor``: the site file editor's routes too."""
+    """The page as an ASGI app, behind its guard."""
     page = _Page(source, state, tls)
     routes = [
         Route("/", page.static("index.html")),
@@ -71,12 +75,9 @@ def build_app(
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
-        Route("/site.js", page.static("site.js")),
     ]
-    if editor is not None:
-        from agent.ui.site_routes import site_routes
-
-        routes += site_routes(editor, page._allowed)
+    for part in parts:
+        routes += part(page._allowed)
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
 
@@ -93,7 +94,8 @@ class _Page:
         self.files = resources.files("agent.ui") / "static"
 
     def static(self, name: str) -> Callable[[Request], Awaitable[Response]]:
-        data = (self.files / name).read_bytes()
+        names = SCRIPTS if name == "app.js" else (name,)
+        data = b"\n".join((self.files / each).read_bytes() for each in names)
         media = TYPES[name.rsplit(".", 1)[-1]]
 
         async def serve(_request: Request) -> Response:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,12 @@ import uvicorn
 from agent.fleet.logring import LogRing
 from agent.ui.app import build_app
 from agent.ui.bind import Bind, BindError, resolve
+from agent.ui.site_routes import site_routes
 from agent.ui.siteapply import SiteEditor
 from agent.ui.state import UiState, state_dir
 from agent.ui.values import UiValues
 from agent.ui.view import StatusView
+from agent.ui.zones import zone_routes
 from agent.uplinks.api import Command
 
 if TYPE_CHECKING:
@@ -140,8 +143,11 @@ class UiServer:
         if not bind.tls:
             hosts.add(f"localhost:{bind.port}")
         origin = bind.url.rstrip("/")
-        source = _AgentSource(self.agent, self.values)
-        app = build_app(source, state, hosts=hosts, origin=origin, tls=bind.tls, editor=SiteEditor(self.agent))
+        editor = SiteEditor(self.agent)  # one, so page parts' changes queue on one lock
+        parts = [partial(site_routes, editor), partial(zone_routes, self.agent, editor=editor)]
+        app = build_app(
+            _AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls, parts=parts
+        )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
         server = QuietServer(
             uvicorn.Config(

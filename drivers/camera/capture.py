@@ -70,6 +70,11 @@ class LatestFrame:
             self._taken = True
             return self._item
 
+    def latest(self) -> Grabbed | None:
+        """The latest frame, taken or not (None before the first): for a look, not for analysis."""
+        with self._lock:
+            return self._item
+
     def backlog(self) -> int:
         """Frames waiting: 0 or 1, by construction."""
         with self._lock:

@@ -30,34 +30,60 @@ def model_path(model: str) -> str:
     return str(MODELS / model)
 
 
-def _check_polygon(points: list[Point]) -> list[Point]:
-    if len(points) < 3:
-        raise ValueError("a polygon needs at least 3 points [[x, y], ...]")
-    if any(x < 0 or y < 0 for x, y in points):
-        raise ValueError("polygon points are pixel coordinates of the source frame (>= 0)")
-    return points
+MAX_RELATIVE_POINTS = 32  # the zone editor's bound; pixel polygons of older files keep any number
 
 
-class ParkingBay(StrictModel):
-    """One parking bay, drawn on the ground in the source frame's pixels."""
+class Zone(StrictModel):
+    """A polygon on the source frame, in its pixels or relative to its size (``units``)."""
+
+    id: str = Field(min_length=1, max_length=64)
+    units: Literal["pixels", "relative"] = Field(
+        default="pixels",
+        description="pixels: [x, y] in source-frame pixels (>= 0); relative: fractions of the frame's "
+        "width and height (0..1), so the zone fits any resolution of the same view.",
+    )
+    polygon: list[Point] = Field(description="[[x, y], ...], at least 3 points (relative: 3..32).")
+
+    @model_validator(mode="after")
+    def _polygon_fits_units(self) -> Zone:
+        points = self.polygon
+        if len(points) < 3:
+            raise ValueError("polygon: a polygon needs at least 3 points [[x, y], ...]")
+        if self.units == "pixels":
+            if any(x < 0 or y < 0 for x, y in points):
+                raise ValueError("polygon: with units: pixels, points are pixel coordinates of the source frame (>= 0)")
+            return self
+        if len(points) > MAX_RELATIVE_POINTS:
+            raise ValueError(f"polygon: at most {MAX_RELATIVE_POINTS} points with units: relative, got {len(points)}")
+        for n, (x, y) in enumerate(points, 1):
+            if not (0 <= x <= 1 and 0 <= y <= 1):
+                raise ValueError(
+                    f"polygon: point {n} [{x}, {y}] is outside 0..1; with units: relative, x and y are fractions "
+                    "of the frame's width and height (pixel coordinates need units: pixels)"
+                )
+        return self
+
+    def pixels(self, width: int, height: int) -> list[Point]:
+        """The polygon in pixels of a ``width`` x ``height`` frame (pixel zones as written)."""
+        if self.units == "pixels":
+            return list(self.polygon)
+        return [(x * width, y * height) for x, y in self.polygon]
+
+
+class ParkingBay(Zone):
+    """One parking bay, drawn on the ground in the source frame."""
 
     id: str = Field(min_length=1, max_length=64, description="Bay id, as published in city.parking.occupancy.")
-    polygon: list[Point] = Field(description="[[x, y], ...] in source-frame pixels, at least 3 points.")
     min_overlap: float = Field(
         default=0.3, gt=0, le=1, description="Fraction of the bay's area a vehicle box must cover to occupy it."
     )
     debounce: Duration = Field(default=5.0, ge=0, description="How long a new state must hold before it is published.")
 
-    _polygon = field_validator("polygon")(_check_polygon)
 
-
-class WaitingArea(StrictModel):
+class WaitingArea(Zone):
     """A crosswalk waiting area: persons whose foot point lies inside are counted."""
 
     id: str = Field(min_length=1, max_length=64, description="Area id, as published in city.crosswalk.presence.")
-    polygon: list[Point] = Field(description="[[x, y], ...] in source-frame pixels, at least 3 points.")
-
-    _polygon = field_validator("polygon")(_check_polygon)
 
 
 class Snapshots(StrictModel):
@@ -170,8 +196,15 @@ class CameraConfig(DeviceConfig):
     )
     reconnect_min: Duration = Field(default=1.0, gt=0, description="First wait before reopening a lost source.")
     reconnect_max: Duration = Field(default=30.0, gt=0, description="Longest wait between reopen attempts.")
-    parking_bays: list[ParkingBay] = Field(default_factory=list)
-    waiting_areas: list[WaitingArea] = Field(default_factory=list)
+    parking_bays: list[ParkingBay] = Field(
+        default_factory=list,
+        description="Bays: {id, polygon, units, min_overlap (0.3), debounce (5s)}. units: pixels (the default: "
+        "[x, y] in source-frame pixels) or relative (0..1 of the frame's width and height, 3..32 points; "
+        "what the page's zone editor writes).",
+    )
+    waiting_areas: list[WaitingArea] = Field(
+        default_factory=list, description="Crosswalk waiting areas: {id, polygon, units}, units as for parking_bays."
+    )
     labels: Labels = Field(default_factory=Labels)
     snapshots: Snapshots = Field(
         default_factory=Snapshots,

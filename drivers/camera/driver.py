@@ -28,7 +28,8 @@ from agent.errors import DriverStartupError
 from agent.inference import Detection, Detector, ModelError, load_manifest
 from agent.inference.manifest import read_verified_model
 from drivers.camera.capture import Capture, Frame, LatestFrame, redact
-from drivers.camera.config import CameraConfig
+from drivers.camera.config import CameraConfig, ParkingBay, WaitingArea
+from drivers.camera.frame import jpeg_within
 from drivers.camera.motion import MotionGate
 from drivers.camera.rules import BayState, Polygon, bay_observation, count_persons
 from drivers.camera.snapshot import Snapshotter
@@ -74,16 +75,15 @@ class CameraDriver(Driver):
         self.slot = LatestFrame()
         self.capture: Capture | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._bays = [(b, Polygon(b.polygon), BayState(b.debounce)) for b in config.parking_bays]
-        self._areas = [(a, Polygon(a.polygon)) for a in config.waiting_areas]
+        self._states = {b.id: BayState(b.debounce) for b in config.parking_bays}
+        self._bays: list[tuple[ParkingBay, Polygon, BayState]] = []
+        self._areas: list[tuple[WaitingArea, Polygon]] = []
+        self._zone_size: tuple[int, int] | None = None  # (width, height) the polygons were made for
         self._counts: dict[str, int | None] = {a.id: None for a in config.waiting_areas}
         self._max_counts: dict[str, int] = {a.id: 0 for a in config.waiting_areas}
         self._vehicles = set(config.labels.vehicles)
         self._persons = set(config.labels.persons)
-        self.gate = MotionGate(
-            [b.polygon for b in config.parking_bays] + [a.polygon for a in config.waiting_areas],
-            config.motion_threshold,
-        )
+        self.gate = MotionGate([], config.motion_threshold)  # zoned for the frame size by _fit_zones
         self._last_detections: list[Detection] = []
         self._last_detector_at = -float("inf")
         self._next_interval_still = -float("inf")  # the first analysed frame gives one
@@ -211,6 +211,7 @@ class CameraDriver(Driver):
         """
         mono = time.monotonic() if mono is None else mono
         wall = time.time() if wall is None else wall
+        self._fit_zones(frame)
         out = Analysis()
         moved = self.gate.moved(frame)
         self.stats["analysed"] = int(self.stats["analysed"]) + 1
@@ -227,6 +228,32 @@ class CameraDriver(Driver):
                 out.readings.append(still)
         self._update_stats(mono)
         return out
+
+    def _fit_zones(self, frame: Frame) -> None:
+        """Zone polygons in this frame's pixels: relative zones need its size, known at the first frame.
+
+        Made again when the size changes (a camera switched to another stream); bay states carry over.
+        """
+        size = (int(frame.shape[1]), int(frame.shape[0]))
+        if size == self._zone_size:
+            return
+        cfg = self.config
+        self._bays = [(b, Polygon(b.pixels(*size)), self._states[b.id]) for b in cfg.parking_bays]
+        self._areas = [(a, Polygon(a.pixels(*size))) for a in cfg.waiting_areas]
+        self.gate.rezone([z.pixels(*size) for z in [*cfg.parking_bays, *cfg.waiting_areas]])
+        self._zone_size = size
+
+    def latest_jpeg(self, max_bytes: int) -> tuple[bytes, int, int] | None:
+        """The latest captured frame as a JPEG of at most ``max_bytes`` and the frame's (width, height).
+
+        For the technician page's zone editor: the frame the capture thread already holds (no second
+        capture of the device). Unblurred, so it goes only to a logged-in local session, never upstream.
+        None: no frame yet. Blocking (encoding): call it in a thread.
+        """
+        grabbed = self.slot.latest()
+        if grabbed is None:
+            return None
+        return jpeg_within(grabbed.frame, max_bytes), int(grabbed.frame.shape[1]), int(grabbed.frame.shape[0])
 
     def _detect(self, frame: Frame, mono: float, out: Analysis) -> None:
         started = time.perf_counter()
@@ -295,8 +322,8 @@ class CameraDriver(Driver):
 
     def full_report(self) -> list[Reading]:
         """Every zone's current state (periodic); starts a new max_count window."""
-        readings = [self._bay_reading(b.id, s) for b, _, s in self._bays if s.occupied is not None]
-        for area, _ in self._areas:
+        readings = [self._bay_reading(b, s) for b, s in self._states.items() if s.occupied is not None]
+        for area in self.config.waiting_areas:
             if self._counts[area.id] is not None:
                 readings.append(self._area_reading(area.id))
             self._max_counts[area.id] = int(self._counts[area.id] or 0)

@@ -31,6 +31,11 @@ class MotionGate:
         self.fractions: list[float] = [1.0] * len(self.polygons)  # per zone, of the last call
         self.last_fraction = 0.0  # the largest of ``fractions``
 
+    def rezone(self, polygons: Sequence[Sequence[tuple[float, float]]]) -> None:
+        """New zones (in source-frame pixels): the next frame rebuilds the masks and counts as moved."""
+        self.polygons = [np.asarray(p, dtype=np.float64) for p in polygons]
+        self._previous = None
+
     def _small(self, frame: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         h, w = frame.shape[:2]
         height = max(1, round(h * WIDTH / w))

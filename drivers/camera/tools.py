@@ -69,13 +69,14 @@ def render_main(argv: list[str]) -> int:
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, 2)
         cv2.putText(canvas, f"{det.label} {det.score:.2f}", (x1, max(y1 - 4, 10)), 0, 0.45, colour, 1, cv2.LINE_AA)
     if config:
+        size = (int(frame.shape[1]), int(frame.shape[0]))
         for bay in config.parking_bays:
-            occupied, conf = bay_observation(Polygon(bay.polygon), result.detections, vehicles, bay.min_overlap)
-            _poly(canvas, bay.polygon, (0, 0, 255) if occupied else (0, 255, 0),
+            occupied, conf = bay_observation(Polygon(bay.pixels(*size)), result.detections, vehicles, bay.min_overlap)
+            _poly(canvas, bay.pixels(*size), (0, 0, 255) if occupied else (0, 255, 0),
                   f"{bay.id} {'occupied' if occupied else 'free'} {conf:.2f}")  # fmt: skip
         for area in config.waiting_areas:
-            count = count_persons(Polygon(area.polygon), result.detections, persons)
-            _poly(canvas, area.polygon, (255, 0, 255), f"{area.id} {count} waiting")
+            count = count_persons(Polygon(area.pixels(*size)), result.detections, persons)
+            _poly(canvas, area.pixels(*size), (255, 0, 255), f"{area.id} {count} waiting")
     if not cv2.imwrite(args.out, canvas):
         print(f"render: cannot write {args.out}", file=sys.stderr)
         return 1

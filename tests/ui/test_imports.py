@@ -10,8 +10,8 @@ from pathlib import Path
 from tests.test_import_graph import AGENT, ROOT, imported
 
 WEB = ("starlette", "uvicorn", "httpx", "httpx2")
-PAGE = {"agent/ui/app.py", "agent/ui/server.py"}  # the modules that may import them
-PAGE.add("agent/ui/site_routes.py")  # the site editor's routes
+# The modules that may import them: the app, the server and each page part's routes.
+PAGE = {"agent/ui/app.py", "agent/ui/server.py", "agent/ui/site_routes.py", "agent/ui/zones.py"}
 # Light modules of agent/ui the config model and the CLI may import.
 LIGHT = {"agent.ui", "agent.ui.config", "agent.ui.netif", "agent.ui.bind", "agent.ui.state", "agent.ui.tls"}
 
