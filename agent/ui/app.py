@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from agent.ui.bus_routes import BusRoutes
 from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
@@ -30,7 +31,7 @@ COOKIE = "ea_session"
 USER = "technician"  # one role on the page: whoever holds the device password
 EVENT_INTERVAL = 0.5  # seconds between live updates (the issue allows 5 a second)
 MAX_BODY = 4096  # bytes of a JSON request body
-STATIC = ("index.html", "app.js", "app.css")
+STATIC = ("index.html", "app.js", "app.css", "bus.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -50,8 +51,10 @@ class Source(Protocol):
         ...
 
 
-def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool) -> Guard:
-    """The page as an ASGI app, behind its guard."""
+def build_app(
+    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, devices: Callable[[], list[Any]] = list
+) -> Guard:
+    """The page as an ASGI app, behind its guard; ``devices``: the site's device configs (the bus tools')."""
     page = _Page(source, state, tls)
     routes = [
         Route("/", page.static("index.html")),
@@ -66,6 +69,8 @@ def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, t
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
+        Route("/bus.js", page.static("bus.js")),
+        *BusRoutes(page._allowed, page._json, devices).routes(),
     ]
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 

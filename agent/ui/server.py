@@ -139,7 +139,8 @@ class UiServer:
         if not bind.tls:
             hosts.add(f"localhost:{bind.port}")
         origin = bind.url.rstrip("/")
-        app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls)
+        app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls,
+                        devices=lambda: list(self.agent.config.devices))  # fmt: skip
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
         server = QuietServer(
             uvicorn.Config(
