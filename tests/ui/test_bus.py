@@ -198,7 +198,8 @@ def test_typed_read_by_device_and_by_modicon_reference(bench: Bench) -> None:
 def test_read_failures_are_one_line_naming_unit_and_port(bench: Bench) -> None:
     c = bench.client
     r = c.post("/api/read", json={"port": bench.pty, "unit": UNIT, "table": "input", "address": 9000})
-    assert r.status_code == 502 and r.json()["error"] == f"unit {UNIT} at {bench.pty}: exception 2 (illegal data address)"
+    assert r.status_code == 502
+    assert r.json()["error"] == f"unit {UNIT} at {bench.pty}: exception 2 (illegal data address)"
     r = c.post("/api/read", json={"port": bench.pty, "unit": 9, "table": "input", "address": 0, "timeout": 0.2})
     assert r.status_code == 502 and r.json()["error"] == f"unit 9 at {bench.pty}: timeout"
     r = c.post("/api/read", json={"port": bench.pty, "unit": UNIT, "parity": "E", "table": "input", "address": 0})
