@@ -9,67 +9,24 @@ from __future__ import annotations
 
 import math
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 
-from tests.conftest import ROOT, AgentProcess, Mosquitto, wait_for
-from tests.ui.site import HEADERS, MISSING_PORT, first_token, start_agent, wait_listening, write_site
+from tests.conftest import wait_for
+from tests.ui.bus_site import UNIT, Bench, running_bench
+from tests.ui.site import MISSING_PORT
 
-PASSWORD = "bus-password-93kd"  # noqa: S105 - the test's own
-UNIT = 7  # the simulated meter's unit id
 EVIDENCE = "6 sampled registers plausible; FC 43/14: Eastron SDM630-Modbus V2"
-
-
-class Bench:
-    """A simulated SDM630 on a pty, and an agent with the page on (plus a disabled device on that pty)."""
-
-    def __init__(self, folder: Path, broker: Mosquitto) -> None:
-        self.sim = subprocess.Popen(
-            [sys.executable, "-m", "agent", "simulate", "modbus", "--profile", "eastron-sdm630", "--rtu",
-             "--units", str(UNIT)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.sim.stdout is not None
-        self.pty = self.sim.stdout.readline().rsplit("serial.port: ", 1)[1].strip()
-        self.config, port = write_site(folder, broker)
-        with self.config.open("a") as site:  # devices is the file's last key: one more, idle, on the pty
-            site.write(
-                "  - id: meter-3\n    driver: modbus\n    transport: rtu\n"
-                f"    serial: {{port: {self.pty}, baudrate: 9600}}\n"
-                f"    unit: {UNIT}\n    profile: eastron-sdm630\n    enabled: false\n"
-            )
-        self.agent: AgentProcess = start_agent(folder, self.config)
-        self.url = f"http://127.0.0.1:{port}"
-        wait_listening(port)
-        self.client = httpx2.Client(base_url=self.url, headers=HEADERS, timeout=15)
-        _, token = first_token(self.agent)
-        assert self.client.post("/api/setup", json={"token": token}).status_code == 200
-        assert self.client.post("/api/password", json={"password": PASSWORD}).status_code == 200
-
-    def close(self) -> None:
-        self.client.close()
-        self.agent.kill()
-        self.sim.terminate()
-        self.sim.wait(5)
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
-    folder = tmp_path_factory.mktemp("ui-bus")
-    broker = Mosquitto(folder)
-    broker.start()
-    running = Bench(folder, broker)
-    try:
+    with running_bench(tmp_path_factory.mktemp("ui-bus")) as running:
         yield running
-    finally:
-        running.close()
-        broker.stop()
 
 
 def _scan_until_over(c: httpx2.Client, limit: float = 20) -> dict[str, Any]:

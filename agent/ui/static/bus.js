@@ -75,12 +75,10 @@
   }
 
   function hitRow(hit, port) {
-    const row = node("tr", { "data-testid": `hit-${hit.unit}` },
-      node("td", {}, String(hit.unit)),
-      node("td", {}, hit.setting),
-      node("td", { "data-testid": `hit-profile-${hit.unit}` }, hit.profile || "no known profile"),
-      node("td", { class: "muted" }, `${hit.verdict}; ${hit.evidence}`));
-    const cell = node("td", {});
+    const row = node("li", { class: "hit", "data-testid": `hit-${hit.unit}` },
+      node("div", {}, node("strong", {}, `Unit ${hit.unit}`), ` · ${hit.setting} · `,
+        node("span", { "data-testid": `hit-profile-${hit.unit}` }, hit.profile || "no known profile")),
+      node("div", { class: "muted" }, `${hit.verdict}; ${hit.evidence}`));
     if (hit.profile) {
       const add = node("button", { type: "button", "data-testid": `add-${hit.unit}` }, "Add to site");
       add.addEventListener("click", () => {
@@ -88,9 +86,8 @@
           port, unit: hit.unit, baud: hit.baud, parity: hit.parity, stopbits: hit.stopbits, profile: hit.profile,
         } }));
       });
-      cell.append(add);
+      row.append(add);
     }
-    row.append(cell);
     return row;
   }
 
@@ -107,7 +104,7 @@
     tell("scan-note", [view.note, view.error].filter(Boolean).join(" "));
     const hits = byId("scan-hits");
     hits.hidden = !view.found.length;
-    byId("scan-hit-rows").replaceChildren(...view.found.map((h) => hitRow(h, view.port)));
+    hits.replaceChildren(...view.found.map((h) => hitRow(h, view.port)));
     if (!running && !view.found.length && !view.error && view.state !== "idle") {
       tell("scan-note", view.garbled ? "Nothing answered cleanly: check baud rate, parity and the A/B wiring."
         : "Nothing answered: check power, wiring (A/B) and termination.");
@@ -135,6 +132,8 @@
     const body = settingOf("scan");
     body.units = byId("scan-units").value.trim() || "1-247";
     if (byId("scan-first").checked) body.first = true;
+    const wait = byId("scan-timeout").value.trim();
+    if (wait) body.timeout = Number(wait);
     tell("scan-note", "");
     const { ok, data } = await call("POST", "/api/scan", body);
     if (!ok) { tell("scan-note", data.error || "the scan did not start"); return; }
@@ -152,6 +151,13 @@
   // ---- typed read --------------------------------------------------------------------------
   function cell(text, attrs) { return node("td", attrs || {}, text); }
 
+  function real(v) { // seven significant digits, as a float32 holds; huge or tiny ones with an exponent
+    if (typeof v !== "number") return String(v);
+    const size = Math.abs(v);
+    if (v !== 0 && (size >= 1e7 || size < 1e-4)) return v.toExponential(4);
+    return String(Number(v.toPrecision(7)));
+  }
+
   function readTable(result) {
     const out = [];
     const caption = `Unit ${result.unit} at ${result.where}${result.setting ? ` (${result.setting})` : ""}, ${result.table}`;
@@ -165,7 +171,7 @@
       node("thead", {}, head), node("tbody", {}, ...rows)));
     for (const pair of result.pairs) {
       const orders = Object.entries(pair.orders).map(([name, o]) => node("tr", { "data-testid": `order-${pair.pdu}-${name}` },
-        cell(name), cell(o.hex, { class: "mono" }), cell(String(o.float32)), cell(String(o.uint32)), cell(String(o.int32))));
+        cell(name), cell(o.hex, { class: "mono" }), cell(real(o.float32)), cell(String(o.uint32)), cell(String(o.int32))));
       out.push(node("table", { class: "orders", "data-testid": `pair-${pair.pdu}` },
         node("caption", {}, `32-bit at PDU ${pair.pdu} (${pair.reference})`),
         node("thead", {}, node("tr", {}, ...["Order", "Bytes", "float32", "uint32", "int32"].map((h) => node("th", {}, h)))),
