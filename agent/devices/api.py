@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -38,6 +38,9 @@ from pydantic import (
 from agent.contract.events import Reading
 from agent.contract.units import parse_duration, parse_size
 from agent.errors import DriverWriteError
+
+if TYPE_CHECKING:
+    from agent.devices.bus_tools import BusTools
 
 Duration = Annotated[
     float,
@@ -306,6 +309,7 @@ class DriverPlugin:
         doctor: checks this driver's devices for ``edge-agent doctor`` instead of starting each
             one (a LoRaWAN device reports hourly, and its driver would take over the running
             agent's session).
+        bus_tools: returns its scan and typed read for the technician page (agent/devices/bus_tools.py).
     """
 
     name: str
@@ -317,3 +321,4 @@ class DriverPlugin:
     check_devices: Callable[[list[tuple[int, DeviceConfig]]], list[str]] | None = None
     links: Callable[[], dict[str, dict[str, Any]]] | None = None
     doctor: DoctorCheck | None = None
+    bus_tools: Callable[[], BusTools] | None = None

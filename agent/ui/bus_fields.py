@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 BAUDS = (1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200)  # as serial.baudrate accepts them
@@ -85,10 +86,9 @@ def stopbits(body: dict[str, Any]) -> int:
     return int(value)
 
 
-def units(body: dict[str, Any]) -> list[int]:
-    """Unit ids: ``"1-10,15"`` as the CLI's ``--units`` takes them, or a list of numbers; default 1-247."""
-    from drivers.modbus.tools import parse_units
-
+def units(body: dict[str, Any], parse_units: Callable[[str], list[int]]) -> list[int]:
+    """Unit ids: ``"1-10,15"`` as the CLI's ``--units`` takes them (``parse_units``), or a list of numbers;
+    default 1-247."""
     value = body.get("units", "1-247")
     problem = f'units: expected ids 1..247 like "1-10" or "1,2,5", got {_shown(value)}'
     if isinstance(value, list):

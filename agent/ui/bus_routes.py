@@ -1,7 +1,8 @@
 """The page's bus tools: serial ports, a scan of a bus (start, progress, stop), and typed reads.
 
-A view over the CLI's code: the scan is ``scan modbus``'s sweep and profile match, the read
-``read modbus``'s, and their errors the same sentences. A port a running device polls is not
+A view over the CLI's code, reached through the driver's plugin (``bus_tools``): the scan is
+``scan modbus``'s sweep and profile match, the read ``read modbus``'s, and their errors the
+same sentences. A port a running device polls is not
 scanned (the scan would fight it for the bus); a read of it goes through that device's own
 connection, taking its turn between polls.
 """
@@ -18,12 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from agent.devices.bus_tools import BusError, BusTools
+from agent.devices.registry import load_plugins
 from agent.ui import bus_fields as fields
 from agent.ui.bus_fields import FieldError
 from agent.ui.scan_job import ScanJob, ScanRequest
 
 log = logging.getLogger("agent.ui")
 
+STATUS = {"field": 400, "port": 409, "device": 502}  # of a BusError's kind
 STOP_WAIT = 2.0  # seconds a stop waits for the sweep's thread (it ends before its next probe)
 READ_TIMEOUT = 0.5  # seconds a read by port waits for its answer, unless told
 
@@ -34,6 +38,14 @@ def _answer(data: dict[str, Any], status: int = 200) -> JSONResponse:
 
 def _error(status: int, message: str) -> JSONResponse:
     return _answer({"error": message}, status)
+
+
+def bus_tools(driver: str | None = None) -> BusTools | None:
+    """``driver``'s bus tools, or (None) the first installed driver's that has them."""
+    for name, plugin in load_plugins().items():
+        if plugin.bus_tools is not None and driver in (None, name):
+            return plugin.bus_tools()
+    return None
 
 
 def _real(path: str) -> str:
@@ -132,8 +144,11 @@ class BusRoutes:
         body = await self._json(request)
         if body is None:
             return _error(400, "body: expected a JSON object")
+        tools = bus_tools()
+        if tools is None:
+            return _error(501, "no installed driver scans a serial bus (the modbus driver does)")
         try:
-            asked = _scan_request(body)
+            asked = _scan_request(body, tools)
         except FieldError as exc:
             return _error(400, str(exc))
         if self.job.busy and self.job.request is not None:
@@ -144,16 +159,14 @@ class BusRoutes:
             names = ", ".join(d.id for d in polling)
             return _error(409, f"{asked.port} is polled by device {names}: disable it first (enabled: false in "
                                "the site file, then apply), then scan")  # fmt: skip
-        from drivers.modbus.scan import PortUnusable, open_line
-
         self.job.reserve(asked)  # before the await: a second start meanwhile is refused
         try:
-            line = await asyncio.to_thread(open_line, asked.port, asked.stopbits, asked.timeout)
-        except PortUnusable as exc:
+            scan = await asyncio.to_thread(tools.open_scan, asked.port, asked.lines, asked.units, asked.expect)
+        except BusError as exc:
             self.job.release(str(exc))
-            return _error(409, str(exc))
-        self.job.start(line)
-        log.info("ui: scan of %s (units %s) started by %s", asked.port, body.get("units", "1-247"),
+            return _error(STATUS[exc.kind], str(exc))
+        self.job.start(scan)
+        log.info("ui: scan of %s (units %s) started by %s", asked.port, str(body.get("units", "1-247"))[:40],
                  getattr(allowed, "user", "?"))  # fmt: skip
         return _answer(self.job.view(), 202)
 
@@ -176,32 +189,18 @@ class BusRoutes:
             return _error(400, "body: expected a JSON object")
         try:
             target = self._read_target(body)
-            table, address, count = _registers(body)
+            if isinstance(target, Response):
+                return target
+            tools, config, unit = target
+            table, address, count = _registers(body, tools)
+            return _answer(await tools.read(config, unit, table, address, count))
         except FieldError as exc:
             return _error(400, str(exc))
-        if isinstance(target, Response):
-            return target
-        config, unit = target
-        from drivers.modbus.bus import POOL, ModbusReadError
-        from drivers.modbus.typed_read import read_failure, read_registers, typed, where
+        except BusError as exc:
+            return _error(STATUS[exc.kind], str(exc))
 
-        try:
-            values = await read_registers(config, table, address, count, unit, POOL)
-        except ModbusReadError as exc:
-            return _error(502, read_failure(config, unit, exc))
-        except ValueError as exc:  # the port is open with other settings for a device
-            return _error(409, str(exc))
-        setting = None
-        if config.serial is not None:
-            s = config.serial
-            setting = f"{s.baudrate} {s.bytesize}{s.parity}{s.stopbits}"
-        return _answer({"where": where(config), "setting": setting, "unit": unit, "table": table,
-                        "address": address, "count": count, **typed(table, address, values)})  # fmt: skip
-
-    def _read_target(self, body: dict[str, Any]) -> tuple[Any, int] | Response:
-        """The connection config and unit a read goes to: a site device's, or a port's with the given settings."""
-        from drivers.modbus.typed_read import port_config
-
+    def _read_target(self, body: dict[str, Any]) -> tuple[BusTools, Any, int] | Response:
+        """The tools, the connection (a site device's config, or a port's settings) and the unit a read goes to."""
         if ("device" in body) == ("port" in body):
             raise FieldError("port or device: give one of them (a serial port with its settings, or a device id)")
         if "device" in body:
@@ -211,9 +210,13 @@ class BusRoutes:
             device = next((d for d in self._devices() if d.id == name), None)
             if device is None:
                 return _error(404, f"device: no device {name[:64]!r} in the site file")
-            if device.driver != "modbus":
-                raise FieldError(f"device: {name} uses the {device.driver} driver; typed reads are for modbus devices")
-            return device, fields.integer(body, "unit", 0, 255, device.unit)
+            tools = bus_tools(device.driver)
+            if tools is None:
+                raise FieldError(f"device: {name} uses the {device.driver} driver, which has no typed reads")
+            return tools, device, fields.integer(body, "unit", 0, 255, getattr(device, "unit", 1))
+        tools = bus_tools()
+        if tools is None:
+            return _error(501, "no installed driver reads a serial port (the modbus driver does)")
         port = fields.port(body)
         unit = fields.integer(body, "unit", 1, 247, 1)
         baud, parity = fields.baud(body, 9600) or 9600, fields.parity(body, "N") or "N"
@@ -229,31 +232,26 @@ class BusRoutes:
                 return _error(409, f"{port} is polled by device {device.id} at {polled}, not {asked}: "
                                    f"read it as device {device.id}, or disable it first")  # fmt: skip
             # The device's own connection: one open port, this read taking its turn between polls.
-            return device, unit
-        return port_config(port, unit, baud, parity, stop, timeout), unit
+            return bus_tools(device.driver) or tools, device, unit
+        return tools, {"port": port, "baud": baud, "parity": parity, "stopbits": stop, "timeout": timeout}, unit
 
 
-def _scan_request(body: dict[str, Any]) -> ScanRequest:
+def _scan_request(body: dict[str, Any], tools: BusTools) -> ScanRequest:
     expect = fields.optional_int(body, "expect", 1, 247)
     if fields.flag(body, "first"):
         expect = 1
-    return ScanRequest(
-        port=fields.port(body), baud=fields.baud(body, None), parity=fields.parity(body, None),
-        stopbits=fields.stopbits(body), units=fields.units(body), expect=expect,
-        timeout=fields.seconds(body, "timeout", 0.01, 2.0),
-    )  # fmt: skip
+    lines = {"baud": fields.baud(body, None), "parity": fields.parity(body, None), "stopbits": fields.stopbits(body),
+             "timeout": fields.seconds(body, "timeout", 0.01, 2.0)}  # fmt: skip
+    return ScanRequest(port=fields.port(body), lines=lines, units=fields.units(body, tools.parse_units), expect=expect)
 
 
-def _registers(body: dict[str, Any]) -> tuple[str, int, int]:
+def _registers(body: dict[str, Any], tools: BusTools) -> tuple[str, int, int]:
     """(table, zero-based address, count): the address zero-based with ``table``, or a Modicon reference."""
-    from drivers.modbus.config import parse_modicon
-    from drivers.modbus.typed_read import MAX_COUNT
-
     given = body.get("address")
     table: str
     if isinstance(given, str):
         try:
-            table, address = parse_modicon(given.strip())
+            table, address = tools.parse_reference(given.strip())
         except ValueError as exc:
             raise FieldError(f"address: {exc}; or a zero-based number with table") from None
         if body.get("table") not in (None, table):
@@ -261,7 +259,7 @@ def _registers(body: dict[str, Any]) -> tuple[str, int, int]:
     else:
         table = fields.table(body)
         address = fields.integer(body, "address", 0, 65535)
-    count = fields.integer(body, "count", 1, MAX_COUNT[table], 2)
+    count = fields.integer(body, "count", 1, tools.max_count(table), 2)
     if address + count > 65536:
         raise FieldError(f"count: {count} from address {address} runs past 65535")
     return table, address, count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
+from agent.devices.bus_tools import BusTools
 from drivers.modbus.config import ModbusConfig
 
 
@@ -17,6 +18,12 @@ def _tools() -> dict[str, ToolMain]:
 
     return {"profiles": tools.profiles_main, "scan": tools.scan_main, "read": tools.read_main,
             "simulate": tools.simulate_main}  # fmt: skip
+
+
+def _bus_tools() -> BusTools:
+    from drivers.modbus.page_tools import ModbusBusTools
+
+    return ModbusBusTools()
 
 
 def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
@@ -50,4 +57,5 @@ PLUGIN = DriverPlugin(
     tools=_tools,
     global_verbs=("profiles",),
     check_devices=_check,
+    bus_tools=_bus_tools,
 )
