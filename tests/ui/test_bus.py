@@ -204,3 +204,25 @@ def test_an_unknown_device_is_404_and_posts_need_the_page_header(bench: Bench) -
     assert r.status_code == 404 and r.json()["error"] == "device: no device 'no-such-meter' in the site file"
     bare = httpx2.post(f"{bench.url}/api/scan", json={"port": bench.pty}, cookies=dict(bench.client.cookies))
     assert bare.status_code == 403
+
+
+def test_first_ends_the_scan_at_the_first_unit_found(bench: Bench) -> None:
+    r = bench.client.post("/api/scan", json={"port": bench.pty, "units": f"{UNIT}-247", "first": True, "timeout": 0.2})
+    assert r.status_code == 202, r.text
+    view = _scan_until_over(bench.client)
+    assert (view["state"], view["done"], [h["unit"] for h in view["found"]]) == ("done", 1, [UNIT])
+
+
+def test_references_are_one_based_and_read_back_as_the_cli_parses_them() -> None:
+    from drivers.modbus.config import parse_modicon
+    from drivers.modbus.typed_read import reference, word_orders
+
+    cases = {("input", 0): "30001", ("holding", 9998): "49999", ("holding", 9999): "410000",
+             ("coil", 0): "00001", ("discrete", 5): "10006", ("holding", 65535): "465536"}  # fmt: skip
+    for (table, address), text in cases.items():
+        assert reference(table, address) == text
+        assert parse_modicon(text) == (table, address)
+    orders = word_orders(0x7FC0, 0x0000)  # a quiet NaN, big-endian: JSON has no NaN, so it is text
+    assert orders["ABCD"]["float32"] == "nan" and orders["ABCD"]["uint32"] == 0x7FC00000
+    assert orders["BADC"] == {"hex": "c07f0000", "float32": -3.984375, "uint32": 0xC07F0000, "int32": -0x3F810000}
+    assert orders["CDAB"]["hex"] == "00007fc0" and orders["DCBA"]["hex"] == "0000c07f"
