@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -38,6 +38,9 @@ from pydantic import (
 from agent.contract.events import Reading
 from agent.contract.units import parse_duration, parse_size
 from agent.errors import DriverWriteError
+
+if TYPE_CHECKING:
+    from agent.devices.bus_tools import BusTools
 
 Duration = Annotated[
     float,
@@ -309,6 +312,7 @@ class DriverPlugin:
         add_hit: the technician page's "add a device from a scan hit": gets the site file's text,
             the hit the page posted and the file's path, returns (the text with the device added,
             its id); raises ValueError naming the hit's wrong field (``hit.unit: ...``).
+        bus_tools: returns its scan and typed read for the technician page (agent/devices/bus_tools.py).
     """
 
     name: str
@@ -321,3 +325,4 @@ class DriverPlugin:
     links: Callable[[], dict[str, dict[str, Any]]] | None = None
     doctor: DoctorCheck | None = None
     add_hit: Callable[[str, object, Path], tuple[str, str]] | None = None
+    bus_tools: Callable[[], BusTools] | None = None

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from agent.ui.bus_routes import BusRoutes
 from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
@@ -33,7 +34,7 @@ MAX_BODY = 4096  # bytes of a JSON request body
 STATIC = ("index.html", "app.js", "app.css")
 # The page parts' scripts, served as one /app.js after app.js itself: one request, whatever the
 # number of parts (the issue allows 5 requests before the first value).
-SCRIPTS = ("app.js", "site.js", "zones.js")
+SCRIPTS = ("app.js", "site.js", "zones.js", "bus.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -58,9 +59,16 @@ Part = Callable[[Callable[[Request], Session | Response]], list[Route]]
 
 
 def build_app(
-    source: Source, state: UiState, *, hosts: set[str], origin: str, tls: bool, parts: Sequence[Part] = ()
+    source: Source,
+    state: UiState,
+    *,
+    hosts: set[str],
+    origin: str,
+    tls: bool,
+    parts: Sequence[Part] = (),
+    devices: Callable[[], list[Any]] = list,
 ) -> Guard:
-    """The page as an ASGI app, behind its guard."""
+    """The page as an ASGI app, behind its guard; ``devices``: the site's device configs (the bus tools')."""
     page = _Page(source, state, tls)
     routes = [
         Route("/", page.static("index.html")),
@@ -75,6 +83,7 @@ def build_app(
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
+        *BusRoutes(page._allowed, page._json, devices).routes(),
     ]
     for part in parts:
         routes += part(page._allowed)

@@ -145,9 +145,8 @@ class UiServer:
         origin = bind.url.rstrip("/")
         editor = SiteEditor(self.agent)  # one, so page parts' changes queue on one lock
         parts = [partial(site_routes, editor), partial(zone_routes, self.agent, editor=editor)]
-        app = build_app(
-            _AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls, parts=parts
-        )
+        app = build_app(_AgentSource(self.agent, self.values), state, hosts=hosts, origin=origin, tls=bind.tls,
+                        parts=parts, devices=lambda: list(self.agent.config.devices))  # fmt: skip
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines speak of Ctrl+C
         server = QuietServer(
             uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.devices.api import DeviceConfig, Driver, DriverPlugin, ToolMain
+from agent.devices.bus_tools import BusTools
 from drivers.modbus.config import ModbusConfig
 
 
@@ -25,6 +26,10 @@ def _add_hit(text: str, hit: object, site: Path) -> tuple[str, str]:
     from drivers.modbus.hit import propose
 
     return propose(text, hit, site)
+def _bus_tools() -> BusTools:
+    from drivers.modbus.page_tools import ModbusBusTools
+
+    return ModbusBusTools()
 
 
 def _check(devices: list[tuple[int, DeviceConfig]]) -> list[str]:
@@ -59,4 +64,5 @@ PLUGIN = DriverPlugin(
     global_verbs=("profiles",),
     check_devices=_check,
     add_hit=_add_hit,
+    bus_tools=_bus_tools,
 )

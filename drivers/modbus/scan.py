@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 import struct
+import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from agent.devices.ports import is_pty, port_problem
 from drivers.modbus import codec
 from drivers.modbus import profiles as profile_store
-from drivers.modbus.rtu_line import Answer, SettingRefused, setting_name
+from drivers.modbus.rtu_line import Answer, RtuLine, SettingRefused, setting_name
 
 # Line settings by how often meters leave the factory or are set so (likeliest first).
 LIKELY = [(9600, "N"), (9600, "E"), (19200, "N"), (19200, "E"), (38400, "N"), (4800, "N"), (2400, "N"),
@@ -67,6 +70,36 @@ class Progress:
     garbled: int = 0
     refused: list[str] = field(default_factory=list)  # settings the port refused, skipped
 
+    def as_dict(self) -> dict[str, Any]:
+        """The progress as plain data (the page's progress line and hits)."""
+        return {"setting": self.setting, "unit": self.unit, "done": self.done, "total": self.total,
+                "found": [asdict(h) | {"setting": h.setting} for h in list(self.found)],
+                "garbled": self.garbled, "refused": list(self.refused)}  # fmt: skip
+
+
+class PortUnusable(Exception):
+    """The port cannot be opened for a scan; the message names the cause and its fix."""
+
+
+def open_line(port: str, stopbits: int = 1, timeout: float | None = None) -> RtuLine:
+    """``port`` opened once for a sweep.
+
+    Raises:
+        PortUnusable: missing, forbidden, busy, or refused, in the words of ``read`` and ``doctor``.
+    """
+    if problem := port_problem(port):
+        raise PortUnusable(problem)
+    try:
+        return RtuLine(port, stopbits, timeout)
+    except (OSError, termios.error) as exc:
+        raise PortUnusable(port_problem(port, exc) or str(exc)) from exc
+
+
+def refused_note(port: str, refused: list[str]) -> str:
+    """The line naming the settings a port refused and why they were skipped."""
+    why = "a pseudo-terminal has no parity bit" if is_pty(port) else "the adapter does not support them"
+    return f"skipped settings {port} refuses: {', '.join(refused)} ({why})"
+
 
 def settings(baud: int | None, parity: str | None) -> list[tuple[int, str]]:
     """The line settings to sweep, likeliest first; a given baud or parity keeps only those."""
@@ -88,8 +121,12 @@ def sweep(
     expect: int | None = None,
     configure: Callable[[int, str], None] | None = None,
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[Hit]:
-    """Yield each answering unit as found. ``lines`` None: one pass (TCP); ``probe``: (table, address)."""
+    """Yield each answering unit as found. ``lines`` None: one pass (TCP); ``probe``: (table, address).
+
+    ``stop``, once set, ends the sweep before its next probe (the page's Stop; the CLI has Ctrl-C).
+    """
     state = progress or Progress()
     passes: list[tuple[int | None, str | None]] = list(lines) if lines else [(None, None)]
     state.total = len(passes) * len(units)
@@ -107,6 +144,8 @@ def sweep(
                 continue
         found_here = 0
         for unit in units:
+            if stop is not None and stop.is_set():
+                return
             state.unit = unit
             answer = prober.read(unit, table, address, 1)
             state.done += 1

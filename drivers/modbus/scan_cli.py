@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import termios
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.devices.ports import is_pty, port_problem
+from agent.devices.ports import port_problem
 from drivers.modbus.rtu_line import Answer, RtuLine, SettingRefused
-from drivers.modbus.scan import Hit, Progress, registers_answer, settings, sweep
+from drivers.modbus.scan import Hit, PortUnusable, Progress, open_line, refused_note, registers_answer, settings, sweep
 from drivers.modbus.site_add import AddRefused, add_device, device_keys
 
 DEFAULT_SITE = Path("/etc/edge-agent/site.yaml")
@@ -87,15 +86,9 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
     where = args.port or args.host
     prober: RtuLine | TcpProber
     try:
-        if args.port:
-            if problem := port_problem(args.port):
-                print(f"error: {problem}", file=sys.stderr)
-                return 1
-            prober = RtuLine(args.port, args.stopbits, args.timeout)
-        else:
-            prober = TcpProber(make_config)
-    except (OSError, termios.error) as exc:
-        print(f"error: {port_problem(args.port, exc) or exc}", file=sys.stderr)
+        prober = open_line(args.port, args.stopbits, args.timeout) if args.port else TcpProber(make_config)
+    except PortUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     lines = settings(args.baud, args.parity) if args.port else None
     state = Progress()
@@ -131,8 +124,7 @@ def run_scan(args: argparse.Namespace, units: list[int], make_config: Any) -> in
     found = state.found
     note = " (interrupted)" if interrupted else ""
     if state.refused:
-        why = "a pseudo-terminal has no parity bit" if is_pty(args.port) else "the adapter does not support them"
-        print(f"skipped settings {args.port} refuses: {', '.join(state.refused)} ({why})", file=sys.stderr)
+        print(refused_note(args.port, state.refused), file=sys.stderr)
     print(f"{len(found)} unit(s) found on {where} in {seconds:.1f} s, {state.done} probes{note}", file=sys.stderr)
     if refused and not found:
         return 1

@@ -76,13 +76,13 @@ def scan_main(argv: list[str]) -> int:
     scan_cli.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        units = _units(args.units)
+        units = parse_units(args.units)
     except ValueError:
         parser.error(f"--units: expected ids 1-247 like 1-10 or 1,2,5, got {args.units!r}")
     return scan_cli.run_scan(args, units, lambda unit: _device(args, unit, args.baud, args.parity))
 
 
-def _units(text: str) -> list[int]:
+def parse_units(text: str) -> list[int]:
     """``1-10,15`` as unit ids. Raises ValueError outside 0..247 or when not numbers."""
     out: list[int] = []
     for part in text.split(","):
@@ -131,20 +131,16 @@ def read_main(argv: list[str]) -> int:
 
 
 async def _read(config: Any, table: str, address: int, points: list[dict[str, Any]]) -> int:
-    from drivers.modbus.bus import BusPool, ModbusReadError
+    from drivers.modbus.bus import ModbusReadError
     from drivers.modbus.driver import decode_point
+    from drivers.modbus.typed_read import read_failure, read_registers
 
     span = max(p.address + p.registers for p in config.points) - address
-    pool = BusPool()
-    bus = pool.acquire(config)
     try:
-        values = await bus.read(table, address, span, config.unit)
+        values = await read_registers(config, table, address, span, config.unit)
     except ModbusReadError as exc:
-        where = config.serial.port if config.serial else f"{config.host}:{config.port}"
-        print(f"error: unit {config.unit} at {where}: {exc.reason}", file=sys.stderr)
+        print(f"error: {read_failure(config, config.unit, exc)}", file=sys.stderr)
         return 1
-    finally:
-        pool.release(bus)
     print(f"{'ADDRESS':>8}  {'RAW':<24}  VALUE")
     for point in config.points:
         raw = values[point.address - address : point.address - address + point.registers]
@@ -203,7 +199,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     defaults = profile.get("defaults") or {}
     points = [PointConfig.model_validate(p) for p in profile["points"]]
     units = [SimulatedUnit(u, points, byte_order=defaults.get("byte_order", "big"), strict=not args.lenient,
-                           word_order=defaults.get("word_order", "big")) for u in _units(args.units)]  # fmt: skip
+                           word_order=defaults.get("word_order", "big")) for u in parse_units(args.units)]  # fmt: skip
     for unit in units:
         unit.faults.corrupt_crc = args.garble
     sim = Simulator(units, identity={"VendorName": str(profile.get("vendor", "")),
