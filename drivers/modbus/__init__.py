@@ -26,6 +26,8 @@ def _add_hit(text: str, hit: object, site: Path) -> tuple[str, str]:
     from drivers.modbus.hit import propose
 
     return propose(text, hit, site)
+
+
 def _bus_tools() -> BusTools:
     from drivers.modbus.page_tools import ModbusBusTools
 
