@@ -13,16 +13,21 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from agent.ui.clock_routes import clock_routes
 from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
+from agent.ui.uplink_routes import uplink_routes
+
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfigBase
 
 log = logging.getLogger("agent.ui")
 
@@ -30,7 +35,7 @@ COOKIE = "ea_session"
 USER = "technician"  # one role on the page: whoever holds the device password
 EVENT_INTERVAL = 0.5  # seconds between live updates (the issue allows 5 a second)
 MAX_BODY = 4096  # bytes of a JSON request body
-STATIC = ("index.html", "app.js", "app.css")
+STATIC = ("index.html", "app.js", "app.css", "ops.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -47,6 +52,10 @@ class Source(Protocol):
 
     def previews(self, device: str) -> list[dict[str, Any]] | None:
         """The CloudEvents a device's latest readings become, with their verdicts; None: no such device."""
+        ...
+
+    def site_config(self) -> AgentConfigBase:
+        """The agent's current config (as last loaded or reloaded)."""
         ...
 
 
@@ -66,6 +75,9 @@ def build_app(source: Source, state: UiState, *, hosts: set[str], origin: str, t
         Route("/api/events", page.events),
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
+        Route("/ops.js", page.static("ops.js")),
+        *clock_routes(page._allowed, page._json),
+        *uplink_routes(page._allowed, lambda: source.site_config()),
     ]
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
