@@ -258,5 +258,3 @@ def test_without_timedated_the_page_says_so(site: Site) -> None:
         assert r.status_code == 409 and "synchronised" in r.json()["error"]
     else:
         assert r.status_code == 503 and "sudo timedatectl set-time" in r.json()["error"], r.text
-
-

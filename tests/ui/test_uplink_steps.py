@@ -35,7 +35,8 @@ class Brokers:
         self.auth_port = free_port()
         accounts = folder / "accounts"
         accounts.write_text(f"gw:{ACCOUNT_PASSWORD}\n")
-        subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U", str(accounts)], check=True)
+        passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        subprocess.run([passwd, "-U", str(accounts)], check=True)
         conf = folder / "auth.conf"
         conf.write_text(
             f"listener {self.auth_port} 127.0.0.1\nallow_anonymous false\npassword_file {accounts}\nlog_dest none\n"
@@ -77,7 +78,8 @@ def test_plain_broker_every_step_and_the_test_message_arrives(brokers: Brokers) 
     watcher = Subscriber(brokers.plain.port, "ioc/v1/+/test")
     try:
         result = _check(host="127.0.0.1", port=brokers.plain.port)
-        assert _statuses(result) == [("DNS", "ok"), ("TCP", "ok"), ("TLS", "skip"), ("CONNACK", "ok"), ("publish", "ok")]
+        expected = [("DNS", "ok"), ("TCP", "ok"), ("TLS", "skip"), ("CONNACK", "ok"), ("publish", "ok")]
+        assert _statuses(result) == expected
         assert result["ok"] is True and result["target"] == f"127.0.0.1:{brokers.plain.port}"
         steps = _steps(result)
         assert steps["DNS"]["detail"] == "127.0.0.1 is an address: no lookup"
