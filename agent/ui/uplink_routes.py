@@ -1,4 +1,5 @@
-"""``POST /api/uplink/check``: every configured MQTT uplink checked step by step (agent/ui/uplink_check.py).
+"""``POST /api/uplink/check``: each configured uplink checked step by step by its plugin's ``checker``
+(the MQTT uplink's: agent/tools/doctor/steps.py, reached through the plugin seam).
 
 The check runs in a worker thread (blocking sockets and paho, each step with its own timeout),
 one at a time; the page's event loop keeps serving the live values meanwhile.
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from agent.config.model import AgentConfigBase
 from agent.ui.sessions import Session
-from agent.uplinks.mqtt.config import MqttConfig
+from agent.uplinks.registry import load_uplinks
 
 log = logging.getLogger("agent.ui")
 
@@ -33,11 +34,15 @@ def uplink_routes(allowed: Allowed, config: Callable[[], AgentConfigBase]) -> li
 
 
 def run_checks(config: AgentConfigBase, timeout: float) -> list[dict[str, Any]]:
-    """Every MQTT uplink the site file configures, checked in turn (blocking)."""
-    from agent.ui.uplink_check import check_uplink  # the doctor's checks: at the first check, not at start
-
-    uplinks = {name: s for name, s in config.uplink.present().items() if isinstance(s, MqttConfig)}
-    return [check_uplink(name, mqtt, config.gateway.id, timeout) for name, mqtt in uplinks.items()]
+    """Every configured uplink whose plugin can check its connection, in turn (blocking)."""
+    plugins = load_uplinks()
+    results = []
+    for name, settings in config.uplink.present().items():
+        plugin = plugins.get(name)
+        found = plugin.check(settings, config.gateway.id, timeout) if plugin is not None else None
+        if found is not None:
+            results.append({"name": name, **found})
+    return results
 
 
 class _Checker:

@@ -11,6 +11,7 @@ from tests.test_import_graph import AGENT, ROOT, imported
 
 WEB = ("starlette", "uvicorn", "httpx", "httpx2")
 PAGE = {"agent/ui/app.py", "agent/ui/server.py"}  # the modules that may import them
+PAGE |= {"agent/ui/clock_routes.py", "agent/ui/uplink_routes.py"}  # their routes, imported by app.py
 # Light modules of agent/ui the config model and the CLI may import.
 LIGHT = {"agent.ui", "agent.ui.config", "agent.ui.netif", "agent.ui.bind", "agent.ui.state", "agent.ui.tls"}
 

@@ -1,6 +1,6 @@
-"""The uplink check's steps (agent/ui/uplink_check.py) against real Mosquitto brokers: plain, TLS,
-with accounts (a refused login), an unresolvable host and a closed port. Each failure stops at
-its step, with the cause and the fix; the steps after it are skipped, saying why."""
+"""The uplink check's steps (agent/tools/doctor/steps.py, the MQTT plugin's ``checker``) against real
+Mosquitto brokers: plain, TLS, with accounts (a refused login), an unresolvable host and a closed
+port. Each failure stops at its step, with the cause and the fix; the later steps are skipped, saying why."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
-from agent.ui.uplink_check import check_uplink
+from agent.tools.doctor.steps import check_uplink
 from agent.uplinks.mqtt.config import MqttConfig
 from tests.conftest import KEEP_USER, Mosquitto, Subscriber, free_port, mosquitto_binary, wait_for
 from tests.runtime.test_security import SecureBroker
@@ -63,7 +63,7 @@ def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brokers]:
 
 
 def _check(**settings: Any) -> dict[str, Any]:
-    return check_uplink("mqtt", MqttConfig.model_validate(settings), GATEWAY, TIMEOUT)
+    return check_uplink(MqttConfig.model_validate(settings), GATEWAY, TIMEOUT)
 
 
 def _steps(result: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """An MQTT uplink checked step by step, as the agent meets it: DNS, TCP, TLS, CONNACK, a test publish.
 
-Blocking, with a timeout per step: the page runs it in a worker thread. Each step has its time
+The technician page's "Check uplink" reaches it through the uplink plugin seam (the MQTT
+plugin's ``checker``). Blocking, with a timeout per step: the page runs it in a worker thread. Each step has its time
 and, when it fails, the cause and the fix in words (the doctor's words where it has them:
 agent/tools/doctor). After a failed step the later ones are skipped, saying why.
 
@@ -49,11 +50,10 @@ def check_topic(mqtt: MqttConfig, gateway: str) -> str:
     return f"{mqtt.topic_prefix}/{gateway}/test"
 
 
-def check_uplink(name: str, mqtt: MqttConfig, gateway: str, timeout: float) -> dict[str, Any]:
-    """Every step of one MQTT uplink: ``{"name", "target", "ok", "steps": [...]}``."""
+def check_uplink(mqtt: MqttConfig, gateway: str, timeout: float) -> dict[str, Any]:
+    """Every step of one MQTT uplink: ``{"target", "ok", "steps": [...]}``."""
     steps = _steps(mqtt, gateway, timeout)
     return {
-        "name": name,
         "target": f"{mqtt.host}:{mqtt.port}",
         "ok": all(s.status in ("ok", "warn", "skip") for s in steps) and steps[-1].status != "skip",
         "steps": [asdict(s) for s in steps],
