@@ -8,6 +8,7 @@ pure Python, blocking: every call here runs in a worker thread with a timeout.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,9 @@ def read_state(timeout: float) -> ClockState:
         (found,) = _call("GetAll", "s", (TIMEDATED,), timeout, "org.freedesktop.DBus.Properties")
     except DBusErrorResponse as exc:
         return _without_timedated(f"{exc.name}")
-    except (OSError, ValueError, KeyError) as exc:  # no bus socket, refused, timed out, no bus address
-        return _without_timedated(f"system bus: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+    except (OSError, ValueError, KeyError) as exc:  # no bus socket, refused, timed out, a bad bus address
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return _without_timedated(f"the system bus {_bus_address()}: {reason}")
     values = {name: value for name, (_signature, value) in found.items()}
     ntp, synced = values.get("NTP"), values.get("NTPSynchronized")
     return ClockState(
@@ -96,6 +98,10 @@ def read_state(timeout: float) -> ClockState:
         synchronised=synced if isinstance(synced, bool) else None,
         how=f"timedated: NTP={ntp}, NTPSynchronized={synced}",
     )
+
+
+def _bus_address() -> str:
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or "unix:path=/run/dbus/system_bus_socket"
 
 
 def _without_timedated(why: str) -> ClockState:

@@ -19,6 +19,7 @@ import pytest
 from dbusmock import BusType, PrivateDBus, SpawnedMock
 from playwright.sync_api import Browser, expect, sync_playwright
 
+from agent.ui.clock import SYNCED, read_state
 from tests.conftest import AgentProcess, Mosquitto, wait_for
 from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
 from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
@@ -258,3 +259,17 @@ def test_without_timedated_the_page_says_so(site: Site) -> None:
         assert r.status_code == 409 and "synchronised" in r.json()["error"]
     else:
         assert r.status_code == 503 and "sudo timedatectl set-time" in r.json()["error"], r.text
+
+
+def test_without_a_system_bus_the_reason_names_its_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    address = f"unix:path={tmp_path / 'no-bus'}"
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+    state = read_state(1.0)
+    assert (state.timedated, state.ntp) == (False, None)
+    assert state.how == f"the system bus {address}: No such file or directory"
+    refusal = state.refusal()
+    assert refusal is not None
+    if state.synchronised:  # the kernel's word, without timedated: this machine's own clock
+        assert refusal == (409, SYNCED)
+    else:
+        assert refusal[0] == 503 and f"systemd-timedated is not reachable ({state.how})" in refusal[1]
