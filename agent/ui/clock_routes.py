@@ -19,12 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent.ui.clock import THRESHOLD_S, ClockError, read_state, set_time
+from agent.ui.clock import THRESHOLD_S, ClockError, ClockState, read_state, set_time
 from agent.ui.sessions import Session
 
 log = logging.getLogger("agent.ui")
 
 DBUS_TIMEOUT = 3.0  # s per D-Bus call (timedated starts on demand: usually well under 1 s)
+# The request's own bound: jeepney's connection greeting (Hello) has no timeout of its own, so a bus
+# that accepts but never answers would hold the worker thread; the page answers anyway.
+REQUEST_TIMEOUT = 3 * DBUS_TIMEOUT
 EARLIEST_MS = 946_684_800_000  # 2000-01-01: a browser time before it is a broken browser clock
 LATEST_MS = 4_102_444_800_000  # 2100-01-01
 
@@ -42,6 +45,13 @@ def _answer(status: int, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status, headers={"cache-control": "no-store"})
 
 
+async def _state() -> ClockState:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(read_state, DBUS_TIMEOUT), REQUEST_TIMEOUT)
+    except TimeoutError:
+        return ClockState(False, None, None, f"no answer on the system bus within {REQUEST_TIMEOUT:g} s")
+
+
 def _iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -56,7 +66,7 @@ class _Clock:
         allowed = self.allowed(request)
         if isinstance(allowed, Response):
             return allowed
-        state = await asyncio.to_thread(read_state, DBUS_TIMEOUT)
+        state = await _state()
         refusal = state.refusal()
         return _answer(
             200,
@@ -86,7 +96,7 @@ class _Clock:
             return await self._set(allowed.user, float(given), received)
 
     async def _set(self, user: str, browser_ms: float, received: float) -> Response:
-        state = await asyncio.to_thread(read_state, DBUS_TIMEOUT)
+        state = await _state()
         # Where the browser's clock is now: its reading plus what passed since the request arrived.
         target_ms = browser_ms + (time.monotonic() - received) * 1000
         old_ms = time.time() * 1000
@@ -102,7 +112,13 @@ class _Clock:
             log.warning("ui: clock set by %s: %s: refused: %s", user, change, refusal[1])
             return _answer(refusal[0], {"error": refusal[1]})
         try:
-            await asyncio.to_thread(set_time, round(target_ms * 1000), DBUS_TIMEOUT)
+            await asyncio.wait_for(asyncio.to_thread(set_time, round(target_ms * 1000), DBUS_TIMEOUT), REQUEST_TIMEOUT)
+        except TimeoutError:
+            exc = ClockError(
+                504, f"systemd-timedated did not answer within {REQUEST_TIMEOUT:g} s: the clock may or may not be set"
+            )
+            log.error("ui: clock set by %s: %s: failed: %s", user, change, exc.message)
+            return _answer(exc.status, {"error": exc.message})
         except ClockError as exc:
             log.error("ui: clock set by %s: %s: failed: %s", user, change, exc.message)
             return _answer(exc.status, {"error": exc.message})

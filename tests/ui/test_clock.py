@@ -9,6 +9,7 @@ appears only when the clock is unsynchronised and more than 2 s off; pressing it
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,3 +274,15 @@ def test_without_a_system_bus_the_reason_names_its_address(tmp_path: Path, monke
         assert refusal == (409, SYNCED)
     else:
         assert refusal[0] == 503 and f"systemd-timedated is not reachable ({state.how})" in refusal[1]
+
+
+def test_a_bus_that_never_answers_is_given_up_on_in_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(tmp_path / "silent-bus"))
+    silent.listen(1)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path / 'silent-bus'}")
+    started = time.monotonic()
+    with silent:
+        state = read_state(0.5)
+    assert time.monotonic() - started < 2
+    assert state.timedated is False and "Did not authenticate in 0.5 seconds" in state.how, state.how
