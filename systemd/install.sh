@@ -11,7 +11,10 @@
 #   - /opt/edge-agent/venv: a fresh virtualenv with the package (not editable), built beside the
 #     running one and swapped in only once it installed and accepted the site config
 #   - /etc/systemd/system/edge-agent.service, /opt/edge-agent/share/ (docs, example, uninstall.sh)
-#   - /etc/edge-agent/site.yaml from the example ONLY if absent (0640 root:edge-agent)
+#   - /etc/edge-agent/site.yaml from the example ONLY if absent (0640 edge-agent:edge-agent, in
+#     /etc/edge-agent 1770 root:edge-agent: the technician page may apply site changes; root's
+#     files there, the secrets, stay out of its reach)
+#   - /etc/polkit-1/rules.d/50-edge-agent.rules: edge-agent may set the clock via systemd-timedated
 #   - /var/lib/edge-agent (the buffer), 0750 edge-agent:edge-agent
 #   - with --with-vision (kept on upgrades once installed): the [vision] extra (numpy, OpenCV,
 #     onnxruntime, onnx) in the venv, and the camera models built and hash-checked by
@@ -102,7 +105,7 @@ else
   esac
   FROM=$(cd "$(dirname "$FROM")" && pwd)/$(basename "$FROM")
 fi
-for f in edge-agent.service site.example.yaml uninstall.sh; do
+for f in edge-agent.service site.example.yaml uninstall.sh 50-edge-agent.rules; do
   [ -f "$HERE/$f" ] || die "$HERE/$f is missing: run the script from a complete checkout"
 done
 
@@ -236,7 +239,9 @@ own() {  # own SPEC PATH: SPEC is "root:group" (root, group edge-agent) or "user
 # ---- 3. directories -------------------------------------------------------------------------
 mkdir -p "$ROOT$OPT/share" "$ROOT$ETC" "$ROOT$STATE" "$ROOT$UNIT_DIR"
 chmod 0755 "$ROOT$OPT" "$ROOT$OPT/share"
-chmod 0750 "$ROOT$ETC";   own root:group "$ROOT$ETC"
+# Sticky and group-writable: the service (group edge-agent) can write the site file it owns and
+# its backups, but cannot delete, rename or replace root's files here (the secrets).
+chmod 1770 "$ROOT$ETC";   own root:group "$ROOT$ETC"
 chmod 0750 "$ROOT$STATE"; own user:group "$ROOT$STATE"
 
 # ---- 4. the virtualenv, staged beside the live one ------------------------------------------
@@ -341,7 +346,8 @@ SITE=$ROOT$ETC/site.yaml
 if [ -e "$SITE" ]; then
   say "kept $ETC/site.yaml (never overwritten; the current example is $OPT/share/site.example.yaml)"
   mode=$(stat -c %a "$SITE")
-  [ "$mode" = 640 ] || warn "$ETC/site.yaml has mode $mode; expected 640 (root:$USER_NAME)"
+  [ "$mode" = 640 ] || warn "$ETC/site.yaml has mode $mode; expected 640 ($USER_NAME:$USER_NAME)"
+  own user:group "$SITE"   # the page's site editor replaces it (earlier versions made it root's)
   FRESH_SITE=0
 else
   GW=gw-change-me
@@ -353,7 +359,7 @@ else
   fi
   sed "s/gw-change-me/$GW/g" "$HERE/site.example.yaml" > "$TMPD/site.yaml"
   install -m 0640 "$TMPD/site.yaml" "$SITE"
-  own root:group "$SITE"
+  own user:group "$SITE"
   say "wrote $ETC/site.yaml from the example (gateway id $GW): edit it for this site"
   FRESH_SITE=1
 fi
@@ -403,6 +409,13 @@ fi
 install -m 0644 "$HERE/edge-agent.service" "$ROOT$UNIT_DIR/$UNIT"
 install -m 0644 "$HERE/site.example.yaml" "$ROOT$OPT/share/site.example.yaml"
 install -m 0755 "$HERE/uninstall.sh" "$ROOT$OPT/share/uninstall.sh"
+# polkit: the one thing the unit's hardening leaves to another service, setting the clock.
+POLKIT_RULES=/etc/polkit-1/rules.d
+mkdir -p "$ROOT$POLKIT_RULES"
+install -m 0644 "$HERE/50-edge-agent.rules" "$ROOT$POLKIT_RULES/50-edge-agent.rules"
+if [ "$ROOT_MODE" = 0 ] && [ ! -d /usr/share/polkit-1/actions ]; then
+  warn "polkit is not installed: the technician page cannot set the clock (apt-get install polkitd)"
+fi
 if [ -f "$HERE/../docs/install.md" ]; then
   install -m 0644 "$HERE/../docs/install.md" "$ROOT$OPT/share/install.md"
 fi

@@ -4,7 +4,8 @@
 #   sudo ./systemd/uninstall.sh            # or: sudo /opt/edge-agent/share/uninstall.sh
 #   sudo ./systemd/uninstall.sh --purge
 #
-# Always: stops and disables edge-agent.service, removes the unit and /opt/edge-agent.
+# Always: stops and disables edge-agent.service, removes the unit, /opt/edge-agent and the polkit
+# rule /etc/polkit-1/rules.d/50-edge-agent.rules.
 # Kept (a reinstall picks them up again): /etc/edge-agent (site.yaml, secrets), the unit's
 # drop-ins (/etc/systemd/system/edge-agent.service.d), /var/lib/edge-agent (the buffer: it may
 # hold events not yet delivered) and the user edge-agent.
@@ -94,6 +95,9 @@ for f in "$ROOT$UNIT_DIR/$UNIT" "$ROOT$UNIT_DIR"/*.wants/"$UNIT"; do
   if [ -e "$f" ] || [ -L "$f" ]; then rm -f "$f"; removed=1; fi
 done
 [ "$removed" = 0 ] || say "removed $UNIT_DIR/$UNIT"
+# The polkit rule goes with the program: it names a user that may be gone.
+RULE=/etc/polkit-1/rules.d/50-edge-agent.rules
+if [ -e "$ROOT$RULE" ]; then rm -f "$ROOT$RULE"; say "removed $RULE"; fi
 if [ "$PURGE" = 1 ] && [ -d "$ROOT$UNIT_DIR/$UNIT.d" ]; then
   rm -rf "$ROOT$UNIT_DIR/$UNIT.d"
   say "removed the drop-ins $UNIT_DIR/$UNIT.d"

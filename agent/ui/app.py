@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,9 +21,14 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from agent.ui.bus_routes import BusRoutes
+from agent.ui.clock_routes import clock_routes
 from agent.ui.guard import Guard
 from agent.ui.sessions import Session, Sessions
 from agent.ui.state import PASSWORD_MIN, UiState
+from agent.ui.uplink_routes import uplink_routes
+
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfigBase
 
 log = logging.getLogger("agent.ui")
 
@@ -34,7 +39,7 @@ MAX_BODY = 4096  # bytes of a JSON request body
 STATIC = ("index.html", "app.js", "app.css")
 # The page parts' scripts, served as one /app.js after app.js itself: one request, whatever the
 # number of parts (the issue allows 5 requests before the first value).
-SCRIPTS = ("app.js", "site.js", "zones.js", "bus.js")
+SCRIPTS = ("app.js", "site.js", "zones.js", "bus.js", "ops.js")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 
 
@@ -51,6 +56,10 @@ class Source(Protocol):
 
     def previews(self, device: str) -> list[dict[str, Any]] | None:
         """The CloudEvents a device's latest readings become, with their verdicts; None: no such device."""
+        ...
+
+    def site_config(self) -> AgentConfigBase:
+        """The agent's current config (as last loaded or reloaded)."""
         ...
 
 
@@ -84,6 +93,8 @@ def build_app(
         Route("/api/bundle", page.bundle),
         Route("/api/preview/{device}", page.preview),
         *BusRoutes(page._allowed, page._json, devices).routes(),
+        *clock_routes(page._allowed, page._json),
+        *uplink_routes(page._allowed, lambda: source.site_config()),
     ]
     for part in parts:
         routes += part(page._allowed)

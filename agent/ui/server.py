@@ -29,6 +29,7 @@ from agent.ui.zones import zone_routes
 from agent.uplinks.api import Command
 
 if TYPE_CHECKING:
+    from agent.config.model import AgentConfigBase
     from agent.fleet.diagnostics import FleetDiagnostics
     from agent.runtime.agent import Agent
 
@@ -72,6 +73,9 @@ class _AgentSource:
 
     def previews(self, device: str) -> list[dict[str, Any]] | None:
         return self.view.previews(device)
+
+    def site_config(self) -> AgentConfigBase:
+        return self._agent.config
 
     async def bundle(self) -> Path:
         # Made at the first download: from then on the recent log lines are kept in memory.

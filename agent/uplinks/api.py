@@ -388,6 +388,9 @@ class UplinkPlugin:
         default_on: an absent key means the model's defaults rather than "not configured".
         owns_buffer_file: a durable uplink whose outbox is ``buffer.path`` itself (the main
             buffer file, its counters and sequence epoch); others get ``<stem>.<name><suffix>``.
+        checker: ``"module:function"`` checking the connection step by step (the technician
+            page's "Check uplink"): ``(settings, gateway_id, timeout) -> {"target", "ok",
+            "steps"}``, blocking; imported at the first check. "": the uplink has none.
     """
 
     name: str
@@ -398,6 +401,15 @@ class UplinkPlugin:
     title: str = ""
     default_on: bool = False
     owns_buffer_file: bool = False
+    checker: str = ""
+
+    def check(self, settings: UplinkSettings, gateway: str, timeout: float) -> dict[str, Any] | None:
+        """The connection's steps (blocking: run it in a thread); None if the plugin has no checker."""
+        if not self.checker:
+            return None
+        module, _, name = self.checker.partition(":")
+        result: dict[str, Any] = getattr(importlib.import_module(module), name)(settings, gateway, timeout)
+        return result
 
     def build(self, settings: UplinkSettings, context: UplinkContext) -> DurableUplink | LiveSink:
         """Import the implementation (first use only) and build one instance."""

@@ -107,13 +107,16 @@ def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
     if not reason.is_failure:
         return Row("broker", target, "ok", f"CONNACK {reason} (MQTT {mqtt.protocol}, {who})")
     text = str(reason)
-    lowered = text.lower()
+    return Row("broker", target, "FAIL", f"broker refused CONNECT: {text} ({who})", connack_fix(text))
+
+
+def connack_fix(reason: str) -> str:
+    """What to change for a CONNACK that refused the connection (its reason in paho's words)."""
+    lowered = reason.lower()
     if "password" in lowered or "authori" in lowered:
-        fix = "check uplink.mqtt.username / password_file (or $EDGE_AGENT_MQTT_PASSWORD) against the broker's accounts"
-    elif "identifier" in lowered:
-        fix = "the broker rejects the client id: set uplink.mqtt.client_id to one it accepts"
-    elif "protocol" in lowered:
-        fix = "set uplink.mqtt.protocol to a version the broker speaks (3.1.1 or 5)"
-    else:
-        fix = "check the broker's log for why it refused the connection"
-    return Row("broker", target, "FAIL", f"broker refused CONNECT: {text} ({who})", fix)
+        return "check uplink.mqtt.username / password_file (or $EDGE_AGENT_MQTT_PASSWORD) against the broker's accounts"
+    if "identifier" in lowered:
+        return "the broker rejects the client id: set uplink.mqtt.client_id to one it accepts"
+    if "protocol" in lowered:
+        return "set uplink.mqtt.protocol to a version the broker speaks (3.1.1 or 5)"
+    return "check the broker's log for why it refused the connection"

@@ -14,4 +14,5 @@ PLUGIN = UplinkPlugin(
     title="MQTT",
     default_on=True,
     owns_buffer_file=True,
+    checker="agent.tools.doctor.steps:check_uplink",  # the doctor's broker checks, step by step
 )
