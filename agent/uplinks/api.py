@@ -37,11 +37,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent.devices.api import StrictModel
 from agent.observability.metrics import MAX_REASONS, normalise_reason
 from agent.store.outbox import Stored
+from agent.store.records import Lanes
 
 ENTRY_POINT_GROUP = "edge_agent.uplinks"
 
@@ -109,6 +110,22 @@ class EventFeed(Protocol):
     async def ack(self, ids: Sequence[int]) -> int:
         """The far end has these events: they leave the feed's buffer (at once, or logged and
         deleted in groups). Returns how many ids were taken."""
+        ...
+
+
+@runtime_checkable
+class LaneFeed(EventFeed, Protocol):
+    """A feed that can also hand out live events beside the backlog (the core's feeds can).
+
+    For an uplink whose protocol lets late events follow newer ones (Sparkplug's
+    ``is_historical`` metrics carry their own timestamps): live events come at once while it
+    drains the backlog at its own pace. An uplink that needs one order per class (the JSON
+    uplink) keeps to :meth:`EventFeed.next_batch`.
+    """
+
+    async def next_lanes(self, lanes: Lanes, limit: int, backlog_limit: int = 0) -> list[Stored]:
+        """Up to ``limit`` live events, then up to ``backlog_limit`` backlog ones (``backlog`` set),
+        highest class first in each; the feed advances ``lanes``. A new ``lanes`` per connection."""
         ...
 
 
