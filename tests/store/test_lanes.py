@@ -24,7 +24,8 @@ def _store(path: Path, max_bytes: int = 1 << 30) -> EventStore:
 
 
 def _reading(n: int) -> Reading:
-    return Reading("city.meter.reading", {"measurements": [{"quantity": "x", "value": n, "unit": "", "quality": "good"}]})
+    measurement = {"quantity": "x", "value": n, "unit": "", "quality": "good"}
+    return Reading("city.meter.reading", {"measurements": [measurement]})
 
 
 async def _submit(store: EventStore, device: str, count: int, priority: int = Priority.TELEMETRY) -> None:
