@@ -206,13 +206,10 @@ class Feed:
         return rows
 
     async def next_lanes(self, lanes: Lanes, limit: int, backlog_limit: int = 0) -> list[Stored]:
-        """Up to ``limit`` live events, then up to ``backlog_limit`` backlog ones, highest class
-        first in each lane; the feed advances ``lanes`` past what it hands out.
-
-        A ``lanes`` not seen before starts a session as a new cursors dict does for
-        :meth:`next_batch`: events committed before it are its backlog (``backlog`` set), read from
-        the file behind a cursor of their own, so live events never wait behind them. Events still
-        in memory at that moment leave it (they are backlog now, read back from the file).
+        """Up to ``limit`` live events, then up to ``backlog_limit`` backlog ones, highest class first
+        in each lane; advances ``lanes``. A new ``lanes`` starts a session (as a new dict does for
+        :meth:`next_batch`): what was committed before it is backlog, read from the file behind a
+        cursor of its own, so live events never wait behind it (and it leaves memory now).
         """
         if lanes is not self._session:
             self._session = lanes
@@ -228,8 +225,7 @@ class Feed:
             got = self._from_tail(priority, cursor, need)
             if got is None:
                 got = await self._from_file(priority, cursor, need)
-            if got:
-                lanes.live[priority] = got[-1].id
+            lanes.live[priority] = got[-1].id if got else cursor
             rows += got
         live = len(rows)
         for priority in sorted(self.priorities - lanes.drained, reverse=True):
@@ -242,8 +238,7 @@ class Feed:
                 lanes.drained.add(priority)
             for row in got:
                 row.backlog = True
-            if got:
-                lanes.backlog[priority] = got[-1].id
+            lanes.backlog[priority] = got[-1].id if got else cursor
             rows += got
         for row in rows:
             if row.id > lanes.taken.get(row.priority, 0):
@@ -265,8 +260,7 @@ class Feed:
         while tail and len(rows) < need:
             taken = tail.popleft()
             rows.append(taken)
-            # Taken events leave memory; after a reconnect they are read from the file.
-            self._tail_from[priority] = taken.id + 1
+            self._tail_from[priority] = taken.id + 1  # taken: after a reconnect it is read from the file
         return rows
 
     async def _from_file(self, priority: int, cursor: int, need: int, below: int | None = None) -> list[Stored]:

@@ -80,6 +80,8 @@ class UplinkStatus:
     acked: int = 0
     refused: int = 0  # events the far end answered with a failure (kept buffered)
     errors: dict[str, int] = field(default_factory=dict)  # failures by normalised reason
+    # Commands the far end sent, by (kind, outcome, reason): /metrics' edge_agent_uplink_commands_total.
+    commands: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def failed(self, reason: str) -> None:
         """Record one failed attempt or lost connection (counted by reason for the metrics)."""
@@ -88,6 +90,18 @@ class UplinkStatus:
         if key not in self.errors and len(self.errors) >= MAX_REASONS:
             key = "other"
         self.errors[key] = self.errors.get(key, 0) + 1
+
+    def command(self, kind: str, outcome: str, reason: str = "") -> None:
+        """Count one command from the far end (e.g. ``dcmd``, ``refused``, ``not_writable``).
+
+        ``kind`` and ``outcome`` come from the uplink's own fixed set; ``reason`` is normalised and
+        at most :data:`MAX_REASONS` distinct ones are kept (the rest are ``other``), so the labels stay few.
+        """
+        reason = normalise_reason(reason) if reason else ""
+        key = (kind, outcome, reason)
+        if key not in self.commands and len({r for _, _, r in self.commands}) >= MAX_REASONS:
+            key = (kind, outcome, "other")
+        self.commands[key] = self.commands.get(key, 0) + 1
 
 
 class EventFeed(Protocol):

@@ -52,7 +52,7 @@ class SparkplugUplink:
         self.client_id = config.client_id or f"spb-{config.group_id}-{node}"
         self.model = Model()
         self.bdseq = BdSeq(context.state_dir / BDSEQ_FILE)
-        self.commands = Commands(config, self.topics, self.model, context.inbound, context.title)
+        self.commands = Commands(config, self.topics, self.model, context.inbound, context.title, self.status)
         self.forward = Forward(config.keepalive)
         self.forward.ready = lambda device: self.model.device(device).born
         self.session: Session | None = None
