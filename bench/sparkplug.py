@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Sparkplug B benchmark: bytes per reading against the JSON uplink, CPU per metric change, the
-backlog's read-ahead and drain, and a rebirth of 100 devices.
+backlog's read-ahead and drain, a rebirth of 100 devices; and, through the store, paho and a real
+Mosquitto, live latency during a 24 h backlog drain and CPU for 15,000 changes/s.
 
-Everything runs in this process through the edge node's own code (agent/uplinks/sparkplug:
-``parse`` of the stored CloudEvent, ``Model.learn``, ``Session`` building the payloads with the
-pinned .proto) into a connection stand-in that only counts bytes: no broker, no socket, so the
-figures are the edge node's own work, not paho's or the network's.
+The first four parts (``bytes``, ``cpu``, ``rebirth``, ``backlog``) run in this process through
+the edge node's own code (agent/uplinks/sparkplug: ``parse`` of the stored CloudEvent,
+``Model.learn``, ``Session`` building the payloads with the pinned .proto) into a connection
+stand-in that only counts bytes: no broker, no socket. The last two (``latency``, ``path-cpu``)
+are in bench/sparkplug_path.py: the agent's store file, the feed's live lane, the edge node,
+paho and a Mosquitto this script starts (``mosquitto`` must be installed).
 
 - Bytes: 100 full SDM630 readings (36 measurements, the readings of bench/payload.py) as the JSON
   uplink sends each (one event per message, QoS 1: MQTT header and the broker's PUBACK counted)
@@ -13,15 +16,23 @@ figures are the edge node's own work, not paho's or the network's.
   Report by exception: readings where 4 of the 36 values moved (a deadband's output).
 - CPU: 150,000 metric changes (100 devices x 20 registers, bench/payload.py's tag layout) from
   stored event to DDATA bytes; the share of one core that 15,000 changes/s would take.
-- Backlog: 24 h of one device with 10 metrics at 1 Hz (86,400 events): how long reading it ahead
-  takes (parse, queue) and its memory, then the drain: payloads of <= 500 metrics at 10 a second.
+- Backlog: 24 h of one device with 10 metrics at 1 Hz (86,400 events): how long parsing and
+  queueing it takes, the memory of the most the edge node reads ahead (QUEUE_CAP metrics), then
+  the drain: payloads of <= 500 metrics at 10 a second.
 - Rebirth: NBIRTH and 100 DBIRTHs of 36 metrics each.
+- Latency, path CPU: see bench/sparkplug_path.py.
 
-    .venv/bin/python bench/sparkplug.py      # about 20 s
+    .venv/bin/python bench/sparkplug.py                                  # all, about 80 s
+    .venv/bin/python bench/sparkplug.py --parts bytes,cpu,rebirth,backlog  # about 20 s, no broker
+    .venv/bin/python bench/sparkplug.py --parts latency --window 20      # about 35 s
+    .venv/bin/python bench/sparkplug.py --parts path-cpu                 # about 30 s
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import os
 import platform
 import random
 import sys
@@ -34,9 +45,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import sparkplug_path  # noqa: E402
 from payload import START, Point, reading_event, sdm630_points, tag_points  # noqa: E402
 
-from agent.uplinks.sparkplug.forward import MAX_METRICS, PAYLOADS_PER_SECOND, Forward, queue_backlog  # noqa: E402
+from agent.uplinks.sparkplug.forward import (  # noqa: E402
+    MAX_METRICS,
+    PAYLOADS_PER_SECOND,
+    QUEUE_CAP,
+    Forward,
+    queue_backlog,
+)
 from agent.uplinks.sparkplug.metrics import parse  # noqa: E402
 from agent.uplinks.sparkplug.model import Model  # noqa: E402
 from agent.uplinks.sparkplug.node import Session, Topics  # noqa: E402
@@ -159,12 +177,12 @@ def backlog() -> None:
     started = time.perf_counter()
     read_ahead_into(forward, model, events)
     read_ahead = time.perf_counter() - started
-    # Memory on a tenth of it (tracemalloc slows the run several times), scaled up.
+    # Memory of the read-ahead the edge node holds at most (QUEUE_CAP metrics; tracemalloc slows the
+    # run several times, so only that much is traced).
     tracemalloc.start()
-    read_ahead_into(Forward(keepalive=30.0), model, events[: len(events) // 10])
+    read_ahead_into(Forward(keepalive=30.0), model, events[: QUEUE_CAP // len(points)])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    peak *= 10
     metrics = forward.queued
     conn.sent.clear()
     started = time.process_time()
@@ -176,10 +194,11 @@ def backlog() -> None:
         now += 1.0 / PAYLOADS_PER_SECOND
     encode = time.process_time() - started
     payloads = len(conn.sent)
-    print(f"backlog: {len(events):,} events ({metrics:,} metrics, {hours} h of 10 metrics at 1 Hz) read ahead in "
-          f"{read_ahead:.1f} s, about {peak / 2**20:.0f} MiB held; drained as {payloads:,} DDATA of <= {MAX_METRICS} "
-          f"metrics at {PAYLOADS_PER_SECOND}/s = {payloads / PAYLOADS_PER_SECOND:.0f} s "
-          f"({encode:.1f} s CPU to encode); live rows wait behind the read-ahead only")  # fmt: skip
+    print(f"backlog: {len(events):,} events ({metrics:,} metrics, {hours} h of 10 metrics at 1 Hz) parsed and queued "
+          f"in {read_ahead:.1f} s (spread over the drain: at most {QUEUE_CAP:,} metrics are read ahead, about "
+          f"{peak / 2**20:.1f} MiB); drained as {payloads:,} DDATA of <= {MAX_METRICS} metrics at "
+          f"{PAYLOADS_PER_SECOND}/s = {payloads / PAYLOADS_PER_SECOND:.0f} s ({encode:.1f} s CPU to encode); "
+          f"live rows never wait for it (the feed's live lane: see --parts latency)")  # fmt: skip
 
 
 def rebirth() -> None:
@@ -197,13 +216,34 @@ def rebirth() -> None:
           f"({size / 1024:.0f} KiB)")  # fmt: skip
 
 
+PARTS = {"bytes": bytes_per_reading, "cpu": cpu_per_change, "rebirth": rebirth, "backlog": backlog}
+PATH_PARTS = ("latency", "path-cpu")  # bench/sparkplug_path.py: through the store, paho and Mosquitto
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--parts",
+        default=",".join([*PARTS, *PATH_PARTS]),
+        help=f"comma-separated, of {', '.join([*PARTS, *PATH_PARTS])} (default: all)",
+    )
+    parser.add_argument("--window", type=float, default=20.0, help="seconds of the drain the latency is measured in")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    unknown = [p for p in parts if p not in PARTS and p not in PATH_PARTS]
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}")
     print(f"# bench/sparkplug.py on {platform.python_implementation()} {platform.python_version()}, "
-          f"{platform.machine()}")  # fmt: skip
-    bytes_per_reading()
-    cpu_per_change()
-    rebirth()
-    backlog()
+          f"{platform.machine()}, {os.cpu_count()} CPUs")  # fmt: skip
+    for name, part in PARTS.items():
+        if name in parts:
+            part()
+    if "latency" in parts:
+        with sparkplug_path.mosquitto() as port:
+            asyncio.run(sparkplug_path.backlog_latency(port, window=args.window))
+    if "path-cpu" in parts:
+        with sparkplug_path.mosquitto() as port:
+            sparkplug_path.cpu_per_change(port)
 
 
 if __name__ == "__main__":

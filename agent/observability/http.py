@@ -131,6 +131,15 @@ class AgentCollector(Collector):
         for reason, n in sorted(s.uplink_errors.items()):
             errors.add_metric([reason], n)
         yield errors
+        commands = CounterMetricFamily(
+            _name("uplink_commands"),
+            "Commands from the far end of an uplink, by kind (Sparkplug: dcmd, ncmd), outcome (accepted, refused) "
+            "and reason.",
+            labels=["uplink", "kind", "outcome", "reason"],
+        )
+        for (uplink, kind, outcome, reason), n in sorted(s.uplink_commands.items()):
+            commands.add_metric([uplink, kind, outcome, reason], n)
+        yield commands
 
         if s.fleet:
             fleet = CounterMetricFamily(

@@ -359,3 +359,5 @@ class Snapshot:
     # name -> (driver, {"connected": bool, counter: int}): upstream connections drivers share (a LoRaWAN
     # network server's broker)
     links: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)
+    # (uplink, kind, outcome, reason) -> commands from the far end of a durable uplink (UplinkStatus.command)
+    uplink_commands: Mapping[tuple[str, str, str, str], int] = field(default_factory=dict)

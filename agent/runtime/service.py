@@ -184,6 +184,11 @@ class Service:
             cert_expiry=_cert_expiry(agent),
             cert_renewal_failures=dict(agent.renewer.state.failures) if agent.renewer is not None else {},
             links=agent.devices.links(),
+            uplink_commands={
+                (name, *key): n
+                for name, runner in list(agent.uplinks.durable.items())
+                for key, n in list(runner.uplink.status.commands.items())
+            },
         )
 
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from agent.contract.events import Priority
 from agent.store.outbox import AppendResult, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored, is_corruption
+from agent.store.records import Lanes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,9 +101,9 @@ class Feed:
         self._tail: dict[int, deque[Stored]] = {}
         self._tail_from: dict[int, int] = {}
         self._next_id = 1
-        # The uplink's session (its cursors dict, new on every connection) and the first id committed
-        # during it: events below were accepted while no connection was taking them (see next_batch).
-        self._session: dict[int, int] | None = None
+        # The uplink's session (its cursors dict or Lanes, new on every connection) and the first id
+        # committed during it: events below were accepted while no connection was taking them.
+        self._session: object | None = None
         self._live_from = 0
         self._applier: asyncio.Task[None] | None = None  # deletes what ack() logged, see _apply_logged
 
@@ -199,39 +200,92 @@ class Feed:
             if need <= 0:
                 break
             cursor = cursors.get(priority, 0)
-            start = self._tail_from.get(priority, self._next_id)
-            if cursor >= start - 1:
-                tail = self._tail.get(priority)
-                while tail and tail[0].id <= cursor:  # already taken from the file
-                    tail.popleft()
-                # Caught up: from here on this class is served from memory.
-                self._tail_from[priority] = cursor + 1
-                while tail and need > 0:
-                    taken = tail.popleft()
-                    if taken.id < live_from:
-                        taken.backlog = True
-                    rows.append(taken)
-                    # Taken events leave memory; after a reconnect they are read from the file.
-                    self._tail_from[priority] = taken.id + 1
-                    need -= 1
-            else:
-                if self._outbox is not None and self._outbox.acks_logged > cursor:
-                    # Logged acks this read could return (a reconnect reads from the start): delete them first.
-                    await self._db.call("ack", self._outbox.apply_acks)
-                loop = asyncio.get_running_loop()
-                got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
-                self.check_replaced()
-                tail = self._tail.get(priority)
-                # Taken from the file: out of memory at once, so the tail holds only events
-                # never handed out (a damaged file is repaired from it: see _untaken).
-                while got and tail and tail[0].id <= got[-1].id:
-                    tail.popleft()
-                for row in got:
-                    row.backlog = row.id < live_from
-                rows += got
+            got = self._from_tail(priority, cursor, need)
+            if got is None:
+                got = await self._from_file(priority, cursor, need)
+            for row in got:
+                row.backlog = row.id < live_from
+            rows += got
         if self._outbox is not None:
             self._outbox.taken = cursors  # evicting what the consumer holds is remembered (see Outbox.ack)
         return rows
+
+    async def next_lanes(self, lanes: Lanes, limit: int, backlog_limit: int = 0) -> list[Stored]:
+        """Up to ``limit`` live events, then up to ``backlog_limit`` backlog ones, highest class first
+        in each lane; advances ``lanes``. A new ``lanes`` starts a session (as a new dict does for
+        :meth:`next_batch`): what was committed before it is backlog, read from the file behind a
+        cursor of its own, so live events never wait behind it (and it leaves memory now).
+        """
+        if lanes is not self._session:
+            self._session = lanes
+            lanes.live_from = self._live_from = self._next_id
+            self._tail.clear()
+            self._tail_from = dict.fromkeys(self.priorities, self._next_id)
+        rows: list[Stored] = []
+        for priority in sorted(self.priorities, reverse=True):
+            need = limit - len(rows)
+            if need <= 0:
+                break
+            cursor = lanes.live.get(priority, lanes.live_from - 1)
+            got = self._from_tail(priority, cursor, need)
+            if got is None:
+                got = await self._from_file(priority, cursor, need)
+            lanes.live[priority] = got[-1].id if got else cursor
+            rows += got
+        live = len(rows)
+        for priority in sorted(self.priorities - lanes.drained, reverse=True):
+            need = backlog_limit - (len(rows) - live)
+            if need <= 0:
+                break
+            cursor = lanes.backlog.get(priority, 0)
+            got = await self._from_file(priority, cursor, need, below=lanes.live_from)
+            if len(got) < need:  # the rest of this class, if any, is live
+                lanes.drained.add(priority)
+            for row in got:
+                row.backlog = True
+            lanes.backlog[priority] = got[-1].id if got else cursor
+            rows += got
+        for row in rows:
+            if row.id > lanes.taken.get(row.priority, 0):
+                lanes.taken[row.priority] = row.id
+        if self._outbox is not None:
+            self._outbox.taken = lanes.taken  # evicting what the consumer holds is remembered (see Outbox.ack)
+        return rows
+
+    def _from_tail(self, priority: int, cursor: int, need: int) -> list[Stored] | None:
+        """Up to ``need`` events after ``cursor`` from memory; None if some are only in the file."""
+        if cursor < self._tail_from.get(priority, self._next_id) - 1:
+            return None
+        tail = self._tail.get(priority)
+        while tail and tail[0].id <= cursor:  # already taken from the file
+            tail.popleft()
+        # Caught up: from here on this class is served from memory.
+        self._tail_from[priority] = cursor + 1
+        rows: list[Stored] = []
+        while tail and len(rows) < need:
+            taken = tail.popleft()
+            rows.append(taken)
+            self._tail_from[priority] = taken.id + 1  # taken: after a reconnect it is read from the file
+        return rows
+
+    async def _from_file(self, priority: int, cursor: int, need: int, below: int | None = None) -> list[Stored]:
+        """Up to ``need`` events after ``cursor`` (and below id ``below``, if given) from the file."""
+        if below is not None and cursor >= below - 1:
+            return []
+        if self._outbox is not None and self._outbox.acks_logged > cursor:
+            # Logged acks this read could return (a reconnect reads from the start): delete them first.
+            await self._db.call("ack", self._outbox.apply_acks)
+        loop = asyncio.get_running_loop()
+        got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
+        self.check_replaced()
+        if below is not None:
+            got = [row for row in got if row.id < below]
+        tail = self._tail.get(priority)
+        # Taken from the file: out of memory at once, so the tail holds only events never
+        # handed out (a damaged file is repaired from it: see _untaken).
+        while got and tail and tail[0].id <= got[-1].id:
+            tail.popleft()
+        return got
 
     def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
         """On the read thread: peek through the reader, reopened if the file was replaced.

@@ -8,7 +8,7 @@ apart: corruption (replace the file), a full disk (evict), a file that cannot be
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from agent.errors import BufferError_
@@ -70,6 +70,22 @@ class Stored:
     payload: bytes
     created: float
     backlog: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Lanes:
+    """One session's two cursors on a feed (``Feed.next_lanes``), per class the last id handed out.
+
+    ``live``: events committed since the session began, handed out as they come; ``backlog``:
+    the ones from before (``id < live_from``), read behind them at the consumer's pace. The
+    feed advances both; make a new one per connection (its first use starts the session).
+    """
+
+    live: dict[int, int] = field(default_factory=dict)
+    backlog: dict[int, int] = field(default_factory=dict)
+    taken: dict[int, int] = field(default_factory=dict)  # per class, the highest id of either lane
+    live_from: int = 0  # the session's first live id, set by the feed
+    drained: set[int] = field(default_factory=set)  # classes whose backlog is all handed out
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,11 +37,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from agent.devices.api import StrictModel
 from agent.observability.metrics import MAX_REASONS, normalise_reason
 from agent.store.outbox import Stored
+from agent.store.records import Lanes
 
 ENTRY_POINT_GROUP = "edge_agent.uplinks"
 
@@ -79,6 +80,8 @@ class UplinkStatus:
     acked: int = 0
     refused: int = 0  # events the far end answered with a failure (kept buffered)
     errors: dict[str, int] = field(default_factory=dict)  # failures by normalised reason
+    # Commands the far end sent, by (kind, outcome, reason): /metrics' edge_agent_uplink_commands_total.
+    commands: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def failed(self, reason: str) -> None:
         """Record one failed attempt or lost connection (counted by reason for the metrics)."""
@@ -87,6 +90,18 @@ class UplinkStatus:
         if key not in self.errors and len(self.errors) >= MAX_REASONS:
             key = "other"
         self.errors[key] = self.errors.get(key, 0) + 1
+
+    def command(self, kind: str, outcome: str, reason: str = "") -> None:
+        """Count one command from the far end (e.g. ``dcmd``, ``refused``, ``not_writable``).
+
+        ``kind`` and ``outcome`` come from the uplink's own fixed set; ``reason`` is normalised and
+        at most :data:`MAX_REASONS` distinct ones are kept (the rest are ``other``), so the labels stay few.
+        """
+        reason = normalise_reason(reason) if reason else ""
+        key = (kind, outcome, reason)
+        if key not in self.commands and len({r for _, _, r in self.commands}) >= MAX_REASONS:
+            key = (kind, outcome, "other")
+        self.commands[key] = self.commands.get(key, 0) + 1
 
 
 class EventFeed(Protocol):
@@ -109,6 +124,22 @@ class EventFeed(Protocol):
     async def ack(self, ids: Sequence[int]) -> int:
         """The far end has these events: they leave the feed's buffer (at once, or logged and
         deleted in groups). Returns how many ids were taken."""
+        ...
+
+
+@runtime_checkable
+class LaneFeed(EventFeed, Protocol):
+    """A feed that can also hand out live events beside the backlog (the core's feeds can).
+
+    For an uplink whose protocol lets late events follow newer ones (Sparkplug's
+    ``is_historical`` metrics carry their own timestamps): live events come at once while it
+    drains the backlog at its own pace. An uplink that needs one order per class (the JSON
+    uplink) keeps to :meth:`EventFeed.next_batch`.
+    """
+
+    async def next_lanes(self, lanes: Lanes, limit: int, backlog_limit: int = 0) -> list[Stored]:
+        """Up to ``limit`` live events, then up to ``backlog_limit`` backlog ones (``backlog`` set),
+        highest class first in each; the feed advances ``lanes``. A new ``lanes`` per connection."""
         ...
 
 

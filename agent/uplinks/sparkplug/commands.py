@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from agent.errors import DriverWriteError
-from agent.uplinks.api import Inbound
+from agent.uplinks.api import Inbound, UplinkStatus
 from agent.uplinks.sparkplug.config import SparkplugConfig
 from agent.uplinks.sparkplug.metrics import TYPE_NAMES
 from agent.uplinks.sparkplug.model import Model
@@ -35,12 +35,34 @@ class HostOffline(Exception):
     """The primary host said it is offline: end the session, try the next server."""
 
 
+class Refused(Exception):
+    """A DCMD the edge node refuses itself; ``code`` labels it on /metrics."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def refusal_code(exc: BaseException) -> str:
+    """The /metrics reason of a refused write: ours, the driver's kind, or a timeout."""
+    if isinstance(exc, Refused):
+        return exc.code
+    if isinstance(exc, DriverWriteError):
+        return exc.kind
+    if isinstance(exc, ValueError):
+        return "bad_value"
+    return "timeout" if isinstance(exc, TimeoutError) else "device_error"
+
+
 class Commands:
     """Handles the session's inbound messages; lives across sessions (it keeps the last STATE time)."""
 
-    def __init__(self, cfg: SparkplugConfig, topics: Topics, model: Model, inbound: Inbound, origin: str) -> None:
-        """``origin``: how writes are logged (the uplink's title)."""
+    def __init__(self, cfg: SparkplugConfig, topics: Topics, model: Model, inbound: Inbound, origin: str,
+                 status: UplinkStatus | None = None) -> None:  # fmt: skip
+        """``origin``: how writes are logged (the uplink's title); ``status``: where NCMD/DCMD are counted
+        for /metrics."""
         self.cfg, self.topics, self.model, self.inbound, self.origin = cfg, topics, model, inbound, origin
+        self.status = status if status is not None else UplinkStatus()
         self.writable = {(w.device, w.point) for w in cfg.writable}
         self.state_topic = Topics.state(cfg.primary_host_id) if cfg.primary_host_id else None
         self.last_state = -1  # the newest STATE timestamp seen
@@ -131,15 +153,18 @@ class Commands:
                     wanted = None
                 if wanted is True and self.session is not None and self.session.born:
                     self.counters["rebirths"] += 1
+                    self.status.command("ncmd", "accepted", "rebirth")
                     log.info("Sparkplug: rebirth requested by NCMD")
                     self.session.birth_all()
                 continue
             self.counters["ncmd_ignored"] += 1
+            self.status.command("ncmd", "refused", "unknown_metric")
             log.warning("Sparkplug NCMD for %s/%s: metric %r ignored (only %s is taken)", self.topics.group,
                         self.topics.node, m.name if m.name is not None else m.alias, REBIRTH)  # fmt: skip
 
     def _undecodable(self, kind: str, topic: str, exc: Exception) -> None:
         self.counters["undecodable"] += 1
+        self.status.command(kind.lower(), "refused", "undecodable")
         log.warning("Sparkplug: ignored an undecodable %s on %s: %s", kind, topic, exc)
 
     # ---- DCMD ----------------------------------------------------------------------------
@@ -161,26 +186,29 @@ class Commands:
         value: Any = None
         try:
             if device is None or name is None:
-                raise DriverWriteError(f"unknown {'device' if device is None else 'metric'}", "bad_value")
+                what = "device" if device is None else "metric"
+                raise Refused(f"unknown {what}", f"unknown_{what}")
             label = name
             current = device.current[name]
             if current.point is None or (device_id, current.point) not in self.writable:
-                raise DriverWriteError("not in uplink.sparkplug.writable (read-only)", "not_writable")
+                raise Refused("not in uplink.sparkplug.writable (read-only)", "not_writable")
             expected = TYPE_NAMES.get(current.datatype, str(current.datatype))
             if (m.datatype is not None and m.datatype != current.datatype) or \
                     m.metric.WhichOneof("value") != FIELDS.get(current.datatype):  # fmt: skip
-                raise DriverWriteError(f"wrong datatype (the metric is {expected})", "bad_value")
+                raise Refused(f"wrong datatype (the metric is {expected})", "wrong_datatype")
             value = get_value(m.metric, current.datatype)
             await asyncio.wait_for(self.inbound.write(device_id, current.point, value, origin=self.origin),
                                    self.cfg.write_timeout)  # fmt: skip
         except Exception as exc:
             reason = str(exc) or f"no answer within {self.cfg.write_timeout:g}s"
             self.counters["refused_writes"] += 1
+            self.status.command("dcmd", "refused", refusal_code(exc))
             log.warning("Sparkplug DCMD refused: group %s, node %s, device %s, metric %s, value %r: %s",
                         self.topics.group, self.topics.node, device_id, label, value, reason)  # fmt: skip
             self._republish(device_id, name)
             return
         self.counters["writes"] += 1
+        self.status.command("dcmd", "accepted")
         log.info("Sparkplug DCMD applied: group %s, node %s, device %s, metric %s, value %r",
                  self.topics.group, self.topics.node, device_id, name, value)  # fmt: skip
 

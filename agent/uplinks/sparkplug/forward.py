@@ -22,10 +22,10 @@ from agent.uplinks.sparkplug.model import Model
 
 MAX_METRICS = 500
 PAYLOADS_PER_SECOND = 10
-# Backlog metrics held in memory (about 40 bytes each: a 24 h backlog of 10 metrics at 1 Hz is
-# 864,000); the rest wait in the buffer file. Reading the backlog ahead is what lets live rows,
-# which the feed hands out after it, leave within a second or two while the backlog drains.
-QUEUE_CAP = 1_000_000
+# Backlog metrics read ahead into memory (about 50 bytes each); the rest wait in the buffer file.
+# Live rows come through the feed's live lane, never behind the backlog, so this only needs to keep
+# the paced drain fed: 20 s of it at MAX_METRICS x PAYLOADS_PER_SECOND.
+QUEUE_CAP = 100_000
 
 
 @dataclass(slots=True)

@@ -18,7 +18,8 @@ import time
 from typing import Any
 
 from agent.store.outbox import Stored
-from agent.uplinks.api import EventFeed, UplinkContext, UplinkStatus
+from agent.store.records import Lanes
+from agent.uplinks.api import EventFeed, LaneFeed, UplinkContext, UplinkStatus
 from agent.uplinks.mqtt.backoff import Backoff
 from agent.uplinks.mqtt.errors import ConnectionLost
 from agent.uplinks.sparkplug.bdseq import BdSeq
@@ -51,7 +52,7 @@ class SparkplugUplink:
         self.client_id = config.client_id or f"spb-{config.group_id}-{node}"
         self.model = Model()
         self.bdseq = BdSeq(context.state_dir / BDSEQ_FILE)
-        self.commands = Commands(config, self.topics, self.model, context.inbound, context.title)
+        self.commands = Commands(config, self.topics, self.model, context.inbound, context.title, self.status)
         self.forward = Forward(config.keepalive)
         self.forward.ready = lambda device: self.model.device(device).born
         self.session: Session | None = None
@@ -65,6 +66,8 @@ class SparkplugUplink:
 
     async def run(self, feed: EventFeed) -> None:
         """Sessions over the servers in turn, forever; a full round of failures waits with backoff."""
+        if not isinstance(feed, LaneFeed):  # live rows must not wait behind the backlog
+            raise TypeError("the Sparkplug uplink needs a feed with a live lane (next_lanes)")
         cfg = self.config
         backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, max(10.0, cfg.reconnect_max))
         index, failed_in_round = 0, 0
@@ -95,7 +98,7 @@ class SparkplugUplink:
                 failed_in_round = 0
                 await asyncio.sleep(backoff.next_wait(time.monotonic(), resend=False))
 
-    async def _session(self, feed: EventFeed, server: Any, backoff: Backoff) -> None:
+    async def _session(self, feed: LaneFeed, server: Any, backoff: Backoff) -> None:
         # bdSeq: +1 per CONNECT packet, taken (and kept, so a crash never reuses it) only once the
         # connection is up and the CONNECT is about to go; an attempt refused earlier uses none.
         bdseq: list[int] = []
@@ -151,14 +154,17 @@ class SparkplugUplink:
                 online.cancel()
         self._check(conn)
 
-    async def _publish_until_lost(self, feed: EventFeed, conn: Connection, session: Session) -> None:
-        cursors: dict[int, int] = {}  # a new dict: rows from before this session come as backlog
+    async def _publish_until_lost(self, feed: LaneFeed, conn: Connection, session: Session) -> None:
+        # New lanes: rows from before this session come as backlog, behind their own cursor, so
+        # live rows are handed out at once however long the backlog (history may follow newer
+        # values: it is is_historical with its own timestamps).
+        lanes = Lanes()
         forward = self.forward
         forward.reset()
         # The first rows are learned before the BIRTHs, so the devices they name are born with the
         # NBIRTH and their newest values are the BIRTHs' current ones; on the first session of a
         # run, the devices' first readings are waited for.
-        first = await self._first_rows(feed, conn, cursors)
+        first = await self._first_rows(feed, conn, lanes)
         for row in first:
             try:
                 self._learn(row)
@@ -169,7 +175,6 @@ class SparkplugUplink:
         for row in first:
             # History, live or not: the BIRTHs hold the newest of these values, so a DATA of an
             # older one must not say it is current.
-            cursors[row.priority] = row.id
             self._row(session, row, now, historical=True)
         self.status.published += len(first)
         while True:
@@ -179,11 +184,10 @@ class SparkplugUplink:
             done = forward.confirmed(now)
             if done:
                 self.status.acked += await feed.ack(done)
-            rows = await feed.next_batch(cursors, READ_LIMIT) if forward.room() else []
+            rows = await feed.next_lanes(lanes, READ_LIMIT, READ_LIMIT if forward.room() else 0)
             self._check(conn)
             now = time.monotonic()
             for row in rows:
-                cursors[row.priority] = row.id
                 self._row(session, row, now)
             self.status.published += len(rows)
             if forward.due(now):
@@ -194,13 +198,11 @@ class SparkplugUplink:
             if len(rows) < READ_LIMIT:
                 await self._wait(feed, conn, forward.next_wake(now))
 
-    async def _first_rows(self, feed: EventFeed, conn: Connection, cursors: dict[int, int]) -> list[Stored]:
+    async def _first_rows(self, feed: LaneFeed, conn: Connection, lanes: Lanes) -> list[Stored]:
         """The rows the session starts with. With nothing buffered and no device known yet (the
         agent just started), wait up to WARMUP for the first readings, then SETTLE more for the
         devices polled a little later."""
-        rows = await feed.next_batch(cursors, READ_LIMIT)
-        for row in rows:
-            cursors[row.priority] = row.id
+        rows = await feed.next_lanes(lanes, READ_LIMIT, READ_LIMIT)
         if rows or self.model.devices:
             return rows
         deadline = time.monotonic() + WARMUP
@@ -208,9 +210,7 @@ class SparkplugUplink:
             feed.committed.clear()
             await self._wait(feed, conn, deadline - time.monotonic())
             self._check(conn)
-            for row in await feed.next_batch(cursors, READ_LIMIT - len(rows)):
-                cursors[row.priority] = row.id
-                rows.append(row)
+            rows += await feed.next_lanes(lanes, READ_LIMIT - len(rows))
             if rows:
                 deadline = min(deadline, time.monotonic() + SETTLE)
         return rows

@@ -13,6 +13,7 @@ import itertools
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.uplinks.sparkplug.proto import new_payload
 from drivers.modbus.config import PointConfig
@@ -70,6 +72,7 @@ class World:
     modbus: ModbusThread
     config: Path
     agent: AgentProcess
+    metrics_port: int
 
 
 def queueing_broker(workdir: Path) -> Mosquitto:
@@ -88,9 +91,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     rec = Recorder(broker.port)
     devices = DEVICES % (modbus.port, orjson.dumps(POINTS).decode())
     config = site(workdir / "site.yaml", port=broker.port, devices=devices, sparkplug=WRITABLE)
+    metrics_port = free_port()
+    observed = f"observability: {{listen: '127.0.0.1:{metrics_port}'}}\ndevices:\n"
+    config.write_text(config.read_text().replace("devices:\n", observed, 1))
     agent = AgentProcess(config, workdir / "agent.log").start()
     try:
-        yield World(workdir, broker, rec, modbus, config, agent)
+        yield World(workdir, broker, rec, modbus, config, agent, metrics_port)
     finally:
         agent.kill()
         rec.close()
@@ -156,6 +162,15 @@ def test_ddata_carries_aliases_only(world: World) -> None:
         assert not m.is_historical
 
 
+def commands_counted(w: World) -> dict[tuple[str, str, str], float]:
+    """edge_agent_uplink_commands_total of the Sparkplug uplink, from the agent's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{w.metrics_port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return {(s.labels["kind"], s.labels["outcome"], s.labels["reason"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "edge_agent_uplink_commands_total" and s.labels["uplink"] == "sparkplug"}  # fmt: skip
+
+
 def ask_rebirth(world: World) -> None:
     """NCMD Node Control/Rebirth = true; returns once the NBIRTH it causes arrived."""
     before = len(node_msgs(world.rec, "NBIRTH"))
@@ -170,7 +185,9 @@ def ask_rebirth(world: World) -> None:
 def test_rebirth_on_ncmd(world: World) -> None:
     births_seen(world)
     bdseq = node_msgs(world.rec, "NBIRTH")[-1].metrics()["bdSeq"].long_value
+    asked = commands_counted(world).get(("ncmd", "accepted", "rebirth"), 0)
     ask_rebirth(world)
+    assert commands_counted(world)[("ncmd", "accepted", "rebirth")] == asked + 1
     reborn = node_msgs(world.rec, "NBIRTH")[-1]
     assert reborn.payload.seq == 0 and reborn.metrics()["bdSeq"].long_value == bdseq, "same bdSeq on a rebirth"
     world.rec.wait("DBIRTH", "pump-1", count=2)
@@ -204,6 +221,7 @@ def dcmd(world: World, device: str, alias: int, datatype: int, **value: Any) -> 
 
 def test_dcmd_writes_a_writable_point_and_refuses_a_read_only_one(world: World) -> None:
     births_seen(world)
+    counted = commands_counted(world)
     birth = world.rec.of("DBIRTH", "pump-1")[-1].metrics()
     setpoint, power = birth["setpoint"].alias, birth["power"].alias
     world.rec.clear()
@@ -237,6 +255,12 @@ def test_dcmd_writes_a_writable_point_and_refuses_a_read_only_one(world: World) 
              "the read-only point's value republished")  # fmt: skip
     assert len(world.modbus.unit.writes) == writes, "nothing refused reached the device"
     assert world.agent.proc is not None and world.agent.proc.poll() is None, "the session goes on"
+    # Each refusal counted on /metrics by its reason, the write that went through as accepted.
+    now = commands_counted(world)
+    grew = {key: n - counted.get(key, 0) for key, n in now.items() if n != counted.get(key, 0)}
+    assert grew == {("dcmd", "accepted", ""): 1, ("dcmd", "refused", "not_writable"): 1,
+                    ("dcmd", "refused", "wrong_datatype"): 1, ("dcmd", "refused", "unknown_metric"): 1,
+                    ("dcmd", "refused", "undecodable"): 1}, grew  # fmt: skip
 
 
 def test_a_reload_that_adds_a_point_births_the_device_again_with_fresh_aliases(world: World) -> None:
