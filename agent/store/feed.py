@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from agent.contract.events import Priority
+from agent.store.acklog import AckLog
 from agent.store.outbox import AppendResult, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored, is_corruption
 from agent.store.records import Lanes
 
@@ -33,6 +34,14 @@ ACK_APPLY_GROUP = 1000
 ACK_APPLY_DELAY = 0.25  # seconds
 ACK_APPLY_POLL = 0.02  # seconds between looks at how many wait
 ACK_RETRY_PAUSE = 1.0  # seconds after a delete of logged acks failed (they stay logged)
+
+
+async def _group_of(acks: AckLog) -> None:
+    """Return once ``ACK_APPLY_GROUP`` logged acks wait, or ``ACK_APPLY_DELAY`` after the call."""
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+    while len(acks) < ACK_APPLY_GROUP and loop.time() - first < ACK_APPLY_DELAY:
+        await asyncio.sleep(ACK_APPLY_POLL)
 
 
 class DbThread:
@@ -272,7 +281,7 @@ class Feed:
         """Up to ``need`` events after ``cursor`` (and below id ``below``, if given) from the file."""
         if below is not None and cursor >= below - 1:
             return []
-        if self._outbox is not None and self._outbox.acks_logged > cursor:
+        if self._outbox is not None and self._outbox.acks.highest > cursor:
             # Logged acks this read could return (a reconnect reads from the start): delete them first.
             await self._db.call("ack", self._outbox.apply_acks)
         loop = asyncio.get_running_loop()
@@ -334,11 +343,8 @@ class Feed:
 
     async def _apply_logged(self, outbox: Outbox) -> None:
         """Delete the logged acks in groups until none are left."""
-        loop = asyncio.get_running_loop()
-        while outbox.acks_logged and outbox is self._outbox:
-            first = loop.time()
-            while outbox.acks_waiting < ACK_APPLY_GROUP and loop.time() - first < ACK_APPLY_DELAY:
-                await asyncio.sleep(ACK_APPLY_POLL)
+        while outbox.acks.highest and outbox is self._outbox:
+            await _group_of(outbox.acks)
             try:
                 await self._db.call("ack", outbox.apply_acks)
             except Exception:

@@ -221,21 +221,13 @@ class Outbox:
         return self._guarded(self._ack, ids)
 
     def ack_later(self, ids: Sequence[int]) -> None:
-        """Log delivered rows for :meth:`apply_acks`, from any thread (agent/store/acklog.py).
-
-        Raises OSError if the log cannot be written (say, the disk is full): use :meth:`ack` then.
-        """
+        """Log delivered rows for :meth:`apply_acks` (any thread); OSError if it cannot: :meth:`ack` then."""
         self._acks.record(ids)
 
     @property
-    def acks_logged(self) -> int:
-        """The highest id logged by :meth:`ack_later` and not applied yet (0: none)."""
-        return self._acks.highest
-
-    @property
-    def acks_waiting(self) -> int:
-        """How many ids :meth:`ack_later` logged that are not applied yet."""
-        return len(self._acks)
+    def acks(self) -> AckLog:
+        """The ids :meth:`ack_later` logged and :meth:`apply_acks` did not delete yet (``highest``, ``len``)."""
+        return self._acks
 
     def apply_acks(self) -> int:
         """Delete the rows :meth:`ack_later` logged; return how many were counted as delivered."""
