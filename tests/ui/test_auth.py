@@ -176,6 +176,24 @@ def test_every_answer_has_a_strict_csp_and_the_page_has_no_inline_script(state: 
     assert c.post("/api/setup", json={}, headers=OK).headers["content-security-policy"] == csp
 
 
+def test_page_files_come_gzipped_when_asked_as_one_script_and_api_answers_never_do(state: UiState) -> None:
+    import gzip
+
+    from agent.ui.app import SCRIPTS
+
+    c = client(state)
+    packed = c.get("/app.js", headers={"accept-encoding": "gzip"})  # httpx decodes it; the header says it came packed
+    assert packed.headers["content-encoding"] == "gzip" and packed.headers["vary"] == "accept-encoding"
+    plain = c.get("/app.js", headers={"accept-encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.text == packed.text
+    for part in SCRIPTS:  # every part's script is in the one file, in order
+        assert (files := Path(__file__).parents[2] / "agent/ui/static" / part).exists()
+        assert files.read_text().strip()[:60] in plain.text
+    assert len(gzip.compress(plain.content)) < len(plain.content) / 2
+    answer = c.get("/api/session", headers={"accept-encoding": "gzip"})
+    assert "content-encoding" not in answer.headers
+
+
 def test_the_session_cookie_is_not_readable_across_states(state: UiState) -> None:
     c = logged_in(state)
     sid = c.cookies.get(COOKIE)
