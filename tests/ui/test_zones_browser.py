@@ -111,7 +111,7 @@ def test_tapped_corners_are_saved_exactly_as_relative_points(site: ZoneSite, bro
         page.get_by_label("Kind").select_option("bay")
         _press(page, "Save zones", touch)
         expect(page.get_by_test_id("zones-diff")).to_contain_text(f"{{id: {name}, units: relative")
-        _press(page, "Apply", touch)
+        _press(page, "Apply zones", touch)
         expect(page.locator("#zones-status")).to_contain_text("Applied (change")
 
         saved = {z["id"]: z for z in site.device("cam-1")["parking_bays"]}

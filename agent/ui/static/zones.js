@@ -196,9 +196,9 @@
     for (const p of data.problems) out.push(node("p", { class: "q-bad" }, p));
     for (const w of data.warnings) out.push(node("p", { class: "muted" }, w));
     out.push(node("pre", { "data-testid": "zones-diff" }, data.diff || "no change"));
-    if (!data.problems.length && data.diff) out.push(button("Apply", apply));
+    if (!data.problems.length && data.diff) out.push(button("Apply zones", apply));
     $("zones-check").replaceChildren(...out);
-    say(data.problems.length ? "The site file would not validate: see the problems." : "Check the change, then Apply.");
+    say(data.problems.length ? "The site file would not validate: see the problems." : "Check the change, then press Apply zones.");
   }
 
   async function apply() {
