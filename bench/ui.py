@@ -18,11 +18,16 @@ measured at the same moment. Phases, and what each prints:
    from a reading's own time to the paint of its value, over ``--changes`` successive values,
    and the requests the page made before its first value.
 
+6. the page's scan of units 1-247 at 9600 8N1 and the commissioning walkthrough's machine time
+   in chromium on a phone (bench/ui_walk.py).
+
+``--parts`` picks some of: ``page`` (phases 1-5), ``scan``, ``walk``; all by default.
 A final table gives figure, target, measured and pass. It exits non-zero only when it could not
 measure; a figure over its target is printed, not raised.
 
     .venv/bin/python bench/ui.py             # the issue's 5 minutes: about 7 min in all
-    .venv/bin/python bench/ui.py --quick     # every phase, shorter: about 60 s
+    .venv/bin/python bench/ui.py --quick     # every phase, shorter: about 60 s, then scan and walk: 30 s
+    .venv/bin/python bench/ui.py --parts walk  # the walkthrough alone
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from typing import Any
 import httpx2
 
 # bench/ is sys.path[0] when this file is run.
+import ui_walk
 from ui_browser import latency
 from ui_proc import CpuWindow, RssSampler, percentile, rss_kib, slope_per_minute
 
@@ -275,15 +281,20 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--requests", type=int, default=300, help="requests per JSON route")
     parser.add_argument("--changes", type=int, default=30, help="values watched on screen")
+    parser.add_argument("--parts", default="page,scan,walk", help="comma-separated, of page (phases 1-5), scan "
+                        "(the page's scan of 1-247 at 9600 baud), walk (the walkthrough's machine time)")  # fmt: skip
     if parser.parse_args().quick:  # shorter defaults; options given still win
         parser.set_defaults(settle=5.0, idle=5.0, minutes=0.5, every=2.0, requests=100, changes=10)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"page", "scan", "walk"} or not parts:
+        parser.error(f"--parts: expected some of page, scan, walk (comma-separated), got {args.parts!r}")
     load = os.getloadavg()
     print(f"bench/ui.py {' '.join(sys.argv[1:])}: {os.cpu_count()} CPUs, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, Python {sys.version.split()[0]}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            rows = run(args, Path(tmp))
+            rows = (run(args, Path(tmp)) if "page" in parts else []) + ui_walk.rows(parts, Path(tmp))
         except Exception as exc:
             print(f"bench/ui.py: could not measure: {exc}", file=sys.stderr)
             return 1
