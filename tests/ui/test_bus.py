@@ -52,7 +52,7 @@ def test_ports_name_the_device_polling_each_configured_port_and_need_a_session(b
 def test_a_scan_finds_the_simulated_unit_with_its_profile_and_evidence(bench: Bench) -> None:
     c = bench.client
     r = c.post("/api/scan", json={"port": bench.pty, "baud": 9600, "parity": "N", "units": f"1-5,{UNIT}",
-                                  "timeout": 0.2})  # fmt: skip
+                                  "timeout": 0.5})  # fmt: skip
     assert r.status_code == 202, r.text
     assert r.json()["state"] == "running" and r.json()["total"] == 6
     view = _scan_until_over(c)
@@ -65,7 +65,7 @@ def test_a_scan_finds_the_simulated_unit_with_its_profile_and_evidence(bench: Be
 
 def test_progress_each_second_a_second_scan_409_and_stop_within_a_second_keeping_hits(bench: Bench) -> None:
     c = bench.client
-    r = c.post("/api/scan", json={"port": bench.pty, "units": f"{UNIT}-247", "timeout": 0.1})
+    r = c.post("/api/scan", json={"port": bench.pty, "units": f"{UNIT}-247", "timeout": 0.3})
     assert r.status_code == 202, r.text
     wait_for(lambda: c.get("/api/scan").json()["found"], 15, "the simulated unit among the hits")
 
@@ -207,7 +207,7 @@ def test_an_unknown_device_is_404_and_posts_need_the_page_header(bench: Bench) -
 
 
 def test_first_ends_the_scan_at_the_first_unit_found(bench: Bench) -> None:
-    r = bench.client.post("/api/scan", json={"port": bench.pty, "units": f"{UNIT}-247", "first": True, "timeout": 0.2})
+    r = bench.client.post("/api/scan", json={"port": bench.pty, "units": f"{UNIT}-247", "first": True, "timeout": 0.5})
     assert r.status_code == 202, r.text
     view = _scan_until_over(bench.client)
     assert (view["state"], view["done"], [h["unit"] for h in view["found"]]) == ("done", 1, [UNIT])

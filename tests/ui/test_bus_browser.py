@@ -66,7 +66,7 @@ def test_scan_shows_the_hit_with_its_profile_and_add_button_and_a_typed_read_its
         page.locator("#scan-baud").select_option("9600")
         page.locator("#scan-parity").select_option("N")
         page.locator("#scan-units").fill(f"1-5,{UNIT}")
-        page.locator("#scan-timeout").fill("0.2")
+        page.locator("#scan-timeout").fill("0.5")
         _press(page, "#scan-start", touch)
         hit = page.get_by_test_id(f"hit-{UNIT}")
         expect(hit).to_be_visible(timeout=15000)

@@ -6,10 +6,15 @@ const $ = (id) => document.getElementById(id);
 const VIEWS = ["setup", "set-password", "login", "dashboard"];
 let stream = null;
 
-function show(view) {
-  for (const v of VIEWS) $(v).hidden = v !== view;
-  $("logout").hidden = view !== "dashboard";
-  if (view === "dashboard") startStream(); else stopStream();
+let view = null;
+
+function show(next) {
+  view = next;
+  // The dashboard appears with its first live values: the page parts load their data when it
+  // shows, so the first value costs 5 requests (3 files, session, stream), whatever the parts.
+  for (const v of VIEWS) if (v !== "dashboard" || next !== "dashboard") $(v).hidden = v !== next;
+  $("logout").hidden = next !== "dashboard";
+  if (next === "dashboard") { say("connecting…"); startStream(); } else stopStream();
 }
 
 function say(text) { $("message").textContent = text || ""; }
@@ -110,6 +115,7 @@ async function showPreview() {
 }
 
 function render(s) {
+  if (view === "dashboard" && $("dashboard").hidden) { say(""); $("dashboard").hidden = false; }
   devicesChoice(s.devices);
   $("title").textContent = `edge-agent ${s.gateway}${s.site ? " · " + s.site : ""}`;
   $("devices").replaceChildren(...s.devices.map(deviceCard));
