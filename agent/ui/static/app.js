@@ -13,6 +13,7 @@ function show(next) {
   // The dashboard appears with its first live values: the page parts load their data when it
   // shows, so the first value costs 5 requests (3 files, session, stream), whatever the parts.
   for (const v of VIEWS) if (v !== "dashboard" || next !== "dashboard") $(v).hidden = v !== next;
+  if (next !== "dashboard") delete $("dashboard").dataset.ready;
   $("logout").hidden = next !== "dashboard";
   if (next === "dashboard") { say("connecting…"); startStream(); } else stopStream();
 }
@@ -115,7 +116,12 @@ async function showPreview() {
 }
 
 function render(s) {
-  if (view === "dashboard" && $("dashboard").hidden) { say(""); $("dashboard").hidden = false; }
+  if (view === "dashboard" && $("dashboard").hidden) {
+    say("");
+    $("dashboard").hidden = false;
+    // The parts (scan, editor, zones, clock) load their data once the values are on screen.
+    requestAnimationFrame(() => setTimeout(() => { if (view === "dashboard") $("dashboard").dataset.ready = "1"; }));
+  }
   devicesChoice(s.devices);
   $("title").textContent = `edge-agent ${s.gateway}${s.site ? " · " + s.site : ""}`;
   $("devices").replaceChildren(...s.devices.map(deviceCard));

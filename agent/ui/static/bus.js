@@ -215,8 +215,8 @@
       byId("read-port-fields").hidden = Boolean(byId("read-device").value);
     });
     const dashboard = byId("dashboard");
-    const check = () => { if (!dashboard.hidden) whenShown(); else { loaded = false; stopPolling(); } };
-    new MutationObserver(check).observe(dashboard, { attributes: true, attributeFilter: ["hidden"] });
+    const check = () => { if (dashboard.dataset.ready === "1") whenShown(); else { loaded = false; stopPolling(); } };
+    new MutationObserver(check).observe(dashboard, { attributes: true, attributeFilter: ["data-ready"] });
     check();
   });
 })();

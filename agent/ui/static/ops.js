@@ -92,7 +92,7 @@
 
   // ---- shown with the dashboard ------------------------------------------------------------
   function watch() {
-    const visible = !$("dashboard").hidden;
+    const visible = $("dashboard").dataset.ready === "1";
     if (visible && clockTimer === null) {
       clockCheck();
       clockTimer = setInterval(clockCheck, CLOCK_EVERY_MS);
@@ -107,7 +107,7 @@
   document.addEventListener("DOMContentLoaded", () => {
     $("clock-set").addEventListener("click", clockSet);
     $("uplink-check").addEventListener("click", uplinkCheck);
-    new MutationObserver(watch).observe($("dashboard"), { attributes: true, attributeFilter: ["hidden"] });
+    new MutationObserver(watch).observe($("dashboard"), { attributes: true, attributeFilter: ["data-ready"] });
     watch();
   });
 })();

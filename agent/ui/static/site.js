@@ -119,8 +119,8 @@
     $("site-reload").addEventListener("click", () => { result(); load(); });
     // Loaded once the dashboard shows (after login): before that every request would be a 401.
     const dashboard = $("dashboard");
-    const watch = () => { if (dashboard.hidden) base = null; else if (base === null) load(); };
-    new MutationObserver(watch).observe(dashboard, { attributes: true, attributeFilter: ["hidden"] });
+    const watch = () => { if (dashboard.dataset.ready !== "1") base = null; else if (base === null) load(); };
+    new MutationObserver(watch).observe(dashboard, { attributes: true, attributeFilter: ["data-ready"] });
     watch();
   });
   window.addEventListener("edge:add-device", (e) => { addDevice(e.detail); });

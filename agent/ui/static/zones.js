@@ -225,10 +225,10 @@
     $("zones-save").addEventListener("click", check);
     $("zones-camera").addEventListener("change", () => { loadedFor = ""; });
     window.addEventListener("resize", draw);
-    // The dashboard opens after login: list the cameras then (an observer keeps app.js untouched).
+    // The dashboard is ready once its first values show (app.js): list the cameras then.
     const dashboard = $("dashboard");
-    const opened = () => { if (!dashboard.hidden) loadCameras(); };
-    new MutationObserver(opened).observe(dashboard, { attributes: true, attributeFilter: ["hidden"] });
+    const opened = () => { if (dashboard.dataset.ready === "1") loadCameras(); };
+    new MutationObserver(opened).observe(dashboard, { attributes: true, attributeFilter: ["data-ready"] });
     opened();
   });
 })();
