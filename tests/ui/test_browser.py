@@ -137,3 +137,33 @@ def test_setup_password_live_value_and_a_fault(
         assert watched.problems == []
     finally:
         context.close()
+
+
+def test_the_diagnostics_bundle_downloads_redacted_from_the_page(
+    site: Site, browser: Browser, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import tarfile
+
+    from tests.ui.site import MQTT_SECRET
+
+    context = browser.new_context(accept_downloads=True, **VIEWPORTS["desktop"])
+    page = context.new_page()
+    watched = Watched(page, site.url.rstrip("/"))
+    try:
+        page.goto(f"{site.url}#setup={site.token(capsys)}")
+        page.get_by_label("New password").fill("bundle-password-1234")
+        _press(page, "Save password", False)
+        link = page.get_by_role("link", name="Download diagnostics bundle")
+        with page.expect_download(timeout=20000) as info:
+            link.click()
+        saved = tmp_path / info.value.suggested_filename
+        info.value.save_as(saved)
+        assert saved.name.endswith(".tar.gz") and 0 < saved.stat().st_size <= 5 * 1024 * 1024
+        with tarfile.open(saved) as bundle:
+            names = bundle.getnames()
+            text = b"".join(f.read() for m in bundle.getmembers() if (f := bundle.extractfile(m)) is not None)
+        assert any("config" in n for n in names) and any("metrics" in n for n in names), names
+        assert MQTT_SECRET.encode() not in text  # planted in the password file the config names
+        assert watched.problems == []
+    finally:
+        context.close()
