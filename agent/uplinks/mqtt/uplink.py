@@ -121,7 +121,9 @@ def _quickack(sock: Any) -> None:
     A broker with Nagle on (Mosquitto's default, set_tcp_nodelay false) sends the next PUBACKs
     only once its last segment is ACKed, and a waiting window has nothing to carry that ACK: the
     kernel's delayed ACK then costs up to 40 ms per round (drains ran 2-3x slower). Linux only;
-    the kernel drops quick-ACK mode by itself, hence after every read.
+    the kernel drops quick-ACK mode by itself, hence after every read while the window is full.
+    With room in the window the next PUBLISH carries the ACK, and a setsockopt per read cost the
+    batched uplink 15 % more CPU per event (bench/pipeline.py scenario 5).
     """
     if QUICKACK is not None and isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
@@ -221,8 +223,10 @@ class MqttUplink:
         self._link.heard(time.monotonic())
         client = self._client
         if client is not None:
+            waiting = self._window.unconfirmed() >= self.config.max_inflight
             client.loop_read()
-            _quickack(client.socket())
+            if waiting or self._window.unconfirmed() >= self.config.max_inflight:
+                _quickack(client.socket())  # only a full window has no PUBLISH to carry the ACK
             self._flush_writes()
 
     def _flush_writes(self) -> None:
