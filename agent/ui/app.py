@@ -102,6 +102,20 @@ def build_app(
     return Guard(Starlette(routes=routes), hosts, origin, tls)
 
 
+async def json_body(request: Request, limit: int) -> dict[str, Any] | None:
+    """A request's JSON object, read no further than ``limit`` bytes; None if larger or not an object."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status, headers={"cache-control": "no-store"})
 
@@ -138,16 +152,7 @@ class _Page:
         return response
 
     async def _json(self, request: Request) -> dict[str, Any] | None:
-        body = b""
-        async for chunk in request.stream():  # read no further than MAX_BODY: the page's posts are tiny
-            body += chunk
-            if len(body) > MAX_BODY:
-                return None
-        try:
-            value = json.loads(body or b"{}")
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        return await json_body(request, MAX_BODY)
 
     async def session_info(self, request: Request) -> Response:
         session = self._session(request)

@@ -14,7 +14,6 @@ page, never upstream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agent.ui.app import COOKIE
+from agent.ui.app import COOKIE, json_body
 from agent.ui.sessions import Session
 from agent.ui.siteapply import SiteEditor, read_site
 from agent.ui.zones_text import ZoneTextError, replace_zones
@@ -176,7 +175,7 @@ class _Zones:
         camera = self._camera(device)
         if camera is None:
             return _error(404, f"no camera {device[:64]!r} in the site file")
-        body = await _json(request)
+        body = await json_body(request, MAX_BODY)
         if body is None:
             return _error(400, f"a JSON object of at most {MAX_BODY // 1024} KiB is needed")
         try:
@@ -201,19 +200,6 @@ class _Zones:
         done = {"outcome": applied.outcome, "problems": applied.problems, "changes": applied.changes,
                 "backup": backup, "change": applied.change}  # fmt: skip
         return JSONResponse(done, status, headers={"cache-control": "no-store"})
-
-
-async def _json(request: Request) -> dict[str, Any] | None:
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            return None
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def zone_routes(agent: Agent, allowed: Allowed, editor: SiteEditor | None = None) -> list[Route]:

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from agent.tools.cli import main
 from tests.conftest import AgentProcess, Mosquitto
 from tests.ui.site import MISSING_PORT, start_agent, wait_listening, write_site
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (./dev installs it): no browser download
 VIEWPORTS = {
     "desktop": {"viewport": {"width": 1280, "height": 800}},
     "phone": {
@@ -56,16 +55,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     finally:
         running.agent.kill()
         broker.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class Watched:

@@ -10,10 +10,10 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.ui.bus_site import PASSWORD, UNIT, Bench, running_bench
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 
 # Records what "Add to site" dispatches: an init script, as the page's CSP allows no script of the test's.
 LISTEN = (
@@ -26,16 +26,6 @@ LISTEN = (
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     with running_bench(tmp_path_factory.mktemp("ui-bus-browser")) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _press(page: Page, target: str, touch: bool) -> None:

@@ -18,12 +18,12 @@ from typing import Any
 import httpx2
 import pytest
 from dbusmock import BusType, PrivateDBus, SpawnedMock
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from agent.ui.clock import SYNCED, read_state
 from tests.conftest import AgentProcess, Mosquitto, wait_for
 from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "clock-password-5a1f"  # noqa: S105 - the test's own
 TIMEDATED = "org.freedesktop.timedate1"
@@ -184,16 +184,6 @@ def _login(browser: Browser, site: Site, form: str, browser_offset_ms: int) -> A
     page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
     return context, page, watched
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_browser_no_offer_when_the_clocks_agree_or_the_gateway_is_synchronised(site: Site, browser: Browser) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import AgentProcess, Mosquitto
 from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "browser-editor-9f21"  # noqa: S105 - the test's own
 
@@ -48,16 +48,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     finally:
         running.agent.kill()
         broker.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

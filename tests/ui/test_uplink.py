@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx2
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import AgentProcess, Mosquitto, wait_for
 from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "uplink-password-3c9d"  # noqa: S105 - the test's own
 STEPS = ["DNS", "TCP", "TLS", "CONNACK", "publish"]
@@ -46,16 +46,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         running.client.close()
         running.agent.kill()
         broker.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_check_over_http_every_step_ok_and_logged(site: Site) -> None:

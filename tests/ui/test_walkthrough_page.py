@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import ROOT, AgentProcess, Mosquitto, Subscriber, free_port, wait_for
 from tests.ui.site import first_token, wait_listening
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 
 MOST_ACTIONS = 5
 SITE = (
@@ -46,7 +46,7 @@ class Technician:
 
 
 def test_from_running_gateway_to_first_meter_reading_in_five_page_actions(
-    tmp_path: Path, broker: Mosquitto, subscriber_factory: Callable[..., Subscriber]
+    tmp_path: Path, broker: Mosquitto, subscriber_factory: Callable[..., Subscriber], browser: Browser
 ) -> None:
     page_port = free_port()
     config = tmp_path / "site.yaml"
@@ -62,9 +62,8 @@ def test_from_running_gateway_to_first_meter_reading_in_five_page_actions(
         pty = meter.stdout.readline().rsplit("serial.port: ", 1)[1].strip()
         wait_listening(page_port)
         url, token = first_token(agent)  # the line the agent logs at its first start (or `ui token`)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-            context = browser.new_context(**VIEWPORTS["phone"])
+        context = browser.new_context(**VIEWPORTS["phone"])
+        try:
             page = context.new_page()
             watched = Watched(page, url.rstrip("/"))
             tech = Technician(page)
@@ -94,7 +93,8 @@ def test_from_running_gateway_to_first_meter_reading_in_five_page_actions(
             machine = time.monotonic() - started
             expect(page.get_by_test_id("status-sdm630-1")).to_have_text("online")
             assert watched.problems == []
-            browser.close()
+        finally:
+            context.close()
     finally:
         agent.kill()
         meter.terminate()

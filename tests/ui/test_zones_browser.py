@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.models.test_models import built_models, footage  # noqa: F401 - session fixtures
-from tests.ui.test_browser import CHROMIUM, VIEWPORTS, Watched
+from tests.ui.test_browser import VIEWPORTS, Watched
 from tests.ui.zones_site import PASSWORD, ZoneSite
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,16 +39,6 @@ def site(
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _press(page: Page, name: str, touch: bool) -> None:

@@ -8,14 +8,7 @@
   let polling = null;
   let loaded = false;
 
-  function node(tag, attrs, ...children) {
-    const n = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "class") n.className = v; else n.setAttribute(k, v);
-    }
-    for (const c of children) n.append(c instanceof Node ? c : document.createTextNode(String(c)));
-    return n;
-  }
+  const node = el; // app.js's: the parts are served with it as one script
 
   async function call(method, path, body) {
     const options = { method, credentials: "same-origin", headers: { "X-Edge-Agent": "1" } };

@@ -1,5 +1,5 @@
 // The page's "Clock and uplink" section: set the gateway's clock from this device's, check each uplink.
-// Self-contained (it shares nothing with app.js but the page); every value goes in as text.
+// Served after app.js in one script: it uses app.js's el and post; every value goes in as text.
 "use strict";
 
 (() => {
@@ -7,26 +7,9 @@
   const CLOCK_EVERY_MS = 30000;
   let clockTimer = null;
 
-  function node(tag, attrs, ...children) {
-    const n = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "class") n.className = v; else n.setAttribute(k, v);
-    }
-    for (const c of children) n.append(c instanceof Node ? c : document.createTextNode(String(c)));
-    return n;
-  }
+  const node = el; // app.js's: the parts are served with it as one script
 
-  async function send(path, body) {
-    const response = await fetch(path, {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "X-Edge-Agent": "1" },
-      body: JSON.stringify(body || {}),
-      credentials: "same-origin",
-    });
-    let data = {};
-    try { data = await response.json(); } catch (e) { data = {}; }
-    return { ok: response.ok, status: response.status, data };
-  }
+  const send = post; // app.js's
 
   function utc(ms) { return new Date(ms).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC"); }
 
