@@ -9,6 +9,7 @@ that thread waits (flushed), and waits to be killed.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from pathlib import Path
@@ -44,15 +45,15 @@ async def main(folder: Path, point: str) -> None:
     stop = threading.Event()
 
     def held(*_args: Any) -> None:
-        print("FOLDING", flush=True)
+        os.write(1, b"FOLDING\n")  # one write: print() from two threads can interleave "FOLDINGR2\n\n"
         stop.wait()  # killed here
 
     setattr(journal, point, held)
     record(journal, 1)
-    print("R1", flush=True)
+    os.write(1, b"R1\n")
     journal.fold()
     record(journal, 2)  # on the loop, while the fold's thread waits
-    print("R2", flush=True)
+    os.write(1, b"R2\n")
     await asyncio.sleep(60)
 
 

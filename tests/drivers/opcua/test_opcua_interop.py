@@ -190,4 +190,6 @@ def test_driver_reports_a_node_opcua_plc_restart_offline_then_online(node: str, 
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    run(body)
+    # Above the sum of the waits' own bounds (two node-opcua starts of up to 30 s each, 20 s per
+    # state): each wait names what did not come; the overall cap only stops a hang.
+    run(body, timeout=180)
