@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config.model import AgentConfigBase, config_warnings, load_config
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.observability.logs import add_secret
 from agent.runtime.devices import DeviceSet
 from agent.runtime.health import HealthReporter
@@ -82,6 +82,7 @@ class Agent:
         self.config_path = config_path
         self._own_process = own_process
         self._stop = asyncio.Event()
+        self._stopping_at = ""  # the shutdown step under way (named if the shutdown runs over its budget)
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -259,7 +260,13 @@ class Agent:
                 await self._stop.wait()
             finally:
                 self.service.stopping()
-                await asyncio.wait_for(self._shutdown(), SHUTDOWN_BUDGET + 1)
+                try:
+                    await asyncio.wait_for(self._shutdown(), SHUTDOWN_BUDGET + 1)
+                except TimeoutError:
+                    # The buffer keeps what was not delivered; say where the time went.
+                    raise AgentError(
+                        f"shutdown took over {SHUTDOWN_BUDGET + 1:.0f} s (still at: {self._stopping_at})"
+                    ) from None
         finally:
             await self.service.stop()
         if self._fatal is not None:
@@ -267,20 +274,27 @@ class Agent:
 
     async def _shutdown(self) -> None:
         started = time.monotonic()
+        self._stopping_at = "devices"
         await self.devices.stop_all()
+        self._stopping_at = "buffer flush"
         await self.store.flush()  # everything read is now durable
         # Give the durable uplinks a moment to deliver what is already in flight, within budget.
+        self._stopping_at = "delivery of what is in flight"
         deadline = started + SHUTDOWN_BUDGET / 2
         for name, runner in self.uplinks.durable.items():
+            feed = self.store.feeds[name]
             while runner.uplink.status.connected and time.monotonic() < deadline:
-                if (await self.store.feeds[name].stats()).rows == 0:
+                # Acknowledged rows waiting for their grouped delete are delivered already.
+                if (await feed.stats()).rows <= len(feed.outbox.acks):
                     break
                 await asyncio.sleep(0.05)
         self.pipeline.sinks = []
+        self._stopping_at = "uplinks"
         await self.uplinks.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping_at = "buffer close"
         await self.store.close()
         self.status.running = self.liveness.running = False
         log.info("agent stopped in %.2fs", time.monotonic() - started)

@@ -231,8 +231,11 @@ def test_scan_and_read_against_libmodbus(libmodbus_server: Path, tmp_path: Path,
     texts = meter_texts(points)
     with serving(libmodbus_server, map_lines(points, texts), tmp_path, transport, "--strict") as where:
         line = ["--host", where] if transport == "tcp" else ["--port", where, "--baud", "9600", "--parity", "N"]
-        scan = _cli("scan", "modbus", *line, "--units", "1-3", "--table", "input")
-        read = _cli("read", "modbus", *line, "--unit", "1", "--address", "30001", "--count", "6", "--type", "float32")
+        # Waits well above the defaults (scan 35 ms + the answer, read 0.3 s): this test is about what
+        # the two ends make of each other's bytes, and a loaded machine delays the server on the pty.
+        scan = _cli("scan", "modbus", *line, "--units", "1-3", "--table", "input", "--timeout", "0.5")
+        read = _cli("read", "modbus", *line, "--unit", "1", "--address", "30001", "--count", "6", "--type", "float32",
+                    "--timeout", "2")  # fmt: skip
     assert scan.returncode == 0, scan.stdout + scan.stderr
     rows = {r.split()[0]: " ".join(r.split()[4:]) for r in scan.stdout.splitlines()[1:] if r[:4].strip().isdigit()}
     if transport == "tcp":  # units 2, 3: the server answers as a gateway whose target is silent
