@@ -82,7 +82,8 @@ class Connection:
         self._up_total = 0.0
         self._up_since: float | None = None
         self._lock = threading.Lock()
-        self._first = threading.Event()
+        self._first = threading.Event()  # connected and subscribed, or refused
+        self._subscribing: set[int] = set()  # SUBSCRIBE message ids without their SUBACK yet
         self._refused = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
@@ -137,6 +138,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(1, 10)
         self._client = client
         where = f"lorawan {self.key}: network server broker {self.server.host}:{self.server.port}"
@@ -173,14 +175,26 @@ class Connection:
             self._first.set()
             return
         qos = 1 if self.server.type == "chirpstack" else 0  # TTS's MQTT server offers QoS 0 only
-        for topic in topics(self.server.type, self.application):
-            client.subscribe(topic, qos=qos)
+        # Ready once the broker has taken the subscriptions (SUBACK), not at CONNACK: what the
+        # network server publishes in between would reach no subscription and be lost.
+        self._subscribing = {mid for topic in topics(self.server.type, self.application)
+                             if (mid := client.subscribe(topic, qos=qos)[1]) is not None}  # fmt: skip
         log.info("lorawan %s: connected as %s (%s session)", self.key, self.client_id,
                  "resumed" if flags.session_present else "new",
                  extra={"subject": f"lorawan {self.key}", "state": "connected"})  # fmt: skip
         self._generation += 1
         self._mark(True)
-        self._first.set()
+        if not self._subscribing:
+            self._first.set()
+
+    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, reasons: Any, _properties: Any) -> None:
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self._refused = f"subscription refused ({', '.join(refused)}): the broker's ACL must let this user read"
+            log.error("lorawan %s: %s", self.key, self._refused)
+        self._subscribing.discard(mid)
+        if not self._subscribing:
+            self._first.set()
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _properties: Any) -> None:
         if self.connected and not self._closing:
