@@ -45,6 +45,9 @@ def _shared(name: str, record: Callable[[Path], Session], tmp: pytest.TempPathFa
 def both_of_ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[Judged, Judged]:
     """Our main session and the MQTT 5.0 one, recorded side by side (own brokers, own agents): the
     suite waits for the longer, not the sum."""
+    # The factory makes its base folder at first use, and two threads doing that at once collide
+    # (FileExistsError: .../popen-gw1, seen when this was the worker's first use of it).
+    tmp_path_factory.getbasetemp()
     with ThreadPoolExecutor(2) as pool:
         main = pool.submit(_shared, "ours", record_ours, tmp_path_factory)
         mqtt5 = pool.submit(_shared, "ours-mqtt5", record_ours_mqtt5, tmp_path_factory)
