@@ -1,7 +1,8 @@
-"""Fixtures the page's browser tests share: one chromium per test module (Debian's, no download)."""
+"""Fixtures the page's tests share: one chromium per test module (Debian's, no download), a pseudo-terminal."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,3 +20,14 @@ def browser() -> Iterator[Browser]:
             yield b
         finally:
             b.close()
+
+
+@pytest.fixture(scope="module")
+def pty_port() -> Iterator[str]:
+    """A real pseudo-terminal's path: a serial port that exists on this machine."""
+    leader, follower = os.openpty()
+    try:
+        yield os.ttyname(follower)
+    finally:
+        os.close(leader)
+        os.close(follower)

@@ -10,7 +10,6 @@ writing it, and refuses a bad hit naming the field.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import stat
 from collections.abc import Iterator
@@ -211,14 +210,6 @@ def test_backups_keep_the_mode_and_at_most_ten(site: Running) -> None:
 
 
 # ---- add a device from a scan hit ------------------------------------------------------
-@pytest.fixture(scope="module")
-def pty_port() -> Iterator[str]:
-    leader, follower = os.openpty()
-    try:
-        yield os.ttyname(follower)
-    finally:
-        os.close(leader)
-        os.close(follower)
 
 
 def _hit(pty: str, **changed: object) -> dict[str, object]:

@@ -9,7 +9,6 @@ diff, and Apply adds it. A console error, a failed request or another host fails
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,16 +47,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     finally:
         running.agent.kill()
         broker.stop()
-
-
-@pytest.fixture(scope="module")
-def pty_port() -> Iterator[str]:
-    leader, follower = os.openpty()
-    try:
-        yield os.ttyname(follower)
-    finally:
-        os.close(leader)
-        os.close(follower)
 
 
 def _press(page: Page, name: str, touch: bool) -> None:

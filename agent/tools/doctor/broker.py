@@ -62,12 +62,11 @@ def _skipped_broker(mqtt: MqttConfig, address: str) -> list[Row]:
     return [*rows, Row("broker", f"mqtt {address}", "skip", reason)]
 
 
-def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
-    """CONNECT with the agent's protocol, TLS and credentials; report the CONNACK."""
+def check_client(mqtt: MqttConfig, client_id: str, timeout: float) -> Any:
+    """A paho client that connects as the agent would (protocol, TLS, credentials), once, for a check."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-    target = f"mqtt {mqtt.host}:{mqtt.port}"
     v5 = mqtt.protocol == "5"
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -77,13 +76,23 @@ def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
         reconnect_on_failure=False,
     )
     client.connect_timeout = timeout
-    who = "anonymous"
     if mqtt.username is not None:
         client.username_pw_set(mqtt.username, mqtt.password())
-        source = mqtt.password_file or ("$EDGE_AGENT_MQTT_PASSWORD" if mqtt.password() else None)
-        who = f"user {mqtt.username}" + (f", password from {source}" if source else ", no password")
     if mqtt.tls.active:
         mqtt.tls.apply_to(client)
+    return client
+
+
+def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
+    """CONNECT with the agent's protocol, TLS and credentials; report the CONNACK."""
+    import paho.mqtt.client as paho
+
+    target = f"mqtt {mqtt.host}:{mqtt.port}"
+    client = check_client(mqtt, client_id, timeout)
+    who = "anonymous"
+    if mqtt.username is not None:
+        source = mqtt.password_file or ("$EDGE_AGENT_MQTT_PASSWORD" if mqtt.password() else None)
+        who = f"user {mqtt.username}" + (f", password from {source}" if source else ", no password")
     answer: list[Any] = []
     closed = False
     client.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)

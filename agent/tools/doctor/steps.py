@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent.tools.doctor.broker import connack_fix
+from agent.tools.doctor.broker import check_client, connack_fix
 from agent.tools.doctor.tls import check_tls
 from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, MqttConfig
 
@@ -149,24 +149,9 @@ def _tcp(found: list[Any], mqtt: MqttConfig, timeout: float) -> tuple[socket.soc
 
 def _session(mqtt: MqttConfig, gateway: str, timeout: float) -> list[Step]:
     """CONNACK with the agent's protocol, TLS and credentials, then a QoS 1 publish and its PUBACK."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    v5 = mqtt.protocol == "5"
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"{mqtt.client_id or f'edge-agent-{gateway}'}-ui-check",  # never the agent's own session
-        clean_session=None if v5 else True,
-        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-        reconnect_on_failure=False,
-    )
-    client.connect_timeout = timeout
-    who = "anonymous"
-    if mqtt.username is not None:
-        client.username_pw_set(mqtt.username, mqtt.password())
-        who = f"user {mqtt.username}"
-    if mqtt.tls.active:
-        mqtt.tls.apply_to(client)
+    client_id = f"{mqtt.client_id or f'edge-agent-{gateway}'}-ui-check"  # never the agent's own session
+    client = check_client(mqtt, client_id, timeout)
+    who = f"user {mqtt.username}" if mqtt.username is not None else "anonymous"
     answers: list[Any] = []
     acks: list[Any] = []
     client.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
