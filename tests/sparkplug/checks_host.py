@@ -14,6 +14,10 @@ from tests.sparkplug.session import DATA, IN_FLIGHT, NAMESPACE, EdgeMessage, Ses
 from tests.sparkplug.verdicts import Verdict, check, judge
 
 REACT = 2.0  # s: how soon after a valid offline STATE the edge must have left the server
+# Each proxied connection records on its own thread, so across two connections the recorded order
+# can trail the real one on a loaded machine: a close of A logged just after the CONNECT to B that
+# followed it (seen once in CI). Within this slack, two connections' packets are not ordered.
+ORDER_SLACK = 0.25  # s
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ def _left(s: Session, st: StateSeen) -> Packet | None:
 
 
 def _next_connect(s: Session, after: Packet) -> Packet | None:
-    return next((p for p in s.connects() if p.n > after.n), None)
+    return next((p for p in s.connects() if p.n > after.n or (p.conn != after.conn and p.at >= after.at - ORDER_SLACK)),
+                None)  # fmt: skip
 
 
 @check("message-flow-edge-node-birth-publish-phid-offline")
@@ -181,5 +186,5 @@ def one_server_at_a_time(s: Session) -> Verdict:
         spans.append((packets[0].at, end, packets[0].server, conn))
     spans.sort()
     bad = [f"connection {a[3]} to {a[2]} still open when {b[3]} to {b[2]} began" for i, a in enumerate(spans)
-           for b in spans[i + 1 :] if b[0] < a[1] and a[2] != b[2]]  # fmt: skip
+           for b in spans[i + 1 :] if b[0] < a[1] - ORDER_SLACK and a[2] != b[2]]  # fmt: skip
     return judge(bad, len(spans) if len({x[2] for x in spans}) > 1 else 0, "connections over several servers")
