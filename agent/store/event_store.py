@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_COMMIT = 5000  # events per transaction: bounds one commit's latency under a burst
 COMMIT_INTERVAL = 0.025  # seconds between group commits under load
+SETTLE_TIMEOUT = 1.0  # seconds an uplink waits for queued readings before it births (see settled)
 WRITE_FAILURE_PAUSE = 1.0  # seconds after an unexpected write failure
 MAX_PENDING_BYTES = 8 * 1024 * 1024  # readings waiting for a commit before new ones are refused
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused readings
@@ -55,7 +56,15 @@ class EventStore:
         first = next(iter(outboxes))
         self.priorities: set[int] = set()  # every class seen, shared with the feeds
         self.feeds = {
-            name: Feed(name, make, self.db, on_dropped, self._take_epoch if name == first else None, self.priorities)
+            name: Feed(
+                name,
+                make,
+                self.db,
+                on_dropped,
+                self._take_epoch if name == first else None,
+                self.priorities,
+                self.settled,
+            )
             for name, make in outboxes.items()
         }
         self.main = self.feeds[first]
@@ -65,6 +74,8 @@ class EventStore:
         self._pending: list[Record] = []
         self._has_pending = asyncio.Event()
         self._pending_bytes = 0
+        self._committing = False
+        self._round_done: asyncio.Future[None] | None = None  # resolved when the commit under way ends
         self._refusal_logged_at = -REFUSAL_LOG_INTERVAL
         self.clock = clock or ClockWatch()
         self._wall = self.clock.wall
@@ -157,6 +168,16 @@ class EventStore:
             await self._commit_some()
 
     async def _commit_some(self) -> None:
+        self._committing = True
+        try:
+            await self._commit_round()
+        finally:
+            self._committing = False
+            done, self._round_done = self._round_done, None
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def _commit_round(self) -> None:
         batch = self._pending[:MAX_COMMIT]
         del self._pending[:MAX_COMMIT]
         self._pending_bytes -= sum(len(r.payload) for r in batch)
@@ -182,6 +203,24 @@ class EventStore:
             feed.committed.set()
         if failed:
             await asyncio.sleep(WRITE_FAILURE_PAUSE)
+
+    async def settled(self, timeout: float = SETTLE_TIMEOUT) -> bool:
+        """Wait until no reading is queued or being committed, so a feed's next read sees every
+        reading submitted so far; False if that took longer than ``timeout`` (a stalled disk, or
+        readings arriving faster than commits end).
+
+        Returns with no suspension after its last check: a caller that reads its feed from memory
+        and publishes before its next ``await`` misses no reading submitted before it published.
+        """
+        deadline = time.monotonic() + timeout
+        while self._pending or self._committing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._round_done is None:
+                self._round_done = asyncio.get_running_loop().create_future()
+            await asyncio.wait([asyncio.shield(self._round_done)], timeout=left)
+        return True
 
     async def flush(self) -> None:
         """Commit everything queued so far (used at shutdown)."""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from agent.contract.events import Priority
 from agent.store.acklog import AckLog
-from agent.store.outbox import AppendResult, BufferStats, Dropped, Outbox, OutboxReader, Record, Stored, is_corruption
+from agent.store.outbox import AppendResult, BufferStats, Dropped, Outbox, Record, Stored
+from agent.store.readback import ReadBack
 from agent.store.records import Lanes
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,17 @@ class Feed:
         on_dropped: Callable[[str, list[Dropped]], None] | None = None,
         on_replaced: Callable[[Outbox], None] | None = None,
         priorities: set[int] | None = None,
+        settle: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """Prepare; :meth:`open` opens the file on the commit thread."""
+        """Prepare; :meth:`open` opens the file on the commit thread. ``settle``: the store's
+        wait for the readings it has queued (see :meth:`settled`)."""
         self.name = name
+        self._settle = settle
         self._on_replaced = on_replaced
         self._make_outbox = make_outbox
         self._db = db
         self._on_dropped = on_dropped
-        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edge-agent-read-{name}")
-        self._reader: OutboxReader | None = None
-        self._reader_generation = -1
+        self._reads = ReadBack(name, lambda: self.outbox, db.executor)
         self._outbox: Outbox | None = None
         self._generation = 0  # the outbox's file generation this feed last saw
         self.committed = asyncio.Event()  # set after each commit; the uplink waits on it
@@ -186,6 +187,11 @@ class Feed:
                 tail.clear()
                 self._tail_from[priority] = next_id
         self._next_id = next_id
+
+    async def settled(self) -> bool:
+        """Wait until every reading submitted so far is committed, so the next read sees it
+        (bounded: False if readings kept coming or the disk stalled)."""
+        return await self._settle() if self._settle is not None else True
 
     async def next_batch(self, cursors: dict[int, int], limit: int) -> list[Stored]:
         """Up to ``limit`` stored events after the cursors, highest class first.
@@ -284,8 +290,7 @@ class Feed:
         if self._outbox is not None and self._outbox.acks.highest > cursor:
             # Logged acks this read could return (a reconnect reads from the start): delete them first.
             await self._db.call("ack", self._outbox.apply_acks)
-        loop = asyncio.get_running_loop()
-        got = await loop.run_in_executor(self._reads, self._peek, priority, cursor, need)
+        got = await self._reads.peek(priority, cursor, need)
         self.check_replaced()
         if below is not None:
             got = [row for row in got if row.id < below]
@@ -295,31 +300,6 @@ class Feed:
         while got and tail and tail[0].id <= got[-1].id:
             tail.popleft()
         return got
-
-    def _peek(self, priority: int, after_id: int, limit: int) -> list[Stored]:
-        """On the read thread: peek through the reader, reopened if the file was replaced.
-
-        A damaged file found here is handed to the commit thread, which replaces it as it
-        would for damage found on a write, and the read is tried once more on the new file.
-        """
-        for attempt in (1, 2):
-            outbox = self.outbox
-            if self._reader is None or self._reader_generation != outbox.generation:
-                if self._reader is not None:
-                    self._reader.close()
-                self._reader, self._reader_generation = OutboxReader(outbox.path), outbox.generation
-            try:
-                return self._reader.peek(priority, after_id, limit)
-            except sqlite3.DatabaseError as exc:
-                if attempt == 2:
-                    raise
-                # Through the commit thread even when it is not corruption: if the writer is
-                # replacing the file right now (this reader then sees an I/O error on the moved
-                # file), this waits for it to finish.
-                self._db.executor.submit(outbox.recover, exc, self._reader_generation).result()
-                if not is_corruption(exc) and outbox.generation == self._reader_generation:
-                    raise
-        raise AssertionError("unreachable")
 
     async def ack(self, ids: Sequence[int]) -> int:
         """Delivered events leave the buffer; returns how many ids were taken.
@@ -366,10 +346,7 @@ class Feed:
         if self._applier is not None:
             self._applier.cancel()
             await asyncio.gather(self._applier, return_exceptions=True)
-        self._reads.shutdown(wait=True)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._reads.close()
         if self._outbox is not None:
             await self._db.call("close", self._outbox.close)
             self._outbox = None

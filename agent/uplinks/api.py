@@ -142,6 +142,14 @@ class LaneFeed(EventFeed, Protocol):
         highest class first in each; the feed advances ``lanes``. A new ``lanes`` per connection."""
         ...
 
+    async def settled(self) -> bool:
+        """Wait until every reading submitted so far is committed, so the next read sees it
+        (bounded: False if readings kept coming or the disk stalled). An uplink about to state
+        current values (Sparkplug's BIRTHs) reads once more after this: a live read that the
+        feed serves from memory does not suspend, so nothing is accepted between it and the
+        uplink's next ``await``."""
+        ...
+
 
 @dataclass(frozen=True)
 class Command:

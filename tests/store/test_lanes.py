@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,27 @@ def _tiny_tail(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("_tiny_tail")
 def test_lanes_through_reconnects_and_reopens() -> None:
     run_state_machine_as_test(LaneMachine, settings=settings(max_examples=20, stateful_step_count=25, deadline=None))
+
+
+def test_settled_waits_for_queued_readings_and_gives_up_when_commits_stall(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = _store(tmp_path / "b.db")
+        await store.open()
+        lanes = Lanes()
+        assert await store.main.next_lanes(lanes, 10) == []
+        store.submit("m", _reading(1), Priority.TELEMETRY)
+        started = time.monotonic()
+        assert not await store.settled(0.2), "no writer: not settled"
+        assert 0.2 <= time.monotonic() - started < 1.0
+        writer = asyncio.create_task(store.run_writer())
+        try:
+            assert await store.main.settled()
+            assert not store._pending and not store._committing
+            rows = await store.main.next_lanes(lanes, 10)
+            assert [(r.device, r.backlog) for r in rows] == [("m", False)]
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(run())

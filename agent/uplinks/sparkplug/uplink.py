@@ -165,6 +165,10 @@ class SparkplugUplink:
         # NBIRTH and their newest values are the BIRTHs' current ones; on the first session of a
         # run, the devices' first readings are waited for.
         first = await self._first_rows(feed, conn, lanes)
+        # Readings still queued for a commit are in the BIRTHs too: a value read before a BIRTH
+        # never follows it as the first DATA of a metric the BIRTH called null or older.
+        await feed.settled()
+        first += await feed.next_lanes(lanes, READ_LIMIT)
         for row in first:
             try:
                 self._learn(row)

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from agent.contract.data import measurement, meter_reading
-from agent.contract.events import Priority, Reading
+from agent.contract.events import GATEWAY_HEALTH, GATEWAY_STREAM, Priority, Reading
 from agent.errors import DriverWriteError
+from agent.store import event_store
 from agent.store.event_store import EventStore
 from agent.store.outbox import Outbox
 from agent.uplinks import api
@@ -134,3 +135,49 @@ def test_a_live_change_leaves_within_2s_while_the_backlog_drains(tmp_path: Path,
     assert latency <= 2.0, f"the live change took {latency:.2f} s"
     assert after >= 1, "the live change overtook the backlog (historical DDATA still followed it)"
     assert history <= seen
+
+
+def test_readings_still_queued_for_a_commit_are_in_the_births(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reading taken just before the BIRTHs but not yet committed (the store groups commits) is
+    the BIRTH's current value, not a DATA after a BIRTH that said null or an older value."""
+    monkeypatch.setattr(event_store, "COMMIT_INTERVAL", 0.5)  # commits paced as under load, but slower
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    rec = Recorder(broker.port)
+    config = SparkplugConfig.model_validate({"enabled": True, "group_id": GROUP, "keepalive": "1s",
+                                             "servers": [{"host": "127.0.0.1", "port": broker.port}]})  # fmt: skip
+    now = datetime.now(UTC)
+
+    async def run() -> None:
+        store = EventStore({"sparkplug": lambda: Outbox(tmp_path / "spb.db", 1 << 30)}, gateway="gw-test")
+        await store.open()
+        writer = asyncio.create_task(store.run_writer())
+        uplink = SparkplugUplink(config, api.UplinkContext("sparkplug", "Sparkplug", "gw-test", NoWrites(), tmp_path))
+        task: asyncio.Task[None] | None = None
+        try:
+            store.submit("meter-1", _reading(1.0, now - timedelta(seconds=1)), Priority.TELEMETRY)
+            assert await store.settled(), "the first reading is committed at once"
+            store.submit("meter-1", _reading(2.0, now), Priority.TELEMETRY)  # waits ~0.5 s for its commit
+            store.submit(GATEWAY_STREAM, Reading(GATEWAY_HEALTH, {"uptime_s": 12.5}, now), Priority.TELEMETRY)
+            task = asyncio.create_task(uplink.run(store.feeds["sparkplug"]))
+            await _until(lambda: rec.of("DBIRTH", "meter-1"), 10, "the DBIRTH")
+            await asyncio.sleep(0.6)  # a DATA would have followed by now
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await uplink.goodbye()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        rec.close()
+        broker.stop()
+    nbirth, dbirth = rec.of("NBIRTH")[0].metrics(), rec.of("DBIRTH", "meter-1")[0].metrics()
+    assert dbirth["voltage_l1"].double_value == 2.0 and not dbirth["voltage_l1"].is_null
+    assert not nbirth["Gateway/uptime_s"].is_null and nbirth["Gateway/uptime_s"].double_value == 12.5
+    live = [m for m in rec.of("DDATA", "meter-1") + rec.of("NDATA") if not m.payload.metrics[0].is_historical]
+    assert live == [], "the queued readings left as live DATA after the BIRTHs"
