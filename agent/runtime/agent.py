@@ -283,11 +283,15 @@ class Agent:
         deadline = started + SHUTDOWN_BUDGET / 2
         for name, runner in self.uplinks.durable.items():
             feed = self.store.feeds[name]
-            while runner.uplink.status.connected and time.monotonic() < deadline:
-                # Acknowledged rows waiting for their grouped delete are delivered already.
-                if (await feed.stats()).rows <= len(feed.outbox.acks):
+            while True:
+                left = await feed.undelivered()
+                connected = runner.uplink.status.connected
+                if left <= 0 or not connected or time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.05)
+            if left > 0:
+                why = "the uplink is not connected" if not connected else "delivery took longer than the stop allows"
+                log.info("%s: %d event(s) kept in the buffer for the next start (%s)", name, left, why)
         self.pipeline.sinks = []
         self._stopping_at = "uplinks"
         await self.uplinks.stop()

@@ -334,6 +334,12 @@ class Feed:
             finally:
                 self.check_replaced()
 
+    async def undelivered(self) -> int:
+        """Rows not acknowledged yet: logged acks are deleted first, so none is counted twice or missed."""
+        if self.outbox.acks.highest:
+            await self._db.call("ack", self.outbox.apply_acks)
+        return (await self.stats()).rows
+
     async def stats(self) -> BufferStats:
         """Counters and depth of this feed's file."""
         try:

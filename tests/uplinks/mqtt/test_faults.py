@@ -82,7 +82,7 @@ def _stop_and_check_delivery(
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0, agent.output()[-3000:]
     left = _outbox_rows(buffer)
-    assert left == 0, f"{left} rows still in the outbox after a clean stop on a healed link"
+    assert left == 0, f"{left} rows still in the outbox after a clean stop on a healed link:\n{agent.output()[-3000:]}"
     last = last_seqs(buffer)
 
     sub.wait_for_all({d: last[d] for d in devices}, timeout)
