@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from typing import Any
 
 import orjson
@@ -58,11 +57,11 @@ class Commands:
     """Handles the session's inbound messages; lives across sessions (it keeps the last STATE time)."""
 
     def __init__(self, cfg: SparkplugConfig, topics: Topics, model: Model, inbound: Inbound, origin: str,
-                 status: UplinkStatus | None = None) -> None:  # fmt: skip
+                 status: UplinkStatus) -> None:  # fmt: skip
         """``origin``: how writes are logged (the uplink's title); ``status``: where NCMD/DCMD are counted
         for /metrics."""
         self.cfg, self.topics, self.model, self.inbound, self.origin = cfg, topics, model, inbound, origin
-        self.status = status if status is not None else UplinkStatus()
+        self.status = status
         self.writable = {(w.device, w.point) for w in cfg.writable}
         self.state_topic = Topics.state(cfg.primary_host_id) if cfg.primary_host_id else None
         self.last_state = -1  # the newest STATE timestamp seen
@@ -70,7 +69,6 @@ class Commands:
         self.host_online = asyncio.Event()
         self.offline: asyncio.Future[str] | None = None
         self.session: Session | None = None
-        self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -94,7 +92,6 @@ class Commands:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message from the broker."""
-        self.counters["received"] += 1
         if topic == self.state_topic:
             self._state(payload)
         elif topic == self.topics.ncmd:
@@ -111,7 +108,6 @@ class Commands:
             if not isinstance(online, bool) or not isinstance(stamp, int) or isinstance(stamp, bool):
                 raise TypeError("online must be a boolean and timestamp an integer")
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            self.counters["bad_state"] += 1
             log.warning("Sparkplug: ignored a STATE of %s that is not the spec's JSON (%s): %r",
                         self.cfg.primary_host_id, exc, payload[:200])  # fmt: skip
             return
@@ -152,18 +148,15 @@ class Commands:
                 except ValueError:
                     wanted = None
                 if wanted is True and self.session is not None and self.session.born:
-                    self.counters["rebirths"] += 1
                     self.status.command("ncmd", "accepted", "rebirth")
                     log.info("Sparkplug: rebirth requested by NCMD")
                     self.session.birth_all()
                 continue
-            self.counters["ncmd_ignored"] += 1
             self.status.command("ncmd", "refused", "unknown_metric")
             log.warning("Sparkplug NCMD for %s/%s: metric %r ignored (only %s is taken)", self.topics.group,
                         self.topics.node, m.name if m.name is not None else m.alias, REBIRTH)  # fmt: skip
 
     def _undecodable(self, kind: str, topic: str, exc: Exception) -> None:
-        self.counters["undecodable"] += 1
         self.status.command(kind.lower(), "refused", "undecodable")
         log.warning("Sparkplug: ignored an undecodable %s on %s: %s", kind, topic, exc)
 
@@ -201,13 +194,11 @@ class Commands:
                                    self.cfg.write_timeout)  # fmt: skip
         except Exception as exc:
             reason = str(exc) or f"no answer within {self.cfg.write_timeout:g}s"
-            self.counters["refused_writes"] += 1
             self.status.command("dcmd", "refused", refusal_code(exc))
             log.warning("Sparkplug DCMD refused: group %s, node %s, device %s, metric %s, value %r: %s",
                         self.topics.group, self.topics.node, device_id, label, value, reason)  # fmt: skip
             self._republish(device_id, name)
             return
-        self.counters["writes"] += 1
         self.status.command("dcmd", "accepted")
         log.info("Sparkplug DCMD applied: group %s, node %s, device %s, metric %s, value %r",
                  self.topics.group, self.topics.node, device_id, name, value)  # fmt: skip
