@@ -85,7 +85,6 @@ def check_client(mqtt: MqttConfig, client_id: str, timeout: float) -> Any:
 
 def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
     """CONNECT with the agent's protocol, TLS and credentials; report the CONNACK."""
-    import paho.mqtt.client as paho
 
     target = f"mqtt {mqtt.host}:{mqtt.port}"
     client = check_client(mqtt, client_id, timeout)
@@ -98,11 +97,7 @@ def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
     client.on_connect = lambda _c, _u, _f, reason, _p: answer.append(reason)
     try:
         client.connect(mqtt.host, mqtt.port, keepalive=int(mqtt.keepalive))
-        deadline = time.monotonic() + timeout
-        while not answer and time.monotonic() < deadline:
-            if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS:
-                closed = True
-                break
+        closed = not loop_until(client, answer, time.monotonic() + timeout)
     except (OSError, ssl.SSLError) as exc:
         return Row("broker", target, "FAIL", f"CONNECT failed: {exc}", "see the tcp/tls rows above")
     finally:
@@ -117,6 +112,16 @@ def check_mqtt_connect(mqtt: MqttConfig, client_id: str, timeout: float) -> Row:
         return Row("broker", target, "ok", f"CONNACK {reason} (MQTT {mqtt.protocol}, {who})")
     text = str(reason)
     return Row("broker", target, "FAIL", f"broker refused CONNECT: {text} ({who})", connack_fix(text))
+
+
+def loop_until(client: Any, found: list[Any], deadline: float) -> bool:
+    """Run paho's loop until ``found`` has an entry or ``deadline``; False if the broker closed the connection."""
+    import paho.mqtt.client as paho
+
+    while not found and time.monotonic() < deadline:
+        if client.loop(timeout=0.05) != paho.MQTT_ERR_SUCCESS:
+            return False
+    return True
 
 
 def connack_fix(reason: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from agent.tools.doctor.broker import check_client, connack_fix
+from agent.tools.doctor.broker import check_client, connack_fix, loop_until
 from agent.tools.doctor.tls import check_tls
 from agent.uplinks.mqtt.config import PLAIN_PORT, TLS_PORT, MqttConfig
 
@@ -164,23 +164,13 @@ def _session(mqtt: MqttConfig, gateway: str, timeout: float) -> list[Step]:
             client.loop(timeout=0.1)
 
 
-def _wait(client: Any, found: list[Any], deadline: float) -> bool:
-    """Run paho's loop until ``found`` has an entry; False if the broker closed the connection."""
-    import paho.mqtt.client as paho
-
-    while not found and time.monotonic() < deadline:
-        if client.loop(timeout=0.05) != paho.MQTT_ERR_SUCCESS:
-            return False
-    return True
-
-
 def _exchange(
     client: Any, mqtt: MqttConfig, gateway: str, timeout: float, who: str, answers: list[Any], acks: list[Any]
 ) -> list[Step]:
     started = time.monotonic()
     try:
         client.connect(mqtt.host, mqtt.port, keepalive=int(mqtt.keepalive))
-        open_ = _wait(client, answers, started + timeout)
+        open_ = loop_until(client, answers, started + timeout)
     except OSError as exc:  # ssl.SSLError is one
         return [
             Step("CONNACK", "fail", _ms(started), "no session", f"CONNECT failed: {exc}", "see the TCP and TLS steps"),
@@ -219,7 +209,7 @@ def _publish(client: Any, mqtt: MqttConfig, gateway: str, timeout: float, acks: 
     payload = json.dumps({"check": "uplink", "gateway": gateway, "time": datetime.now(UTC).isoformat()})
     started = time.monotonic()
     client.publish(topic, payload, qos=1)
-    open_ = _wait(client, acks, started + timeout)
+    open_ = loop_until(client, acks, started + timeout)
     acl = (
         f"let this gateway publish under {mqtt.topic_prefix}/{gateway}/ in the broker's access list "
         "(its log says what it refused)"
