@@ -27,8 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,24 @@ def edge_node(port: int, state: Path) -> SparkplugUplink:
     return SparkplugUplink(config, api.UplinkContext("sparkplug", "Sparkplug", GATEWAY, NoWrites(), state))
 
 
+@asynccontextmanager
+async def delivering(store: EventStore, uplink: SparkplugUplink | None) -> AsyncIterator[None]:
+    """The store's writer and, if given, the edge node on its feed; both stopped and the store
+    closed afterwards."""
+    writer = asyncio.create_task(store.run_writer())
+    task = asyncio.create_task(uplink.run(store.feeds["sparkplug"])) if uplink is not None else None
+    try:
+        yield
+    finally:
+        if task is not None and uplink is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await uplink.goodbye()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await store.close()
+
+
 def reading(points: list[Point], at: datetime, rng: random.Random) -> Reading:
     values = [measurement(p.quantity, value(p, rng), p.unit, point=p.name, phase=p.phase) for p in points]
     return Reading(METER_READING, meter_reading(values), at)
@@ -155,34 +173,27 @@ async def backlog_latency(port: int, hours: int = 24, window: float = 20.0, rate
         print(f"path/backlog: {events:,} readings of {len(points)} metrics committed to {path.name} in "
               f"{time.perf_counter() - began:.1f} s ({path.stat().st_size / 2**20:.0f} MiB)")  # fmt: skip
         arrivals = LiveArrivals(port)
-        writer = asyncio.create_task(store.run_writer())
         uplink = edge_node(port, Path(tmp))
         connected_at = time.monotonic()
-        task = asyncio.create_task(uplink.run(store.feeds["sparkplug"]))
         sent: dict[int, float] = {}
         try:
-            while not uplink.status.connected:
-                await asyncio.sleep(0.01)
-            online = time.monotonic() - connected_at
-            end = time.monotonic() + window
-            tick = 1.0 / rate
-            next_at = time.monotonic()
-            while time.monotonic() < end:
-                at = datetime.now(UTC)
-                if millis(at) not in sent:
-                    sent[millis(at)] = time.monotonic()
-                    store.submit("meter-001", reading(points, at, rng), Priority.TELEMETRY)
-                next_at += tick
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            await asyncio.sleep(2.0)  # the last live ones arrive
-            left = (await store.feeds["sparkplug"].stats()).rows
+            async with delivering(store, uplink):
+                while not uplink.status.connected:
+                    await asyncio.sleep(0.01)
+                online = time.monotonic() - connected_at
+                end = time.monotonic() + window
+                tick = 1.0 / rate
+                next_at = time.monotonic()
+                while time.monotonic() < end:
+                    at = datetime.now(UTC)
+                    if millis(at) not in sent:
+                        sent[millis(at)] = time.monotonic()
+                        store.submit("meter-001", reading(points, at, rng), Priority.TELEMETRY)
+                    next_at += tick
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                await asyncio.sleep(2.0)  # the last live ones arrive
+                left = (await store.feeds["sparkplug"].stats()).rows
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await uplink.goodbye()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            await store.close()
             arrivals.close()
         got = sorted(arrivals.seen[ts] - t for ts, t in sent.items() if ts in arrivals.seen)
         missing = len(sent) - len(got)
@@ -234,23 +245,13 @@ async def cpu_run(port: int | None, seconds: float, changes: int = 15000, regist
     with tempfile.TemporaryDirectory() as tmp:
         store = EventStore({"sparkplug": lambda: Outbox(Path(tmp) / "buffer.db", 4 << 30)}, gateway=GATEWAY)
         await store.open()
-        writer = asyncio.create_task(store.run_writer())
         uplink = edge_node(port, Path(tmp)) if port is not None else None
-        task = asyncio.create_task(uplink.run(store.feeds["sparkplug"])) if uplink is not None else None
-        try:
+        async with delivering(store, uplink):
             await _produce(store, points, 3.0, rate, rng)  # warm-up: births, the first commits
             before, threads, wall = time.process_time(), thread_cpu(), time.monotonic()
             produced = await _produce(store, points, seconds, rate, rng)
             cpu, wall = time.process_time() - before, time.monotonic() - wall
             after = thread_cpu()
-        finally:
-            if task is not None and uplink is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                await uplink.goodbye()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            await store.close()
         share = {name: (after[name] - threads.get(name, 0.0)) / wall * 100 for name in after}
         busy = ", ".join(f"{n} {p:.0f} %" for n, p in sorted(share.items(), key=lambda x: -x[1]) if p >= 1)
         label = "with the edge node" if port is not None else "producer and store only"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,14 +77,31 @@ async def _until(predicate: Any, timeout: float, what: str) -> Any:
     return found
 
 
+def _config(port: int) -> SparkplugConfig:
+    return SparkplugConfig.model_validate({"enabled": True, "group_id": GROUP, "keepalive": "1s",
+                                           "servers": [{"host": "127.0.0.1", "port": port}]})  # fmt: skip
+
+
+@asynccontextmanager
+async def _edge_node(config: SparkplugConfig, store: EventStore, state: Path) -> AsyncIterator[SparkplugUplink]:
+    """The edge node running on the store's feed; stopped (with its goodbye) afterwards."""
+    uplink = SparkplugUplink(config, api.UplinkContext("sparkplug", "Sparkplug", "gw-test", NoWrites(), state))
+    task = asyncio.create_task(uplink.run(store.feeds["sparkplug"]))
+    try:
+        yield uplink
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await uplink.goodbye()
+
+
 def test_a_live_change_leaves_within_2s_while_the_backlog_drains(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setattr(forward, "QUEUE_CAP", READ_AHEAD)
     broker = Mosquitto(tmp_path)
     broker.start()
     rec = Recorder(broker.port)
-    config = SparkplugConfig.model_validate({"enabled": True, "group_id": GROUP, "keepalive": "1s",
-                                             "servers": [{"host": "127.0.0.1", "port": broker.port}]})  # fmt: skip
+    config = _config(broker.port)
     start = datetime.now(UTC) - timedelta(hours=1)
     history = {_millis(start + timedelta(seconds=i)) for i in range(BACKLOG)}
 
@@ -95,36 +114,31 @@ def test_a_live_change_leaves_within_2s_while_the_backlog_drains(tmp_path: Path,
         for i in range(BACKLOG):  # an outage's worth, accepted before the session
             store.submit("meter-1", _reading(float(i), start + timedelta(seconds=i)), Priority.TELEMETRY)
         await store.flush()
-        context = api.UplinkContext("sparkplug", "Sparkplug", "gw-test", NoWrites(), tmp_path)
-        uplink = SparkplugUplink(config, context)
-        task = asyncio.create_task(uplink.run(store.feeds["sparkplug"]))
         try:
-            await _until(historical_ddata, 10, "the backlog's first historical DDATA")
-            live_at = datetime.now(UTC)
-            sent = time.monotonic()
-            store.submit("meter-1", _reading(LIVE_VALUE, live_at), Priority.TELEMETRY)
-            await store.flush()
+            async with _edge_node(config, store, tmp_path):
+                await _until(historical_ddata, 10, "the backlog's first historical DDATA")
+                live_at = datetime.now(UTC)
+                sent = time.monotonic()
+                store.submit("meter-1", _reading(LIVE_VALUE, live_at), Priority.TELEMETRY)
+                await store.flush()
 
-            def live() -> list[Any]:
-                return [m for m in rec.of("DDATA", "meter-1") if not m.payload.metrics[0].is_historical
-                        and m.payload.metrics[0].timestamp == _millis(live_at)]  # fmt: skip
+                def live() -> list[Any]:
+                    return [m for m in rec.of("DDATA", "meter-1") if not m.payload.metrics[0].is_historical
+                            and m.payload.metrics[0].timestamp == _millis(live_at)]  # fmt: skip
 
-            arrived = (await _until(live, 5, "the live DDATA"))[0]
-            latency = arrived.at - sent
-            # Nothing lost: every historical reading arrives, and once confirmed leaves the buffer.
-            await _until(lambda: history <= stamps(historical_ddata()), 10, "every historical reading")
-            after = len([m for m in historical_ddata() if m.at > arrived.at])
-            feed = store.feeds["sparkplug"]
-            deadline = time.monotonic() + 5
-            while (await feed.stats()).rows and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            final = await feed.stats()
-            assert (final.rows, final.accepted, final.delivered, final.dropped) == (0, BACKLOG + 1, BACKLOG + 1, 0)
-            return latency, after, stamps(historical_ddata())
+                arrived = (await _until(live, 5, "the live DDATA"))[0]
+                latency = arrived.at - sent
+                # Nothing lost: every historical reading arrives, and once confirmed leaves the buffer.
+                await _until(lambda: history <= stamps(historical_ddata()), 10, "every historical reading")
+                after = len([m for m in historical_ddata() if m.at > arrived.at])
+                feed = store.feeds["sparkplug"]
+                deadline = time.monotonic() + 5
+                while (await feed.stats()).rows and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                final = await feed.stats()
+                assert (final.rows, final.accepted, final.delivered, final.dropped) == (0, BACKLOG + 1, BACKLOG + 1, 0)
+                return latency, after, stamps(historical_ddata())
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await uplink.goodbye()
             await store.close()
 
     try:
@@ -144,29 +158,22 @@ def test_readings_still_queued_for_a_commit_are_in_the_births(tmp_path: Path, mo
     broker = Mosquitto(tmp_path)
     broker.start()
     rec = Recorder(broker.port)
-    config = SparkplugConfig.model_validate({"enabled": True, "group_id": GROUP, "keepalive": "1s",
-                                             "servers": [{"host": "127.0.0.1", "port": broker.port}]})  # fmt: skip
+    config = _config(broker.port)
     now = datetime.now(UTC)
 
     async def run() -> None:
         store = EventStore({"sparkplug": lambda: Outbox(tmp_path / "spb.db", 1 << 30)}, gateway="gw-test")
         await store.open()
         writer = asyncio.create_task(store.run_writer())
-        uplink = SparkplugUplink(config, api.UplinkContext("sparkplug", "Sparkplug", "gw-test", NoWrites(), tmp_path))
-        task: asyncio.Task[None] | None = None
         try:
             store.submit("meter-1", _reading(1.0, now - timedelta(seconds=1)), Priority.TELEMETRY)
             assert await store.settled(), "the first reading is committed at once"
             store.submit("meter-1", _reading(2.0, now), Priority.TELEMETRY)  # waits ~0.5 s for its commit
             store.submit(GATEWAY_STREAM, Reading(GATEWAY_HEALTH, {"uptime_s": 12.5}, now), Priority.TELEMETRY)
-            task = asyncio.create_task(uplink.run(store.feeds["sparkplug"]))
-            await _until(lambda: rec.of("DBIRTH", "meter-1"), 10, "the DBIRTH")
-            await asyncio.sleep(0.6)  # a DATA would have followed by now
+            async with _edge_node(config, store, tmp_path):
+                await _until(lambda: rec.of("DBIRTH", "meter-1"), 10, "the DBIRTH")
+                await asyncio.sleep(0.6)  # a DATA would have followed by now
         finally:
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await uplink.goodbye()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             await store.close()
