@@ -9,10 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2
-
 from tests.conftest import ROOT, AgentProcess, Mosquitto
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
+from tests.ui.site import signed_in, start_agent, write_site
 
 PASSWORD = "bus-password-93kd"  # noqa: S105 - the test's own
 UNIT = 7  # the simulated meter's unit id
@@ -37,11 +35,7 @@ class Bench:
             )
         self.agent: AgentProcess = start_agent(folder, self.config)
         self.url = f"http://127.0.0.1:{port}"
-        wait_listening(port)
-        self.client = httpx2.Client(base_url=self.url, headers=HEADERS, timeout=15)
-        _, token = first_token(self.agent)
-        assert self.client.post("/api/setup", json={"token": token}).status_code == 200
-        assert self.client.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        self.client = signed_in(self.agent, port, PASSWORD)
 
     def close(self) -> None:
         self.client.close()

@@ -60,3 +60,14 @@ def wait_listening(port: int) -> None:
             return False
 
     wait_for(up, 20, "the page to answer")
+
+
+def signed_in(agent: AgentProcess, port: int, password: str, timeout: float = 15) -> httpx2.Client:
+    """A client of the page once it answers, past its first start: the setup token from the
+    agent's log taken and ``password`` set."""
+    wait_listening(port)
+    _, token = first_token(agent)
+    client = httpx2.Client(base_url=f"http://127.0.0.1:{port}", headers=HEADERS, timeout=timeout)
+    assert client.post("/api/setup", json={"token": token}).status_code == 200
+    assert client.post("/api/password", json={"password": password}).status_code == 200
+    return client

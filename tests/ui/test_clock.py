@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, expect
 
 from agent.ui.clock import SYNCED, read_state
 from tests.conftest import AgentProcess, Mosquitto, wait_for
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
+from tests.ui.site import HEADERS, signed_in, start_agent, write_site
 from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "clock-password-5a1f"  # noqa: S105 - the test's own
@@ -38,11 +38,7 @@ class Site:
         self.config, port = write_site(folder, broker)
         self.agent: AgentProcess = start_agent(folder, self.config)  # inherits DBUS_SYSTEM_BUS_ADDRESS
         self.url = f"http://127.0.0.1:{port}"
-        wait_listening(port)
-        _url, token = first_token(self.agent)
-        self.client = httpx2.Client(base_url=self.url, headers=HEADERS, timeout=15)
-        assert self.client.post("/api/setup", json={"token": token}).status_code == 200
-        assert self.client.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        self.client = signed_in(self.agent, port, PASSWORD)
 
     def timedated(self, *, ntp: bool, synced: bool) -> None:
         self.mock.obj.Set(TIMEDATED, "NTP", ntp, dbus_interface=PROPERTIES)

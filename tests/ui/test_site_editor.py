@@ -22,7 +22,7 @@ import pytest
 
 from agent.ui.siteapply import backups, digest
 from tests.conftest import AgentProcess, Mosquitto, Subscriber, wait_for
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
+from tests.ui.site import HEADERS, signed_in, start_agent, write_site
 
 PASSWORD = "editor-password-51c3"  # noqa: S105 - the test's own
 ADDED = "  - {id: meter-3, driver: virtual, kind: meter, interval: 100ms}\n"
@@ -38,11 +38,7 @@ class Running:
         self.subscriber = Subscriber(broker.port)  # before the agent: its first "online" is seen
         self.agent: AgentProcess = start_agent(folder, self.config)
         self.url = f"http://127.0.0.1:{port}"
-        wait_listening(port)
-        _, token = first_token(self.agent)
-        self.http = httpx2.Client(base_url=self.url, headers=HEADERS, timeout=20)
-        assert self.http.post("/api/setup", json={"token": token}).status_code == 200
-        assert self.http.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        self.http = signed_in(self.agent, port, PASSWORD, timeout=20)
 
     def site(self) -> dict[str, Any]:
         r = self.http.get("/api/site")

@@ -13,12 +13,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import AgentProcess, Mosquitto
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
+from tests.ui.site import signed_in, start_agent, write_site
 from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "browser-editor-9f21"  # noqa: S105 - the test's own
@@ -29,11 +28,7 @@ class Site:
         self.config, port = write_site(folder, broker)
         self.agent: AgentProcess = start_agent(folder, self.config)
         self.url = f"http://127.0.0.1:{port}/"
-        wait_listening(port)
-        _, token = first_token(self.agent)
-        with httpx2.Client(base_url=self.url, headers=HEADERS, timeout=15) as c:
-            assert c.post("/api/setup", json={"token": token}).status_code == 200
-            assert c.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        signed_in(self.agent, port, PASSWORD).close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import AgentProcess, Mosquitto, wait_for
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening, write_site
+from tests.ui.site import HEADERS, signed_in, start_agent, write_site
 from tests.ui.test_browser import VIEWPORTS, Watched
 
 PASSWORD = "uplink-password-3c9d"  # noqa: S105 - the test's own
@@ -27,11 +27,7 @@ class Site:
         self.config, port = write_site(folder, broker)
         self.agent: AgentProcess = start_agent(folder, self.config)
         self.url = f"http://127.0.0.1:{port}"
-        wait_listening(port)
-        _url, token = first_token(self.agent)
-        self.client = httpx2.Client(base_url=self.url, headers=HEADERS, timeout=30)
-        assert self.client.post("/api/setup", json={"token": token}).status_code == 200
-        assert self.client.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        self.client = signed_in(self.agent, port, PASSWORD, timeout=30)
 
 
 @pytest.fixture(scope="module")

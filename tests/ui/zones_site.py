@@ -15,7 +15,7 @@ import httpx2
 import yaml
 
 from tests.conftest import AgentProcess, Mosquitto, free_port
-from tests.ui.site import HEADERS, first_token, start_agent, wait_listening
+from tests.ui.site import HEADERS, signed_in, start_agent
 
 PASSWORD = "zones-password-51ac"  # noqa: S105 - the test's own
 LAWN = [[50, 380], [250, 380], [250, 480], [50, 480]]  # vtest.avi pixels: grass, never a vehicle
@@ -64,11 +64,7 @@ class ZoneSite:
         self.config, self.port = write_site(folder, self.broker, vtest)
         self.agent: AgentProcess = start_agent(folder, self.config)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_listening(self.port)
-        _, token = first_token(self.agent)
-        with httpx2.Client(base_url=self.url, headers=HEADERS, timeout=15) as c:
-            assert c.post("/api/setup", json={"token": token}).status_code == 200
-            assert c.post("/api/password", json={"password": PASSWORD}).status_code == 200
+        signed_in(self.agent, self.port, PASSWORD).close()
 
     @contextmanager
     def client(self) -> Iterator[httpx2.Client]:
