@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from agent.ui.answer import NO_STORE, Allowed, answer, error
 from agent.ui.bus_routes import BusRoutes
 from agent.ui.clock_routes import clock_routes
 from agent.ui.guard import Guard
@@ -65,7 +66,7 @@ class Source(Protocol):
 
 
 # A part of the page with its own routes (the zone editor...), given the session check.
-Part = Callable[[Callable[[Request], Session | Response]], list[Route]]
+Part = Callable[[Allowed], list[Route]]
 
 
 def build_app(
@@ -116,10 +117,6 @@ async def json_body(request: Request, limit: int) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status, headers={"cache-control": "no-store"})
-
-
 class _Page:
     def __init__(self, source: Source, state: UiState, tls: bool) -> None:
         self.source = source
@@ -160,19 +157,19 @@ class _Page:
             state = "set_password" if session.must_set_password else "ok"
         else:
             state = "login" if self.state.has_password() else "setup"
-        return JSONResponse({"state": state}, headers={"cache-control": "no-store"})
+        return answer({"state": state})
 
     async def setup(self, request: Request) -> Response:
         body = await self._json(request)
         token = body.get("token") if body is not None else None
         if not isinstance(token, str) or not token:
-            return _error(401, "the setup token is missing: run edge-agent ui token on the gateway")
+            return error(401, "the setup token is missing: run edge-agent ui token on the gateway")
         if self.sessions.limited():
-            return _error(429, "too many failed attempts: wait a minute")
+            return error(429, "too many failed attempts: wait a minute")
         if self.state.take_token(token[:200]).outcome != "ok":
             self.sessions.failed()
             log.warning("ui: a setup token was refused (wrong, used or expired)")
-            return _error(403, "this setup token is wrong, used or expired: run edge-agent ui token for a new one")
+            return error(403, "this setup token is wrong, used or expired: run edge-agent ui token for a new one")
         sid = self.sessions.open(USER, None, must_set_password=True)
         log.info("ui: setup token used by %s: ok; a password must be set next", USER)
         return self._with_cookie(JSONResponse({"state": "set_password"}), sid)
@@ -180,11 +177,11 @@ class _Page:
     async def password(self, request: Request) -> Response:
         session = self._session(request)
         if session is None:
-            return _error(401, "log in first")
+            return error(401, "log in first")
         body = await self._json(request)
         new = body.get("password") if body is not None else None
         if not isinstance(new, str) or len(new) < PASSWORD_MIN or len(new) > 200:
-            return _error(400, f"password: at least {PASSWORD_MIN} characters (at most 200)")
+            return error(400, f"password: at least {PASSWORD_MIN} characters (at most 200)")
         stamp = await asyncio.to_thread(self.state.set_password, new)
         self.sessions.close(request.cookies.get(COOKIE))
         sid = self.sessions.open(session.user, stamp)
@@ -194,14 +191,14 @@ class _Page:
 
     async def login(self, request: Request) -> Response:
         if self.sessions.limited():
-            return _error(429, "too many failed logins: wait a minute")
+            return error(429, "too many failed logins: wait a minute")
         body = await self._json(request)
         given = body.get("password") if body is not None else None
         stamp = await asyncio.to_thread(self.state.check_password, given[:200]) if isinstance(given, str) else None
         if stamp is None:
             self.sessions.failed()
             log.warning("ui: failed login")
-            return _error(401, "wrong password (edge-agent ui reset on the gateway sets a new one)")
+            return error(401, "wrong password (edge-agent ui reset on the gateway sets a new one)")
         log.info("ui: %s logged in", USER)
         return self._with_cookie(JSONResponse({"state": "ok"}), self.sessions.open(USER, stamp))
 
@@ -214,9 +211,9 @@ class _Page:
     def _allowed(self, request: Request) -> Session | Response:
         session = self._session(request)
         if session is None:
-            return _error(401, "log in first")
+            return error(401, "log in first")
         if session.must_set_password:
-            return _error(403, "set the device password first")
+            return error(403, "set the device password first")
         return session
 
     # ---- what the page shows -------------------------------------------------------------
@@ -224,7 +221,7 @@ class _Page:
         allowed = self._allowed(request)
         if isinstance(allowed, Response):
             return allowed
-        return JSONResponse(await self.source.snapshot(), headers={"cache-control": "no-store"})
+        return answer(await self.source.snapshot())
 
     async def events(self, request: Request) -> Response:
         allowed = self._allowed(request)
@@ -241,7 +238,7 @@ class _Page:
                 yield b"data: " + json.dumps(await self.source.snapshot()).encode() + b"\n\n"
                 await asyncio.sleep(EVENT_INTERVAL)
 
-        headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
+        headers = NO_STORE | {"x-accel-buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     async def preview(self, request: Request) -> Response:
@@ -251,8 +248,8 @@ class _Page:
         device = request.path_params["device"]
         found = self.source.previews(device)
         if found is None:
-            return _error(404, f"no device {device[:64]!r} in the site file")
-        return JSONResponse({"device": device, "events": found}, headers={"cache-control": "no-store"})
+            return error(404, f"no device {device[:64]!r} in the site file")
+        return answer({"device": device, "events": found})
 
     async def bundle(self, request: Request) -> Response:
         allowed = self._allowed(request)
@@ -262,8 +259,8 @@ class _Page:
             path = await self.source.bundle()
         except Exception as exc:
             log.error("ui: diagnostics bundle for %s: failed: %s", allowed.user, exc)
-            return _error(503, f"the bundle could not be built: {exc}")
+            return error(503, f"the bundle could not be built: {exc}")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         log.info("ui: diagnostics bundle %s (sha256 %s) downloaded by %s: ok", path.name, digest[:16], allowed.user)
         return FileResponse(path, media_type="application/gzip", filename=path.name,
-                            headers={"cache-control": "no-store"})  # fmt: skip
+                            headers=NO_STORE)  # fmt: skip

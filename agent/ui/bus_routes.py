@@ -16,12 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from agent.devices.bus_tools import BusError, BusTools
 from agent.devices.registry import load_plugins
 from agent.ui import bus_fields as fields
+from agent.ui.answer import answer, error
 from agent.ui.bus_fields import FieldError
 from agent.ui.scan_job import ScanJob, ScanRequest
 
@@ -30,14 +31,6 @@ log = logging.getLogger("agent.ui")
 STATUS = {"field": 400, "port": 409, "device": 502}  # of a BusError's kind
 STOP_WAIT = 2.0  # seconds a stop waits for the sweep's thread (it ends before its next probe)
 READ_TIMEOUT = 0.5  # seconds a read by port waits for its answer, unless told
-
-
-def _answer(data: dict[str, Any], status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status, headers={"cache-control": "no-store"})
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return _answer({"error": message}, status)
 
 
 def bus_tools(driver: str | None = None) -> BusTools | None:
@@ -104,7 +97,7 @@ class BusRoutes:
         allowed = self._allowed(request)
         if isinstance(allowed, Response):
             return allowed
-        return _answer({"ports": await asyncio.to_thread(self._ports)})
+        return answer({"ports": await asyncio.to_thread(self._ports)})
 
     def _ports(self) -> list[dict[str, Any]]:
         from agent.devices.ports import missing, port_problem, present_ports
@@ -135,7 +128,7 @@ class BusRoutes:
         allowed = self._allowed(request)
         if isinstance(allowed, Response):
             return allowed
-        return _answer(self.job.view())
+        return answer(self.job.view())
 
     async def scan_start(self, request: Request) -> Response:
         allowed = self._allowed(request)
@@ -143,32 +136,32 @@ class BusRoutes:
             return allowed
         body = await self._json(request)
         if body is None:
-            return _error(400, "body: expected a JSON object")
+            return error(400, "body: expected a JSON object")
         tools = bus_tools()
         if tools is None:
-            return _error(501, "no installed driver scans a serial bus (the modbus driver does)")
+            return error(501, "no installed driver scans a serial bus (the modbus driver does)")
         try:
             asked = _scan_request(body, tools)
         except FieldError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         if self.job.busy and self.job.request is not None:
             view = self.job.view()
-            return _error(409, f"a scan of {view['port']} is running ({view['done']}/{view['total']} probes): "
+            return error(409, f"a scan of {view['port']} is running ({view['done']}/{view['total']} probes): "
                                "stop it first")  # fmt: skip
         if polling := self._polling(asked.port):
             names = ", ".join(d.id for d in polling)
-            return _error(409, f"{asked.port} is polled by device {names}: disable it first (enabled: false in "
+            return error(409, f"{asked.port} is polled by device {names}: disable it first (enabled: false in "
                                "the site file, then apply), then scan")  # fmt: skip
         self.job.reserve(asked)  # before the await: a second start meanwhile is refused
         try:
             scan = await asyncio.to_thread(tools.open_scan, asked.port, asked.lines, asked.units, asked.expect)
         except BusError as exc:
             self.job.release(str(exc))
-            return _error(STATUS[exc.kind], str(exc))
+            return error(STATUS[exc.kind], str(exc))
         self.job.start(scan)
         log.info("ui: scan of %s (units %s) started by %s", asked.port, str(body.get("units", "1-247"))[:40],
                  getattr(allowed, "user", "?"))  # fmt: skip
-        return _answer(self.job.view(), 202)
+        return answer(self.job.view(), 202)
 
     async def scan_stop(self, request: Request) -> Response:
         allowed = self._allowed(request)
@@ -177,7 +170,7 @@ class BusRoutes:
         if self.job.busy:
             self.job.stop()
             await asyncio.to_thread(self.job.join, STOP_WAIT)
-        return _answer(self.job.view())
+        return answer(self.job.view())
 
     # ---- typed read ------------------------------------------------------------------------
     async def read(self, request: Request) -> Response:
@@ -186,18 +179,18 @@ class BusRoutes:
             return allowed
         body = await self._json(request)
         if body is None:
-            return _error(400, "body: expected a JSON object")
+            return error(400, "body: expected a JSON object")
         try:
             target = self._read_target(body)
             if isinstance(target, Response):
                 return target
             tools, config, unit = target
             table, address, count = _registers(body, tools)
-            return _answer(await tools.read(config, unit, table, address, count))
+            return answer(await tools.read(config, unit, table, address, count))
         except FieldError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except BusError as exc:
-            return _error(STATUS[exc.kind], str(exc))
+            return error(STATUS[exc.kind], str(exc))
 
     def _read_target(self, body: dict[str, Any]) -> tuple[BusTools, Any, int] | Response:
         """The tools, the connection (a site device's config, or a port's settings) and the unit a read goes to."""
@@ -209,27 +202,27 @@ class BusRoutes:
                 raise FieldError(f"device: expected a device id, got {name!r:.40}")
             device = next((d for d in self._devices() if d.id == name), None)
             if device is None:
-                return _error(404, f"device: no device {name[:64]!r} in the site file")
+                return error(404, f"device: no device {name[:64]!r} in the site file")
             tools = bus_tools(device.driver)
             if tools is None:
                 raise FieldError(f"device: {name} uses the {device.driver} driver, which has no typed reads")
             return tools, device, fields.integer(body, "unit", 0, 255, getattr(device, "unit", 1))
         tools = bus_tools()
         if tools is None:
-            return _error(501, "no installed driver reads a serial port (the modbus driver does)")
+            return error(501, "no installed driver reads a serial port (the modbus driver does)")
         port = fields.port(body)
         unit = fields.integer(body, "unit", 1, 247, 1)
         baud, parity = fields.baud(body, 9600) or 9600, fields.parity(body, "N") or "N"
         stop = fields.stopbits(body)
         timeout = fields.seconds(body, "timeout", 0.05, 5.0) or READ_TIMEOUT
         if self._scanning(port):
-            return _error(409, f"{port}: a scan is running on it: stop the scan first")
+            return error(409, f"{port}: a scan is running on it: stop the scan first")
         asked = f"{baud} 8{parity}{stop}"
         for device in self._polling(port):
             s = device.serial
             if (s.baudrate, s.parity, s.stopbits) != (baud, parity, stop):
                 polled = f"{s.baudrate} 8{s.parity}{s.stopbits}"
-                return _error(409, f"{port} is polled by device {device.id} at {polled}, not {asked}: "
+                return error(409, f"{port} is polled by device {device.id} at {polled}, not {asked}: "
                                    f"read it as device {device.id}, or disable it first")  # fmt: skip
             # The device's own connection: one open port, this read taking its turn between polls.
             return bus_tools(device.driver) or tools, device, unit

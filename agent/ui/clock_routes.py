@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from agent.ui.answer import Allowed, answer, error
 from agent.ui.clock import THRESHOLD_S, ClockError, ClockState, read_state, set_time
-from agent.ui.sessions import Session
 
 log = logging.getLogger("agent.ui")
 
@@ -31,7 +31,6 @@ REQUEST_TIMEOUT = 3 * DBUS_TIMEOUT
 EARLIEST_MS = 946_684_800_000  # 2000-01-01: a browser time before it is a broken browser clock
 LATEST_MS = 4_102_444_800_000  # 2100-01-01
 
-Allowed = Callable[[Request], Session | Response]
 ReadJson = Callable[[Request], Awaitable[dict[str, Any] | None]]
 
 
@@ -39,10 +38,6 @@ def clock_routes(allowed: Allowed, read_json: ReadJson) -> list[Route]:
     """GET and POST ``/api/clock``, behind the page's session check (``allowed``)."""
     clock = _Clock(allowed, read_json)
     return [Route("/api/clock", clock.get, methods=["GET"]), Route("/api/clock", clock.post, methods=["POST"])]
-
-
-def _answer(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(body, status, headers={"cache-control": "no-store"})
 
 
 async def _state() -> ClockState:
@@ -68,8 +63,7 @@ class _Clock:
             return allowed
         state = await _state()
         refusal = state.refusal()
-        return _answer(
-            200,
+        return answer(
             {
                 "server_time_ms": time.time() * 1000,
                 "synchronised": state.synchronised,
@@ -78,7 +72,7 @@ class _Clock:
                 "can_set": refusal is None,
                 "reason": refusal[1] if refusal else None,
                 "threshold_s": THRESHOLD_S,
-            },
+            }
         )
 
     async def post(self, request: Request) -> Response:
@@ -89,9 +83,9 @@ class _Clock:
         body = await self.read_json(request)
         given = body.get("browser_time_ms") if body is not None else None
         if isinstance(given, bool) or not isinstance(given, int | float) or not math.isfinite(given):
-            return _answer(400, {"error": "browser_time_ms: a number of milliseconds since 1970 (UTC) is required"})
+            return error(400, "browser_time_ms: a number of milliseconds since 1970 (UTC) is required")
         if not EARLIEST_MS <= given <= LATEST_MS:
-            return _answer(400, {"error": "browser_time_ms: not between 2000 and 2100: check this device's clock"})
+            return error(400, "browser_time_ms: not between 2000 and 2100: check this device's clock")
         async with self.lock:
             return await self._set(allowed.user, float(given), received)
 
@@ -110,7 +104,7 @@ class _Clock:
             )
         if refusal is not None:
             log.warning("ui: clock set by %s: %s: refused: %s", user, change, refusal[1])
-            return _answer(refusal[0], {"error": refusal[1]})
+            return error(refusal[0], refusal[1])
         try:
             await asyncio.wait_for(asyncio.to_thread(set_time, round(target_ms * 1000), DBUS_TIMEOUT), REQUEST_TIMEOUT)
         except TimeoutError:
@@ -118,9 +112,9 @@ class _Clock:
                 504, f"systemd-timedated did not answer within {REQUEST_TIMEOUT:g} s: the clock may or may not be set"
             )
             log.error("ui: clock set by %s: %s: failed: %s", user, change, exc.message)
-            return _answer(exc.status, {"error": exc.message})
+            return error(exc.status, exc.message)
         except ClockError as exc:
             log.error("ui: clock set by %s: %s: failed: %s", user, change, exc.message)
-            return _answer(exc.status, {"error": exc.message})
+            return error(exc.status, exc.message)
         log.info("ui: clock set by %s: %s: ok", user, change)
-        return _answer(200, {"old": _iso(old_ms), "new": _iso(target_ms), "offset_s": round(offset_s, 3)})
+        return answer({"old": _iso(old_ms), "new": _iso(target_ms), "offset_s": round(offset_s, 3)})

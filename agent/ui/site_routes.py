@@ -9,30 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from agent.errors import ConfigError
+from agent.ui.answer import Allowed, answer, error
 from agent.ui.sessions import Session
 from agent.ui.siteapply import MAX_TEXT, Check, SiteEditor, digest
 
 log = logging.getLogger("agent.ui")
 
 MAX_SITE_BODY = MAX_TEXT + 64 * 1024  # the file's own bound, with room for JSON escapes and the base
-Allowed = Callable[[Request], "Session | Response"]
-
-
-def _answer(data: dict[str, Any], status: int = 200) -> JSONResponse:
-    return JSONResponse(data, status, headers={"cache-control": "no-store"})
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return _answer({"error": message}, status)
 
 
 class _BodyTooLarge(Exception):
@@ -73,17 +64,17 @@ class _SiteRoutes:
         try:
             body = await _body(request)
         except _BodyTooLarge:
-            return _error(413, f"the request is larger than {MAX_SITE_BODY // 1024} KiB (a site file is at most "
+            return error(413, f"the request is larger than {MAX_SITE_BODY // 1024} KiB (a site file is at most "
                                f"{MAX_TEXT // 1024} KiB)")  # fmt: skip
         if body is None:
-            return _error(400, "the request body must be a JSON object")
+            return error(400, "the request body must be a JSON object")
         return session, body
 
     @staticmethod
     def _text(body: dict[str, Any]) -> str | Response:
         text = body.get("text")
         if not isinstance(text, str):
-            return _error(400, "text: the site file's text is needed (a string)")
+            return error(400, "text: the site file's text is needed (a string)")
         return text
 
     async def read(self, request: Request) -> Response:
@@ -93,8 +84,8 @@ class _SiteRoutes:
         try:
             text, writable = await self.editor.current()
         except ConfigError as exc:
-            return _error(404, "; ".join(exc.problems))
-        return _answer({"path": str(self.editor.path), "text": text, "base": digest(text), "writable": writable})
+            return error(404, "; ".join(exc.problems))
+        return answer({"path": str(self.editor.path), "text": text, "base": digest(text), "writable": writable})
 
     async def check(self, request: Request) -> Response:
         posted = await self._posted(request)
@@ -104,9 +95,9 @@ class _SiteRoutes:
         if isinstance(text, Response):
             return text
         try:
-            return _answer(_checked(await self.editor.check(text)))
+            return answer(_checked(await self.editor.check(text)))
         except ConfigError as exc:
-            return _error(404, "; ".join(exc.problems))
+            return error(404, "; ".join(exc.problems))
 
     async def apply(self, request: Request) -> Response:
         posted = await self._posted(request)
@@ -117,14 +108,14 @@ class _SiteRoutes:
         if isinstance(text, Response):
             return text
         if not isinstance(base, str) or len(base) != 64:
-            return _error(400, "base: the digest GET /api/site gave with the text is needed")
+            return error(400, "base: the digest GET /api/site gave with the text is needed")
         try:
             applied = await self.editor.apply(text, base, session.user)
         except ConfigError as exc:
-            return _error(404, "; ".join(exc.problems))
-        answer = asdict(applied)
-        answer["backup"] = applied.backup.name if applied.backup is not None else None
-        return _answer(answer)  # the outcome says applied, refused or conflict: each is an answer to show
+            return error(404, "; ".join(exc.problems))
+        outcome = asdict(applied)
+        outcome["backup"] = applied.backup.name if applied.backup is not None else None
+        return answer(outcome)  # the outcome says applied, refused or conflict: each is an answer to show
 
     async def add(self, request: Request) -> Response:
         from agent.devices.registry import load_plugins  # the driver's own check of its hit: no driver import
@@ -135,17 +126,17 @@ class _SiteRoutes:
         driver = posted[1].get("driver", "modbus")
         plugin = load_plugins().get(driver) if isinstance(driver, str) else None
         if plugin is None or plugin.add_hit is None:
-            return _error(400, f"driver: {str(driver)[:40]!r} cannot add a device from a scan hit here")
+            return error(400, f"driver: {str(driver)[:40]!r} cannot add a device from a scan hit here")
         try:
             path = self.editor.path
             text, _ = await self.editor.current()
             proposed, device = plugin.add_hit(text, posted[1].get("hit"), path)
         except ConfigError as exc:
-            return _error(404, "; ".join(exc.problems))
+            return error(404, "; ".join(exc.problems))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         result = await self.editor.check(proposed)
-        return _answer({"text": proposed, "device": device, **_checked(result)})
+        return answer({"text": proposed, "device": device, **_checked(result)})
 
 
 def site_routes(editor: SiteEditor, allowed: Allowed) -> list[Route]:

@@ -13,18 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from agent.config.model import AgentConfigBase
-from agent.ui.sessions import Session
+from agent.ui.answer import Allowed, answer, error
 from agent.uplinks.registry import load_uplinks
 
 log = logging.getLogger("agent.ui")
 
 STEP_TIMEOUT = 5.0  # s per step: DNS, TCP, TLS, CONNACK, PUBACK
-
-Allowed = Callable[[Request], Session | Response]
 
 
 def uplink_routes(allowed: Allowed, config: Callable[[], AgentConfigBase]) -> list[Route]:
@@ -55,9 +53,8 @@ class _Checker:
         allowed = self.allowed(request)
         if isinstance(allowed, Response):
             return allowed
-        headers = {"cache-control": "no-store"}
         if self.lock.locked():
-            return JSONResponse({"error": "a check is already running: wait for its result"}, 409, headers=headers)
+            return error(409, "a check is already running: wait for its result")
         async with self.lock:
             results = await asyncio.to_thread(run_checks, self.config(), STEP_TIMEOUT)
         for result in results:
@@ -65,5 +62,5 @@ class _Checker:
             outcome = "ok" if failed is None else f"failed at {failed['name']}: {failed['cause']}"
             log.info("ui: uplink check of %s (%s) by %s: %s", result["name"], result["target"], allowed.user, outcome)
         if not results:
-            return JSONResponse({"uplinks": [], "note": "no MQTT uplink is configured (uplink.mqtt)"}, headers=headers)
-        return JSONResponse({"uplinks": results}, headers=headers)
+            return answer({"uplinks": [], "note": "no MQTT uplink is configured (uplink.mqtt)"})
+        return answer({"uplinks": results})

@@ -17,15 +17,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from agent.ui.answer import NO_STORE, Allowed, answer, error
 from agent.ui.app import COOKIE, json_body
-from agent.ui.sessions import Session
 from agent.ui.siteapply import SiteEditor, read_site
 from agent.ui.zones_text import ZoneTextError, replace_zones
 
@@ -43,8 +42,6 @@ POINTS = (3, 32)
 KINDS = {"bay": "parking_bays", "area": "waiting_areas"}
 KEEP = {"parking_bays": ("min_overlap", "debounce")}  # a redrawn bay keeps its own settings, as written
 
-Allowed = Callable[[Request], Session | Response]
-
 
 @runtime_checkable
 class FrameSource(Protocol):
@@ -53,10 +50,6 @@ class FrameSource(Protocol):
     def latest_jpeg(self, max_bytes: int) -> tuple[bytes, int, int] | None:
         """(JPEG, frame width, frame height) of the latest frame; None: none yet."""
         ...
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status, headers={"cache-control": "no-store", **(headers or {})})
 
 
 def _zones_of(device: Any) -> list[dict[str, Any]]:
@@ -120,7 +113,7 @@ class _Zones:
         if isinstance(allowed, Response):
             return allowed
         found = [{"id": d.id, "zones": _zones_of(d)} for d in self.agent.config.devices if d.driver == "camera"]
-        return JSONResponse({"cameras": found}, headers={"cache-control": "no-store"})
+        return answer({"cameras": found})
 
     def _too_soon(self, request: Request) -> Response | None:
         sid = request.cookies.get(COOKIE, "")
@@ -128,7 +121,7 @@ class _Zones:
         last = self._last_frame.get(sid)
         if last is not None and now - last < FRAME_INTERVAL:
             wait = max(1, math.ceil(FRAME_INTERVAL - (now - last)))
-            return _error(429, "one frame a second: wait and ask again", {"retry-after": str(wait)})
+            return error(429, "one frame a second: wait and ask again", {"retry-after": str(wait)})
         self._last_frame = {s: t for s, t in self._last_frame.items() if now - t < FRAME_INTERVAL}
         self._last_frame[sid] = now
         return None
@@ -139,22 +132,22 @@ class _Zones:
             return allowed
         device = request.path_params["device"]
         if self._camera(device) is None:
-            return _error(404, f"no camera {device[:64]!r} in the site file")
+            return error(404, f"no camera {device[:64]!r} in the site file")
         refused = self._too_soon(request)
         if refused is not None:
             return refused
         driver = self.agent.devices.driver_of(device)
         if not isinstance(driver, FrameSource):
-            return _error(503, f"camera {device} is not running (starting, disabled or failed): see its status")
+            return error(503, f"camera {device} is not running (starting, disabled or failed): see its status")
         try:
             got = await asyncio.to_thread(driver.latest_jpeg, MAX_JPEG)
         except ValueError as exc:
-            return _error(503, f"camera {device}: {exc}")
+            return error(503, f"camera {device}: {exc}")
         if got is None:
-            return _error(503, f"camera {device} has no frame yet: check its source (see its status)")
+            return error(503, f"camera {device} has no frame yet: check its source (see its status)")
         jpeg, width, height = got
         self._viewed(request, device, allowed.user)
-        headers = {"cache-control": "no-store", "x-frame-width": str(width), "x-frame-height": str(height)}
+        headers = NO_STORE | {"x-frame-width": str(width), "x-frame-height": str(height)}
         return Response(jpeg, media_type="image/jpeg", headers=headers)
 
     def _viewed(self, request: Request, device: str, user: str) -> None:
@@ -174,32 +167,32 @@ class _Zones:
         device = request.path_params["device"]
         camera = self._camera(device)
         if camera is None:
-            return _error(404, f"no camera {device[:64]!r} in the site file")
+            return error(404, f"no camera {device[:64]!r} in the site file")
         body = await json_body(request, MAX_BODY)
         if body is None:
-            return _error(400, f"a JSON object of at most {MAX_BODY // 1024} KiB is needed")
+            return error(400, f"a JSON object of at most {MAX_BODY // 1024} KiB is needed")
         try:
             zones = parse_zones(body)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         path = self.agent.config_path
         if path is None:
-            return _error(409, "the agent was not started from a site file (-c FILE): there is nothing to edit")
+            return error(409, "the agent was not started from a site file (-c FILE): there is nothing to edit")
         try:
             text = replace_zones(await asyncio.to_thread(read_site, path), device, zones, KEEP)
         except ZoneTextError as exc:
-            return _error(409, f"{path}: {exc}")
+            return error(409, f"{path}: {exc}")
         if body.get("apply") is not True:
             check = await self.editor.check(text)
             result = {"problems": check.problems, "warnings": check.warnings, "diff": check.diff, "base": check.base}
-            return JSONResponse(result, headers={"cache-control": "no-store"})
+            return answer(result)
         base = body.get("base")
         applied = await self.editor.apply(text, base if isinstance(base, str) else "", allowed.user)
         status = {"applied": 200, "conflict": 409}.get(applied.outcome, 422)
         backup = str(applied.backup) if applied.backup else None
         done = {"outcome": applied.outcome, "problems": applied.problems, "changes": applied.changes,
                 "backup": backup, "change": applied.change}  # fmt: skip
-        return JSONResponse(done, status, headers={"cache-control": "no-store"})
+        return answer(done, status)
 
 
 def zone_routes(agent: Agent, allowed: Allowed, editor: SiteEditor | None = None) -> list[Route]:

@@ -10,10 +10,10 @@ from pathlib import Path
 from tests.test_import_graph import AGENT, ROOT, imported
 
 WEB = ("starlette", "uvicorn", "httpx", "httpx2")
-# The modules that may import them: the app, the server and each page part's routes.
+# The modules that may import them: the app, the server, the answers they share and each page part's routes.
 PAGE = {"agent/ui/app.py", "agent/ui/server.py"}
 PAGE |= {"agent/ui/site_routes.py", "agent/ui/zones.py", "agent/ui/bus_routes.py"}
-PAGE |= {"agent/ui/clock_routes.py", "agent/ui/uplink_routes.py"}
+PAGE |= {"agent/ui/clock_routes.py", "agent/ui/uplink_routes.py", "agent/ui/answer.py"}
 # Light modules of agent/ui the config model and the CLI may import.
 LIGHT = {"agent.ui", "agent.ui.config", "agent.ui.netif", "agent.ui.bind", "agent.ui.state", "agent.ui.tls"}
 
