@@ -4,34 +4,29 @@ second cursor drains the backlog; acks from both lanes; a reopen keeps what was 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, rule, run_state_machine_as_test
 
-from agent.contract.events import Priority, Reading
+from agent.contract.events import Priority
 from agent.store import feed as feed_module
 from agent.store.event_store import EventStore
 from agent.store.outbox import Outbox
 from agent.store.records import Lanes
+from tests.store.helpers import StoreOnLoop, make_store, reading
 
 
 def _store(path: Path, max_bytes: int = 1 << 30) -> EventStore:
-    return EventStore({"spb": lambda: Outbox(path, max_bytes)}, gateway="gw-1")
-
-
-def _reading(n: int) -> Reading:
-    measurement = {"quantity": "x", "value": n, "unit": "", "quality": "good"}
-    return Reading("city.meter.reading", {"measurements": [measurement]})
+    return make_store(path, max_bytes, feed="spb")
 
 
 async def _submit(store: EventStore, device: str, count: int, priority: int = Priority.TELEMETRY) -> None:
     for n in range(count):
-        store.submit(device, _reading(n), priority)
+        store.submit(device, reading(n), priority)
     await store.flush()
 
 
@@ -106,16 +101,14 @@ def test_acks_from_both_lanes_and_a_reopen_keeps_the_rest(tmp_path: Path) -> Non
     asyncio.run(run())
 
 
-class LaneMachine(RuleBasedStateMachine):
+class LaneMachine(StoreOnLoop):
     """Through commits, takes from either lane, acks, reconnects and reopens: each session hands out
     every unacked event exactly once, each lane in order per class, and the accounting holds."""
 
+    feed = "spb"
+
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = Path(tempfile.mkdtemp())
-        self.loop = asyncio.new_event_loop()
-        self.store = _store(self.tmp / "b.db")
-        self.loop.run_until_complete(self.store.open())
         self.committed = 0
         self.unacked: dict[int, int] = {}  # id -> class, in id order
         self.lanes = Lanes()
@@ -127,7 +120,7 @@ class LaneMachine(RuleBasedStateMachine):
     def commit(self, priority: int, count: int) -> None:
         before = self.loop.run_until_complete(self.store.main.stats()).accepted
         for _ in range(count):
-            self.store.submit(f"d{priority}", _reading(self.committed), priority)
+            self.store.submit(f"d{priority}", reading(self.committed), priority)
             self.committed += 1
         self.loop.run_until_complete(self.store.flush())
         first = self.store.feeds["spb"]._next_id - count
@@ -165,9 +158,7 @@ class LaneMachine(RuleBasedStateMachine):
 
     @rule()
     def reopen(self) -> None:
-        self.loop.run_until_complete(self.store.close())
-        self.store = _store(self.tmp / "b.db")
-        self.loop.run_until_complete(self.store.open())
+        self.reopen_store()
         self.reconnect()
 
     @invariant()
@@ -186,16 +177,10 @@ class LaneMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         held, rows = self.loop.run_until_complete(_held(self.store))
         assert held == rows == len(self.unacked), "accepted - delivered - dropped = rows buffered"
-        self.loop.run_until_complete(self.store.close())
-        self.loop.close()
+        super().teardown()
 
 
-@pytest.fixture
-def _tiny_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(feed_module, "TAIL_MAX", 3)
-
-
-@pytest.mark.usefixtures("_tiny_tail")
+@pytest.mark.usefixtures("tiny_tail")
 def test_lanes_through_reconnects_and_reopens() -> None:
     run_state_machine_as_test(LaneMachine, settings=settings(max_examples=20, stateful_step_count=25, deadline=None))
 
@@ -206,7 +191,7 @@ def test_settled_waits_for_queued_readings_and_gives_up_when_commits_stall(tmp_p
         await store.open()
         lanes = Lanes()
         assert await store.main.next_lanes(lanes, 10) == []
-        store.submit("m", _reading(1), Priority.TELEMETRY)
+        store.submit("m", reading(1), Priority.TELEMETRY)
         started = time.monotonic()
         assert not await store.settled(0.2), "no writer: not settled"
         assert 0.2 <= time.monotonic() - started < 1.0

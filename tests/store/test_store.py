@@ -4,38 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import invariant, rule, run_state_machine_as_test
 
 from agent.contract.events import Priority, Reading
-from agent.store import feed as feed_module
-from agent.store.event_store import EventStore
 from agent.store.outbox import Outbox
-
-
-def _store(path: Path, max_bytes: int = 1 << 30) -> EventStore:
-    return EventStore({"mqtt": lambda: Outbox(path, max_bytes)}, gateway="gw-1")
-
-
-def _reading(n: int) -> Reading:
-    measurement = {"quantity": "x", "value": n, "unit": "", "quality": "good"}
-    return Reading("city.meter.reading", {"measurements": [measurement]})
+from tests.store.helpers import StoreOnLoop, make_store, reading
 
 
 def test_seq_is_per_device_and_continues_after_reopen(tmp_path: Path) -> None:
     async def run() -> list[tuple[str, int]]:
         out = []
         for _ in range(2):
-            store = _store(tmp_path / "b.db")
+            store = make_store(tmp_path / "b.db")
             await store.open()
             for n in range(3):
-                store.submit("a", _reading(n), Priority.TELEMETRY)
-                store.submit("b", _reading(n), Priority.TELEMETRY)
+                store.submit("a", reading(n), Priority.TELEMETRY)
+                store.submit("b", reading(n), Priority.TELEMETRY)
             await store.flush()
             rows = await store.main.next_batch({}, 100)
             out = [(r.device, r.seq) for r in rows]
@@ -48,11 +37,11 @@ def test_seq_is_per_device_and_continues_after_reopen(tmp_path: Path) -> None:
 
 def test_unencodable_reading_is_dropped_without_a_seq_gap(tmp_path: Path) -> None:
     async def run() -> tuple[list[int], int]:
-        store = _store(tmp_path / "b.db")
+        store = make_store(tmp_path / "b.db")
         await store.open()
-        store.submit("a", _reading(1), Priority.TELEMETRY)
+        store.submit("a", reading(1), Priority.TELEMETRY)
         store.submit("a", Reading("city.meter.reading", {"v": float("nan")}), Priority.TELEMETRY)
-        store.submit("a", _reading(2), Priority.TELEMETRY)
+        store.submit("a", reading(2), Priority.TELEMETRY)
         await store.flush()
         rows = await store.main.next_batch({}, 10)
         await store.close()
@@ -65,10 +54,10 @@ def test_unencodable_reading_is_dropped_without_a_seq_gap(tmp_path: Path) -> Non
 
 def test_next_batch_drains_highest_class_first_and_follows_cursors(tmp_path: Path) -> None:
     async def run() -> tuple[list[int], list[int]]:
-        store = _store(tmp_path / "b.db")
+        store = make_store(tmp_path / "b.db")
         await store.open()
         for n in range(4):
-            store.submit("m", _reading(n), Priority.TELEMETRY)
+            store.submit("m", reading(n), Priority.TELEMETRY)
             store.submit("s", Reading("city.device.status", {"n": n}), Priority.ALARM)
         await store.flush()
         first = await store.main.next_batch({}, 6)
@@ -86,11 +75,11 @@ def test_next_batch_drains_highest_class_first_and_follows_cursors(tmp_path: Pat
 
 def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     async def run() -> None:
-        store = _store(tmp_path / "b.db")
+        store = make_store(tmp_path / "b.db")
         await store.open()
         writer = asyncio.create_task(store.run_writer())
         for n in range(1000):
-            store.submit("a", _reading(n), Priority.TELEMETRY)
+            store.submit("a", reading(n), Priority.TELEMETRY)
         writer.cancel()
         await store.close()
 
@@ -100,7 +89,7 @@ def test_close_commits_what_is_queued(tmp_path: Path) -> None:
         assert outbox.last_seqs() == {"a": 1000}
 
 
-class StoreMachine(RuleBasedStateMachine):
+class StoreMachine(StoreOnLoop):
     """The uplink's view through reconnects: every unacknowledged event, in order, once per session.
 
     Exercises the in-memory tail and the file path together (a tiny TAIL_MAX forces overflow).
@@ -108,10 +97,6 @@ class StoreMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = Path(tempfile.mkdtemp())
-        self.loop = asyncio.new_event_loop()
-        self.store = _store(self.tmp / "b.db")
-        self.loop.run_until_complete(self.store.open())
         self.seq = dict.fromkeys(range(3), 0)
         self.unacked: dict[int, list[int]] = {p: [] for p in range(3)}  # seqs, per class, in order
         self.cursors: dict[int, int] = {}
@@ -123,7 +108,7 @@ class StoreMachine(RuleBasedStateMachine):
     def commit(self, priority: int, count: int) -> None:
         for _ in range(count):
             self.seq[priority] += 1
-            self.store.submit(f"d{priority}", _reading(self.seq[priority]), priority)
+            self.store.submit(f"d{priority}", reading(self.seq[priority]), priority)
             self.unacked[priority].append(self.seq[priority])
             self.expected[priority].append(self.seq[priority])
         self.loop.run_until_complete(self.store.flush())
@@ -158,16 +143,7 @@ class StoreMachine(RuleBasedStateMachine):
             seqs = [q for _, q in self.taken[p]]
             assert seqs == self.expected[p][: len(seqs)], (p, seqs, self.expected[p])
 
-    def teardown(self) -> None:
-        self.loop.run_until_complete(self.store.close())
-        self.loop.close()
 
-
-@pytest.fixture(autouse=False)
-def _tiny_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(feed_module, "TAIL_MAX", 3)
-
-
-@pytest.mark.usefixtures("_tiny_tail")
+@pytest.mark.usefixtures("tiny_tail")
 def test_uplink_view_through_reconnects() -> None:
     run_state_machine_as_test(StoreMachine, settings=settings(max_examples=60, stateful_step_count=30, deadline=None))
