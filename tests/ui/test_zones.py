@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -40,23 +39,9 @@ def site(
         running.stop()
 
 
-def _frame(client: Any, device: str = "cam-1") -> Any:
-    """The first frame the camera has (it starts with its model load): one request a second."""
-
-    def got() -> Any:
-        r = client.get(f"/api/camera/{device}/frame")
-        if r.status_code == 200:
-            return r
-        assert r.status_code in (429, 503), r.text
-        time.sleep(1.0)
-        return None
-
-    return wait_for(got, 30, f"a frame from {device}")
-
-
 def test_the_frame_is_a_small_jpeg_from_the_running_camera_at_most_once_a_second(site: ZoneSite) -> None:
     with site.client() as c, site.client() as other:
-        r = _frame(c)
+        r = site.first_frame(c)
         assert r.headers["content-type"] == "image/jpeg" and r.headers["cache-control"] == "no-store"
         assert 1000 < len(r.content) <= 200_000
         image = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)

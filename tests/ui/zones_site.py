@@ -6,6 +6,7 @@ detector (the built YOLOv3-tiny): the driver refuses to start without its model.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import httpx2
 import yaml
 
-from tests.conftest import AgentProcess, Mosquitto, free_port
+from tests.conftest import AgentProcess, Mosquitto, free_port, wait_for
 from tests.ui.site import HEADERS, signed_in, start_agent
 
 PASSWORD = "zones-password-51ac"  # noqa: S105 - the test's own
@@ -71,6 +72,21 @@ class ZoneSite:
         with httpx2.Client(base_url=self.url, headers=HEADERS, timeout=30) as c:
             assert c.post("/api/login", json={"password": PASSWORD}).status_code == 200
             yield c
+
+    def first_frame(self, client: httpx2.Client, device: str = "cam-1") -> httpx2.Response:
+        """The camera's first frame (it starts with its model load, and again after a reload that
+        changed its zones): one request a second, as the page allows."""
+
+        def got() -> httpx2.Response | None:
+            r = client.get(f"/api/camera/{device}/frame")
+            if r.status_code == 200:
+                return r
+            assert r.status_code in (429, 503), r.text
+            time.sleep(1.0)
+            return None
+
+        found: httpx2.Response = wait_for(got, 30, f"a frame from {device}")
+        return found
 
     def device(self, device: str) -> dict[str, Any]:
         """A device's entry in the site file as it is now on disk."""
