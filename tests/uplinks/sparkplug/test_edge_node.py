@@ -263,6 +263,31 @@ def test_dcmd_writes_a_writable_point_and_refuses_a_read_only_one(world: World) 
                     ("dcmd", "refused", "undecodable"): 1}, grew  # fmt: skip
 
 
+def test_a_dcmd_the_device_refuses_is_logged_counted_and_answered_with_the_current_value(world: World) -> None:
+    births_seen(world)
+    ask_rebirth(world)  # an earlier test cleared the recorder: the DBIRTH gives the setpoint's alias
+    setpoint = world.rec.wait("DBIRTH", "pump-1")[-1].metrics()["setpoint"].alias
+    counted = commands_counted(world)
+    writes = len(world.modbus.unit.writes)
+    world.modbus.unit.faults.refuse_writes = 4  # server device failure: the unit stores nothing
+    try:
+        world.rec.clear()
+        dcmd(world, "pump-1", setpoint, DOUBLE, double_value=-12.5)
+        wait_for(lambda: "metric setpoint, value -12.5" in world.agent.output(), 5, "the device's refusal logged")
+        line = next(x for x in world.agent.output().splitlines() if "metric setpoint, value -12.5" in x)
+        assert "Sparkplug DCMD refused: group plant, node gw-test, device pump-1" in line, line
+        assert "exception 4" in line, line  # the device's own answer, in the log line
+        wait_for(lambda: any(m.alias == setpoint for d in world.rec.of("DDATA", "pump-1") for m in d.payload.metrics),
+                 5, "the setpoint's current value republished")  # fmt: skip
+        assert len(world.modbus.unit.writes) == writes, "the unit stored nothing"
+        now = commands_counted(world)
+        grew = {key: n - counted.get(key, 0) for key, n in now.items() if n != counted.get(key, 0)}
+        assert grew == {("dcmd", "refused", "device_error"): 1}, grew
+        assert world.agent.proc is not None and world.agent.proc.poll() is None, "the session goes on"
+    finally:
+        world.modbus.unit.faults.refuse_writes = None
+
+
 def test_a_reload_that_adds_a_point_births_the_device_again_with_fresh_aliases(world: World) -> None:
     births_seen(world)
     ask_rebirth(world)
