@@ -148,6 +148,7 @@ def test_driver_subscribes_to_a_node_opcua_plc_over_signandencrypt_with_a_login(
     assert "point 'flow': 2% deadband of EURange 0..200 = 4 m3/h, applied by the gateway" in caplog.text
 
 
+@pytest.mark.timeout(240)  # above run()'s own 180 s cap, which is above the sum of the waits' bounds
 def test_driver_reports_a_node_opcua_plc_restart_offline_then_online(node: str, tmp_path: Path) -> None:
     """The PLC process is killed and started again on the same port: the device goes offline, then
     online with the subscription re-created, and later changes arrive in order."""
